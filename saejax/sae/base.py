@@ -1,0 +1,65 @@
+"""What every SAE architecture provides, and the parameter layout they share.
+
+Params are a plain dict pytree: `W_enc [d, n_latents]`, `b_enc [n_latents]`,
+`W_dec [n_latents, d]`, `b_dec [d]`. Every function here is pure and jit-able.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PARAM_AXES = {
+    "W_enc": ("embed", "latent"),
+    "b_enc": ("latent",),
+    "W_dec": ("latent", "embed"),
+    "b_dec": ("embed",),
+}
+
+
+class Architecture(NamedTuple):
+    """One SAE variant.
+
+    encode(params, x, sae_config) -> latents [batch, n_latents]
+    loss(params, x, sae_config, l1_coefficient) -> (loss, aux) where aux holds at least
+        `mse`, `latents` and `x_hat`.
+    flops_per_token(d, n_latents, sae_config) -> training FLOPs (forward + backward) per token.
+    """
+
+    name: str
+    init: Callable[..., dict]
+    encode: Callable[..., jax.Array]
+    decode: Callable[..., jax.Array]
+    loss: Callable[..., tuple[jax.Array, dict[str, Any]]]
+    flops_per_token: Callable[..., int]
+    param_axes: dict[str, tuple[str, ...]]
+    uses_l1: bool
+
+
+def init_params(key: jax.Array, d: int, n_latents: int, dtype=jnp.float32) -> dict:
+    """Unit-norm random decoder rows; the encoder starts as the decoder's transpose."""
+    W_dec = jax.random.normal(key, (n_latents, d), dtype)
+    W_dec = W_dec / jnp.linalg.norm(W_dec, axis=-1, keepdims=True)
+    return {
+        "W_enc": W_dec.T,
+        "b_enc": jnp.zeros((n_latents,), dtype),
+        "W_dec": W_dec,
+        "b_dec": jnp.zeros((d,), dtype),
+    }
+
+
+def pre_activations(params: dict, x: jax.Array) -> jax.Array:
+    """Encoder pre-activations; the decoder bias is subtracted first (Towards Monosemanticity)."""
+    return (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+
+
+def decode(params: dict, latents: jax.Array) -> jax.Array:
+    return latents @ params["W_dec"] + params["b_dec"]
+
+
+def dense_flops_per_token(d: int, n_latents: int, sae_config=None) -> int:
+    """Encoder and decoder matmuls: 4 d n forward, 6 d n backward (no gradient to the input)."""
+    del sae_config
+    return 10 * d * n_latents

@@ -1,0 +1,38 @@
+"""ReLU SAE with an L1 penalty weighted by decoder row norms (Anthropic, Towards Monosemanticity).
+
+The sparsity term is `l1_coefficient * mean over tokens and latents of |f_i| * ||W_dec,i||`,
+added to the element-mean MSE (Sharkey et al. 2022's normalisation: the L1 norm per token
+divided by n_latents).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from saejax import evals
+from saejax.sae import base
+
+
+def encode(params, x, sae_config=None):
+    del sae_config
+    return jax.nn.relu(base.pre_activations(params, x))
+
+
+def loss(params, x, sae_config, l1_coefficient):
+    latents = encode(params, x, sae_config)
+    x_hat = base.decode(params, latents)
+    mse = evals.mse(x, x_hat)
+    decoder_norms = jnp.linalg.norm(params["W_dec"], axis=-1)
+    l1 = jnp.mean(latents * decoder_norms)
+    return mse + l1_coefficient * l1, {"mse": mse, "l1": l1, "latents": latents, "x_hat": x_hat}
+
+
+ARCHITECTURE = base.Architecture(
+    name="relu",
+    init=base.init_params,
+    encode=encode,
+    decode=base.decode,
+    loss=loss,
+    flops_per_token=base.dense_flops_per_token,
+    param_axes=base.PARAM_AXES,
+    uses_l1=True,
+)

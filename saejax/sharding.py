@@ -1,0 +1,157 @@
+"""The device mesh, logical-axis rules, and the shardings derived from them.
+
+Parallelism is data, not code (as in MaxText): every array carries logical axis names
+(`batch`, `embed`, `latent`), and one rules table in the config maps them to the mesh axes
+`data` and `model`. Splitting the dictionary means mapping `latent` to `model`.
+
+Functions that need the mesh while tracing (the sharded top-k) read the ambient one set with
+`jax.set_mesh` and the ambient rules set with `flax.linen.logical_axis_rules`; `activate` sets
+both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "model")
+# The default table: the batch is split across `data`, the dictionary across `model`.
+DEFAULT_RULES = (("batch", "data"), ("latent", "model"), ("embed", None))
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message names the field and the fix."""
+
+
+def mesh_shape(mesh_config, n_devices: int) -> tuple[int, int]:
+    """Resolves `mesh.data` x `mesh.model` (-1 = fill in) against the device count."""
+    data, model = int(mesh_config.data), int(mesh_config.model)
+    for name, size in (("data", data), ("model", model)):
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{name}={size}: a mesh axis size must be a positive integer "
+                              "or -1 (use all remaining devices).")
+    if data == -1 and model == -1:
+        raise ConfigError("mesh.data and mesh.model are both -1: set at most one of them to -1.")
+    if data == -1 or model == -1:
+        fixed = model if data == -1 else data
+        if n_devices % fixed:
+            name = "model" if data == -1 else "data"
+            raise ConfigError(f"mesh.{name}={fixed} does not divide the {n_devices} available "
+                              f"devices; choose a divisor of {n_devices}.")
+        data, model = (n_devices // fixed, fixed) if data == -1 else (fixed, n_devices // fixed)
+    if data * model != n_devices:
+        hint = (" On CPU, pass --num_cpu_devices=N to saejax.main to simulate N devices."
+                if jax.default_backend() == "cpu" else "")
+        raise ConfigError(f"mesh.data={data} x mesh.model={model} needs {data * model} devices but "
+                          f"{n_devices} are available; set mesh.data and mesh.model so their "
+                          f"product is {n_devices} (or one of them to -1).{hint}")
+    return data, model
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, model) mesh over `devices` (default: all devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_config, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules) -> P:
+    return nn.logical_to_mesh_axes(tuple(logical_axes), tuple(map(tuple, rules)))
+
+
+def is_axes(x) -> bool:
+    # A plain tuple of axis names (not an optax NamedTuple state, which is also a tuple).
+    return type(x) is tuple and all(a is None or isinstance(a, str) for a in x)
+
+
+def named_shardings(mesh: Mesh, logical_axes_tree, rules):
+    """Maps a tree of logical-axis tuples to a tree of NamedShardings."""
+    return jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules)),
+                        logical_axes_tree, is_leaf=is_axes)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules):
+    """Makes `mesh` and `rules` the ambient ones while tracing and running sharded code."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(map(tuple, rules))):
+        yield
+
+
+def _ambient_axes(logical_axes: Sequence[str]) -> tuple[Any, P]:
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return None, P()
+    return mesh, nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+
+
+def _scatter_mask(shape, indices, dtype):
+    """{0, 1} array of `shape` with ones at `indices` along the last axis; out-of-range indices
+    (other shards' entries) are dropped rather than clipped, so they cannot overwrite a one."""
+    rows = indices.reshape(-1, indices.shape[-1])
+    mask = jnp.zeros((rows.shape[0], shape[-1]), dtype)
+    mask = mask.at[jnp.arange(rows.shape[0])[:, None], rows].set(1, mode="drop")
+    return mask.reshape(shape)
+
+
+def _top_k(x: jax.Array, k: int, *, with_mask: bool):
+    mesh, spec = _ambient_axes(("batch", "latent"))
+    latent_axis = spec[-1] if len(spec) == 2 else None
+    if (mesh is None or latent_axis is None or mesh.shape[latent_axis] == 1
+            or k > x.shape[-1] // mesh.shape[latent_axis]):
+        values, indices = jax.lax.top_k(x, k)
+        mask = _scatter_mask(x.shape, indices, x.dtype) if with_mask else None
+        return values, indices, mask
+    shard_size = x.shape[-1] // mesh.shape[latent_axis]
+    lead = (None,) * (x.ndim - 2)
+    sharded, gathered = P(*lead, spec[0], latent_axis), P(*lead, spec[0], None)
+
+    def local_top_k(x_shard):
+        values, indices = jax.lax.top_k(x_shard, k)
+        offset = jax.lax.axis_index(latent_axis) * shard_size
+        values = jax.lax.all_gather(values, latent_axis, axis=x.ndim - 1, tiled=True)
+        indices = jax.lax.all_gather(indices + offset, latent_axis, axis=x.ndim - 1, tiled=True)
+        values, order = jax.lax.top_k(values, k)
+        indices = jnp.take_along_axis(indices, order, axis=-1)
+        if not with_mask:
+            return values, indices
+        local = indices - offset
+        local = jnp.where((local >= 0) & (local < shard_size), local, shard_size)
+        return values, indices, _scatter_mask(x_shard.shape, local, x.dtype)
+
+    # The gathered candidates, and so values and indices, are identical on every device of
+    # `latent_axis`; check_vma cannot infer that through all_gather + top_k, so it is off.
+    out_specs = (gathered, gathered, sharded) if with_mask else (gathered, gathered)
+    out = jax.shard_map(local_top_k, in_specs=sharded, out_specs=out_specs, check_vma=False)(x)
+    return out if with_mask else (*out, None)
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Exact `jax.lax.top_k` over the last (latent) axis of `x [..., batch, latent]`.
+
+    When the ambient rules split `latent` across a mesh axis, each device takes the top-k of its
+    own shard, the k candidates of every shard are gathered (k * shards values per row, not the
+    whole dictionary), and the top-k of the candidates is the global answer. Candidates are
+    concatenated in shard order, so ties break towards the lower index exactly as in
+    `jax.lax.top_k`.
+    """
+    values, indices, _ = _top_k(x, k, with_mask=False)
+    return values, indices
+
+
+def top_k_mask(x: jax.Array, k: int) -> jax.Array:
+    """A {0, 1} mask of `x`'s shape and sharding marking each row's k largest entries.
+
+    Each device writes only its own shard of the mask; nothing dictionary-sized moves.
+    """
+    _, _, mask = _top_k(jax.lax.stop_gradient(x), k, with_mask=True)
+    return jax.lax.stop_gradient(mask)

@@ -1,0 +1,27 @@
+"""saejax: sparse autoencoders on language-model activations, in JAX, sharded over a mesh."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="saejax",
+    version="0.1.0",
+    description="Sparse autoencoders on LM activations at scale, in JAX/Flax (TPU, GPU, CPU).",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["saejax", "saejax.*"]),
+    install_requires=[
+        "jax>=0.8",
+        "flax>=0.11",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "tensorstore>=0.1.70",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3"],
+    },
+)
