@@ -1,0 +1,113 @@
+"""Synthetic activations with known ground-truth features (a toy model of superposition).
+
+The recipe of Sharkey et al. 2022, "Taking features out of superposition with sparse
+autoencoders" (replicated by Cunningham et al. 2023): G unit feature directions in d dimensions;
+feature probabilities correlated through a random correlation matrix and decaying with the
+feature index; each active feature gets a U[0, 1) coefficient; x = codes @ features, no noise.
+
+The ground truth is fixed by `data.seed` (built on the host with NumPy, so it is the same on
+any mesh); batch i is a pure function of (seed, i), generated on the devices already sharded, so
+the data position is just the batch index.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from saejax import sharding
+
+
+class GroundTruth(NamedTuple):
+    features: np.ndarray               # [n_features, d], unit rows
+    correlation_cholesky: np.ndarray   # [n_features, n_features], lower triangular
+    frequency_decay: np.ndarray        # [n_features], decay ** i
+
+
+def random_correlation_matrix(rng: np.random.Generator, n: int) -> np.ndarray:
+    """U[0, 1] entries, symmetrised, shifted to be positive definite, scaled to unit diagonal."""
+    m = rng.uniform(0.0, 1.0, size=(n, n))
+    m = (m + m.T) / 2
+    min_eig = np.linalg.eigvalsh(m)[0]
+    m = m + (max(0.0, -min_eig) + 1e-3) * np.eye(n)
+    scale = 1.0 / np.sqrt(np.diag(m))
+    return m * scale[:, None] * scale[None, :]
+
+
+def make_ground_truth(*, seed: int, d: int, n_features: int, correlated: bool,
+                      frequency_decay: float) -> GroundTruth:
+    rng = np.random.default_rng(seed)
+    features = rng.standard_normal((n_features, d))
+    features /= np.linalg.norm(features, axis=-1, keepdims=True)
+    if correlated:
+        chol = np.linalg.cholesky(random_correlation_matrix(rng, n_features))
+    else:
+        chol = np.eye(n_features)
+    decay = float(frequency_decay) ** np.arange(n_features)
+    return GroundTruth(features.astype(np.float32), chol.astype(np.float32),
+                       decay.astype(np.float32))
+
+
+def sample(ground_truth: GroundTruth, key: jax.Array, batch_size: int,
+           features_per_sample: float) -> tuple[jax.Array, jax.Array]:
+    """One batch: activations `[batch, d]` and their true sparse codes `[batch, n_features]`."""
+    features, chol, decay = (jnp.asarray(a) for a in ground_truth)
+    n_features = features.shape[0]
+    k_z, k_active, k_magnitude, k_fallback = jax.random.split(key, 4)
+    z = jax.random.normal(k_z, (batch_size, n_features)) @ chol.T
+    p = jax.scipy.stats.norm.cdf(z) * decay
+    p = jnp.clip(p * (features_per_sample / n_features) / jnp.mean(p), 0.0, 1.0)
+    active = jax.random.uniform(k_active, p.shape) < p
+    codes = jnp.where(active, jax.random.uniform(k_magnitude, p.shape), 0.0)
+    # A sample with no active feature gets one, chosen uniformly, at 1.0.
+    fallback = jax.nn.one_hot(jax.random.randint(k_fallback, (batch_size,), 0, n_features),
+                              n_features)
+    codes = jnp.where(jnp.any(active, axis=-1, keepdims=True), codes, fallback)
+    return codes @ features, codes
+
+
+class SyntheticSource:
+    """Batches of synthetic activations, sharded over the mesh; position = batches consumed."""
+
+    def __init__(self, data_config, *, batch_size: int, mesh, rules):
+        self.config = data_config
+        self.d = int(data_config.d)
+        self.batch_size = int(batch_size)
+        self.ground_truth = make_ground_truth(
+            seed=int(data_config.seed), d=self.d, n_features=int(data_config.n_features),
+            correlated=bool(data_config.correlated),
+            frequency_decay=float(data_config.frequency_decay))
+        self.true_features = self.ground_truth.features
+        self.sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", "embed"), rules))
+        train_key, self._eval_key = jax.random.split(jax.random.PRNGKey(int(data_config.seed)))
+        self._train_key = train_key
+        self.position = 0
+
+        self._ground_truth = jax.device_put(tuple(self.ground_truth),
+                                            sharding.replicated(mesh))
+
+        def generate(ground_truth, key, index):
+            x, _ = sample(GroundTruth(*ground_truth), jax.random.fold_in(key, index),
+                          self.batch_size, float(data_config.features_per_sample))
+            return x
+
+        self._generate = jax.jit(generate, out_shardings=self.sharding)
+
+    def next_batch(self) -> jax.Array:
+        batch = self._generate(self._ground_truth, self._train_key, self.position)
+        self.position += 1
+        return batch
+
+    def eval_batch(self, index: int) -> jax.Array:
+        """Held-out batch `index`, drawn from a key the training stream never uses."""
+        return self._generate(self._ground_truth, self._eval_key, index)
+
+    def state(self) -> dict:
+        return {"position": self.position}
+
+    def restore(self, state: dict) -> None:
+        self.position = int(state["position"])

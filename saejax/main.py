@@ -1,0 +1,54 @@
+"""Trains one SAE: `python -m saejax.main --config=experiments/toy.py --workdir=DIR`.
+
+Overrides go through `--config.x=y` (the config is locked, so a misspelt key is an error).
+"""
+
+import logging as std_logging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+import jax
+
+from saejax import train
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, summary.")
+_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    "num_cpu_devices", None, "On CPU, simulate this many devices (to try mesh.model > 1).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries:
+    """Keeps the progress lines readable: drops INFO records from orbax's internals."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+    del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    if _NUM_CPU_DEVICES.value:
+        jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
+    try:
+        summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except train.Preempted as e:
+        logging.warning("%s", e)
+        sys.exit(train.SIGTERM_EXIT_CODE)
+    except (train.ConfigError, FloatingPointError) as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+    quality = (f"FVU {summary['fvu']:.4f}, L0 {summary['l0']:.2f}, "
+               f"dead_fraction {summary['dead_fraction']:.3f}, step {summary['step']}")
+    if "mmcs" in summary:
+        print(f"Recovered the true features: MMCS {summary['mmcs']:.4f} ({quality}).")
+    else:
+        print(f"Finished: {quality}.")
+    print(f"Summary: {_WORKDIR.value}/summary.json")
+
+
+if __name__ == "__main__":
+    app.run(main)

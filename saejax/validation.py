@@ -1,0 +1,72 @@
+"""Checks a config before anything is built: a config that cannot work fails at start with a
+message that names the field and what would fix it."""
+
+from __future__ import annotations
+
+from saejax import data, sae, sharding
+from saejax.sharding import ConfigError
+
+DECAYS = ("linear", "cosine", "none")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def n_latents(config) -> int:
+    return int(config.sae.expansion_factor) * int(config.data.d)
+
+
+def validate(config, n_devices: int) -> None:
+    """Raises ConfigError naming the first field that cannot work with `n_devices` devices."""
+    try:
+        architecture = sae.get(config.sae.architecture)
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
+    _require(config.data.source in data.SOURCES,
+             f"data.source={config.data.source!r} is not known; choose one of "
+             f"{sorted(data.SOURCES)}.")
+    for field, value in (("data.d", config.data.d), ("sae.expansion_factor",
+                                                     config.sae.expansion_factor),
+                         ("train.batch_size", config.train.batch_size),
+                         ("train.steps", config.train.steps),
+                         ("train.log_every", config.train.log_every),
+                         ("train.checkpoint_every", config.train.checkpoint_every),
+                         ("train.keep_checkpoints", config.train.keep_checkpoints)):
+        _require(int(value) == value and value > 0,
+                 f"{field}={value!r} must be a positive integer.")
+    for field, value in (("sae.l1_coefficient", config.sae.l1_coefficient),
+                         ("optim.warmup_steps", config.optim.warmup_steps),
+                         ("optim.l1_warmup_steps", config.optim.l1_warmup_steps),
+                         ("optim.grad_clip_norm", config.optim.grad_clip_norm),
+                         ("evals.dead_window_tokens", config.evals.dead_window_tokens)):
+        _require(value >= 0, f"{field}={value!r} is negative; it must be >= 0.")
+    _require(config.optim.learning_rate > 0,
+             f"optim.learning_rate={config.optim.learning_rate!r} must be > 0.")
+    _require(0 <= config.optim.decay_fraction <= 1,
+             f"optim.decay_fraction={config.optim.decay_fraction!r} must be in [0, 1].")
+    _require(config.optim.decay in DECAYS,
+             f"optim.decay={config.optim.decay!r} is not known; choose one of {DECAYS}.")
+
+    n = n_latents(config)
+    if architecture.name == "topk":
+        _require(1 <= int(config.sae.k) <= n,
+                 f"sae.k={config.sae.k} must be between 1 and n_latents={n} "
+                 f"(sae.expansion_factor={config.sae.expansion_factor} x data.d={config.data.d}); "
+                 f"lower sae.k or raise sae.expansion_factor.")
+    if config.data.source == "synthetic":
+        _require(0 < config.data.features_per_sample <= config.data.n_features,
+                 f"data.features_per_sample={config.data.features_per_sample} must be in "
+                 f"(0, data.n_features={config.data.n_features}].")
+
+    n_data, n_model = sharding.mesh_shape(config.mesh, n_devices)
+    _require(n % n_model == 0,
+             f"n_latents={n} (sae.expansion_factor={config.sae.expansion_factor} x "
+             f"data.d={config.data.d}) is not divisible by mesh.model={n_model}: the dictionary "
+             f"is split evenly across the model axis. Choose mesh.model among the divisors of "
+             f"{n} or change sae.expansion_factor.")
+    _require(int(config.train.batch_size) % n_data == 0,
+             f"train.batch_size={config.train.batch_size} is not divisible by mesh.data="
+             f"{n_data}: the batch is split evenly across the data axis. Use a multiple of "
+             f"{n_data} or change mesh.data.")
