@@ -1,0 +1,34 @@
+"""Tests run on CPU with 8 fake devices, set before JAX starts, so every sharded path runs."""
+
+import os
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+    assert jax.device_count() == 8, "tests expect 8 fake CPU devices"
+
+
+def toy_config(arg="smoke", **overrides):
+    """The toy experiment config, unlocked, with `{"sae.k": 4, ...}` style overrides."""
+    from experiments import toy  # pylint: disable=import-outside-toplevel
+    config = toy.get_config(arg)
+    for key, value in overrides.items():
+        node = config
+        *path, leaf = key.split(".")
+        for name in path:
+            node = node[name]
+        node[leaf] = value
+    return config

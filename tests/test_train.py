@@ -1,0 +1,167 @@
+"""The trainer end to end: workdir contents, resume after SIGKILL/SIGTERM, corrupt checkpoints,
+NaN stops, the CLI, and recovery of known features by the default toy run."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, toy_config
+from saejax import train
+from saejax.data import synthetic
+
+SUMMARY_KEYS = {"step", "tokens", "mse", "fvu", "l0", "dead_fraction", "mmcs"}
+# Small and fast, but long enough to be killed mid-run: ~2000 steps on a 2x4 mesh.
+RESUME_FLAGS = ["--config.data.d=32", "--config.data.n_features=48", "--config.train.steps=1500",
+                "--config.train.batch_size=64", "--config.train.checkpoint_every=100",
+                "--config.train.log_every=100", "--config.mesh.model=4",
+                "--config.sae.architecture=topk", "--config.sae.k=4"]
+
+
+def _cli(workdir, *flags, config="experiments/toy.py", env=None, **kwargs):
+    cmd = [sys.executable, "-m", "saejax.main", f"--config={config}", f"--workdir={workdir}",
+           *flags]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env or dict(os.environ), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_smoke_run_writes_config_checkpoints_metrics_and_summary(tmp_path):
+    workdir = tmp_path / "run"
+    summary = train.train_and_evaluate(toy_config(), str(workdir))
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["step"] == 20 and summary["tokens"] == 20 * 256
+    assert json.loads((workdir / "summary.json").read_text()) == summary
+    assert json.loads((workdir / "config.json").read_text())["sae"]["expansion_factor"] == 4
+    records = _read_jsonl(workdir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert {"loss", "mse", "fvu", "l0", "dead_fraction", "mmcs", "tokens_per_s"} <= set(records[0])
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]
+    params = train.load_params(str(workdir))
+    assert params["W_enc"].shape == (256, 1024) and params["W_dec"].shape == (1024, 256)
+    np.testing.assert_allclose(np.linalg.norm(params["W_dec"], axis=-1), 1.0, rtol=1e-5)
+    # Running the finished command again changes nothing and trains nothing.
+    assert train.train_and_evaluate(toy_config(), str(workdir))["step"] == 20
+    assert len(_read_jsonl(workdir / "metrics.jsonl")) == 4
+
+
+def _wait_for_checkpoint(workdir, step, proc, timeout=120):
+    path = os.path.join(workdir, "checkpoints", str(step))
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    proc = _cli(workdir, *RESUME_FLAGS)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return workdir
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_to_bitwise_identical_params(tmp_path, uninterrupted, sig):
+    workdir = str(tmp_path / "run")
+    proc = _cli(workdir, *RESUME_FLAGS)
+    _wait_for_checkpoint(workdir, 200, proc)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        # SIGTERM saves where it stopped, then exits with 128 + 15.
+        assert proc.returncode == train.SIGTERM_EXIT_CODE, out
+        assert "saved a checkpoint at step" in out
+        stopped = int(out.split("saved a checkpoint at step ")[1].split()[0])
+        assert os.path.exists(os.path.join(workdir, "checkpoints", str(stopped)))
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+
+    proc = _cli(workdir, *RESUME_FLAGS)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "Resuming at step" in out
+    resumed, reference = train.load_params(workdir), train.load_params(uninterrupted)
+    for name in reference:
+        np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
+    steps = [r["step"] for r in _read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps == list(range(100, 1501, 100))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(toy_config(), str(workdir))
+    for root, _, files in os.walk(workdir / "checkpoints" / "20" / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"not a checkpoint")
+    summary = train.train_and_evaluate(toy_config(**{"train.steps": 30}), str(workdir))
+    assert summary["step"] == 30
+    assert "Checkpoint at step 20 could not be restored" in caplog.text
+    assert "Resuming at step 10" in caplog.text
+    # The corrupt checkpoint is kept for inspection, not deleted.
+    assert (workdir / "corrupt_checkpoints" / "20" / "state").is_dir()
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20", "30"]
+
+
+def test_nan_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real_next_batch = synthetic.SyntheticSource.next_batch
+
+    def poisoned(self):
+        batch = real_next_batch(self)
+        return batch * np.nan if self.position > 15 else batch
+
+    monkeypatch.setattr(synthetic.SyntheticSource, "next_batch", poisoned)
+    workdir = tmp_path / "run"
+    with pytest.raises(FloatingPointError,
+                       match=r"between step 16 and step 20.*last good checkpoint \(step 10\)"):
+        train.train_and_evaluate(toy_config(), str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10"]
+    assert np.isfinite(train.load_params(str(workdir))["W_dec"]).all()
+
+
+def test_cli_overrides_and_misspelt_key(tmp_path):
+    workdir = tmp_path / "run"
+    proc = _cli(workdir, "--config.sae.architecture=topk", "--config.sae.expansion_factor=8",
+                "--config.sae.k=8", "--config.mesh.model=4", config="experiments/toy.py:smoke")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["sae"]["architecture"] == "topk" and config["mesh"]["model"] == 4
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["n_latents"] == 2048 and summary["l0"] <= 8
+    assert "step 20/20" in out and "tok/s" in out and "ETA" in out
+
+    proc = _cli(tmp_path / "typo", "--config.sae.expansion_factr=8",
+                config="experiments/toy.py:smoke")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "expansion_factr" in out
+    assert not (tmp_path / "typo").exists()
+
+
+def test_default_toy_run_recovers_the_true_features(tmp_path):
+    """The README's first command, as a user on one CPU device runs it (minutes)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    workdir = tmp_path / "toy"
+    proc = _cli(workdir, env=env)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["mmcs"] >= 0.99, summary
+    assert summary["dead_fraction"] < 0.05, summary

@@ -1,0 +1,44 @@
+"""A config that cannot work fails at start, naming the field and the fix."""
+
+import pytest
+
+from conftest import toy_config
+from saejax import train
+from saejax.sharding import ConfigError
+
+CASES = [
+    ({"mesh.model": 8, "data.d": 6, "sae.expansion_factor": 1},
+     r"n_latents=6 .*not divisible by mesh.model=8.*Choose mesh.model among the divisors"),
+    ({"mesh.data": 8, "mesh.model": 1, "train.batch_size": 12},
+     r"train.batch_size=12 is not divisible by mesh.data=8"),
+    ({"sae.l1_coefficient": -1.0}, r"sae.l1_coefficient=-1.0 is negative"),
+    ({"optim.warmup_steps": -5}, r"optim.warmup_steps=-5 is negative"),
+    ({"optim.learning_rate": -1e-3}, r"optim.learning_rate=-0.001 must be > 0"),
+    ({"sae.architecture": "topk", "sae.k": 5000},
+     r"sae.k=5000 must be between 1 and n_latents=1024.*lower sae.k"),
+    ({"sae.architecture": "transcoder"},
+     r"sae.architecture='transcoder' is not known; choose one of \['relu', 'topk'\]"),
+    ({"mesh.data": 3, "mesh.model": 2}, r"mesh.data=3 x mesh.model=2 needs 6 devices but 8"),
+    ({"mesh.data": -1, "mesh.model": 3}, r"mesh.model=3 does not divide the 8 available"),
+    ({"data.source": "hub"}, r"data.source='hub' is not known"),
+    ({"optim.decay": "exp"}, r"optim.decay='exp' is not known"),
+    ({"train.batch_size": 0}, r"train.batch_size=0 must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", CASES)
+def test_bad_config_fails_at_start_with_its_field(tmp_path, overrides, message):
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        train.train_and_evaluate(toy_config(**overrides), str(workdir))
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_resuming_with_another_config_is_refused_and_keeps_the_run(tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(toy_config(**{"train.steps": 2, "train.log_every": 1}), workdir)
+    before = open(f"{workdir}/config.json").read()
+    with pytest.raises(ConfigError, match=r"sae.l1_coefficient=0.6 there, 0.5 now"):
+        train.train_and_evaluate(toy_config(**{"train.steps": 2, "sae.l1_coefficient": 0.5}),
+                                 workdir)
+    assert open(f"{workdir}/config.json").read() == before
