@@ -1,0 +1,88 @@
+"""Throughput of the sharded train step against the machine's measured matmul rate.
+
+    python benchmarks/train_step.py                       # d=512, x16, batch 4096, ReLU/L1, f32
+    python benchmarks/train_step.py --architecture=topk --k=32
+
+Prints tokens/s, achieved FLOP/s (the architecture's FLOPs per token, 10 * d * n_latents for a
+dense step) against the measured f32 matmul rate of the same shapes, and peak memory; the last
+line is one JSON object (tokens_per_s, flops_per_s, matmul_flops_per_s, ...).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from experiments import toy  # noqa: E402
+from saejax import sharding, train  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--architecture", default="relu")
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--expansion_factor", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--mesh_model", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+
+    config = toy.get_config()
+    config.data.d = args.d
+    config.sae.architecture = args.architecture
+    config.sae.expansion_factor = args.expansion_factor
+    config.sae.k = args.k
+    config.train.batch_size = args.batch_size
+    config.mesh.model = args.mesh_model
+    n_latents = args.d * args.expansion_factor
+
+    mesh = sharding.make_mesh(config.mesh)
+    with sharding.activate(mesh, config.sharding_rules):
+        batch_sharding = jax.sharding.NamedSharding(
+            mesh, sharding.logical_to_spec(("batch", "embed"), config.sharding_rules))
+        trainer = train.make_trainer(config, mesh, d=args.d, batch_sharding=batch_sharding)
+        batch = jax.device_put(
+            jax.random.normal(jax.random.PRNGKey(0), (args.batch_size, args.d)), batch_sharding)
+        state = trainer.init(jax.random.PRNGKey(0))
+
+        def step(state):
+            state, metrics = trainer.train_step(state, batch)
+            return state, metrics
+
+        state, _ = step(state)  # compile
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = step(holder["state"])
+            return metrics
+
+        seconds = common.time_fn(run, iters=args.iters)
+
+    matmul = common.matmul_flops_per_s(
+        shapes=((args.batch_size, args.d, n_latents), (args.batch_size, n_latents, args.d),
+                (4096, 4096, 4096)))
+    tokens_per_s = args.batch_size / seconds
+    flops_per_s = tokens_per_s * trainer.flops_per_token
+    result = {
+        "benchmark": "train_step", "architecture": args.architecture, "d": args.d,
+        "n_latents": n_latents, "batch_size": args.batch_size, "mesh": dict(mesh.shape),
+        "seconds_per_step": seconds, "tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s,
+        "matmul_flops_per_s": matmul, "fraction_of_matmul_peak": flops_per_s / matmul,
+        "peak_memory_bytes": common.peak_memory_bytes(), "machine": common.machine(),
+    }
+    print(f"{args.architecture} d={args.d} n_latents={n_latents} batch={args.batch_size}: "
+          f"{tokens_per_s:,.0f} tokens/s, {flops_per_s / 1e9:.1f} GFLOP/s achieved vs "
+          f"{matmul / 1e9:.1f} GFLOP/s measured matmul peak "
+          f"({100 * flops_per_s / matmul:.0f}%), peak memory "
+          f"{result['peak_memory_bytes'] / 2**20:.0f} MiB")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
