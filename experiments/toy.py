@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 1024
-    config.train.steps = 3_000
+    config.train.steps = 4_000
     config.train.log_every = 500
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 3

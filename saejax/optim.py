@@ -19,12 +19,8 @@ def _unit_rows(w: jax.Array) -> jax.Array:
     return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
 
 
-def remove_parallel_decoder_grad(*, param_name: str = DECODER) -> optax.GradientTransformation:
-    """Removes from each row of `updates[param_name]` its component along the current row.
-
-    Args:
-      param_name: key of the decoder matrix `[..., n_latents, d]` in the params dict.
-    """
+def _rewrite_decoder_update(rewrite, name: str, param_name: str) -> optax.GradientTransformation:
+    """A stateless transformation replacing `updates[param_name]` by `rewrite(update, param)`."""
 
     def init_fn(params):
         del params
@@ -32,14 +28,26 @@ def remove_parallel_decoder_grad(*, param_name: str = DECODER) -> optax.Gradient
 
     def update_fn(updates, state, params=None):
         if params is None:
-            raise ValueError("remove_parallel_decoder_grad needs params in update().")
-        w = _unit_rows(params[param_name])
-        g = updates[param_name]
+            raise ValueError(f"{name} needs params in update().")
         updates = dict(updates)
-        updates[param_name] = g - jnp.sum(g * w, axis=-1, keepdims=True) * w
+        updates[param_name] = rewrite(updates[param_name], params[param_name])
         return updates, state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def remove_parallel_decoder_grad(*, param_name: str = DECODER) -> optax.GradientTransformation:
+    """Removes from each row of `updates[param_name]` its component along the current row.
+
+    Args:
+      param_name: key of the decoder matrix `[..., n_latents, d]` in the params dict.
+    """
+
+    def rewrite(g, w):
+        w = _unit_rows(w)
+        return g - jnp.sum(g * w, axis=-1, keepdims=True) * w
+
+    return _rewrite_decoder_update(rewrite, "remove_parallel_decoder_grad", param_name)
 
 
 def project_decoder_rows(*, param_name: str = DECODER) -> optax.GradientTransformation:
@@ -51,20 +59,8 @@ def project_decoder_rows(*, param_name: str = DECODER) -> optax.GradientTransfor
     Args:
       param_name: key of the decoder matrix `[..., n_latents, d]` in the params dict.
     """
-
-    def init_fn(params):
-        del params
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("project_decoder_rows needs params in update().")
-        w = params[param_name]
-        updates = dict(updates)
-        updates[param_name] = _unit_rows(w + updates[param_name]) - w
-        return updates, state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _rewrite_decoder_update(lambda u, w: _unit_rows(w + u) - w, "project_decoder_rows",
+                                   param_name)
 
 
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:

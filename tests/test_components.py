@@ -1,0 +1,75 @@
+"""Unit checks of the pieces the trainer relies on: the decoder constraint, schedules, the
+synthetic recipe and the metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from conftest import toy_config
+from saejax import evals, optim
+from saejax.data import synthetic
+
+
+def test_decoder_constraint_keeps_rows_unit_norm_and_drops_parallel_gradient():
+    key_w, key_g = jax.random.split(jax.random.PRNGKey(0))
+    w = jax.random.normal(key_w, (3, 16, 8))  # a stacked leading axis works too
+    w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+    params = {"W_dec": w, "b_dec": jnp.zeros(8)}
+    grads = {"W_dec": jax.random.normal(key_g, w.shape), "b_dec": jnp.ones(8)}
+
+    projected, _ = optim.remove_parallel_decoder_grad().update(grads, optax.EmptyState(), params)
+    np.testing.assert_allclose(jnp.sum(projected["W_dec"] * w, axis=-1), 0.0, atol=1e-6)
+    np.testing.assert_array_equal(projected["b_dec"], grads["b_dec"])
+
+    tx = optim.make_optimizer(toy_config().optim, total_steps=10)
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(jnp.linalg.norm(params["W_dec"], axis=-1), 1.0, rtol=1e-6)
+    assert not np.allclose(params["W_dec"], w)
+
+
+def test_learning_rate_warms_up_holds_then_decays_to_zero():
+    config = toy_config(**{"optim.warmup_steps": 10, "optim.decay_fraction": 0.2,
+                           "optim.learning_rate": 1e-3})
+    schedule = optim.learning_rate_schedule(config.optim, total_steps=100)
+    assert float(schedule(0)) < 2e-4
+    np.testing.assert_allclose([float(schedule(s)) for s in (10, 50, 80)], 1e-3, rtol=1e-6)
+    assert float(schedule(90)) < 6e-4 and float(schedule(100)) < 1e-9
+    l1 = optim.l1_coefficient_schedule(2.0, warmup_steps=4)
+    np.testing.assert_allclose([float(l1(s)) for s in (0, 2, 4, 9)], [0, 1, 2, 2])
+
+
+def test_synthetic_recipe_matches_the_published_statistics():
+    gt = synthetic.make_ground_truth(seed=0, d=256, n_features=512, correlated=True,
+                                     frequency_decay=0.99)
+    np.testing.assert_allclose(np.linalg.norm(gt.features, axis=-1), 1.0, rtol=1e-5)
+    correlation = gt.correlation_cholesky @ gt.correlation_cholesky.T
+    np.testing.assert_allclose(np.diag(correlation), 1.0, rtol=1e-4)
+    assert np.all(np.linalg.eigvalsh(correlation.astype(np.float64)) > 0)
+
+    x, codes = synthetic.sample(gt, jax.random.PRNGKey(1), 4096, features_per_sample=5.0)
+    active = np.asarray(codes > 0)
+    assert 4.0 < active.sum(-1).mean() < 6.0          # about 5 features per sample
+    assert active.any(-1).all()                        # no sample is empty
+    assert np.asarray(codes).max() <= 1.0
+    frequency = active.mean(0)
+    assert frequency[:32].mean() > 10 * frequency[-32:].mean()   # 0.99**i decay
+    np.testing.assert_allclose(x, np.asarray(codes) @ gt.features, rtol=1e-5, atol=1e-5)
+
+
+def test_metrics():
+    x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    assert float(evals.fvu(x, x)) == 0.0
+    np.testing.assert_allclose(float(evals.fvu(x, jnp.broadcast_to(x.mean(0), x.shape))), 1.0)
+    latents = jnp.array([[0.0, 2.0, 0.0], [1.0, 1.0, 0.0]])
+    assert float(evals.l0(latents)) == 1.5
+    counts = evals.update_tokens_since_fired(jnp.array([0, 5, 9]), latents)
+    np.testing.assert_array_equal(counts, [0, 0, 11])
+    np.testing.assert_allclose(float(evals.dead_fraction(counts, 10)), 1 / 3, rtol=1e-6)
+    features = jnp.eye(3)
+    decoder = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    np.testing.assert_allclose(float(evals.mmcs(decoder, features)),
+                               (1.0 + 2 * np.sqrt(0.5)) / 3, rtol=1e-6)
