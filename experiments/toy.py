@@ -31,7 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sae.architecture = "relu"
     config.sae.expansion_factor = 4       # n_latents = 1024 = 2x the true features
     config.sae.l1_coefficient = 0.6
-    config.sae.k = 32                     # used by topk
+    config.sae.k = 32                     # topk, batchtopk: latents per token
+    config.sae.l0_coefficient = 1e-4      # jumprelu: weight of the L0 penalty
+    config.sae.jumprelu_bandwidth = 1e-3  # jumprelu: width of the threshold's pseudo-gradient
+    config.sae.jumprelu_init_threshold = 1e-3
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 3e-3

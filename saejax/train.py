@@ -35,9 +35,10 @@ SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 # Train state and step (pure functions).
 # ------------------------------------------------------------------------------------------
 def init_train_state(key: jax.Array, *, architecture: sae.Architecture,
-                     tx: optax.GradientTransformation, d: int, n_latents: int) -> dict:
+                     tx: optax.GradientTransformation, d: int, n_latents: int,
+                     sae_config) -> dict:
     params_key, rng = jax.random.split(key)
-    params = architecture.init(params_key, d, n_latents)
+    params = architecture.init(params_key, d, n_latents, sae_config)
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -67,18 +68,20 @@ def _all_finite(tree) -> jax.Array:
 
 
 def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
-               tx: optax.GradientTransformation, sae_config, l1_schedule: optax.Schedule,
+               tx: optax.GradientTransformation, sae_config, sparsity_schedule: optax.Schedule,
                lr_schedule: optax.Schedule, dead_window_tokens: int) -> tuple[dict, dict]:
     """One optimisation step: `state, metrics = train_step(state, batch)`."""
     step = state["step"]
-    l1_coefficient = l1_schedule(step)
+    sparsity_coefficient = sparsity_schedule(step)
 
     def loss_fn(params):
-        return architecture.loss(params, batch, sae_config, l1_coefficient)
+        return architecture.loss(params, batch, sae_config, sparsity_coefficient)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    # Non-gradient buffers an architecture keeps in its params (BatchTopK's threshold).
+    params = {**params, **aux.get("buffers", {})}
     tokens_since_fired = evals.update_tokens_since_fired(state["tokens_since_fired"],
                                                          aux["latents"])
     metrics = {
@@ -91,9 +94,9 @@ def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
         "learning_rate": lr_schedule(step),
         "finite": jnp.isfinite(loss) & _all_finite(params),
     }
-    if "l1" in aux:
-        metrics["l1"] = aux["l1"]
-        metrics["l1_coefficient"] = l1_coefficient
+    if architecture.sparsity_coefficient:
+        metrics["sparsity_loss"] = aux["sparsity_loss"]
+        metrics[architecture.sparsity_coefficient] = sparsity_coefficient
     new_state = dict(state, step=step + 1, params=params, opt_state=opt_state,
                      tokens_since_fired=tokens_since_fired)
     return new_state, metrics
@@ -132,15 +135,15 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
     n_latents = validation.n_latents(config)
     tx = optim.make_optimizer(config.optim, total_steps)
     init = functools.partial(init_train_state, architecture=architecture, tx=tx, d=d,
-                             n_latents=n_latents)
+                             n_latents=n_latents, sae_config=config.sae)
     abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
     state_shardings = sharding.named_shardings(
         mesh, state_logical_axes(architecture, tx, abstract_state), rules)
     step = functools.partial(
         train_step, architecture=architecture, tx=tx, sae_config=config.sae,
-        l1_schedule=optim.l1_coefficient_schedule(
-            config.sae.l1_coefficient if architecture.uses_l1 else 0.0,
-            config.optim.l1_warmup_steps),
+        sparsity_schedule=optim.l1_coefficient_schedule(
+            config.sae[architecture.sparsity_coefficient]
+            if architecture.sparsity_coefficient else 0.0, config.optim.l1_warmup_steps),
         lr_schedule=optim.learning_rate_schedule(config.optim, total_steps),
         dead_window_tokens=int(config.evals.dead_window_tokens))
     return Trainer(
@@ -391,9 +394,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             "train_flops": trainer.flops_per_token * int(state["step"]) * batch_size,
             "train_seconds_this_session": train_seconds,
         }
-        if architecture.uses_l1:
-            summary["l1_coefficient"] = float(config.sae.l1_coefficient)
-        if architecture.name == "topk":
+        if architecture.sparsity_coefficient:
+            summary[architecture.sparsity_coefficient] = float(
+                config.sae[architecture.sparsity_coefficient])
+        else:
             summary["k"] = int(config.sae.k)
         if true_features is not None:
             summary["mmcs"] = float(mmcs_fn(state["params"]["W_dec"], true_features))

@@ -37,6 +37,7 @@ def validate(config, n_devices: int) -> None:
         _require(int(value) == value and value > 0,
                  f"{field}={value!r} must be a positive integer.")
     for field, value in (("sae.l1_coefficient", config.sae.l1_coefficient),
+                         ("sae.l0_coefficient", config.sae.l0_coefficient),
                          ("optim.warmup_steps", config.optim.warmup_steps),
                          ("optim.l1_warmup_steps", config.optim.l1_warmup_steps),
                          ("optim.grad_clip_norm", config.optim.grad_clip_norm),
@@ -50,7 +51,10 @@ def validate(config, n_devices: int) -> None:
              f"optim.decay={config.optim.decay!r} is not known; choose one of {DECAYS}.")
 
     n = n_latents(config)
-    if architecture.name == "topk":
+    if architecture.name == "jumprelu":
+        for field in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
+            _require(config.sae[field] > 0, f"sae.{field}={config.sae[field]!r} must be > 0.")
+    if architecture.name in ("topk", "batchtopk"):
         _require(1 <= int(config.sae.k) <= n,
                  f"sae.k={config.sae.k} must be between 1 and n_latents={n} "
                  f"(sae.expansion_factor={config.sae.expansion_factor} x data.d={config.data.d}); "

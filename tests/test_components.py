@@ -73,3 +73,31 @@ def test_metrics():
     decoder = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
     np.testing.assert_allclose(float(evals.mmcs(decoder, features)),
                                (1.0 + 2 * np.sqrt(0.5)) / 3, rtol=1e-6)
+
+
+def test_jumprelu_threshold_gradient_is_the_kernel_density_estimate():
+    from saejax.sae import jumprelu  # pylint: disable=import-outside-toplevel
+    z = jnp.array([[0.50, 0.10, 0.31], [0.29, 0.70, 0.05]])
+    threshold = jnp.array([0.3, 0.3, 0.3])
+    bandwidth = 0.04  # the rectangle kernel covers |z - 0.3| < 0.02
+    # H(z - theta): d/d theta = -(1/eps) * #{|z - theta| < eps/2}; no gradient to z.
+    d_z, d_theta = jax.grad(lambda z, t: jnp.sum(jumprelu.step(z, t, bandwidth)),
+                            argnums=(0, 1))(z, threshold)
+    np.testing.assert_array_equal(d_z, 0.0)
+    np.testing.assert_allclose(d_theta, [-1 / bandwidth, 0.0, -1 / bandwidth])
+    # JumpReLU: d/dz = H(z - theta); d/d theta = -(theta/eps) * #{...}.
+    d_z, d_theta = jax.grad(lambda z, t: jnp.sum(jumprelu.jumprelu(z, t, bandwidth)),
+                            argnums=(0, 1))(z, threshold)
+    np.testing.assert_array_equal(d_z, (z > threshold).astype(jnp.float32))
+    np.testing.assert_allclose(d_theta, [-0.3 / bandwidth, 0.0, -0.3 / bandwidth], rtol=1e-6)
+
+
+def test_batchtopk_learns_an_inference_threshold(tmp_path):
+    from saejax import train  # pylint: disable=import-outside-toplevel
+    summary = train.train_and_evaluate(
+        toy_config(**{"sae.architecture": "batchtopk", "sae.k": 8, "train.steps": 30}),
+        str(tmp_path / "run"))
+    params = train.load_params(str(tmp_path / "run"))
+    assert params["threshold"] > 0
+    # Encoding one token at a time with the threshold keeps about k latents per token.
+    assert 2 < summary["l0"] < 32, summary

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import toy_config
-from saejax import data, sharding, train
+from saejax import data, sae, sharding, train
 
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
 
@@ -31,18 +31,22 @@ def _config(architecture, mesh_shape):
     return toy_config(**{"sae.architecture": architecture, "data.d": 32, "data.n_features": 64,
                          "sae.expansion_factor": 4, "sae.k": 6, "train.batch_size": 64,
                          "sae.l1_coefficient": 3.0, "optim.warmup_steps": 1,
+                         "sae.l0_coefficient": 1e-3, "sae.jumprelu_bandwidth": 0.05,
                          "mesh.data": mesh_shape[0], "mesh.model": mesh_shape[1]})
 
 
-@pytest.mark.parametrize("architecture", ["relu", "topk"])
+@pytest.mark.parametrize("architecture", sorted(sae.ARCHITECTURES))
 def test_sharded_step_matches_single_device(architecture):
     reference, reference_losses = _run_steps(_config(architecture, (1, 1)), jax.devices()[:1])
     for mesh_shape in MESHES:
         state, losses = _run_steps(_config(architecture, mesh_shape), jax.devices())
         np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
         for name, value in reference["params"].items():
-            np.testing.assert_allclose(np.asarray(state["params"][name]), np.asarray(value),
-                                       rtol=1e-5, atol=1e-6, err_msg=f"{name} on {mesh_shape}")
+            # Relative error of the whole tensor: Adam divides each gradient by its own scale,
+            # so an element whose gradient is ~0 may differ by reduction-order noise alone.
+            value, sharded = np.asarray(value), np.asarray(state["params"][name])
+            error = np.linalg.norm(sharded - value) / max(np.linalg.norm(value), 1e-12)
+            assert error < 1e-5, f"{name} on {mesh_shape}: relative error {error:.2e}"
         np.testing.assert_array_equal(np.asarray(state["tokens_since_fired"]),
                                       np.asarray(reference["tokens_since_fired"]))
         # The dictionary really is split: each device holds [d, n_latents / model] of W_enc.
@@ -87,3 +91,18 @@ def test_sharded_top_k_gathers_only_candidates():
     gathers = [line for line in hlo.splitlines() if "all-gather" in line and "=" in line]
     assert gathers, "expected the candidates to be all-gathered"
     assert all("1024]" not in line for line in gathers), gathers
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES)
+def test_sharded_batch_top_k_is_exact(mesh_shape):
+    mesh = jax.make_mesh(mesh_shape, sharding.MESH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(3), (16, 64)))
+    k = 5 * 16  # k per token x batch, shared across the batch
+    expected = np.zeros(x.size, np.float32)
+    expected[np.asarray(jax.lax.top_k(x.reshape(-1), k)[1])] = 1.0
+    with sharding.activate(mesh, sharding.DEFAULT_RULES):
+        xs = jax.device_put(x, NamedSharding(mesh, P("data", "model")))
+        mask = jax.jit(lambda v: sharding.batch_top_k_mask(v, k))(xs)
+    np.testing.assert_array_equal(np.asarray(mask).reshape(-1), expected)
+    assert mask.sharding.spec == P("data", "model")

@@ -17,7 +17,10 @@ CASES = [
     ({"sae.architecture": "topk", "sae.k": 5000},
      r"sae.k=5000 must be between 1 and n_latents=1024.*lower sae.k"),
     ({"sae.architecture": "transcoder"},
-     r"sae.architecture='transcoder' is not known; choose one of \['relu', 'topk'\]"),
+     r"sae.architecture='transcoder' is not known; choose one of "
+     r"\['batchtopk', 'gated', 'jumprelu', 'relu', 'topk'\]"),
+    ({"sae.architecture": "jumprelu", "sae.jumprelu_bandwidth": 0.0},
+     r"sae.jumprelu_bandwidth=0.0 must be > 0"),
     ({"mesh.data": 3, "mesh.model": 2}, r"mesh.data=3 x mesh.model=2 needs 6 devices but 8"),
     ({"mesh.data": -1, "mesh.model": 3}, r"mesh.model=3 does not divide the 8 available"),
     ({"data.source": "hub"}, r"data.source='hub' is not known"),

@@ -1,10 +1,10 @@
 """SAE architectures by name. Each module defines one `ARCHITECTURE` (see `base.Architecture`)."""
 
-from saejax.sae import relu, topk
+from saejax.sae import batchtopk, gated, jumprelu, relu, topk
 from saejax.sae.base import Architecture
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (relu.ARCHITECTURE,
-                                                              topk.ARCHITECTURE)}
+ARCHITECTURES: dict[str, Architecture] = {
+    m.ARCHITECTURE.name: m.ARCHITECTURE for m in (relu, topk, batchtopk, jumprelu, gated)}
 
 
 def get(name: str) -> Architecture:

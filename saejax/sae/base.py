@@ -22,10 +22,13 @@ PARAM_AXES = {
 class Architecture(NamedTuple):
     """One SAE variant.
 
+    init(key, d, n_latents, sae_config) -> params
     encode(params, x, sae_config) -> latents [batch, n_latents]
-    loss(params, x, sae_config, l1_coefficient) -> (loss, aux) where aux holds at least
-        `mse`, `latents` and `x_hat`.
+    loss(params, x, sae_config, sparsity_coefficient) -> (loss, aux) where aux holds at least
+        `mse`, `latents` and `x_hat`, and `sparsity_loss` when the loss has a sparsity term.
     flops_per_token(d, n_latents, sae_config) -> training FLOPs (forward + backward) per token.
+    sparsity_coefficient: the `sae.<field>` that weights the sparsity term (warmed up by
+        `optim.l1_warmup_steps`), or None when sparsity is structural (TopK).
     """
 
     name: str
@@ -35,11 +38,13 @@ class Architecture(NamedTuple):
     loss: Callable[..., tuple[jax.Array, dict[str, Any]]]
     flops_per_token: Callable[..., int]
     param_axes: dict[str, tuple[str, ...]]
-    uses_l1: bool
+    sparsity_coefficient: str | None
 
 
-def init_params(key: jax.Array, d: int, n_latents: int, dtype=jnp.float32) -> dict:
+def init_params(key: jax.Array, d: int, n_latents: int, sae_config=None,
+                dtype=jnp.float32) -> dict:
     """Unit-norm random decoder rows; the encoder starts as the decoder's transpose."""
+    del sae_config
     W_dec = jax.random.normal(key, (n_latents, d), dtype)
     W_dec = W_dec / jnp.linalg.norm(W_dec, axis=-1, keepdims=True)
     return {

@@ -17,13 +17,14 @@ def encode(params, x, sae_config=None):
     return jax.nn.relu(base.pre_activations(params, x))
 
 
-def loss(params, x, sae_config, l1_coefficient):
+def loss(params, x, sae_config, sparsity_coefficient):
     latents = encode(params, x, sae_config)
     x_hat = base.decode(params, latents)
     mse = evals.mse(x, x_hat)
     decoder_norms = jnp.linalg.norm(params["W_dec"], axis=-1)
     l1 = jnp.mean(latents * decoder_norms)
-    return mse + l1_coefficient * l1, {"mse": mse, "l1": l1, "latents": latents, "x_hat": x_hat}
+    return mse + sparsity_coefficient * l1, {"mse": mse, "sparsity_loss": l1,
+                                              "latents": latents, "x_hat": x_hat}
 
 
 ARCHITECTURE = base.Architecture(
@@ -34,5 +35,5 @@ ARCHITECTURE = base.Architecture(
     loss=loss,
     flops_per_token=base.dense_flops_per_token,
     param_axes=base.PARAM_AXES,
-    uses_l1=True,
+    sparsity_coefficient="l1_coefficient",
 )

@@ -16,8 +16,8 @@ def encode(params, x, sae_config):
     return jax.nn.relu(pre) * sharding.top_k_mask(pre, int(sae_config.k))
 
 
-def loss(params, x, sae_config, l1_coefficient):
-    del l1_coefficient
+def loss(params, x, sae_config, sparsity_coefficient):
+    del sparsity_coefficient
     latents = encode(params, x, sae_config)
     x_hat = base.decode(params, latents)
     mse = evals.mse(x, x_hat)
@@ -32,5 +32,5 @@ ARCHITECTURE = base.Architecture(
     loss=loss,
     flops_per_token=base.dense_flops_per_token,
     param_axes=base.PARAM_AXES,
-    uses_l1=False,
+    sparsity_coefficient=None,
 )

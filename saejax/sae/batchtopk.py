@@ -1,0 +1,54 @@
+"""BatchTopK SAE (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders").
+
+While training, the k * batch largest ReLU pre-activations across the whole batch are kept, so
+tokens share a sparsity budget. For inference the SAE keeps a threshold: a running average of
+the smallest activation the batch top-k kept; `encode` compares each token's pre-activations
+with it, so the saved SAE encodes one token at a time.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from saejax import evals, sharding
+from saejax.sae import base
+
+PARAM_AXES = {**base.PARAM_AXES, "threshold": ()}
+THRESHOLD_DECAY = 0.99  # the running average's decay per step
+
+
+def init(key, d, n_latents, sae_config=None):
+    return {**base.init_params(key, d, n_latents), "threshold": jnp.zeros((), jnp.float32)}
+
+
+def encode(params, x, sae_config=None):
+    """Inference: every pre-activation above the learned threshold."""
+    del sae_config
+    pre = jax.nn.relu(base.pre_activations(params, x))
+    return pre * (pre > params["threshold"])
+
+
+def loss(params, x, sae_config, sparsity_coefficient):
+    del sparsity_coefficient
+    pre = jax.nn.relu(base.pre_activations(params, x))
+    latents = pre * sharding.batch_top_k_mask(pre, int(sae_config.k) * x.shape[-2])
+    x_hat = base.decode(params, latents)
+    mse = evals.mse(x, x_hat)
+    smallest_kept = jnp.min(jnp.where(latents > 0, latents, jnp.inf))
+    smallest_kept = jnp.where(jnp.isfinite(smallest_kept), smallest_kept, params["threshold"])
+    old = params["threshold"]
+    threshold = jnp.where(old > 0, THRESHOLD_DECAY * old + (1 - THRESHOLD_DECAY) * smallest_kept,
+                          smallest_kept)
+    return mse, {"mse": mse, "latents": latents, "x_hat": x_hat,
+                 "buffers": {"threshold": jax.lax.stop_gradient(threshold)}}
+
+
+ARCHITECTURE = base.Architecture(
+    name="batchtopk",
+    init=init,
+    encode=encode,
+    decode=base.decode,
+    loss=loss,
+    flops_per_token=base.dense_flops_per_token,
+    param_axes=PARAM_AXES,
+    sparsity_coefficient=None,
+)

@@ -1,0 +1,67 @@
+"""Gated SAE (Rajamanoharan et al. 2024, "Improving dictionary learning with gated sparse
+autoencoders").
+
+A gate decides which latents fire, H(pi_gate > 0); a magnitude path sets how much,
+ReLU(pi_mag). Both share the encoder directions: pi_mag = raw * exp(r_mag) + b_mag with
+pi_gate = raw + b_enc, raw = (x - b_dec) @ W_enc, so one encoder matmul serves both. The L1
+penalty (weighted by decoder norms) acts on ReLU(pi_gate), and an auxiliary reconstruction from
+ReLU(pi_gate) through a frozen decoder trains the gate.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from saejax import evals
+from saejax.sae import base
+
+PARAM_AXES = {**base.PARAM_AXES, "r_mag": ("latent",), "b_mag": ("latent",)}
+
+
+def init(key, d, n_latents, sae_config=None):
+    params = base.init_params(key, d, n_latents)
+    params["r_mag"] = jnp.zeros((n_latents,), jnp.float32)
+    params["b_mag"] = jnp.zeros((n_latents,), jnp.float32)
+    return params
+
+
+def _paths(params, x):
+    raw = (x - params["b_dec"]) @ params["W_enc"]
+    return raw + params["b_enc"], raw * jnp.exp(params["r_mag"]) + params["b_mag"]
+
+
+def encode(params, x, sae_config=None):
+    del sae_config
+    pi_gate, pi_mag = _paths(params, x)
+    return (pi_gate > 0) * jax.nn.relu(pi_mag)
+
+
+def loss(params, x, sae_config, sparsity_coefficient):
+    del sae_config
+    pi_gate, pi_mag = _paths(params, x)
+    latents = (pi_gate > 0) * jax.nn.relu(pi_mag)
+    x_hat = base.decode(params, latents)
+    mse = evals.mse(x, x_hat)
+    gate = jax.nn.relu(pi_gate)
+    l1 = jnp.mean(gate * jnp.linalg.norm(params["W_dec"], axis=-1))
+    frozen = jax.lax.stop_gradient({"W_dec": params["W_dec"], "b_dec": params["b_dec"]})
+    auxiliary = evals.mse(x, base.decode(frozen, gate))
+    return (mse + sparsity_coefficient * l1 + auxiliary,
+            {"mse": mse, "sparsity_loss": l1, "auxiliary_loss": auxiliary, "latents": latents,
+             "x_hat": x_hat})
+
+
+def flops_per_token(d, n_latents, sae_config=None):
+    """The dense step plus the auxiliary decode: 2 d n forward, 2 d n backward to the gate."""
+    return base.dense_flops_per_token(d, n_latents) + 4 * d * n_latents
+
+
+ARCHITECTURE = base.Architecture(
+    name="gated",
+    init=init,
+    encode=encode,
+    decode=base.decode,
+    loss=loss,
+    flops_per_token=flops_per_token,
+    param_axes=PARAM_AXES,
+    sparsity_coefficient="l1_coefficient",
+)
