@@ -32,6 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sae.expansion_factor = 4       # n_latents = 1024 = 2x the true features
     config.sae.l1_coefficient = 0.6
     config.sae.k = 32                     # topk, batchtopk: latents per token
+    config.sae.k_aux = 128                # topk, batchtopk: dead latents in the AuxK loss
+    config.sae.auxk_coefficient = 1 / 32  # topk, batchtopk (Gao et al. 2024)
     config.sae.l0_coefficient = 1e-4      # jumprelu: weight of the L0 penalty
     config.sae.jumprelu_bandwidth = 1e-3  # jumprelu: width of the threshold's pseudo-gradient
     config.sae.jumprelu_init_threshold = 1e-3
@@ -46,6 +48,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.b2 = 0.999
     config.optim.eps = 1e-8
     config.optim.grad_clip_norm = 0.0     # 0 = off
+
+    # Dead-latent resampling (Towards Monosemanticity); every_steps = 0 turns it off.
+    config.resample = ml_collections.ConfigDict()
+    config.resample.every_steps = 0
+    config.resample.until_step = 0        # last step that may resample
+    config.resample.batches = 4           # batches whose losses pick the new directions
+    config.resample.encoder_scale = 0.2
+    config.resample.rewarm_steps = 100    # learning-rate re-warm after each resampling
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 1024

@@ -8,6 +8,8 @@ any optax optimiser in one `optax.chain`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -63,6 +65,77 @@ def project_decoder_rows(*, param_name: str = DECODER) -> optax.GradientTransfor
                                    param_name)
 
 
+class RewarmState(NamedTuple):
+    steps_since_resample: jax.Array  # int32
+
+
+def rewarm_after_resample(rewarm_steps: int) -> optax.GradientTransformation:
+    """Scales updates by min(1, (n + 1) / rewarm_steps), n = steps since the last resampling.
+
+    `resample_dead_latents` sets n to 0, so the learning rate re-warms linearly after every
+    resampling (Towards Monosemanticity); before the first one n starts at `rewarm_steps`.
+    """
+
+    def init_fn(params):
+        del params
+        return RewarmState(jnp.asarray(max(int(rewarm_steps), 1), jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, (state.steps_since_resample + 1) / max(int(rewarm_steps), 1))
+        updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
+        return updates, RewarmState(jnp.minimum(state.steps_since_resample + 1,
+                                                jnp.iinfo(jnp.int32).max - 1))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def resample_dead_latents(key: jax.Array, params: dict, opt_state, x: jax.Array,
+                          x_hat: jax.Array, dead: jax.Array, *,
+                          tx: optax.GradientTransformation, encoder_scale: float):
+    """Dead-latent resampling (Anthropic, "Towards Monosemanticity").
+
+    Each dead latent gets an input drawn with probability proportional to its squared
+    reconstruction loss: the decoder row becomes that input, normalised; the encoder column the
+    same direction scaled to `encoder_scale` times the mean norm of the alive encoder columns;
+    its encoder bias and its Adam moments are zeroed, and the learning-rate re-warm restarts.
+
+    Args:
+      key: randomness for the draw.
+      params, opt_state: the SAE and its optimizer state (from `make_optimizer`).
+      x, x_hat: inputs `[tokens, d]` and their reconstructions.
+      dead: `[n_latents]` bool.
+    Returns:
+      (params, opt_state).
+    """
+    squared_loss = jnp.sum(jnp.square(x - x_hat), axis=-1)
+    weights = jnp.square(squared_loss)
+    probabilities = weights / jnp.maximum(jnp.sum(weights), 1e-30)
+    n_latents = dead.shape[0]
+    # One draw per latent keeps shapes static; only the dead latents use theirs.
+    chosen = jax.random.choice(key, x.shape[0], (n_latents,), p=probabilities)
+    directions = _unit_rows(x[chosen])                                  # [n_latents, d]
+    encoder_norms = jnp.linalg.norm(params["W_enc"], axis=0)           # [n_latents]
+    alive = ~dead
+    mean_alive_norm = jnp.sum(encoder_norms * alive) / jnp.maximum(jnp.sum(alive), 1)
+    mean_alive_norm = jnp.where(jnp.any(alive), mean_alive_norm, 1.0)
+
+    params = dict(params)
+    params["W_dec"] = jnp.where(dead[:, None], directions, params["W_dec"])
+    params["W_enc"] = jnp.where(dead[None, :], directions.T * encoder_scale * mean_alive_norm,
+                                params["W_enc"])
+    params["b_enc"] = jnp.where(dead, 0.0, params["b_enc"])
+
+    keep = {name: None for name in params}
+    keep.update(W_enc=~dead[None, :], W_dec=~dead[:, None], b_enc=~dead)
+    opt_state = optax.tree_map_params(
+        tx, lambda moment, k: moment if k is None else jnp.where(k, moment, 0.0), opt_state,
+        keep, is_leaf=lambda v: v is None, transform_non_params=lambda v: v)
+    opt_state = optax.tree_utils.tree_set(opt_state,
+                                          steps_since_resample=jnp.zeros((), jnp.int32))
+    return params, opt_state
+
+
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
     """Linear warmup, constant, then a decay over the last `decay_fraction` of training.
 
@@ -92,8 +165,10 @@ def l1_coefficient_schedule(l1_coefficient: float, warmup_steps: int) -> optax.S
     return optax.linear_schedule(0.0, float(l1_coefficient), int(warmup_steps))
 
 
-def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
-    """Adam between the two halves of the unit-norm decoder constraint."""
+def make_optimizer(optim_config, total_steps: int, *,
+                   rewarm_steps: int = 1) -> optax.GradientTransformation:
+    """Adam (re-warmed after resampling) between the halves of the unit-norm decoder
+    constraint."""
     parts = [remove_parallel_decoder_grad()]
     if float(optim_config.grad_clip_norm) > 0:
         parts.append(optax.clip_by_global_norm(float(optim_config.grad_clip_norm)))
@@ -101,6 +176,7 @@ def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformati
         optax.adam(learning_rate_schedule(optim_config, total_steps),
                    b1=float(optim_config.b1), b2=float(optim_config.b2),
                    eps=float(optim_config.eps)),
+        rewarm_after_resample(rewarm_steps),
         project_decoder_rows(),
     ]
     return optax.chain(*parts)

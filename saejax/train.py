@@ -74,8 +74,10 @@ def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
     step = state["step"]
     sparsity_coefficient = sparsity_schedule(step)
 
+    dead = state["tokens_since_fired"] >= dead_window_tokens
+
     def loss_fn(params):
-        return architecture.loss(params, batch, sae_config, sparsity_coefficient)
+        return architecture.loss(params, batch, sae_config, sparsity_coefficient, dead)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -94,12 +96,31 @@ def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
         "learning_rate": lr_schedule(step),
         "finite": jnp.isfinite(loss) & _all_finite(params),
     }
+    for name in ("auxk_loss", "auxiliary_loss"):
+        if name in aux:
+            metrics[name] = aux[name]
     if architecture.sparsity_coefficient:
         metrics["sparsity_loss"] = aux["sparsity_loss"]
         metrics[architecture.sparsity_coefficient] = sparsity_coefficient
     new_state = dict(state, step=step + 1, params=params, opt_state=opt_state,
                      tokens_since_fired=tokens_since_fired)
     return new_state, metrics
+
+
+def resample_step(state: dict, batches: tuple[jax.Array, ...], *,
+                  architecture: sae.Architecture, tx: optax.GradientTransformation, sae_config,
+                  dead_window_tokens: int, encoder_scale: float) -> tuple[dict, jax.Array]:
+    """Resamples the dead latents from `batches`; returns the state and how many were dead."""
+    x = jnp.concatenate(batches, axis=0)
+    params = state["params"]
+    x_hat = architecture.decode(params, architecture.encode(params, x, sae_config))
+    dead = state["tokens_since_fired"] >= dead_window_tokens
+    key = jax.random.fold_in(state["rng"], state["step"])
+    params, opt_state = optim.resample_dead_latents(key, params, state["opt_state"], x, x_hat,
+                                                    dead, tx=tx, encoder_scale=encoder_scale)
+    tokens_since_fired = jnp.where(dead, 0, state["tokens_since_fired"])
+    return (dict(state, params=params, opt_state=opt_state,
+                 tokens_since_fired=tokens_since_fired), jnp.sum(dead))
 
 
 def eval_step(params: dict, batch: jax.Array, *, architecture: sae.Architecture,
@@ -121,6 +142,7 @@ class Trainer(NamedTuple):
     abstract_state: Any           # ShapeDtypeStructs carrying their shardings
     init: Callable[[jax.Array], dict]  # key -> state, created already sharded
     train_step: Callable[[dict, jax.Array], tuple[dict, dict]]
+    resample_step: Callable[[dict, tuple], tuple[dict, jax.Array]]
     eval_step: Callable[[dict, jax.Array], dict]
 
 
@@ -133,7 +155,8 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
     total_steps = int(config.train.steps)
     architecture = sae.get(config.sae.architecture)
     n_latents = validation.n_latents(config)
-    tx = optim.make_optimizer(config.optim, total_steps)
+    tx = optim.make_optimizer(config.optim, total_steps,
+                              rewarm_steps=int(config.resample.rewarm_steps))
     init = functools.partial(init_train_state, architecture=architecture, tx=tx, d=d,
                              n_latents=n_latents, sae_config=config.sae)
     abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -159,6 +182,14 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
         train_step=jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                            out_shardings=(state_shardings, sharding.replicated(mesh)),
                            donate_argnums=0),
+        resample_step=jax.jit(
+            functools.partial(resample_step, architecture=architecture, tx=tx,
+                              sae_config=config.sae,
+                              dead_window_tokens=int(config.evals.dead_window_tokens),
+                              encoder_scale=float(config.resample.encoder_scale)),
+            in_shardings=(state_shardings, (batch_sharding,) * int(config.resample.batches)),
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
+            donate_argnums=0),
         eval_step=jax.jit(functools.partial(eval_step, architecture=architecture,
                                             sae_config=config.sae)),
     )
@@ -227,6 +258,12 @@ def _format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
         f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _resample_due(resample_config, done: int, total_steps: int) -> bool:
+    every = int(resample_config.every_steps)
+    return (every > 0 and done % every == 0 and done <= int(resample_config.until_step)
+            and done < total_steps)
 
 
 class _SigtermFlag:
@@ -331,6 +368,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         serialize_steps = jax.default_backend() == "cpu" and mesh.size > 1
         # Throughput is timed from the end of this session's first step (compilation excluded).
         t_first, first_done = None, start_step
+        resampled = 0  # dead latents resampled since the last log line
         train_seconds = 0.0
         with _SigtermFlag() as sigterm:
             for step in range(start_step, total_steps):
@@ -340,6 +378,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 done = step + 1
                 if t_first is None:
                     t_first, first_done = time.perf_counter(), done
+                if _resample_due(config.resample, done, total_steps):
+                    state, n_dead = trainer.resample_step(
+                        state, tuple(source.next_batch()
+                                     for _ in range(int(config.resample.batches))))
+                    resampled += int(n_dead)
+                    logging.info("step %d: resampled %d dead latents.", done, int(n_dead))
                 log_now = done % log_every == 0 or done == total_steps
                 save_now = done % checkpoint_every == 0 or done == total_steps or sigterm.raised
                 if not (log_now or save_now):
@@ -360,7 +404,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     eta = (total_steps - done) * batch_size / tokens_per_s if tokens_per_s else 0.0
                     record = {"step": done, "tokens": done * batch_size,
                               **{k: float(v) for k, v in metrics.items()},
-                              "tokens_per_s": tokens_per_s}
+                              "tokens_per_s": tokens_per_s, "resampled_latents": resampled}
+                    resampled = 0
                     if true_features is not None:
                         record["mmcs"] = float(mmcs_fn(state["params"]["W_dec"], true_features))
                     metrics_log.write(record)

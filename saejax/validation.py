@@ -33,15 +33,21 @@ def validate(config, n_devices: int) -> None:
                          ("train.steps", config.train.steps),
                          ("train.log_every", config.train.log_every),
                          ("train.checkpoint_every", config.train.checkpoint_every),
-                         ("train.keep_checkpoints", config.train.keep_checkpoints)):
+                         ("train.keep_checkpoints", config.train.keep_checkpoints),
+                         ("resample.batches", config.resample.batches),
+                         ("resample.rewarm_steps", config.resample.rewarm_steps)):
         _require(int(value) == value and value > 0,
                  f"{field}={value!r} must be a positive integer.")
     for field, value in (("sae.l1_coefficient", config.sae.l1_coefficient),
                          ("sae.l0_coefficient", config.sae.l0_coefficient),
+                         ("sae.auxk_coefficient", config.sae.auxk_coefficient),
                          ("optim.warmup_steps", config.optim.warmup_steps),
                          ("optim.l1_warmup_steps", config.optim.l1_warmup_steps),
                          ("optim.grad_clip_norm", config.optim.grad_clip_norm),
-                         ("evals.dead_window_tokens", config.evals.dead_window_tokens)):
+                         ("evals.dead_window_tokens", config.evals.dead_window_tokens),
+                         ("resample.every_steps", config.resample.every_steps),
+                         ("resample.until_step", config.resample.until_step),
+                         ("resample.encoder_scale", config.resample.encoder_scale)):
         _require(value >= 0, f"{field}={value!r} is negative; it must be >= 0.")
     _require(config.optim.learning_rate > 0,
              f"optim.learning_rate={config.optim.learning_rate!r} must be > 0.")
@@ -55,6 +61,7 @@ def validate(config, n_devices: int) -> None:
         for field in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
             _require(config.sae[field] > 0, f"sae.{field}={config.sae[field]!r} must be > 0.")
     if architecture.name in ("topk", "batchtopk"):
+        _require(int(config.sae.k_aux) >= 1, f"sae.k_aux={config.sae.k_aux} must be >= 1.")
         _require(1 <= int(config.sae.k) <= n,
                  f"sae.k={config.sae.k} must be between 1 and n_latents={n} "
                  f"(sae.expansion_factor={config.sae.expansion_factor} x data.d={config.data.d}); "

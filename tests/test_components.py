@@ -101,3 +101,25 @@ def test_batchtopk_learns_an_inference_threshold(tmp_path):
     assert params["threshold"] > 0
     # Encoding one token at a time with the threshold keeps about k latents per token.
     assert 2 < summary["l0"] < 32, summary
+
+
+def test_auxk_gives_dead_latents_a_gradient():
+    from saejax.sae import topk  # pylint: disable=import-outside-toplevel
+    config = toy_config(**{"data.d": 16, "sae.k": 2, "sae.k_aux": 4})
+    params = topk.ARCHITECTURE.init(jax.random.PRNGKey(0), 16, 64, config.sae)
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 16))
+    pre = np.asarray(x @ params["W_enc"])
+    never_selected = np.ones(64, bool)
+    never_selected[np.argsort(-pre, axis=-1)[:, :2].reshape(-1)] = False
+    assert never_selected.sum() > 8
+
+    def grad_of(dead):
+        grad_fn = jax.grad(lambda p: topk.loss(p, x, config.sae, 0.0, dead)[0])
+        return np.asarray(grad_fn(params)["W_enc"])
+
+    alive = grad_of(jnp.zeros(64, bool))
+    np.testing.assert_array_equal(alive[:, never_selected], 0.0)
+    revived = grad_of(jnp.asarray(never_selected))
+    assert np.abs(revived[:, never_selected]).sum(0).astype(bool).sum() >= 4
+    _, aux = topk.loss(params, x, config.sae, 0.0, jnp.asarray(never_selected))
+    assert 0.0 < float(aux["auxk_loss"]) <= 2.0

@@ -165,3 +165,31 @@ def test_default_toy_run_recovers_the_true_features(tmp_path):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["mmcs"] >= 0.99, summary
     assert summary["dead_fraction"] < 0.05, summary
+
+
+def test_resampling_revives_forced_dead_latents(tmp_path, monkeypatch):
+    """90% of the latents start dead (encoder bias -100); resampling brings them back and the
+    dictionary recovers the true features."""
+    from saejax import sae  # pylint: disable=import-outside-toplevel
+    relu = sae.ARCHITECTURES["relu"]
+
+    def init_mostly_dead(key, d, n_latents, sae_config):
+        params = relu.init(key, d, n_latents, sae_config)
+        params["b_enc"] = params["b_enc"].at[: n_latents * 9 // 10].set(-100.0)
+        return params
+
+    monkeypatch.setitem(sae.ARCHITECTURES, "relu", relu._replace(init=init_mostly_dead))
+    overrides = {"data.d": 32, "data.n_features": 48, "sae.expansion_factor": 4,
+                 "train.batch_size": 256, "train.steps": 1500, "train.log_every": 100,
+                 "train.checkpoint_every": 500, "evals.dead_window_tokens": 256 * 50,
+                 "sae.l1_coefficient": 0.3}
+    without = train.train_and_evaluate(toy_config(**overrides), str(tmp_path / "without"))
+    assert without["dead_fraction"] > 0.8
+    summary = train.train_and_evaluate(
+        toy_config(**overrides, **{"resample.every_steps": 100, "resample.until_step": 400}),
+        str(tmp_path / "with"))
+    records = _read_jsonl(tmp_path / "with" / "metrics.jsonl")
+    assert records[0]["resampled_latents"] >= 100
+    assert summary["dead_fraction"] < 0.05, summary
+    assert summary["mmcs"] > without["mmcs"] + 0.2, (summary, without)
+    assert summary["mmcs"] >= 0.95, summary

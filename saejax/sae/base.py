@@ -11,6 +11,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from saejax import sharding
+
 PARAM_AXES = {
     "W_enc": ("embed", "latent"),
     "b_enc": ("latent",),
@@ -24,8 +26,9 @@ class Architecture(NamedTuple):
 
     init(key, d, n_latents, sae_config) -> params
     encode(params, x, sae_config) -> latents [batch, n_latents]
-    loss(params, x, sae_config, sparsity_coefficient) -> (loss, aux) where aux holds at least
-        `mse`, `latents` and `x_hat`, and `sparsity_loss` when the loss has a sparsity term.
+    loss(params, x, sae_config, sparsity_coefficient, dead) -> (loss, aux) where `dead`
+        [n_latents] marks latents that have not fired within the dead window, and aux holds at
+        least `mse`, `latents` and `x_hat`, and `sparsity_loss` when the loss has one.
     flops_per_token(d, n_latents, sae_config) -> training FLOPs (forward + backward) per token.
     sparsity_coefficient: the `sae.<field>` that weights the sparsity term (warmed up by
         `optim.l1_warmup_steps`), or None when sparsity is structural (TopK).
@@ -68,3 +71,19 @@ def dense_flops_per_token(d: int, n_latents: int, sae_config=None) -> int:
     """Encoder and decoder matmuls: 4 d n forward, 6 d n backward (no gradient to the input)."""
     del sae_config
     return 10 * d * n_latents
+
+
+def auxk_loss(params: dict, x: jax.Array, x_hat: jax.Array, pre: jax.Array, dead: jax.Array,
+              k_aux: int) -> jax.Array:
+    """AuxK (Gao et al. 2024): the k_aux largest dead latents reconstruct the residual.
+
+    Returns the residual's reconstruction error normalised by the residual's energy, 0 when no
+    latent is dead; it trains dead latents back to life with gradients they would not get.
+    """
+    residual = jax.lax.stop_gradient(x - x_hat)
+    k_aux = min(int(k_aux), pre.shape[-1])
+    candidates = jnp.where(dead, pre, -jnp.inf)
+    latents = jnp.where(dead, jax.nn.relu(pre), 0.0) * sharding.top_k_mask(candidates, k_aux)
+    error = jnp.sum(jnp.square(latents @ params["W_dec"] - residual))
+    normalized = error / jnp.maximum(jnp.sum(jnp.square(residual)), 1e-12)
+    return jnp.where(jnp.any(dead), normalized, 0.0)

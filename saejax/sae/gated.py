@@ -35,7 +35,8 @@ def encode(params, x, sae_config=None):
     return (pi_gate > 0) * jax.nn.relu(pi_mag)
 
 
-def loss(params, x, sae_config, sparsity_coefficient):
+def loss(params, x, sae_config, sparsity_coefficient, dead):
+    del dead
     del sae_config
     pi_gate, pi_mag = _paths(params, x)
     latents = (pi_gate > 0) * jax.nn.relu(pi_mag)

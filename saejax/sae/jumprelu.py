@@ -74,7 +74,8 @@ def encode(params, x, sae_config):
                     float(sae_config.jumprelu_bandwidth))
 
 
-def loss(params, x, sae_config, sparsity_coefficient):
+def loss(params, x, sae_config, sparsity_coefficient, dead):
+    del dead
     bandwidth = float(sae_config.jumprelu_bandwidth)
     pre = base.pre_activations(params, x)
     threshold = jnp.exp(params["log_threshold"])

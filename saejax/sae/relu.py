@@ -17,7 +17,8 @@ def encode(params, x, sae_config=None):
     return jax.nn.relu(base.pre_activations(params, x))
 
 
-def loss(params, x, sae_config, sparsity_coefficient):
+def loss(params, x, sae_config, sparsity_coefficient, dead):
+    del dead
     latents = encode(params, x, sae_config)
     x_hat = base.decode(params, latents)
     mse = evals.mse(x, x_hat)
