@@ -26,11 +26,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.frequency_decay = 0.99
     config.data.correlated = True
     config.data.seed = 0
+    config.data.normalize_inputs = False  # True: scale inputs to unit mean squared norm
+    config.data.init_batches = 4          # batches for the input scale and b_dec_init
 
     config.sae = ml_collections.ConfigDict()
     config.sae.architecture = "relu"
     config.sae.expansion_factor = 4       # n_latents = 1024 = 2x the true features
     config.sae.l1_coefficient = 0.6
+    config.sae.b_dec_init = "zeros"       # or "geometric_median" (Towards Monosemanticity), "mean"
     config.sae.k = 32                     # topk, batchtopk: latents per token
     config.sae.k_aux = 128                # topk, batchtopk: dead latents in the AuxK loss
     config.sae.auxk_coefficient = 1 / 32  # topk, batchtopk (Gao et al. 2024)
@@ -66,6 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.evals = ml_collections.ConfigDict()
     config.evals.dead_window_tokens = 100_000
+    config.evals.density_window_tokens = 100_000  # feature density histogram window
+    config.evals.dense_threshold = 0.1    # dense_fraction: latents firing on > 10% of tokens
     config.evals.eval_batches = 8
 
     config.mesh = ml_collections.ConfigDict()

@@ -1,10 +1,12 @@
 """Every metric of an SAE, each computed in exactly one place and named the same everywhere.
 
-`mse`, `fvu`, `l0`, `dead_fraction` and `mmcs` are pure functions of arrays, usable inside a
-jitted step or on a restored SAE.
+`mse`, `fvu`, `l0`, `dead_fraction`, `dense_fraction`, the feature-density histogram and `mmcs`
+are pure functions of arrays, usable inside a jitted step or on a restored SAE.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,47 @@ def update_tokens_since_fired(tokens_since_fired: jax.Array, latents: jax.Array)
 def dead_fraction(tokens_since_fired: jax.Array, window_tokens: int) -> jax.Array:
     """Fraction of latents that have not fired in the last `window_tokens` tokens."""
     return jnp.mean((tokens_since_fired >= window_tokens).astype(jnp.float32))
+
+
+class Density(NamedTuple):
+    """Per-latent firing frequency over fixed windows of tokens."""
+
+    counts: jax.Array         # [n_latents] int32, firings in the current window
+    window_tokens: jax.Array  # () int32, tokens seen in the current window
+    density: jax.Array        # [n_latents] float32, firing frequency over the last full window
+
+
+def init_density(n_latents: int) -> Density:
+    return Density(jnp.zeros((n_latents,), jnp.int32), jnp.zeros((), jnp.int32),
+                   jnp.full((n_latents,), jnp.nan, jnp.float32))
+
+
+def update_density(density: Density, latents: jax.Array, window_tokens: int) -> Density:
+    """Adds one batch; when the window is full, publishes its frequencies and starts anew."""
+    counts = density.counts + jnp.sum(latents != 0, axis=0).astype(jnp.int32)
+    tokens = density.window_tokens + latents.shape[0]
+    full = tokens >= window_tokens
+    return Density(counts=jnp.where(full, 0, counts), window_tokens=jnp.where(full, 0, tokens),
+                   density=jnp.where(full, counts / jnp.maximum(tokens, 1), density.density))
+
+
+# log10 feature density bins: [-inf, -8), [-8, -7.5), ..., [-0.5, 0]; the first bin holds
+# latents that never fired in the window.
+LOG_DENSITY_EDGES = tuple(float(e) for e in jnp.arange(-8.0, 0.01, 0.5))
+
+
+def log_density_histogram(density: jax.Array) -> jax.Array:
+    """Counts of latents per log10-density bin (see LOG_DENSITY_EDGES)."""
+    log_density = jnp.log10(jnp.maximum(density, 1e-30))
+    edges = jnp.asarray(LOG_DENSITY_EDGES)
+    bins = jnp.searchsorted(edges, log_density, side="right")
+    return jnp.zeros((len(LOG_DENSITY_EDGES) + 1,), jnp.int32).at[bins].add(1)
+
+
+def dense_fraction(density: jax.Array, threshold: float) -> jax.Array:
+    """Fraction of latents firing on more than `threshold` of tokens (NaN before a window)."""
+    fraction = jnp.mean((density > threshold).astype(jnp.float32))
+    return jnp.where(jnp.any(jnp.isnan(density)), jnp.nan, fraction)
 
 
 def mmcs(decoder: jax.Array, true_features: jax.Array) -> jax.Array:

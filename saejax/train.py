@@ -44,6 +44,9 @@ def init_train_state(key: jax.Array, *, architecture: sae.Architecture,
         "params": params,
         "opt_state": tx.init(params),
         "tokens_since_fired": jnp.zeros((n_latents,), jnp.int32),
+        "density": evals.init_density(n_latents),
+        # Inputs are multiplied by this before the SAE sees them (data.normalize_inputs).
+        "input_scale": jnp.ones((), jnp.float32),
         "rng": rng,
     }
 
@@ -59,6 +62,8 @@ def state_logical_axes(architecture: sae.Architecture, tx: optax.GradientTransfo
                                            transform_non_params=lambda _: (),
                                            is_leaf=sharding.is_axes),
         "tokens_since_fired": ("latent",),
+        "density": evals.Density(counts=("latent",), window_tokens=(), density=("latent",)),
+        "input_scale": (),
         "rng": (None,),
     }
 
@@ -69,9 +74,11 @@ def _all_finite(tree) -> jax.Array:
 
 def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
                tx: optax.GradientTransformation, sae_config, sparsity_schedule: optax.Schedule,
-               lr_schedule: optax.Schedule, dead_window_tokens: int) -> tuple[dict, dict]:
+               lr_schedule: optax.Schedule, dead_window_tokens: int, density_window_tokens: int,
+               dense_threshold: float) -> tuple[dict, dict]:
     """One optimisation step: `state, metrics = train_step(state, batch)`."""
     step = state["step"]
+    batch = batch * state["input_scale"]
     sparsity_coefficient = sparsity_schedule(step)
 
     dead = state["tokens_since_fired"] >= dead_window_tokens
@@ -86,12 +93,15 @@ def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
     params = {**params, **aux.get("buffers", {})}
     tokens_since_fired = evals.update_tokens_since_fired(state["tokens_since_fired"],
                                                          aux["latents"])
+    density = evals.update_density(state["density"], aux["latents"], density_window_tokens)
     metrics = {
         "loss": loss,
         "mse": aux["mse"],
         "fvu": evals.fvu(batch, aux["x_hat"]),
         "l0": evals.l0(aux["latents"]),
         "dead_fraction": evals.dead_fraction(tokens_since_fired, dead_window_tokens),
+        "dense_fraction": evals.dense_fraction(density.density, dense_threshold),
+        "log_density_histogram": evals.log_density_histogram(density.density),
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": lr_schedule(step),
         "finite": jnp.isfinite(loss) & _all_finite(params),
@@ -103,7 +113,7 @@ def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
         metrics["sparsity_loss"] = aux["sparsity_loss"]
         metrics[architecture.sparsity_coefficient] = sparsity_coefficient
     new_state = dict(state, step=step + 1, params=params, opt_state=opt_state,
-                     tokens_since_fired=tokens_since_fired)
+                     tokens_since_fired=tokens_since_fired, density=density)
     return new_state, metrics
 
 
@@ -111,7 +121,7 @@ def resample_step(state: dict, batches: tuple[jax.Array, ...], *,
                   architecture: sae.Architecture, tx: optax.GradientTransformation, sae_config,
                   dead_window_tokens: int, encoder_scale: float) -> tuple[dict, jax.Array]:
     """Resamples the dead latents from `batches`; returns the state and how many were dead."""
-    x = jnp.concatenate(batches, axis=0)
+    x = jnp.concatenate(batches, axis=0) * state["input_scale"]
     params = state["params"]
     x_hat = architecture.decode(params, architecture.encode(params, x, sae_config))
     dead = state["tokens_since_fired"] >= dead_window_tokens
@@ -123,8 +133,26 @@ def resample_step(state: dict, batches: tuple[jax.Array, ...], *,
                  tokens_since_fired=tokens_since_fired), jnp.sum(dead))
 
 
-def eval_step(params: dict, batch: jax.Array, *, architecture: sae.Architecture,
-              sae_config) -> dict:
+def init_from_data(state: dict, batches: tuple[jax.Array, ...], *, normalize_inputs: bool,
+                   b_dec_init: str) -> dict:
+    """Data-dependent initialisation on a fresh run: the input scale that gives unit mean squared
+    norm (kept in the state, so a saved SAE applies it to raw activations) and `b_dec` at the
+    geometric median (Towards Monosemanticity) or mean of the scaled inputs."""
+    x = jnp.concatenate(batches, axis=0)
+    scale = (jax.lax.rsqrt(jnp.mean(jnp.sum(jnp.square(x), axis=-1))) if normalize_inputs
+             else state["input_scale"])
+    x = x * scale
+    params = dict(state["params"])
+    if b_dec_init == "geometric_median":
+        params["b_dec"] = sae.base.geometric_median(x)
+    elif b_dec_init == "mean":
+        params["b_dec"] = jnp.mean(x, axis=0)
+    return dict(state, params=params, input_scale=scale.astype(jnp.float32))
+
+
+def eval_step(params: dict, input_scale: jax.Array, batch: jax.Array, *,
+              architecture: sae.Architecture, sae_config) -> dict:
+    batch = batch * input_scale
     latents = architecture.encode(params, batch, sae_config)
     x_hat = architecture.decode(params, latents)
     return {"mse": evals.mse(batch, x_hat), "fvu": evals.fvu(batch, x_hat),
@@ -143,7 +171,8 @@ class Trainer(NamedTuple):
     init: Callable[[jax.Array], dict]  # key -> state, created already sharded
     train_step: Callable[[dict, jax.Array], tuple[dict, dict]]
     resample_step: Callable[[dict, tuple], tuple[dict, jax.Array]]
-    eval_step: Callable[[dict, jax.Array], dict]
+    init_from_data: Callable[[dict, tuple], dict]
+    eval_step: Callable[[dict, jax.Array, jax.Array], dict]  # params, input_scale, batch
 
 
 def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
@@ -168,7 +197,9 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
             config.sae[architecture.sparsity_coefficient]
             if architecture.sparsity_coefficient else 0.0, config.optim.l1_warmup_steps),
         lr_schedule=optim.learning_rate_schedule(config.optim, total_steps),
-        dead_window_tokens=int(config.evals.dead_window_tokens))
+        dead_window_tokens=int(config.evals.dead_window_tokens),
+        density_window_tokens=int(config.evals.density_window_tokens),
+        dense_threshold=float(config.evals.dense_threshold))
     return Trainer(
         architecture=architecture,
         n_latents=n_latents,
@@ -190,6 +221,11 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
             in_shardings=(state_shardings, (batch_sharding,) * int(config.resample.batches)),
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=0),
+        init_from_data=jax.jit(
+            functools.partial(init_from_data, normalize_inputs=bool(config.data.normalize_inputs),
+                              b_dec_init=str(config.sae.b_dec_init)),
+            in_shardings=(state_shardings, (batch_sharding,) * int(config.data.init_batches)),
+            out_shardings=state_shardings, donate_argnums=0),
         eval_step=jax.jit(functools.partial(eval_step, architecture=architecture,
                                             sae_config=config.sae)),
     )
@@ -260,6 +296,12 @@ def _format_duration(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _jsonable(value: np.ndarray):
+    """A metric as JSON: lists for arrays, None for NaN (e.g. a density before its window)."""
+    value = np.asarray(value).tolist()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def _resample_due(resample_config, done: int, total_steps: int) -> bool:
     every = int(resample_config.every_steps)
     return (every > 0 and done % every == 0 and done <= int(resample_config.until_step)
@@ -298,7 +340,8 @@ class Preempted(Exception):
 
 
 def load_params(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
-    """The SAE params of a run's checkpoint (default: the newest) as NumPy arrays."""
+    """The SAE params of a run's checkpoint (default: the newest) as NumPy arrays, with
+    `input_scale`: the SAE expects raw activations multiplied by it."""
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
@@ -307,7 +350,8 @@ def load_params(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
             raise FileNotFoundError(f"no checkpoint under {directory}")
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore()))
-    return jax.tree.map(np.asarray, restored.state["params"])
+    return {**jax.tree.map(np.asarray, restored.state["params"]),
+            "input_scale": np.asarray(restored.state["input_scale"])}
 
 
 # ------------------------------------------------------------------------------------------
@@ -349,6 +393,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             source.restore(data_state)
         else:
             state = trainer.init(jax.random.PRNGKey(int(config.seed)))
+            if config.data.normalize_inputs or config.sae.b_dec_init != "zeros":
+                init_batches = int(config.data.init_batches)
+                state = trainer.init_from_data(
+                    state, tuple(source.next_batch() for _ in range(init_batches)))
         start_step = int(state["step"])
         metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step)
         logging.info("%s at step %d of %d.", "Resuming" if restored else "Starting",
@@ -403,7 +451,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                     if done > first_done else 0.0)
                     eta = (total_steps - done) * batch_size / tokens_per_s if tokens_per_s else 0.0
                     record = {"step": done, "tokens": done * batch_size,
-                              **{k: float(v) for k, v in metrics.items()},
+                              **{k: _jsonable(v) for k, v in metrics.items()},
                               "tokens_per_s": tokens_per_s, "resampled_latents": resampled}
                     resampled = 0
                     if true_features is not None:
@@ -423,7 +471,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         ckpt.wait()
 
         # Evals ------------------------------------------------------------------------------
-        results = [jax.device_get(trainer.eval_step(state["params"], source.eval_batch(i)))
+        results = [jax.device_get(trainer.eval_step(state["params"], state["input_scale"],
+                                                    source.eval_batch(i)))
                    for i in range(int(config.evals.eval_batches))]
         summary: dict[str, Any] = {
             "step": int(state["step"]),

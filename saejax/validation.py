@@ -7,6 +7,7 @@ from saejax import data, sae, sharding
 from saejax.sharding import ConfigError
 
 DECAYS = ("linear", "cosine", "none")
+B_DEC_INITS = ("zeros", "geometric_median", "mean")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -35,6 +36,8 @@ def validate(config, n_devices: int) -> None:
                          ("train.checkpoint_every", config.train.checkpoint_every),
                          ("train.keep_checkpoints", config.train.keep_checkpoints),
                          ("resample.batches", config.resample.batches),
+                         ("data.init_batches", config.data.init_batches),
+                         ("evals.density_window_tokens", config.evals.density_window_tokens),
                          ("resample.rewarm_steps", config.resample.rewarm_steps)):
         _require(int(value) == value and value > 0,
                  f"{field}={value!r} must be a positive integer.")
@@ -53,6 +56,9 @@ def validate(config, n_devices: int) -> None:
              f"optim.learning_rate={config.optim.learning_rate!r} must be > 0.")
     _require(0 <= config.optim.decay_fraction <= 1,
              f"optim.decay_fraction={config.optim.decay_fraction!r} must be in [0, 1].")
+    _require(config.sae.b_dec_init in B_DEC_INITS,
+             f"sae.b_dec_init={config.sae.b_dec_init!r} is not known; choose one of "
+             f"{B_DEC_INITS}.")
     _require(config.optim.decay in DECAYS,
              f"optim.decay={config.optim.decay!r} is not known; choose one of {DECAYS}.")
 

@@ -9,6 +9,7 @@ import optax
 from conftest import toy_config
 from saejax import evals, optim
 from saejax.data import synthetic
+from saejax.sae import base
 
 
 def test_decoder_constraint_keeps_rows_unit_norm_and_drops_parallel_gradient():
@@ -123,3 +124,46 @@ def test_auxk_gives_dead_latents_a_gradient():
     assert np.abs(revived[:, never_selected]).sum(0).astype(bool).sum() >= 4
     _, aux = topk.loss(params, x, config.sae, 0.0, jnp.asarray(never_selected))
     assert 0.0 < float(aux["auxk_loss"]) <= 2.0
+
+
+def test_geometric_median_resists_outliers():
+    points = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(0), (99, 4)) * 0.1 + 1.0,
+                              jnp.full((1, 4), 1000.0)])
+    median = base.geometric_median(points)
+    np.testing.assert_allclose(median, 1.0, atol=0.1)
+    assert float(jnp.mean(points, axis=0)[0]) > 10
+
+
+def test_density_windows_and_histogram():
+    density = evals.init_density(3)
+    latents = jnp.array([[1.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
+    density = evals.update_density(density, latents, window_tokens=4)
+    assert np.isnan(np.asarray(density.density)).all()     # window not full yet
+    assert np.isnan(float(evals.dense_fraction(density.density, 0.1)))
+    density = evals.update_density(density, latents, window_tokens=4)
+    np.testing.assert_allclose(density.density, [1.0, 0.5, 0.0])
+    assert int(density.window_tokens) == 0 and int(density.counts.sum()) == 0
+    np.testing.assert_allclose(float(evals.dense_fraction(density.density, 0.6)), 1 / 3,
+                               rtol=1e-6)
+    histogram = np.asarray(evals.log_density_histogram(density.density))
+    assert histogram.sum() == 3 and histogram[0] == 1 and histogram[-1] == 1
+
+
+def test_normalized_inputs_and_geometric_median_init(tmp_path):
+    from saejax import train  # pylint: disable=import-outside-toplevel
+    workdir = str(tmp_path / "run")
+    summary = train.train_and_evaluate(
+        toy_config(**{"data.normalize_inputs": True, "sae.b_dec_init": "geometric_median",
+                      "train.steps": 10, "optim.learning_rate": 1e-9}), workdir)
+    params = train.load_params(workdir)
+    gt = synthetic.make_ground_truth(seed=0, d=256, n_features=512, correlated=True,
+                                     frequency_decay=0.99)
+    x, _ = synthetic.sample(gt, jax.random.PRNGKey(5), 4096, features_per_sample=5.0)
+    scale = float(params["input_scale"])
+    np.testing.assert_allclose(float(jnp.mean(jnp.sum(jnp.square(x * scale), -1))), 1.0,
+                               rtol=0.05)
+    # b_dec barely moved (tiny learning rate) from the geometric median of the scaled inputs.
+    median = np.asarray(jax.jit(base.geometric_median)(x * scale))
+    assert np.abs(median).max() > 0.01
+    np.testing.assert_allclose(params["b_dec"], median, atol=0.02)
+    assert summary["step"] == 10

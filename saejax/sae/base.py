@@ -87,3 +87,17 @@ def auxk_loss(params: dict, x: jax.Array, x_hat: jax.Array, pre: jax.Array, dead
     error = jnp.sum(jnp.square(latents @ params["W_dec"] - residual))
     normalized = error / jnp.maximum(jnp.sum(jnp.square(residual)), 1e-12)
     return jnp.where(jnp.any(dead), normalized, 0.0)
+
+
+def geometric_median(points: jax.Array, iterations: int = 100, eps: float = 1e-8) -> jax.Array:
+    """The point minimising the summed Euclidean distance to `points [n, d]` (Weiszfeld).
+
+    Towards Monosemanticity initialises the decoder bias here: a robust centre of the data.
+    """
+
+    def step(median, _):
+        weights = 1.0 / jnp.maximum(jnp.linalg.norm(points - median, axis=-1), eps)
+        return jnp.sum(points * weights[:, None], axis=0) / jnp.sum(weights), None
+
+    median, _ = jax.lax.scan(step, jnp.mean(points, axis=0), None, length=iterations)
+    return median
