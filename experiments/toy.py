@@ -52,6 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.eps = 1e-8
     config.optim.grad_clip_norm = 0.0     # 0 = off
 
+    # A group trains one SAE per sparsity coefficient in one vmapped step (same shape, same
+    # batches): e.g. (0.3, 0.6, 1.2). Empty: a single SAE with sae.l1_coefficient.
+    config.group = ml_collections.ConfigDict()
+    config.group.sparsity_coefficients = ()
+
     # Dead-latent resampling (Towards Monosemanticity); every_steps = 0 turns it off.
     config.resample = ml_collections.ConfigDict()
     config.resample.every_steps = 0

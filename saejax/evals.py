@@ -36,8 +36,9 @@ def update_tokens_since_fired(tokens_since_fired: jax.Array, latents: jax.Array)
 
 
 def dead_fraction(tokens_since_fired: jax.Array, window_tokens: int) -> jax.Array:
-    """Fraction of latents that have not fired in the last `window_tokens` tokens."""
-    return jnp.mean((tokens_since_fired >= window_tokens).astype(jnp.float32))
+    """Fraction of latents that have not fired in the last `window_tokens` tokens (per SAE:
+    the last axis is the latent axis)."""
+    return jnp.mean((tokens_since_fired >= window_tokens).astype(jnp.float32), axis=-1)
 
 
 class Density(NamedTuple):

@@ -41,12 +41,14 @@ def main(argv):
     except (train.ConfigError, FloatingPointError) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
-    quality = (f"FVU {summary['fvu']:.4f}, L0 {summary['l0']:.2f}, "
-               f"dead_fraction {summary['dead_fraction']:.3f}, step {summary['step']}")
-    if "mmcs" in summary:
-        print(f"Recovered the true features: MMCS {summary['mmcs']:.4f} ({quality}).")
-    else:
-        print(f"Finished: {quality}.")
+    for name, result in summary.get("members", {"": summary}).items():
+        quality = (f"FVU {result['fvu']:.4f}, L0 {result['l0']:.2f}, "
+                   f"dead_fraction {result['dead_fraction']:.3f}, step {result['step']}")
+        prefix = f"{name}: " if name else ""
+        if "mmcs" in result:
+            print(f"{prefix}Recovered the true features: MMCS {result['mmcs']:.4f} ({quality}).")
+        else:
+            print(f"{prefix}Finished: {quality}.")
     print(f"Summary: {_WORKDIR.value}/summary.json")
 
 

@@ -34,9 +34,9 @@ SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 # ------------------------------------------------------------------------------------------
 # Train state and step (pure functions).
 # ------------------------------------------------------------------------------------------
-def init_train_state(key: jax.Array, *, architecture: sae.Architecture,
-                     tx: optax.GradientTransformation, d: int, n_latents: int,
-                     sae_config) -> dict:
+def init_train_state(key: jax.Array, sparsity_coefficient: jax.Array, *,
+                     architecture: sae.Architecture, tx: optax.GradientTransformation, d: int,
+                     n_latents: int, sae_config) -> dict:
     params_key, rng = jax.random.split(key)
     params = architecture.init(params_key, d, n_latents, sae_config)
     return {
@@ -47,25 +47,43 @@ def init_train_state(key: jax.Array, *, architecture: sae.Architecture,
         "density": evals.init_density(n_latents),
         # Inputs are multiplied by this before the SAE sees them (data.normalize_inputs).
         "input_scale": jnp.ones((), jnp.float32),
+        # The weight of the sparsity term after warmup; differs between members of a group.
+        "sparsity_coefficient": jnp.asarray(sparsity_coefficient, jnp.float32),
         "rng": rng,
     }
 
 
+# How the state of a group of SAEs is stacked: these entries carry a leading member axis, the
+# others (the step, the RNG, the input scale) are shared by every member.
+MEMBER_AXES = {"step": None, "params": 0, "opt_state": 0, "tokens_since_fired": 0,
+               "density": 0, "input_scale": None, "sparsity_coefficient": 0, "rng": None}
+
+
 def state_logical_axes(architecture: sae.Architecture, tx: optax.GradientTransformation,
-                       abstract_state: dict) -> dict:
-    """Logical axes of every array of the state; optimizer moments follow their params."""
+                       abstract_state: dict, *, grouped: bool = False) -> dict:
+    """Logical axes of every array of the state; optimizer moments follow their params; the
+    member axis of a group is `group`."""
     axes = architecture.param_axes
-    return {
+    opt_state = abstract_state["opt_state"]
+    if grouped:  # tree_map_params needs the per-member structure, not the stacked one
+        opt_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), opt_state)
+    single = {
         "step": (),
         "params": axes,
-        "opt_state": optax.tree_map_params(tx, lambda _, a: a, abstract_state["opt_state"], axes,
+        "opt_state": optax.tree_map_params(tx, lambda _, a: a, opt_state, axes,
                                            transform_non_params=lambda _: (),
                                            is_leaf=sharding.is_axes),
         "tokens_since_fired": ("latent",),
         "density": evals.Density(counts=("latent",), window_tokens=(), density=("latent",)),
         "input_scale": (),
+        "sparsity_coefficient": (),
         "rng": (None,),
     }
+    if not grouped:
+        return single
+    return {key: value if MEMBER_AXES[key] is None else
+            jax.tree.map(lambda a: ("group", *a), value, is_leaf=sharding.is_axes)
+            for key, value in single.items()}
 
 
 def _all_finite(tree) -> jax.Array:
@@ -73,13 +91,13 @@ def _all_finite(tree) -> jax.Array:
 
 
 def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
-               tx: optax.GradientTransformation, sae_config, sparsity_schedule: optax.Schedule,
+               tx: optax.GradientTransformation, sae_config, sparsity_warmup: optax.Schedule,
                lr_schedule: optax.Schedule, dead_window_tokens: int, density_window_tokens: int,
                dense_threshold: float) -> tuple[dict, dict]:
     """One optimisation step: `state, metrics = train_step(state, batch)`."""
     step = state["step"]
     batch = batch * state["input_scale"]
-    sparsity_coefficient = sparsity_schedule(step)
+    sparsity_coefficient = state["sparsity_coefficient"] * sparsity_warmup(step)
 
     dead = state["tokens_since_fired"] >= dead_window_tokens
 
@@ -175,31 +193,61 @@ class Trainer(NamedTuple):
     eval_step: Callable[[dict, jax.Array, jax.Array], dict]  # params, input_scale, batch
 
 
+def group_coefficients(config) -> tuple[float, ...]:
+    """The sparsity coefficients of a group's members; () for a single SAE."""
+    return tuple(float(c) for c in config.group.sparsity_coefficients)
+
+
 def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
     """Builds the sharded init, train step and eval step for `config` on `mesh`.
 
+    With `group.sparsity_coefficients` set, every function handles a group: one SAE per
+    coefficient, stacked on a leading member axis and vmapped, all reading the same batch.
     Call inside `sharding.activate(mesh, rules)`: the sharded top-k reads the ambient mesh.
     """
     rules = config.sharding_rules
     total_steps = int(config.train.steps)
     architecture = sae.get(config.sae.architecture)
     n_latents = validation.n_latents(config)
+    coefficients = group_coefficients(config)
+    grouped = bool(coefficients)
     tx = optim.make_optimizer(config.optim, total_steps,
                               rewarm_steps=int(config.resample.rewarm_steps))
-    init = functools.partial(init_train_state, architecture=architecture, tx=tx, d=d,
-                             n_latents=n_latents, sae_config=config.sae)
-    abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
-    state_shardings = sharding.named_shardings(
-        mesh, state_logical_axes(architecture, tx, abstract_state), rules)
+    dead_window_tokens = int(config.evals.dead_window_tokens)
+
+    init_one = functools.partial(init_train_state, architecture=architecture, tx=tx, d=d,
+                                 n_latents=n_latents, sae_config=config.sae)
+    if grouped:
+        init = lambda key: jax.vmap(init_one, in_axes=(None, 0), out_axes=MEMBER_AXES)(
+            key, jnp.asarray(coefficients, jnp.float32))
+    else:
+        default = (config.sae[architecture.sparsity_coefficient]
+                   if architecture.sparsity_coefficient else 0.0)
+        init = lambda key: init_one(key, default)
     step = functools.partial(
         train_step, architecture=architecture, tx=tx, sae_config=config.sae,
-        sparsity_schedule=optim.l1_coefficient_schedule(
-            config.sae[architecture.sparsity_coefficient]
-            if architecture.sparsity_coefficient else 0.0, config.optim.l1_warmup_steps),
+        sparsity_warmup=optim.l1_coefficient_schedule(1.0, config.optim.l1_warmup_steps),
         lr_schedule=optim.learning_rate_schedule(config.optim, total_steps),
-        dead_window_tokens=int(config.evals.dead_window_tokens),
+        dead_window_tokens=dead_window_tokens,
         density_window_tokens=int(config.evals.density_window_tokens),
         dense_threshold=float(config.evals.dense_threshold))
+    resample = functools.partial(resample_step, architecture=architecture, tx=tx,
+                                 sae_config=config.sae, dead_window_tokens=dead_window_tokens,
+                                 encoder_scale=float(config.resample.encoder_scale))
+    from_data = functools.partial(init_from_data,
+                                  normalize_inputs=bool(config.data.normalize_inputs),
+                                  b_dec_init=str(config.sae.b_dec_init))
+    evaluate = functools.partial(eval_step, architecture=architecture, sae_config=config.sae)
+    if grouped:
+        step = jax.vmap(step, in_axes=(MEMBER_AXES, None), out_axes=(MEMBER_AXES, 0))
+        resample = jax.vmap(resample, in_axes=(MEMBER_AXES, None), out_axes=(MEMBER_AXES, 0))
+        from_data = jax.vmap(from_data, in_axes=(MEMBER_AXES, None), out_axes=MEMBER_AXES)
+        evaluate = jax.vmap(evaluate, in_axes=(0, None, None))
+
+    abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+    state_shardings = sharding.named_shardings(
+        mesh, state_logical_axes(architecture, tx, abstract_state, grouped=grouped), rules)
+    replicated = sharding.replicated(mesh)
     return Trainer(
         architecture=architecture,
         n_latents=n_latents,
@@ -211,23 +259,16 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
             abstract_state, state_shardings),
         init=jax.jit(init, out_shardings=state_shardings),
         train_step=jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                           out_shardings=(state_shardings, sharding.replicated(mesh)),
-                           donate_argnums=0),
+                           out_shardings=(state_shardings, replicated), donate_argnums=0),
         resample_step=jax.jit(
-            functools.partial(resample_step, architecture=architecture, tx=tx,
-                              sae_config=config.sae,
-                              dead_window_tokens=int(config.evals.dead_window_tokens),
-                              encoder_scale=float(config.resample.encoder_scale)),
+            resample,
             in_shardings=(state_shardings, (batch_sharding,) * int(config.resample.batches)),
-            out_shardings=(state_shardings, sharding.replicated(mesh)),
-            donate_argnums=0),
+            out_shardings=(state_shardings, replicated), donate_argnums=0),
         init_from_data=jax.jit(
-            functools.partial(init_from_data, normalize_inputs=bool(config.data.normalize_inputs),
-                              b_dec_init=str(config.sae.b_dec_init)),
+            from_data,
             in_shardings=(state_shardings, (batch_sharding,) * int(config.data.init_batches)),
             out_shardings=state_shardings, donate_argnums=0),
-        eval_step=jax.jit(functools.partial(eval_step, architecture=architecture,
-                                            sae_config=config.sae)),
+        eval_step=jax.jit(evaluate),
     )
 
 
@@ -294,6 +335,55 @@ def _format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
         f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class _Output(NamedTuple):
+    """Where one SAE's metrics go: the run's workdir, or a group member's folder."""
+
+    workdir: str
+    metrics_log: MetricsLog
+    ckpt: checkpoint.Checkpointer | None
+
+
+def member_name(architecture: sae.Architecture, coefficient: float) -> str:
+    return f"{architecture.sparsity_coefficient}-{coefficient:g}"
+
+
+def member_state(state: dict, i: int) -> dict:
+    """Member i of a group's state, laid out exactly like a single SAE's state."""
+    return {key: value if MEMBER_AXES[key] is None else jax.tree.map(lambda a: a[i], value)
+            for key, value in state.items()}
+
+
+def _open_members(config, workdir: str, start_step: int,
+                  architecture: sae.Architecture) -> list[_Output]:
+    members = []
+    for coefficient in group_coefficients(config):
+        member_dir = os.path.join(workdir, "members", member_name(architecture, coefficient))
+        os.makedirs(member_dir, exist_ok=True)
+        member_config = config.copy_and_resolve_references()
+        with member_config.unlocked():
+            member_config.group.sparsity_coefficients = ()
+            member_config.sae[architecture.sparsity_coefficient] = coefficient
+        _write_config(member_config, member_dir)
+        members.append(_Output(
+            member_dir, MetricsLog(os.path.join(member_dir, "metrics.jsonl"), start_step),
+            checkpoint.Checkpointer(member_dir, max_to_keep=int(config.train.keep_checkpoints),
+                                    save_interval_steps=1)))
+    return members
+
+
+def _close(ckpt: checkpoint.Checkpointer, members: list[_Output]) -> None:
+    ckpt.close()
+    for member in members:
+        member.ckpt.close()
+
+
+def _write_json(path: str, value) -> None:
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            json.dump(value, f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 def _jsonable(value: np.ndarray):
@@ -398,14 +488,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 state = trainer.init_from_data(
                     state, tuple(source.next_batch() for _ in range(init_batches)))
         start_step = int(state["step"])
-        metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step)
         logging.info("%s at step %d of %d.", "Resuming" if restored else "Starting",
                      start_step, total_steps)
+        # A single SAE writes its metrics in the workdir; a group, in one folder per member
+        # laid out like a single run's workdir (config, checkpoints, metrics, summary).
+        members = _open_members(config, workdir, start_step, architecture)
+        outputs = members or [_Output(workdir, MetricsLog(
+            os.path.join(workdir, "metrics.jsonl"), start_step), None)]
 
         # Loop -------------------------------------------------------------------------------
         true_features = (None if getattr(source, "true_features", None) is None
                          else jax.device_put(source.true_features, sharding.replicated(mesh)))
-        mmcs_fn = jax.jit(evals.mmcs)
+        mmcs_fn = jax.jit(jax.vmap(evals.mmcs, in_axes=(0, None)) if members else evals.mmcs)
         log_every = int(config.train.log_every)
         checkpoint_every = int(config.train.checkpoint_every)
         last_checked = start_step
@@ -416,7 +510,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         serialize_steps = jax.default_backend() == "cpu" and mesh.size > 1
         # Throughput is timed from the end of this session's first step (compilation excluded).
         t_first, first_done = None, start_step
-        resampled = 0  # dead latents resampled since the last log line
+        resampled = np.zeros(len(outputs), np.int64)  # since the last log line, per SAE
         train_seconds = 0.0
         with _SigtermFlag() as sigterm:
             for step in range(start_step, total_steps):
@@ -430,14 +524,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     state, n_dead = trainer.resample_step(
                         state, tuple(source.next_batch()
                                      for _ in range(int(config.resample.batches))))
-                    resampled += int(n_dead)
-                    logging.info("step %d: resampled %d dead latents.", done, int(n_dead))
+                    resampled += np.asarray(n_dead).reshape(-1)
+                    logging.info("step %d: resampled %s dead latents.", done, n_dead)
                 log_now = done % log_every == 0 or done == total_steps
                 save_now = done % checkpoint_every == 0 or done == total_steps or sigterm.raised
                 if not (log_now or save_now):
                     continue
                 metrics = jax.device_get(metrics)
-                if not metrics.pop("finite"):
+                if not np.all(metrics.pop("finite")):
                     ckpt.wait()
                     raise FloatingPointError(
                         f"Non-finite loss or params between step {last_checked + 1} and step "
@@ -450,23 +544,31 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     tokens_per_s = ((done - first_done) * batch_size / train_seconds
                                     if done > first_done else 0.0)
                     eta = (total_steps - done) * batch_size / tokens_per_s if tokens_per_s else 0.0
-                    record = {"step": done, "tokens": done * batch_size,
-                              **{k: _jsonable(v) for k, v in metrics.items()},
-                              "tokens_per_s": tokens_per_s, "resampled_latents": resampled}
-                    resampled = 0
                     if true_features is not None:
-                        record["mmcs"] = float(mmcs_fn(state["params"]["W_dec"], true_features))
-                    metrics_log.write(record)
-                    logging.info(
-                        "step %d/%d | %.0f tok/s | loss %.4g | L0 %.2f | FVU %.4f | dead %.3f%s | "
-                        "ETA %s", done, total_steps, tokens_per_s, record["loss"], record["l0"],
-                        record["fvu"], record["dead_fraction"],
-                        f" | MMCS {record['mmcs']:.4f}" if "mmcs" in record else "",
-                        _format_duration(eta))
+                        metrics["mmcs"] = mmcs_fn(state["params"]["W_dec"], true_features)
+                    logging.info("step %d/%d | %.0f tok/s | ETA %s", done, total_steps,
+                                 tokens_per_s, _format_duration(eta))
+                    for i, output in enumerate(outputs):
+                        record = {"step": done, "tokens": done * batch_size,
+                                  **{k: _jsonable(v[i] if members else v)
+                                     for k, v in metrics.items()},
+                                  "tokens_per_s": tokens_per_s,
+                                  "resampled_latents": int(resampled[i])}
+                        output.metrics_log.write(record)
+                        logging.info(
+                            "  %sloss %.4g | L0 %.2f | FVU %.4f | dead %.3f%s",
+                            f"{os.path.basename(output.workdir)}: " if members else "",
+                            record["loss"], record["l0"], record["fvu"],
+                            record["dead_fraction"],
+                            f" | MMCS {record['mmcs']:.4f}" if "mmcs" in record else "")
+                    resampled[:] = 0
                 if save_now:
                     ckpt.save(done, state, source.state(), force=True)
+                    for i, member in enumerate(members):
+                        member.ckpt.save(done, member_state(state, i), source.state(),
+                                         force=True)
                 if sigterm.raised:
-                    ckpt.close()
+                    _close(ckpt, members)
                     raise Preempted(done)
         ckpt.wait()
 
@@ -474,33 +576,45 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         results = [jax.device_get(trainer.eval_step(state["params"], state["input_scale"],
                                                     source.eval_batch(i)))
                    for i in range(int(config.evals.eval_batches))]
-        summary: dict[str, Any] = {
-            "step": int(state["step"]),
-            "tokens": int(state["step"]) * batch_size,
-            **{k: float(np.mean([r[k] for r in results])) for k in results[0]},
-            "dead_fraction": float(evals.dead_fraction(state["tokens_since_fired"],
-                                                       int(config.evals.dead_window_tokens))),
-            "architecture": architecture.name,
-            "d": d,
-            "n_latents": n_latents,
-            "expansion_factor": int(config.sae.expansion_factor),
-            "flops_per_token": trainer.flops_per_token,
-            "train_flops": trainer.flops_per_token * int(state["step"]) * batch_size,
-            "train_seconds_this_session": train_seconds,
-        }
-        if architecture.sparsity_coefficient:
-            summary[architecture.sparsity_coefficient] = float(
-                config.sae[architecture.sparsity_coefficient])
-        else:
-            summary["k"] = int(config.sae.k)
-        if true_features is not None:
-            summary["mmcs"] = float(mmcs_fn(state["params"]["W_dec"], true_features))
-        ckpt.close()
+        results = {k: np.mean([r[k] for r in results], axis=0) for k in results[0]}
+        dead = evals.dead_fraction(state["tokens_since_fired"],
+                                   int(config.evals.dead_window_tokens))
+        mmcs = (None if true_features is None
+                else np.asarray(mmcs_fn(state["params"]["W_dec"], true_features)))
+        summaries = []
+        for i, output in enumerate(outputs):
+            pick = (lambda v, i=i: v[i]) if members else (lambda v: v)
+            summary: dict[str, Any] = {
+                "step": int(state["step"]),
+                "tokens": int(state["step"]) * batch_size,
+                **{k: float(pick(v)) for k, v in results.items()},
+                "dead_fraction": float(pick(np.asarray(dead))),
+                "architecture": architecture.name,
+                "d": d,
+                "n_latents": n_latents,
+                "expansion_factor": int(config.sae.expansion_factor),
+                "flops_per_token": trainer.flops_per_token,
+                "train_flops": trainer.flops_per_token * int(state["step"]) * batch_size,
+                "train_seconds_this_session": train_seconds,
+            }
+            if architecture.sparsity_coefficient:
+                summary[architecture.sparsity_coefficient] = (
+                    group_coefficients(config)[i] if members
+                    else float(config.sae[architecture.sparsity_coefficient]))
+            else:
+                summary["k"] = int(config.sae.k)
+            if mmcs is not None:
+                summary["mmcs"] = float(pick(mmcs))
+            summaries.append(summary)
+            if members:
+                _write_json(os.path.join(output.workdir, "summary.json"), summary)
+        _close(ckpt, members)
 
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+    summary = summaries[0] if not members else {
+        "step": summaries[0]["step"], "tokens": summaries[0]["tokens"],
+        "members": {os.path.basename(m.workdir): s for m, s in zip(members, summaries)}}
+    _write_json(os.path.join(workdir, "summary.json"), summary)
     logging.info("Summary: %s", json.dumps(summary))
-    if math.isnan(summary["mse"]):
+    if any(math.isnan(s["mse"]) for s in summaries):
         raise FloatingPointError("Final evaluation is NaN.")
     return summary

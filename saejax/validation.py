@@ -62,6 +62,15 @@ def validate(config, n_devices: int) -> None:
     _require(config.optim.decay in DECAYS,
              f"optim.decay={config.optim.decay!r} is not known; choose one of {DECAYS}.")
 
+    coefficients = tuple(config.group.sparsity_coefficients)
+    if coefficients:
+        _require(architecture.sparsity_coefficient is not None,
+                 f"group.sparsity_coefficients={coefficients} needs an architecture with a "
+                 f"sparsity coefficient; sae.architecture={architecture.name!r} has none. Use "
+                 f"one of relu, gated, jumprelu, or an empty group.")
+        _require(all(c >= 0 for c in coefficients) and len(set(coefficients)) == len(coefficients),
+                 f"group.sparsity_coefficients={coefficients} must be distinct and >= 0.")
+
     n = n_latents(config)
     if architecture.name == "jumprelu":
         for field in ("jumprelu_bandwidth", "jumprelu_init_threshold"):

@@ -22,24 +22,32 @@ def _run_steps(config, devices, n_steps=3):
         losses = []
         for _ in range(n_steps):
             state, metrics = trainer.train_step(state, source.next_batch())
-            losses.append(float(metrics["loss"]))
+            losses.append(np.asarray(metrics["loss"]))
     return state, losses
 
 
-def _config(architecture, mesh_shape):
+def _config(architecture, mesh_shape, **overrides):
     # A small dictionary (d=32, 128 latents) keeps 8-device compiles fast on 2 cores.
-    return toy_config(**{"sae.architecture": architecture, "data.d": 32, "data.n_features": 64,
+    return toy_config(**overrides, **{"sae.architecture": architecture, "data.d": 32, "data.n_features": 64,
                          "sae.expansion_factor": 4, "sae.k": 6, "train.batch_size": 64,
                          "sae.l1_coefficient": 3.0, "optim.warmup_steps": 1,
                          "sae.l0_coefficient": 1e-3, "sae.jumprelu_bandwidth": 0.05,
                          "mesh.data": mesh_shape[0], "mesh.model": mesh_shape[1]})
 
 
-@pytest.mark.parametrize("architecture", sorted(sae.ARCHITECTURES))
-def test_sharded_step_matches_single_device(architecture):
-    reference, reference_losses = _run_steps(_config(architecture, (1, 1)), jax.devices()[:1])
+GROUP = {"group.sparsity_coefficients": (0.5, 3.0)}
+
+
+@pytest.mark.parametrize("architecture,overrides",
+                         [(name, {}) for name in sorted(sae.ARCHITECTURES)]
+                         + [("relu", GROUP), ("jumprelu", GROUP)])
+def test_sharded_step_matches_single_device(architecture, overrides):
+    reference, reference_losses = _run_steps(_config(architecture, (1, 1), **overrides),
+                                             jax.devices()[:1])
+    grouped = bool(overrides)
     for mesh_shape in MESHES:
-        state, losses = _run_steps(_config(architecture, mesh_shape), jax.devices())
+        state, losses = _run_steps(_config(architecture, mesh_shape, **overrides),
+                                   jax.devices())
         np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
         for name, value in reference["params"].items():
             # Relative error of the whole tensor: Adam divides each gradient by its own scale,
@@ -50,13 +58,15 @@ def test_sharded_step_matches_single_device(architecture):
         np.testing.assert_array_equal(np.asarray(state["tokens_since_fired"]),
                                       np.asarray(reference["tokens_since_fired"]))
         # The dictionary really is split: each device holds [d, n_latents / model] of W_enc.
-        d, n_latents = reference["params"]["W_enc"].shape
+        *group, d, n_latents = reference["params"]["W_enc"].shape
+        group = tuple(group)
+        assert group == ((2,) if grouped else ())
         for shard in state["params"]["W_enc"].addressable_shards:
-            assert shard.data.shape == (d, n_latents // mesh_shape[1])
+            assert shard.data.shape == (*group, d, n_latents // mesh_shape[1])
         for shard in state["params"]["W_dec"].addressable_shards:
-            assert shard.data.shape == (n_latents // mesh_shape[1], d)
+            assert shard.data.shape == (*group, n_latents // mesh_shape[1], d)
         for shard in state["opt_state"][1][0].mu["W_enc"].addressable_shards:
-            assert shard.data.shape == (d, n_latents // mesh_shape[1])
+            assert shard.data.shape == (*group, d, n_latents // mesh_shape[1])
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES)

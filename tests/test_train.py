@@ -193,3 +193,36 @@ def test_resampling_revives_forced_dead_latents(tmp_path, monkeypatch):
     assert summary["dead_fraction"] < 0.05, summary
     assert summary["mmcs"] > without["mmcs"] + 0.2, (summary, without)
     assert summary["mmcs"] >= 0.95, summary
+
+
+def test_group_members_equal_solo_runs(tmp_path):
+    """A group of SAEs in one vmapped step gives each member the params of training it alone,
+    and each member's folder is as complete as a single run's workdir."""
+    coefficients = (0.3, 1.2)
+    group = train.train_and_evaluate(
+        toy_config(**{"group.sparsity_coefficients": coefficients, "train.steps": 15}),
+        str(tmp_path / "group"))
+    assert set(group["members"]) == {"l1_coefficient-0.3", "l1_coefficient-1.2"}
+    for coefficient in coefficients:
+        name = f"l1_coefficient-{coefficient:g}"
+        solo = train.train_and_evaluate(
+            toy_config(**{"sae.l1_coefficient": coefficient, "train.steps": 15}),
+            str(tmp_path / name))
+        member_dir = tmp_path / "group" / "members" / name
+        for path in ("config.json", "metrics.jsonl", "summary.json"):
+            assert (member_dir / path).exists(), path
+        member, alone = train.load_params(str(member_dir)), train.load_params(
+            str(tmp_path / name))
+        for key in alone:
+            error = np.linalg.norm(member[key] - alone[key]) / max(np.linalg.norm(alone[key]),
+                                                                   1e-12)
+            assert error < 1e-5, (name, key, error)
+        member_summary = json.loads((member_dir / "summary.json").read_text())
+        assert member_summary == group["members"][name]
+        for key in ("mse", "fvu", "l0", "mmcs", "dead_fraction"):
+            np.testing.assert_allclose(member_summary[key], solo[key], rtol=1e-4, atol=1e-6)
+        assert member_summary["l1_coefficient"] == coefficient
+        config = json.loads((member_dir / "config.json").read_text())
+        assert config["sae"]["l1_coefficient"] == coefficient
+        assert config["group"]["sparsity_coefficients"] == []
+        assert [r["step"] for r in _read_jsonl(member_dir / "metrics.jsonl")] == [5, 10, 15]
