@@ -4,9 +4,10 @@ The default experiment (Sharkey et al. 2022's recipe; no downloads):
 
     python -m saejax.main --config=experiments/toy.py --workdir=/tmp/saejax/toy
 
-Hardware: any; on 2 CPU cores it finishes in about TODO minutes.
-Expected: MMCS >= 0.99 (every true feature has a learned decoder row with cosine >= ~0.99),
-FVU about TODO, L0 about TODO, dead_fraction 0.
+Hardware: any; about 3 minutes on 2 CPU cores (4000 steps x 1024 tokens, n_latents = 1024).
+Expected (measured, benchmarks/RESULTS.md): MMCS 0.997 (each of the 512 true features has a
+learned decoder row at cosine ~0.997), FVU 0.028, L0 7.4 (the data has ~5 active features per
+sample), dead_fraction ~0.01. The L1 optimum is sharp: 0.3 gives MMCS 0.984, 1.2 gives 0.980.
 
 `get_config("smoke")` shrinks the run to seconds for tests.
 """
@@ -81,7 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1
     config.mesh.model = 1
-    config.sharding_rules = (("batch", "data"), ("latent", "model"), ("embed", None))
+    # Logical axis -> mesh axis. "group" (the members of a group) stays unsplit.
+    config.sharding_rules = (("batch", "data"), ("latent", "model"), ("embed", None),
+                             ("group", None))
 
     if arg == "smoke":
         config.train.batch_size = 256

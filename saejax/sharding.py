@@ -21,7 +21,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "model")
 # The default table: the batch is split across `data`, the dictionary across `model`.
-DEFAULT_RULES = (("batch", "data"), ("latent", "model"), ("embed", None))
+DEFAULT_RULES = (("batch", "data"), ("latent", "model"), ("embed", None), ("group", None))
 
 
 class ConfigError(ValueError):
