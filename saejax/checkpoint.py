@@ -1,9 +1,10 @@
 """Orbax checkpoints of a run: the train state (params, optimizer state, counters, RNG) and the
 data source's position, saved together so that a resumed run continues exactly.
 
-Restoring tries the newest step first; a step that fails to restore (a corrupt or truncated
-checkpoint) is moved aside to `<workdir>/corrupt_checkpoints/` with a warning, never deleted, and
-the next older step is tried.
+Restoring tries the newest step first; when a step fails to restore (a corrupt or truncated
+checkpoint) and an older one succeeds, the failed one is moved aside to
+`<workdir>/corrupt_checkpoints/` with a warning, never deleted. If no step restores, nothing is
+moved and the error is raised.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 from typing import Any
 
 from absl import logging
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -35,18 +37,39 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def restore_latest(self, abstract_state) -> tuple[Any, dict] | None:
-        """(state, data_state) of the newest readable step, or None if there is none."""
+        """(state, data_state) of the newest readable step, or None if there are no steps.
+
+        Newer steps that fail are moved aside only once an older one restores: if none does,
+        the failure is more likely this program than the files (a changed state layout, no
+        memory), so nothing is moved and the error is raised.
+        """
+        failures = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
                     data=ocp.args.JsonRestore()))
             except Exception as e:  # pylint: disable=broad-except
-                self._set_aside(step, e)
+                logging.warning("Checkpoint at step %d could not be restored (%s: %s).", step,
+                                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                failures.append((step, e))
                 continue
+            for failed_step, error in failures:
+                self._set_aside(failed_step, error)
             logging.info("Restored checkpoint at step %d from %s", step, self.directory)
             return restored.state, restored.data
+        if failures:
+            step, error = failures[-1]
+            raise RuntimeError(
+                f"No checkpoint in {self.directory} could be restored (steps "
+                f"{[s for s, _ in failures]}); nothing was moved or deleted. The oldest failed "
+                f"with {type(error).__name__}: {error}") from error
         return None
+
+    def delete_after(self, step: int) -> None:
+        """Deletes steps newer than `step` (for derived copies that will be written again)."""
+        for newer in [s for s in self._manager.all_steps() if s > step]:
+            self._manager.delete(newer)
 
     def _set_aside(self, step: int, error: Exception) -> None:
         self._manager.wait_until_finished()
@@ -55,10 +78,10 @@ class Checkpointer:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         if os.path.exists(dst):
             shutil.rmtree(dst)
-        shutil.move(src, dst)
-        logging.warning("Checkpoint at step %d could not be restored (%s: %s); moved it to %s "
-                        "and trying the previous one.", step, type(error).__name__,
-                        str(error).splitlines()[0] if str(error) else "", dst)
+        if jax.process_index() == 0:
+            shutil.move(src, dst)
+        logging.warning("Checkpoint at step %d could not be restored (%s); an older one could, "
+                        "so it was moved to %s.", step, type(error).__name__, dst)
         self._manager.close()
         self._manager = self._open()
 

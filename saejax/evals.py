@@ -30,9 +30,11 @@ def l0(latents: jax.Array) -> jax.Array:
 
 
 def update_tokens_since_fired(tokens_since_fired: jax.Array, latents: jax.Array) -> jax.Array:
-    """Per-latent count of tokens since the latent last fired, after one batch."""
+    """Per-latent count of tokens since the latent last fired, after one batch. Saturates at
+    2**30 so that a latent dead for billions of tokens stays dead rather than wrapping."""
     fired = jnp.any(latents != 0, axis=0)
-    return jnp.where(fired, 0, tokens_since_fired + latents.shape[0])
+    count = jnp.minimum(tokens_since_fired, 2**30 - latents.shape[0]) + latents.shape[0]
+    return jnp.where(fired, 0, count)
 
 
 def dead_fraction(tokens_since_fired: jax.Array, window_tokens: int) -> jax.Array:
@@ -63,17 +65,20 @@ def update_density(density: Density, latents: jax.Array, window_tokens: int) -> 
                    density=jnp.where(full, counts / jnp.maximum(tokens, 1), density.density))
 
 
-# log10 feature density bins: [-inf, -8), [-8, -7.5), ..., [-0.5, 0]; the first bin holds
-# latents that never fired in the window.
+# Edges of the log10 feature-density histogram: bin 0 is (-inf, -8) and holds the latents that
+# never fired in the window, bin i is [edge[i-1], edge[i]) for i = 1..16, and the last bin, [0],
+# holds the latents that fired on every token.
 LOG_DENSITY_EDGES = tuple(float(e) for e in jnp.arange(-8.0, 0.01, 0.5))
 
 
 def log_density_histogram(density: jax.Array) -> jax.Array:
-    """Counts of latents per log10-density bin (see LOG_DENSITY_EDGES)."""
+    """Counts of latents per log10-density bin (see LOG_DENSITY_EDGES); all zero before the
+    first window has completed (density NaN)."""
     log_density = jnp.log10(jnp.maximum(density, 1e-30))
     edges = jnp.asarray(LOG_DENSITY_EDGES)
     bins = jnp.searchsorted(edges, log_density, side="right")
-    return jnp.zeros((len(LOG_DENSITY_EDGES) + 1,), jnp.int32).at[bins].add(1)
+    counted = (~jnp.isnan(density)).astype(jnp.int32)
+    return jnp.zeros((len(LOG_DENSITY_EDGES) + 1,), jnp.int32).at[bins].add(counted)
 
 
 def dense_fraction(density: jax.Array, threshold: float) -> jax.Array:

@@ -67,6 +67,7 @@ def project_decoder_rows(*, param_name: str = DECODER) -> optax.GradientTransfor
 
 class RewarmState(NamedTuple):
     steps_since_resample: jax.Array  # int32
+    rewarm_steps: jax.Array          # int32, constant
 
 
 def rewarm_after_resample(rewarm_steps: int) -> optax.GradientTransformation:
@@ -78,21 +79,34 @@ def rewarm_after_resample(rewarm_steps: int) -> optax.GradientTransformation:
 
     def init_fn(params):
         del params
-        return RewarmState(jnp.asarray(max(int(rewarm_steps), 1), jnp.int32))
+        steps = jnp.asarray(max(int(rewarm_steps), 1), jnp.int32)
+        return RewarmState(steps, steps)
 
     def update_fn(updates, state, params=None):
         del params
-        scale = jnp.minimum(1.0, (state.steps_since_resample + 1) / max(int(rewarm_steps), 1))
+        scale = _rewarm_scale(state)
         updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
-        return updates, RewarmState(jnp.minimum(state.steps_since_resample + 1,
-                                                jnp.iinfo(jnp.int32).max - 1))
+        steps = jnp.minimum(state.steps_since_resample + 1, state.rewarm_steps)
+        return updates, state._replace(steps_since_resample=steps)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _rewarm_scale(state: RewarmState) -> jax.Array:
+    return jnp.minimum(1.0, (state.steps_since_resample + 1) / state.rewarm_steps)
+
+
+def rewarm_factor(opt_state) -> jax.Array:
+    """The factor `rewarm_after_resample` applies to this step's learning rate (1 if absent)."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, RewarmState))
+             if isinstance(s, RewarmState)]
+    return _rewarm_scale(found[0]) if found else jnp.ones(())
+
+
 def resample_dead_latents(key: jax.Array, params: dict, opt_state, x: jax.Array,
                           x_hat: jax.Array, dead: jax.Array, *,
-                          tx: optax.GradientTransformation, encoder_scale: float):
+                          tx: optax.GradientTransformation, encoder_scale: float,
+                          param_axes: dict[str, tuple]):
     """Dead-latent resampling (Anthropic, "Towards Monosemanticity").
 
     Each dead latent gets an input drawn with probability proportional to its squared
@@ -105,6 +119,9 @@ def resample_dead_latents(key: jax.Array, params: dict, opt_state, x: jax.Array,
       params, opt_state: the SAE and its optimizer state (from `make_optimizer`).
       x, x_hat: inputs `[tokens, d]` and their reconstructions.
       dead: `[n_latents]` bool.
+      tx: the optimizer whose state this is.
+      encoder_scale: encoder columns' norm relative to the mean alive norm.
+      param_axes: logical axes of each param; moments along `latent` are reset.
     Returns:
       (params, opt_state).
     """
@@ -124,15 +141,24 @@ def resample_dead_latents(key: jax.Array, params: dict, opt_state, x: jax.Array,
     params["W_dec"] = jnp.where(dead[:, None], directions, params["W_dec"])
     params["W_enc"] = jnp.where(dead[None, :], directions.T * encoder_scale * mean_alive_norm,
                                 params["W_enc"])
-    params["b_enc"] = jnp.where(dead, 0.0, params["b_enc"])
+    # Per-latent biases and gains start again from their initial values (all zero here:
+    # b_enc, and the gated SAE's magnitude path r_mag, b_mag).
+    for name in ("b_enc", "r_mag", "b_mag"):
+        if name in params:
+            params[name] = jnp.where(dead, 0.0, params[name])
 
+    # Adam moments of every per-latent parameter of a dead latent are zeroed.
     keep = {name: None for name in params}
-    keep.update(W_enc=~dead[None, :], W_dec=~dead[:, None], b_enc=~dead)
+    for name, axes in param_axes.items():
+        if "latent" in axes:
+            keep[name] = jnp.expand_dims(~dead, [i for i, a in enumerate(axes) if a != "latent"])
     opt_state = optax.tree_map_params(
         tx, lambda moment, k: moment if k is None else jnp.where(k, moment, 0.0), opt_state,
         keep, is_leaf=lambda v: v is None, transform_non_params=lambda v: v)
-    opt_state = optax.tree_utils.tree_set(opt_state,
-                                          steps_since_resample=jnp.zeros((), jnp.int32))
+    # The learning rate re-warms only when something was resampled.
+    steps_since = optax.tree_utils.tree_get(opt_state, "steps_since_resample")
+    opt_state = optax.tree_utils.tree_set(
+        opt_state, steps_since_resample=jnp.where(jnp.any(dead), 0, steps_since))
     return params, opt_state
 
 

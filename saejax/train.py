@@ -24,10 +24,12 @@ import optax
 from saejax import checkpoint, data, evals, optim, sae, sharding, validation
 from saejax.sharding import ConfigError
 
-# Config fields that may change when resuming a workdir; anything else must match what the
-# workdir was started with, or the resumed run would not be the run it claims to continue.
+# Config fields that may change when resuming a workdir (they do not change what is trained;
+# train.steps does change the learning-rate decay, so it is allowed with a warning, to extend a
+# run); anything else must match what the workdir was started with.
 RESUMABLE_CHANGES = ("mesh.", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.steps", "evals.")
+                     "train.keep_checkpoints", "train.steps", "evals.eval_batches",
+                     "evals.density_window_tokens", "evals.dense_threshold")
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 
@@ -121,7 +123,7 @@ def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
         "dense_fraction": evals.dense_fraction(density.density, dense_threshold),
         "log_density_histogram": evals.log_density_histogram(density.density),
         "grad_norm": optax.tree.norm(grads),
-        "learning_rate": lr_schedule(step),
+        "learning_rate": lr_schedule(step) * optim.rewarm_factor(state["opt_state"]),
         "finite": jnp.isfinite(loss) & _all_finite(params),
     }
     for name in ("auxk_loss", "auxiliary_loss"):
@@ -144,8 +146,9 @@ def resample_step(state: dict, batches: tuple[jax.Array, ...], *,
     x_hat = architecture.decode(params, architecture.encode(params, x, sae_config))
     dead = state["tokens_since_fired"] >= dead_window_tokens
     key = jax.random.fold_in(state["rng"], state["step"])
-    params, opt_state = optim.resample_dead_latents(key, params, state["opt_state"], x, x_hat,
-                                                    dead, tx=tx, encoder_scale=encoder_scale)
+    params, opt_state = optim.resample_dead_latents(
+        key, params, state["opt_state"], x, x_hat, dead, tx=tx, encoder_scale=encoder_scale,
+        param_axes=architecture.param_axes)
     tokens_since_fired = jnp.where(dead, 0, state["tokens_since_fired"])
     return (dict(state, params=params, opt_state=opt_state,
                  tokens_since_fired=tokens_since_fired), jnp.sum(dead))
@@ -318,9 +321,14 @@ class MetricsLog:
         self.path = path
         self.enabled = jax.process_index() == 0
         if self.enabled and os.path.exists(path):
+            kept = []
             with open(path) as f:
-                kept = [line for line in f
-                        if line.strip() and json.loads(line)["step"] <= resume_step]
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= resume_step:
+                            kept.append(line)
+                    except (ValueError, KeyError):  # a line cut short by a kill
+                        continue
             with open(path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(path + ".tmp", path)
@@ -366,10 +374,14 @@ def _open_members(config, workdir: str, start_step: int,
             member_config.group.sparsity_coefficients = ()
             member_config.sae[architecture.sparsity_coefficient] = coefficient
         _write_config(member_config, member_dir)
+        member_ckpt = checkpoint.Checkpointer(
+            member_dir, max_to_keep=int(config.train.keep_checkpoints), save_interval_steps=1)
+        # Member checkpoints are copies of the group's: steps past the group's restored step
+        # (saved before a kill) will be written again, identically.
+        member_ckpt.delete_after(start_step)
         members.append(_Output(
             member_dir, MetricsLog(os.path.join(member_dir, "metrics.jsonl"), start_step),
-            checkpoint.Checkpointer(member_dir, max_to_keep=int(config.train.keep_checkpoints),
-                                    save_interval_steps=1)))
+            member_ckpt))
     return members
 
 
@@ -438,8 +450,13 @@ def load_params(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {directory}")
+        # Restore onto one local device whatever mesh saved it.
+        metadata = manager.item_metadata(step).state
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
         restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))
+            state=ocp.args.StandardRestore(target)))
     return {**jax.tree.map(np.asarray, restored.state["params"]),
             "input_scale": np.asarray(restored.state["input_scale"])}
 
@@ -533,10 +550,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 metrics = jax.device_get(metrics)
                 if not np.all(metrics.pop("finite")):
                     ckpt.wait()
+                    kept = (f"The last good checkpoint (step {ckpt.latest_step()}) is kept in "
+                            f"{ckpt.directory}." if ckpt.latest_step() is not None
+                            else "No checkpoint had been saved yet.")
                     raise FloatingPointError(
                         f"Non-finite loss or params between step {last_checked + 1} and step "
-                        f"{done}; stopping. The last good checkpoint (step "
-                        f"{ckpt.latest_step()}) is kept in {ckpt.directory}.")
+                        f"{done}; stopping. {kept}")
                 last_checked = done
                 if log_now:
                     now = time.perf_counter()

@@ -35,6 +35,8 @@ def validate(config, n_devices: int) -> None:
                          ("train.log_every", config.train.log_every),
                          ("train.checkpoint_every", config.train.checkpoint_every),
                          ("train.keep_checkpoints", config.train.keep_checkpoints),
+                         ("evals.eval_batches", config.evals.eval_batches),
+                         ("evals.dead_window_tokens", config.evals.dead_window_tokens),
                          ("resample.batches", config.resample.batches),
                          ("data.init_batches", config.data.init_batches),
                          ("evals.density_window_tokens", config.evals.density_window_tokens),
@@ -47,7 +49,6 @@ def validate(config, n_devices: int) -> None:
                          ("optim.warmup_steps", config.optim.warmup_steps),
                          ("optim.l1_warmup_steps", config.optim.l1_warmup_steps),
                          ("optim.grad_clip_norm", config.optim.grad_clip_norm),
-                         ("evals.dead_window_tokens", config.evals.dead_window_tokens),
                          ("resample.every_steps", config.resample.every_steps),
                          ("resample.until_step", config.resample.until_step),
                          ("resample.encoder_scale", config.resample.encoder_scale)):
@@ -62,21 +63,34 @@ def validate(config, n_devices: int) -> None:
     _require(config.optim.decay in DECAYS,
              f"optim.decay={config.optim.decay!r} is not known; choose one of {DECAYS}.")
 
+    if config.resample.every_steps > 0:
+        _require(config.resample.until_step >= config.resample.every_steps,
+                 f"resample.every_steps={config.resample.every_steps} with "
+                 f"resample.until_step={config.resample.until_step} never resamples; set "
+                 f"resample.until_step to the last step that may resample.")
+    rules = dict(map(tuple, config.sharding_rules))
+    _require(rules.get("batch") in (None, "data") and rules.get("latent") in (None, "model"),
+             f"sharding_rules={config.sharding_rules}: `batch` may map to `data` (or None) and "
+             f"`latent` to `model` (or None); other mesh axes do not exist.")
     coefficients = tuple(config.group.sparsity_coefficients)
     if coefficients:
         _require(architecture.sparsity_coefficient is not None,
                  f"group.sparsity_coefficients={coefficients} needs an architecture with a "
                  f"sparsity coefficient; sae.architecture={architecture.name!r} has none. Use "
                  f"one of relu, gated, jumprelu, or an empty group.")
-        _require(all(c >= 0 for c in coefficients) and len(set(coefficients)) == len(coefficients),
-                 f"group.sparsity_coefficients={coefficients} must be distinct and >= 0.")
+        names = {f"{c:g}" for c in coefficients}
+        _require(all(c >= 0 for c in coefficients) and len(names) == len(coefficients),
+                 f"group.sparsity_coefficients={coefficients} must be >= 0 and distinct to 6 "
+                 f"significant digits (they name the members' folders).")
 
     n = n_latents(config)
     if architecture.name == "jumprelu":
         for field in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
             _require(config.sae[field] > 0, f"sae.{field}={config.sae[field]!r} must be > 0.")
     if architecture.name in ("topk", "batchtopk"):
-        _require(int(config.sae.k_aux) >= 1, f"sae.k_aux={config.sae.k_aux} must be >= 1.")
+        _require(int(config.sae.k_aux) >= 1,
+                 f"sae.k_aux={config.sae.k_aux} must be >= 1 (Gao et al. use about d / 2; "
+                 f"set sae.auxk_coefficient=0 to turn AuxK off).")
         _require(1 <= int(config.sae.k) <= n,
                  f"sae.k={config.sae.k} must be between 1 and n_latents={n} "
                  f"(sae.expansion_factor={config.sae.expansion_factor} x data.d={config.data.d}); "

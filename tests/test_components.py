@@ -140,13 +140,18 @@ def test_density_windows_and_histogram():
     density = evals.update_density(density, latents, window_tokens=4)
     assert np.isnan(np.asarray(density.density)).all()     # window not full yet
     assert np.isnan(float(evals.dense_fraction(density.density, 0.1)))
+    assert int(evals.log_density_histogram(density.density).sum()) == 0
     density = evals.update_density(density, latents, window_tokens=4)
     np.testing.assert_allclose(density.density, [1.0, 0.5, 0.0])
     assert int(density.window_tokens) == 0 and int(density.counts.sum()) == 0
     np.testing.assert_allclose(float(evals.dense_fraction(density.density, 0.6)), 1 / 3,
                                rtol=1e-6)
     histogram = np.asarray(evals.log_density_histogram(density.density))
-    assert histogram.sum() == 3 and histogram[0] == 1 and histogram[-1] == 1
+    # never fired -> first bin; density 0.5 -> [-0.5, 0); density 1 -> the last bin.
+    assert histogram.sum() == 3 and histogram[0] == 1 and histogram[-2] == 1
+    assert histogram[-1] == 1 and len(histogram) == len(evals.LOG_DENSITY_EDGES) + 1
+    saturated = evals.update_tokens_since_fired(jnp.array([2**30 - 1]), jnp.zeros((8, 1)))
+    assert int(saturated[0]) == 2**30
 
 
 def test_normalized_inputs_and_geometric_median_init(tmp_path):
@@ -167,3 +172,38 @@ def test_normalized_inputs_and_geometric_median_init(tmp_path):
     assert np.abs(median).max() > 0.01
     np.testing.assert_allclose(params["b_dec"], median, atol=0.02)
     assert summary["step"] == 10
+
+
+def test_resampling_resets_dead_latents_moments_and_rewarms():
+    from saejax.sae import gated  # pylint: disable=import-outside-toplevel
+    config = toy_config()
+    params = gated.init(jax.random.PRNGKey(0), 8, 16)
+    params["r_mag"] = params["r_mag"] + 0.5
+    tx = optim.make_optimizer(config.optim, total_steps=100, rewarm_steps=10)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for _ in range(12):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    assert float(optim.rewarm_factor(state)) == 1.0
+    x = jax.random.normal(jax.random.PRNGKey(1), (64, 8))
+    dead = jnp.arange(16) < 4
+
+    new_params, new_state = optim.resample_dead_latents(
+        jax.random.PRNGKey(2), params, state, x, x * 0.5, dead, tx=tx, encoder_scale=0.2,
+        param_axes=gated.PARAM_AXES)
+    adam = new_state[1][0]
+    for name, axis in (("W_enc", 1), ("W_dec", 0), ("b_enc", 0), ("r_mag", 0)):
+        dead_part = np.take(np.asarray(adam.mu[name]), np.arange(4), axis=axis)
+        alive_part = np.take(np.asarray(adam.mu[name]), np.arange(4, 16), axis=axis)
+        assert np.all(dead_part == 0) and np.all(alive_part != 0), name
+    np.testing.assert_array_equal(adam.mu["b_dec"], state[1][0].mu["b_dec"])
+    np.testing.assert_allclose(np.linalg.norm(new_params["W_dec"][:4], axis=-1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(new_params["r_mag"][:4], 0.0)
+    np.testing.assert_array_equal(new_params["W_dec"][4:], params["W_dec"][4:])
+    np.testing.assert_allclose(float(optim.rewarm_factor(new_state)), 0.1)  # 1 / rewarm_steps
+
+    _, unchanged = optim.resample_dead_latents(
+        jax.random.PRNGKey(2), params, state, x, x * 0.5, jnp.zeros(16, bool), tx=tx,
+        encoder_scale=0.2, param_axes=gated.PARAM_AXES)
+    assert float(optim.rewarm_factor(unchanged)) == 1.0   # nothing dead: no re-warm

@@ -32,6 +32,9 @@ def _config(architecture, mesh_shape, **overrides):
                          "sae.expansion_factor": 4, "sae.k": 6, "train.batch_size": 64,
                          "sae.l1_coefficient": 3.0, "optim.warmup_steps": 1,
                          "sae.l0_coefficient": 1e-3, "sae.jumprelu_bandwidth": 0.05,
+                         # Latents silent for one batch count as dead, so the sharded AuxK
+                         # top-k (k_aux <= the 16 latents per shard) runs from step 2.
+                         "evals.dead_window_tokens": 64, "sae.k_aux": 8,
                          "mesh.data": mesh_shape[0], "mesh.model": mesh_shape[1]})
 
 

@@ -113,10 +113,24 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     summary = train.train_and_evaluate(toy_config(**{"train.steps": 30}), str(workdir))
     assert summary["step"] == 30
     assert "Checkpoint at step 20 could not be restored" in caplog.text
+    assert "so it was moved to" in caplog.text
     assert "Resuming at step 10" in caplog.text
     # The corrupt checkpoint is kept for inspection, not deleted.
     assert (workdir / "corrupt_checkpoints" / "20" / "state").is_dir()
     assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20", "30"]
+
+
+def test_no_restorable_checkpoint_raises_and_moves_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(toy_config(**{"train.steps": 10}), str(workdir))
+    for root, _, files in os.walk(workdir / "checkpoints" / "10" / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=r"No checkpoint .* could be restored .*nothing was"):
+        train.train_and_evaluate(toy_config(**{"train.steps": 20}), str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10"]
+    assert [r["step"] for r in _read_jsonl(workdir / "metrics.jsonl")] == [5, 10]
 
 
 def test_nan_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -26,6 +26,13 @@ CASES = [
     ({"data.source": "hub"}, r"data.source='hub' is not known"),
     ({"optim.decay": "exp"}, r"optim.decay='exp' is not known"),
     ({"train.batch_size": 0}, r"train.batch_size=0 must be a positive integer"),
+    ({"evals.dead_window_tokens": 0}, r"evals.dead_window_tokens=0 must be a positive integer"),
+    ({"resample.every_steps": 100}, r"resample.every_steps=100 with resample.until_step=0 never"),
+    ({"sae.architecture": "topk", "group.sparsity_coefficients": (0.1, 0.2)},
+     r"group.sparsity_coefficients=\(0.1, 0.2\) needs an architecture with a sparsity "),
+    ({"group.sparsity_coefficients": (0.1, 0.1)}, r"must be >= 0 and distinct"),
+    ({"sharding_rules": (("batch", "data"), ("latent", "tensor"))},
+     r"`latent` to `model` \(or None\)"),
 ]
 
 
