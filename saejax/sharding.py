@@ -106,8 +106,12 @@ def _scatter_mask(shape, indices, dtype):
 def _top_k(x: jax.Array, k: int, *, with_mask: bool):
     mesh, spec = _ambient_axes(("batch", "latent"))
     latent_axis = spec[-1] if len(spec) == 2 else None
+    batch_axis = spec[0] if len(spec) == 2 else None
     if (mesh is None or latent_axis is None or mesh.shape[latent_axis] == 1
+            or x.shape[-1] % mesh.shape[latent_axis]
+            or (batch_axis is not None and x.shape[-2] % mesh.shape[batch_axis])
             or k > x.shape[-1] // mesh.shape[latent_axis]):
+        # Unsplit, or not evenly divisible: XLA's own top-k on the (gathered) axis is exact.
         values, indices = jax.lax.top_k(x, k)
         mask = _scatter_mask(x.shape, indices, x.dtype) if with_mask else None
         return values, indices, mask

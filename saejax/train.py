@@ -126,7 +126,7 @@ def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
         "learning_rate": lr_schedule(step) * optim.rewarm_factor(state["opt_state"]),
         "finite": jnp.isfinite(loss) & _all_finite(params),
     }
-    for name in ("auxk_loss", "auxiliary_loss"):
+    for name in ("auxk_loss", "auxiliary_loss", "balance_loss", "dropped_fraction"):
         if name in aux:
             metrics[name] = aux[name]
     if architecture.sparsity_coefficient:

@@ -87,6 +87,16 @@ def validate(config, n_devices: int) -> None:
     if architecture.name == "jumprelu":
         for field in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
             _require(config.sae[field] > 0, f"sae.{field}={config.sae[field]!r} must be > 0.")
+    if architecture.name == "switch":
+        experts = int(config.sae.switch_experts)
+        _require(experts >= 1 and n % experts == 0,
+                 f"sae.switch_experts={experts} must divide n_latents={n} (each expert owns an "
+                 f"equal block of latents).")
+        _require(1 <= int(config.sae.k) <= n // experts,
+                 f"sae.k={config.sae.k} must be between 1 and the {n // experts} latents of one "
+                 f"expert (n_latents / sae.switch_experts); lower sae.k or use fewer experts.")
+        _require(config.sae.switch_capacity_factor >= 1.0,
+                 f"sae.switch_capacity_factor={config.sae.switch_capacity_factor} must be >= 1.")
     if architecture.name in ("topk", "batchtopk"):
         _require(int(config.sae.k_aux) >= 1,
                  f"sae.k_aux={config.sae.k_aux} must be >= 1 (Gao et al. use about d / 2; "

@@ -207,3 +207,26 @@ def test_resampling_resets_dead_latents_moments_and_rewarms():
         jax.random.PRNGKey(2), params, state, x, x * 0.5, jnp.zeros(16, bool), tx=tx,
         encoder_scale=0.2, param_axes=gated.PARAM_AXES)
     assert float(optim.rewarm_factor(unchanged)) == 1.0   # nothing dead: no re-warm
+
+
+def test_switch_routes_each_token_to_one_expert():
+    from saejax.sae import switch  # pylint: disable=import-outside-toplevel
+    # Capacity for every token in every expert: nothing is dropped.
+    config = toy_config(**{"sae.switch_experts": 4, "sae.k": 3, "sae.switch_capacity_factor": 4.0})
+    params = switch.init(jax.random.PRNGKey(0), 16, 64, config.sae)
+    x = jax.random.normal(jax.random.PRNGKey(1), (40, 16))
+    latents = np.asarray(switch.encode(params, x, config.sae))
+    active_experts = (latents.reshape(40, 4, 16) != 0).any(-1).sum(-1)
+    np.testing.assert_array_equal(active_experts, 1)          # one expert per token
+    assert ((latents != 0).sum(-1) <= 3).all()                 # TopK inside the expert
+    # Encoding is per token: the same latents alone as in a batch.
+    np.testing.assert_allclose(np.asarray(switch.encode(params, x[7:8], config.sae))[0],
+                               latents[7], rtol=1e-5, atol=1e-6)
+    # The training loss reconstructs through the router weight exactly as decode(encode(x)).
+    _, aux = switch.loss(params, x, config.sae, 0.0, jnp.zeros(64, bool))
+    assert float(aux["dropped_fraction"]) == 0.0
+    np.testing.assert_allclose(aux["x_hat"], latents @ params["W_dec"] + params["b_dec"],
+                               rtol=1e-5, atol=1e-5)
+    assert 0.99 <= float(aux["balance_loss"]) <= 4.0
+    dense = base.dense_flops_per_token(16, 64)
+    assert switch.flops_per_token(16, 64, config.sae) < dense / 2

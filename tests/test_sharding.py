@@ -23,6 +23,12 @@ def _run_steps(config, devices, n_steps=3):
         for _ in range(n_steps):
             state, metrics = trainer.train_step(state, source.next_batch())
             losses.append(np.asarray(metrics["loss"]))
+        if config.resample.every_steps:
+            batches = tuple(source.next_batch() for _ in range(int(config.resample.batches)))
+            state, n_dead = trainer.resample_step(state, batches)
+            assert np.all(np.asarray(n_dead) > 0)  # the small dead window makes some dead
+            state, metrics = trainer.train_step(state, source.next_batch())
+            losses.append(np.asarray(metrics["loss"]))
     return state, losses
 
 
@@ -39,15 +45,18 @@ def _config(architecture, mesh_shape, **overrides):
 
 
 GROUP = {"group.sparsity_coefficients": (0.5, 3.0)}
+# Dead-latent resampling after the steps (then one more step), on the sharded dictionary.
+RESAMPLE = {"resample.every_steps": 1, "resample.until_step": 1}
 
 
 @pytest.mark.parametrize("architecture,overrides",
-                         [(name, {}) for name in sorted(sae.ARCHITECTURES)]
-                         + [("relu", GROUP), ("jumprelu", GROUP)])
+                         [(name, {}) for name in sorted(sae.ARCHITECTURES) if name != "relu"]
+                         + [("relu", RESAMPLE), ("relu", {**GROUP, **RESAMPLE}),
+                            ("jumprelu", GROUP)])
 def test_sharded_step_matches_single_device(architecture, overrides):
     reference, reference_losses = _run_steps(_config(architecture, (1, 1), **overrides),
                                              jax.devices()[:1])
-    grouped = bool(overrides)
+    grouped = "group.sparsity_coefficients" in overrides
     for mesh_shape in MESHES:
         state, losses = _run_steps(_config(architecture, mesh_shape, **overrides),
                                    jax.devices())

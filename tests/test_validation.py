@@ -18,7 +18,7 @@ CASES = [
      r"sae.k=5000 must be between 1 and n_latents=1024.*lower sae.k"),
     ({"sae.architecture": "transcoder"},
      r"sae.architecture='transcoder' is not known; choose one of "
-     r"\['batchtopk', 'gated', 'jumprelu', 'relu', 'topk'\]"),
+     r"\['batchtopk', 'gated', 'jumprelu', 'relu', 'switch', 'topk'\]"),
     ({"sae.architecture": "jumprelu", "sae.jumprelu_bandwidth": 0.0},
      r"sae.jumprelu_bandwidth=0.0 must be > 0"),
     ({"mesh.data": 3, "mesh.model": 2}, r"mesh.data=3 x mesh.model=2 needs 6 devices but 8"),

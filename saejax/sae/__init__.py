@@ -1,10 +1,10 @@
 """SAE architectures by name. Each module defines one `ARCHITECTURE` (see `base.Architecture`)."""
 
-from saejax.sae import batchtopk, gated, jumprelu, relu, topk
+from saejax.sae import batchtopk, gated, jumprelu, relu, switch, topk
 from saejax.sae.base import Architecture
 
 ARCHITECTURES: dict[str, Architecture] = {
-    m.ARCHITECTURE.name: m.ARCHITECTURE for m in (relu, topk, batchtopk, jumprelu, gated)}
+    m.ARCHITECTURE.name: m.ARCHITECTURE for m in (relu, topk, batchtopk, jumprelu, gated, switch)}
 
 
 def get(name: str) -> Architecture:

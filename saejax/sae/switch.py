@@ -1,0 +1,115 @@
+"""Switch SAE (Mudide et al. 2024, "Efficient dictionary learning with switch sparse
+autoencoders").
+
+A router sends each token to one of E experts; each expert is a TopK SAE over its own block of
+n_latents / E latents, so a step computes 1/E of the encoder and decoder. The dictionary keeps
+the layout of every other SAE here (`W_enc [d, n_latents]`, `W_dec [n_latents, d]`), expert e
+owning the contiguous block e, so the decoder constraint, metrics and resampling apply
+unchanged, and splitting the latent axis over the mesh's model axis splits the experts.
+
+Tokens are dispatched to per-expert slots of fixed capacity (ceil(capacity_factor * batch / E),
+as in Switch Transformers) so every shape is static; a token beyond its expert's capacity is
+dropped (reconstructed by b_dec alone) and counted in `dropped_fraction`. The reconstruction is
+scaled by the router probability of the chosen expert, which trains the router; a
+load-balancing loss (E * sum_e tokens_e * probability_e) keeps the experts in use.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from saejax import evals, sharding
+from saejax.sae import base
+
+PARAM_AXES = {**base.PARAM_AXES, "W_router": ("embed", None)}
+
+
+def init(key, d, n_latents, sae_config):
+    params_key, router_key = jax.random.split(key)
+    params = base.init_params(params_key, d, n_latents)
+    experts = int(sae_config.switch_experts)
+    params["W_router"] = jax.random.normal(router_key, (d, experts), jnp.float32) / math.sqrt(d)
+    return params
+
+
+def _route(params, x, sae_config, capacity):
+    """Dispatch plan: each token's expert, its slot in that expert, and its router weight."""
+    experts = int(sae_config.switch_experts)
+    probabilities = jax.nn.softmax((x - params["b_dec"]) @ params["W_router"], axis=-1)
+    expert = jnp.argmax(probabilities, axis=-1)                          # [tokens]
+    one_hot = jax.nn.one_hot(expert, experts, dtype=jnp.int32)           # [tokens, E]
+    position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
+    kept = position < capacity
+    slot = jnp.where(kept, expert * capacity + position, experts * capacity)  # out of range
+    gate = jnp.take_along_axis(probabilities, expert[:, None], axis=-1)[:, 0]
+    balance = experts * jnp.sum(jnp.mean(one_hot.astype(x.dtype), axis=0)
+                                * jnp.mean(probabilities, axis=0))
+    return expert, slot, kept, gate, balance
+
+
+def _forward(params, x, sae_config, *, training: bool):
+    """(latents [tokens, n_latents] scaled by the router weight, x_hat, balance, dropped).
+
+    Training dispatches with the configured capacity; encoding for use (`encode`) gives every
+    expert room for all tokens, so no token is dropped and each is encoded on its own.
+    """
+    experts = int(sae_config.switch_experts)
+    d, n_latents = params["W_enc"].shape
+    width = n_latents // experts
+    capacity = (math.ceil(float(sae_config.switch_capacity_factor) * x.shape[0] / experts)
+                if training else x.shape[0])
+    expert, slot, kept, gate, balance = _route(params, x, sae_config, capacity)
+    # Tokens into their experts' slots: [E, capacity, d]; empty slots are zero.
+    slots = jnp.zeros((experts * capacity, d), x.dtype).at[slot].set(
+        x - params["b_dec"], mode="drop").reshape(experts, capacity, d)
+    W_enc = params["W_enc"].reshape(d, experts, width)
+    b_enc = params["b_enc"].reshape(experts, width)
+    pre = jnp.einsum("ecd,dew->ecw", slots, W_enc) + b_enc[:, None, :]
+    latents = jax.nn.relu(pre) * sharding.top_k_mask(pre, int(sae_config.k))
+    decoded = jnp.einsum("ecw,ewd->ecd", latents, params["W_dec"].reshape(experts, width, d))
+    # Back to tokens; a dropped token gathers nothing (fill 0). Scaling by the router weight
+    # (x_hat = p_e * W_dec,e f + b_dec) is what trains the router.
+    take = lambda a: jnp.take(a.reshape(experts * capacity, -1), slot, axis=0, mode="fill",
+                              fill_value=0)
+    x_hat = gate[:, None] * take(decoded) + params["b_dec"]
+    # Per-token latents in the flat [tokens, n_latents] layout (L0, density, dead counts), with
+    # the router weight folded in so that plain `decode` reproduces x_hat.
+    token_latents = gate[:, None] * take(latents)                        # [tokens, width]
+    columns = expert[:, None] * width + jnp.arange(width)[None, :]
+    flat = jnp.zeros((x.shape[0], n_latents), x.dtype).at[
+        jnp.arange(x.shape[0])[:, None], columns].set(token_latents)
+    return flat, x_hat, balance, 1.0 - jnp.mean(kept.astype(x.dtype))
+
+
+def encode(params, x, sae_config):
+    return _forward(params, x, sae_config, training=False)[0]
+
+
+def loss(params, x, sae_config, sparsity_coefficient, dead):
+    del sparsity_coefficient, dead
+    latents, x_hat, balance, dropped = _forward(params, x, sae_config, training=True)
+    mse = evals.mse(x, x_hat)
+    total = mse + float(sae_config.switch_balance_coefficient) * balance
+    return total, {"mse": mse, "latents": latents, "x_hat": x_hat, "balance_loss": balance,
+                   "dropped_fraction": dropped}
+
+
+def flops_per_token(d, n_latents, sae_config):
+    """One expert's encoder and decoder (10 d n / E, times the capacity factor's padding) plus
+    the router (2 d E forward, 4 d E backward)."""
+    experts = int(sae_config.switch_experts)
+    padding = float(sae_config.switch_capacity_factor)
+    return int(10 * d * n_latents / experts * padding + 6 * d * experts)
+
+
+ARCHITECTURE = base.Architecture(
+    name="switch",
+    init=init,
+    encode=encode,
+    decode=base.decode,
+    loss=loss,
+    flops_per_token=flops_per_token,
+    param_axes=PARAM_AXES,
+    sparsity_coefficient=None,
+)
