@@ -229,4 +229,5 @@ def test_switch_routes_each_token_to_one_expert():
                                rtol=1e-5, atol=1e-5)
     assert 0.99 <= float(aux["balance_loss"]) <= 4.0
     dense = base.dense_flops_per_token(16, 64)
-    assert switch.flops_per_token(16, 64, config.sae) < dense / 2
+    default = toy_config(**{"sae.switch_experts": 4}).sae  # capacity factor 1.25
+    assert switch.flops_per_token(16, 64, default) < dense / 2
