@@ -25,6 +25,7 @@ RUNS = {
     "batchtopk": {"sae.k": 8},
     "jumprelu": {"group.sparsity_coefficients": (1e-4, 3e-4, 1e-3)},
     "gated": {"group.sparsity_coefficients": (0.3, 0.6, 1.2)},
+    "switch": {"sae.k": 8, "sae.switch_experts": 4},
 }
 
 
@@ -46,7 +47,8 @@ def main():
             config.train.steps = args.steps
         summary = train.train_and_evaluate(config, os.path.join(args.workdir, name))
         for member, result in summary.get("members", {"": summary}).items():
-            setting = member or f"k-{result['k']}"
+            setting = member or (f"k-{result['k']}" + (
+                f", {config.sae.switch_experts} experts" if name == "switch" else ""))
             rows.append((name, setting, result))
             print(name, setting, {k: round(result[k], 4) for k in ("mmcs", "fvu", "l0",
                                                                     "dead_fraction")},
