@@ -60,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # batches): e.g. (0.3, 0.6, 1.2). Empty: a single SAE with sae.l1_coefficient.
     config.group = ml_collections.ConfigDict()
     config.group.sparsity_coefficients = ()
+    # "vmap" the members (batched matmuls), "map" them one after another inside the step, or
+    # "auto": vmap on accelerators, map on CPU (a little faster there).
+    config.group.vectorize = "auto"
 
     # Dead-latent resampling (Towards Monosemanticity); every_steps = 0 turns it off.
     config.resample = ml_collections.ConfigDict()

@@ -196,6 +196,36 @@ class Trainer(NamedTuple):
     eval_step: Callable[[dict, jax.Array, jax.Array], dict]  # params, input_scale, batch
 
 
+def _vectorize_group(config) -> bool:
+    """`vmap` the members (batched matmuls, for accelerators) or `map` them, one after another
+    inside the step (measured a little faster on CPU; benchmarks/RESULTS.md)."""
+    if config.group.vectorize == "auto":
+        return jax.default_backend() != "cpu"
+    return config.group.vectorize == "vmap"
+
+
+def _vmap_members(fn, *, extra: bool):
+    """fn(state, shared) -> state, or (state, value) with `extra`, over a stacked group."""
+    return jax.vmap(fn, in_axes=(MEMBER_AXES, None),
+                    out_axes=(MEMBER_AXES, 0) if extra else MEMBER_AXES)
+
+
+def _map_members(fn, *, extra: bool):
+    """As `_vmap_members`, but one member after another inside the same program."""
+
+    def mapped(state, shared):
+        stacked = {k: v for k, v in state.items() if MEMBER_AXES[k] is not None}
+        common = {k: v for k, v in state.items() if MEMBER_AXES[k] is None}
+        out = jax.lax.map(lambda member: fn({**common, **member}, shared), stacked)
+        new_state = out[0] if extra else out
+        # Entries shared by all members come out once per member, identical: keep one.
+        new_state = {k: v if MEMBER_AXES[k] is not None else jax.tree.map(lambda a: a[0], v)
+                     for k, v in new_state.items()}
+        return (new_state, out[1]) if extra else new_state
+
+    return mapped
+
+
 def group_coefficients(config) -> tuple[float, ...]:
     """The sparsity coefficients of a group's members; () for a single SAE."""
     return tuple(float(c) for c in config.group.sparsity_coefficients)
@@ -242,9 +272,10 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
                                   b_dec_init=str(config.sae.b_dec_init))
     evaluate = functools.partial(eval_step, architecture=architecture, sae_config=config.sae)
     if grouped:
-        step = jax.vmap(step, in_axes=(MEMBER_AXES, None), out_axes=(MEMBER_AXES, 0))
-        resample = jax.vmap(resample, in_axes=(MEMBER_AXES, None), out_axes=(MEMBER_AXES, 0))
-        from_data = jax.vmap(from_data, in_axes=(MEMBER_AXES, None), out_axes=MEMBER_AXES)
+        over_members = _vmap_members if _vectorize_group(config) else _map_members
+        step = over_members(step, extra=True)
+        resample = over_members(resample, extra=True)
+        from_data = over_members(from_data, extra=False)
         evaluate = jax.vmap(evaluate, in_axes=(0, None, None))
 
     abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))

@@ -72,6 +72,8 @@ def validate(config, n_devices: int) -> None:
     _require(rules.get("batch") in (None, "data") and rules.get("latent") in (None, "model"),
              f"sharding_rules={config.sharding_rules}: `batch` may map to `data` (or None) and "
              f"`latent` to `model` (or None); other mesh axes do not exist.")
+    _require(config.group.vectorize in ("auto", "vmap", "map"),
+             f"group.vectorize={config.group.vectorize!r} must be 'auto', 'vmap' or 'map'.")
     coefficients = tuple(config.group.sparsity_coefficients)
     if coefficients:
         _require(architecture.sparsity_coefficient is not None,

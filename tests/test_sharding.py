@@ -52,7 +52,7 @@ RESAMPLE = {"resample.every_steps": 1, "resample.until_step": 1}
 @pytest.mark.parametrize("architecture,overrides",
                          [(name, {}) for name in sorted(sae.ARCHITECTURES) if name != "relu"]
                          + [("relu", RESAMPLE), ("relu", {**GROUP, **RESAMPLE}),
-                            ("jumprelu", GROUP)])
+                            ("jumprelu", {**GROUP, "group.vectorize": "vmap"})])
 def test_sharded_step_matches_single_device(architecture, overrides):
     reference, reference_losses = _run_steps(_config(architecture, (1, 1), **overrides),
                                              jax.devices()[:1])
