@@ -47,3 +47,29 @@ def machine() -> str:
     device = jax.devices()[0]
     return (f"{jax.device_count()} x {device.device_kind} ({jax.default_backend()}), "
             f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
+
+
+def add_shape_flags(parser, *, d: int, expansion_factor: int, batch_size: int) -> None:
+    """The flags every step benchmark takes: architecture, shapes, k, model axis, iterations."""
+    parser.add_argument("--architecture", default="relu")
+    parser.add_argument("--d", type=int, default=d)
+    parser.add_argument("--expansion_factor", type=int, default=expansion_factor)
+    parser.add_argument("--batch_size", type=int, default=batch_size)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--mesh_model", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--peak_size", type=int, default=4096,
+                        help="the square matmul (n^3) also timed for the machine's peak")
+
+
+def config_from_flags(args):
+    """The toy experiment config at the benchmark's shapes (synthetic data, no downloads)."""
+    from experiments import toy  # pylint: disable=import-outside-toplevel
+    config = toy.get_config()
+    config.data.d = args.d
+    config.sae.architecture = args.architecture
+    config.sae.expansion_factor = args.expansion_factor
+    config.sae.k = args.k
+    config.train.batch_size = args.batch_size
+    config.mesh.model = args.mesh_model
+    return config

@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from experiments import toy  # noqa: E402
 from saejax import data, sae, sharding, train  # noqa: E402
 
 
@@ -42,18 +41,9 @@ def _step_seconds(config, iters):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group_size", type=int, default=4)
-    parser.add_argument("--architecture", default="relu")
-    parser.add_argument("--d", type=int, default=256)
-    parser.add_argument("--expansion_factor", type=int, default=4)
-    parser.add_argument("--batch_size", type=int, default=1024)
-    parser.add_argument("--iters", type=int, default=20)
+    common.add_shape_flags(parser, d=256, expansion_factor=4, batch_size=1024)
     args = parser.parse_args()
-
-    config = toy.get_config()
-    config.data.d = args.d
-    config.sae.architecture = args.architecture
-    config.sae.expansion_factor = args.expansion_factor
-    config.train.batch_size = args.batch_size
+    config = common.config_from_flags(args)
 
     solo, solo_with_input = _step_seconds(config, args.iters)
     config.group.sparsity_coefficients = tuple(0.3 * 2**i for i in range(args.group_size))
@@ -62,7 +52,7 @@ def main():
     g = args.group_size
     flops_per_token = sae.get(args.architecture).flops_per_token(
         args.d, args.d * args.expansion_factor, config.sae)
-    matmul = common.matmul_flops_per_s()
+    matmul = common.matmul_flops_per_s(shapes=((args.peak_size,) * 3,))
     result = {
         "benchmark": "group_step", "architecture": args.architecture, "group_size": g,
         "d": args.d, "n_latents": args.d * args.expansion_factor,

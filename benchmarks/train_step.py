@@ -18,28 +18,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from experiments import toy  # noqa: E402
 from saejax import sharding, train  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--architecture", default="relu")
-    parser.add_argument("--d", type=int, default=512)
-    parser.add_argument("--expansion_factor", type=int, default=16)
-    parser.add_argument("--batch_size", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--mesh_model", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=10)
+    common.add_shape_flags(parser, d=512, expansion_factor=16, batch_size=4096)
     args = parser.parse_args()
-
-    config = toy.get_config()
-    config.data.d = args.d
-    config.sae.architecture = args.architecture
-    config.sae.expansion_factor = args.expansion_factor
-    config.sae.k = args.k
-    config.train.batch_size = args.batch_size
-    config.mesh.model = args.mesh_model
+    config = common.config_from_flags(args)
     n_latents = args.d * args.expansion_factor
 
     mesh = sharding.make_mesh(config.mesh)
@@ -66,7 +52,7 @@ def main():
 
     matmul = common.matmul_flops_per_s(
         shapes=((args.batch_size, args.d, n_latents), (args.batch_size, n_latents, args.d),
-                (4096, 4096, 4096)))
+                (args.peak_size,) * 3))
     tokens_per_s = args.batch_size / seconds
     flops_per_s = tokens_per_s * trainer.flops_per_token
     result = {
