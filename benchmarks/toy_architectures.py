@@ -23,8 +23,8 @@ RUNS = {
     "relu": {"group.sparsity_coefficients": (0.3, 0.6, 1.2)},
     "topk": {"sae.k": 8},
     "batchtopk": {"sae.k": 8},
-    "jumprelu": {"group.sparsity_coefficients": (1e-4, 3e-4, 1e-3)},
-    "gated": {"group.sparsity_coefficients": (0.3, 0.6, 1.2)},
+    "jumprelu": {"group.sparsity_coefficients": (1e-4, 1e-3)},
+    "gated": {"group.sparsity_coefficients": (0.6,)},
     "switch": {"sae.k": 8, "sae.switch_experts": 4},
 }
 
