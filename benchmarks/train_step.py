@@ -37,15 +37,10 @@ def main():
             jax.random.normal(jax.random.PRNGKey(0), (args.batch_size, args.d)), batch_sharding)
         state = trainer.init(jax.random.PRNGKey(0))
 
-        def step(state):
-            state, metrics = trainer.train_step(state, batch)
-            return state, metrics
-
-        state, _ = step(state)  # compile
         holder = {"state": state}
 
-        def run():
-            holder["state"], metrics = step(holder["state"])
+        def run():  # time_fn's warm-up calls compile it
+            holder["state"], metrics = trainer.train_step(holder["state"], batch)
             return metrics
 
         seconds = common.time_fn(run, iters=args.iters)

@@ -18,20 +18,41 @@ import jax
 import orbax.checkpoint as ocp
 
 
+ITEMS = ("state", "data")
+
+
+def directory_of(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def read_state(workdir: str, step: int | None = None):
+    """The saved train state of a run (default: the newest step), restored onto one local
+    device whatever mesh saved it; for reading an SAE, not for resuming."""
+    directory = directory_of(workdir)
+    with ocp.CheckpointManager(directory, item_names=ITEMS) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {directory}")
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              manager.item_metadata(step).state)
+        return manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target))).state
+
+
 class Checkpointer:
     """Owns `<workdir>/checkpoints`."""
 
     def __init__(self, workdir: str, *, max_to_keep: int, save_interval_steps: int):
         self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.directory = directory_of(workdir)
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
             cleanup_tmp_directories=True)
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
-        return ocp.CheckpointManager(self.directory, options=self._options,
-                                     item_names=("state", "data"))
+        return ocp.CheckpointManager(self.directory, options=self._options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -475,21 +475,9 @@ class Preempted(Exception):
 def load_params(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
     """The SAE params of a run's checkpoint (default: the newest) as NumPy arrays, with
     `input_scale`: the SAE expects raw activations multiplied by it."""
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {directory}")
-        # Restore onto one local device whatever mesh saved it.
-        metadata = manager.item_metadata(step).state
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))
-    return {**jax.tree.map(np.asarray, restored.state["params"]),
-            "input_scale": np.asarray(restored.state["input_scale"])}
+    state = checkpoint.read_state(workdir, step)
+    return {**jax.tree.map(np.asarray, state["params"]),
+            "input_scale": np.asarray(state["input_scale"])}
 
 
 # ------------------------------------------------------------------------------------------

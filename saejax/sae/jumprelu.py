@@ -22,8 +22,10 @@ def _rectangle(u):
     return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
 
 
-def _sum_to(g, shape):
-    return jnp.sum(g, axis=tuple(range(g.ndim - len(shape))))
+def _threshold_grad(z, threshold, bandwidth, g):
+    """Kernel-density pseudo-derivative: -(1/eps) K((z - theta)/eps) g, summed over tokens."""
+    d = -(1.0 / bandwidth) * _rectangle((z - threshold) / bandwidth) * g
+    return jnp.sum(d, axis=tuple(range(d.ndim - threshold.ndim)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -37,8 +39,7 @@ def _jumprelu_fwd(z, threshold, bandwidth):
 
 def _jumprelu_bwd(bandwidth, residuals, g):
     z, threshold = residuals
-    d_threshold = -(threshold / bandwidth) * _rectangle((z - threshold) / bandwidth) * g
-    return g * (z > threshold), _sum_to(d_threshold, threshold.shape)
+    return g * (z > threshold), _threshold_grad(z, threshold, bandwidth, threshold * g)
 
 
 jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
@@ -55,8 +56,7 @@ def _step_fwd(z, threshold, bandwidth):
 
 def _step_bwd(bandwidth, residuals, g):
     z, threshold = residuals
-    d_threshold = -(1.0 / bandwidth) * _rectangle((z - threshold) / bandwidth) * g
-    return jnp.zeros_like(z), _sum_to(d_threshold, threshold.shape)
+    return jnp.zeros_like(z), _threshold_grad(z, threshold, bandwidth, g)
 
 
 step.defvjp(_step_fwd, _step_bwd)
