@@ -20,8 +20,12 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "matplotlib>=3.8",
+        "safetensors>=0.4",   # Hugging Face format checkpoints (saejax/models)
+        "tokenizers>=0.15",   # the checkpoint's own tokenizer.json
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        # torch (CPU build, pinned) and transformers only for the parity test against the
+        # reference GPT-2; never a runtime dependency.
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=4.40"],
     },
 )

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def mse(x: jax.Array, x_hat: jax.Array) -> jax.Array:
@@ -68,7 +69,7 @@ def update_density(density: Density, latents: jax.Array, window_tokens: int) -> 
 # Edges of the log10 feature-density histogram: bin 0 is (-inf, -8) and holds the latents that
 # never fired in the window, bin i is [edge[i-1], edge[i]) for i = 1..16, and the last bin, [0],
 # holds the latents that fired on every token.
-LOG_DENSITY_EDGES = tuple(float(e) for e in jnp.arange(-8.0, 0.01, 0.5))
+LOG_DENSITY_EDGES = tuple(float(e) for e in np.arange(-8.0, 0.01, 0.5))
 
 
 def log_density_histogram(density: jax.Array) -> jax.Array:
@@ -100,3 +101,59 @@ def mmcs(decoder: jax.Array, true_features: jax.Array) -> jax.Array:
     unit = lambda m: m / jnp.maximum(jnp.linalg.norm(m, axis=-1, keepdims=True), 1e-12)
     cosine = unit(true_features) @ unit(decoder).T
     return jnp.mean(jnp.max(cosine, axis=-1))
+
+
+# ------------------------------------------------------------------------------------------
+# Downstream: the SAE spliced into the language model at its hook point.
+# ------------------------------------------------------------------------------------------
+def next_token_losses(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Per-position cross-entropy (nats) of predicting `tokens[:, 1:]` from `logits[:, :-1]`:
+    `[batch, seq - 1]`."""
+    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def kl_divergences(clean_logits: jax.Array, logits: jax.Array) -> jax.Array:
+    """Per-position KL(clean || other) of the next-token distributions, `[batch, seq]`."""
+    p_log = jax.nn.log_softmax(clean_logits.astype(jnp.float32), axis=-1)
+    q_log = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(p_log) * (p_log - q_log), axis=-1)
+
+
+def loss_recovered(ce_clean, ce_sae, ce_zero_ablation):
+    """Fraction of the loss gap between zero-ablating the hook point and the clean model that
+    the SAE's reconstruction closes: 1 = as good as the clean model, 0 = as bad as ablation."""
+    return (ce_zero_ablation - ce_sae) / (ce_zero_ablation - ce_clean)
+
+
+def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstruct) -> dict:
+    """Summed next-token losses and KL of the clean LM, the LM with the activation at `hook`
+    replaced by `reconstruct(activation)`, and with it zero-ablated, over one token batch.
+
+    Args:
+      lm_forward: `(tokens, interventions) -> logits`, the LM with its params bound.
+      tokens: int token ids `[batch, seq]`.
+      hook: the hook point the SAE was trained on, e.g. "blocks.8.hook_resid_post".
+      reconstruct: activation `[batch, seq, d]` -> the SAE's reconstruction of it.
+
+    Sums (not means) so batches add up; `positions` counts the predicted tokens.
+    """
+    clean = lm_forward(tokens, None)
+    spliced = lm_forward(tokens, {hook: reconstruct})
+    ablated = lm_forward(tokens, {hook: jnp.zeros_like})
+    return {
+        "ce_clean": jnp.sum(next_token_losses(clean, tokens)),
+        "ce_sae": jnp.sum(next_token_losses(spliced, tokens)),
+        "ce_zero_ablation": jnp.sum(next_token_losses(ablated, tokens)),
+        "kl_sae": jnp.sum(kl_divergences(clean, spliced)[:, :-1]),
+        "kl_zero_ablation": jnp.sum(kl_divergences(clean, ablated)[:, :-1]),
+        "positions": jnp.asarray(tokens.shape[0] * (tokens.shape[1] - 1), jnp.float32),
+    }
+
+
+def downstream_metrics(sums: dict) -> dict:
+    """Per-token means of `downstream_sums` (added over batches) and the loss recovered."""
+    n = sums["positions"]
+    means = {k: v / n for k, v in sums.items() if k != "positions"}
+    return {**means, "loss_recovered": loss_recovered(means["ce_clean"], means["ce_sae"],
+                                                      means["ce_zero_ablation"])}

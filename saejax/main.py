@@ -44,6 +44,10 @@ def main(argv):
     for name, result in summary.get("members", {"": summary}).items():
         quality = (f"FVU {result['fvu']:.4f}, L0 {result['l0']:.2f}, "
                    f"dead_fraction {result['dead_fraction']:.3f}, step {result['step']}")
+        if "loss_recovered" in result:
+            quality += (f", loss recovered {result['loss_recovered']:.4f} (CE clean "
+                        f"{result['ce_clean']:.4f}, with the SAE {result['ce_sae']:.4f}, "
+                        f"zero-ablated {result['ce_zero_ablation']:.4f})")
         prefix = f"{name}: " if name else ""
         if "mmcs" in result:
             print(f"{prefix}Recovered the true features: MMCS {result['mmcs']:.4f} ({quality}).")

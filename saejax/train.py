@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from saejax import checkpoint, data, evals, optim, sae, sharding, validation
+from saejax.data import lm
 from saejax.sharding import ConfigError
 
 # Config fields that may change when resuming a workdir (they do not change what is trained;
@@ -29,7 +30,9 @@ from saejax.sharding import ConfigError
 # run); anything else must match what the workdir was started with.
 RESUMABLE_CHANGES = ("mesh.", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.steps", "evals.eval_batches",
-                     "evals.density_window_tokens", "evals.dense_threshold")
+                     "evals.density_window_tokens", "evals.dense_threshold",
+                     "evals.loss_recovered_sequences", "data.prefetch_windows",
+                     "lm.batch_sequences")
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 
@@ -480,6 +483,36 @@ def load_params(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
             "input_scale": np.asarray(state["input_scale"])}
 
 
+def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: int,
+                n_saes: int) -> list[dict]:
+    """Per SAE: loss recovered and KL with it spliced into the LM at `lm.hook`
+    (`evals.downstream_metrics`), or nothing when `evals.loss_recovered_sequences` is 0."""
+    n = int(config.evals.loss_recovered_sequences)
+    if not n:
+        return [{} for _ in range(n_saes)]
+    model = lm.load(config.lm, d=d)
+    _, tokens = lm.split(config.lm, model, n)
+
+    def reconstruct(sae_state, x):
+        params, scale = sae_state
+        x_hat = architecture.decode(params, architecture.encode(params, x * scale, config.sae))
+        return x_hat / scale
+
+    results = []
+    for i in range(n_saes):
+        member = member_state(state, i) if group_coefficients(config) else state
+        results.append(lm.downstream_evaluation(
+            model, tokens, batch_sequences=int(config.lm.batch_sequences),
+            reconstruct=reconstruct, sae_params=(member["params"], member["input_scale"]),
+            mesh=mesh))
+        logging.info("Loss recovered%s: %.4f (CE clean %.4f, with the SAE %.4f, zero-ablated "
+                     "%.4f; KL %.4g)", f" ({i})" if n_saes > 1 else "",
+                     results[-1]["loss_recovered"], results[-1]["ce_clean"],
+                     results[-1]["ce_sae"], results[-1]["ce_zero_ablation"],
+                     results[-1]["kl_sae"])
+    return results
+
+
 # ------------------------------------------------------------------------------------------
 # train_and_evaluate
 # ------------------------------------------------------------------------------------------
@@ -619,6 +652,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                    int(config.evals.dead_window_tokens))
         mmcs = (None if true_features is None
                 else np.asarray(mmcs_fn(state["params"]["W_dec"], true_features)))
+        downstream = _downstream(config, state, architecture, mesh, d, len(outputs))
         summaries = []
         for i, output in enumerate(outputs):
             pick = (lambda v, i=i: v[i]) if members else (lambda v: v)
@@ -643,6 +677,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 summary["k"] = int(config.sae.k)
             if mmcs is not None:
                 summary["mmcs"] = float(pick(mmcs))
+            summary.update(downstream[i])
             summaries.append(summary)
             if members:
                 _write_json(os.path.join(output.workdir, "summary.json"), summary)

@@ -3,6 +3,8 @@ message that names the field and what would fix it."""
 
 from __future__ import annotations
 
+import os
+
 from saejax import data, sae, sharding
 from saejax.sharding import ConfigError
 
@@ -40,7 +42,11 @@ def validate(config, n_devices: int) -> None:
                          ("resample.batches", config.resample.batches),
                          ("data.init_batches", config.data.init_batches),
                          ("evals.density_window_tokens", config.evals.density_window_tokens),
-                         ("resample.rewarm_steps", config.resample.rewarm_steps)):
+                         ("resample.rewarm_steps", config.resample.rewarm_steps),
+                         ("data.shuffle_buffer_chunks", config.data.shuffle_buffer_chunks),
+                         ("lm.context_length", config.lm.context_length),
+                         ("lm.batch_sequences", config.lm.batch_sequences),
+                         ("lm.shuffle_buffer_batches", config.lm.shuffle_buffer_batches)):
         _require(int(value) == value and value > 0,
                  f"{field}={value!r} must be a positive integer.")
     for field, value in (("sae.l1_coefficient", config.sae.l1_coefficient),
@@ -51,7 +57,11 @@ def validate(config, n_devices: int) -> None:
                          ("optim.grad_clip_norm", config.optim.grad_clip_norm),
                          ("resample.every_steps", config.resample.every_steps),
                          ("resample.until_step", config.resample.until_step),
-                         ("resample.encoder_scale", config.resample.encoder_scale)):
+                         ("resample.encoder_scale", config.resample.encoder_scale),
+                         ("data.eval_tokens", config.data.eval_tokens),
+                         ("data.prefetch_windows", config.data.prefetch_windows),
+                         ("evals.loss_recovered_sequences",
+                          config.evals.loss_recovered_sequences)):
         _require(value >= 0, f"{field}={value!r} is negative; it must be >= 0.")
     _require(config.optim.learning_rate > 0,
              f"optim.learning_rate={config.optim.learning_rate!r} must be > 0.")
@@ -107,6 +117,7 @@ def validate(config, n_devices: int) -> None:
                  f"sae.k={config.sae.k} must be between 1 and n_latents={n} "
                  f"(sae.expansion_factor={config.sae.expansion_factor} x data.d={config.data.d}); "
                  f"lower sae.k or raise sae.expansion_factor.")
+    _check_data_paths(config)
     if config.data.source == "synthetic":
         _require(0 < config.data.features_per_sample <= config.data.n_features,
                  f"data.features_per_sample={config.data.features_per_sample} must be in "
@@ -122,3 +133,30 @@ def validate(config, n_devices: int) -> None:
              f"train.batch_size={config.train.batch_size} is not divisible by mesh.data="
              f"{n_data}: the batch is split evenly across the data axis. Use a multiple of "
              f"{n_data} or change mesh.data.")
+
+
+def _check_data_paths(config) -> None:
+    """The files a source or the loss-recovered evaluation reads exist; their contents (width,
+    dtype, chunks) are checked when they are opened."""
+    source = config.data.source
+    if source in ("store", "npy"):
+        what = ("an activation store directory written by `python -m saejax.harvest`"
+                if source == "store" else "a .npy file of activations [tokens, d]")
+        _require(bool(config.data.path),
+                 f"data.source={source!r} needs data.path: set --config.data.path to {what}.")
+        _require(os.path.exists(config.data.path),
+                 f"data.path={config.data.path!r} does not exist; it should be {what}.")
+    needs_lm = [reason for reason, needed in (
+        ("data.source='lm'", source == "lm"),
+        (f"evals.loss_recovered_sequences={config.evals.loss_recovered_sequences}",
+         config.evals.loss_recovered_sequences > 0)) if needed]
+    for reason in needs_lm:
+        for field, what in (("lm.checkpoint", "a local Hugging Face format GPT-2 directory "
+                             "(config.json + model.safetensors)"),
+                            ("lm.tokens", "a .npy of token ids or a .txt file")):
+            value = config.lm[field.split(".")[1]]
+            _require(bool(value), f"{reason} needs {field}: set --config.{field} to {what}"
+                     + ("." if "loss_recovered" not in reason else
+                        ", or set --config.evals.loss_recovered_sequences=0."))
+            _require(os.path.exists(value), f"{field}={value!r} does not exist; it should be "
+                     f"{what}.")

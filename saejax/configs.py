@@ -1,0 +1,113 @@
+"""The full config schema with its defaults: every field an experiment may set, in one place.
+
+Experiment files under `experiments/` start from `base_config()` and override a few fields (as
+Flax's examples derive configs from a default). The config is locked on the command line, so a
+field that is not declared here is a misspelling, reported as an error.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Where activations come from: "synthetic" (known ground truth, below), "store" (a
+    # tensorstore activation store written by `python -m saejax.harvest`), "npy" (a NumPy array
+    # [tokens, d] that the user brings) or "lm" (the LM section's model, run on the fly).
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "synthetic"
+    config.data.d = 256                   # activation width; checked against store / LM
+    config.data.seed = 0                  # synthetic ground truth; shuffling order otherwise
+    config.data.normalize_inputs = False  # True: scale inputs to unit mean squared norm
+    config.data.init_batches = 4          # batches for the input scale and b_dec_init
+    # synthetic
+    config.data.n_features = 512
+    config.data.features_per_sample = 5.0
+    config.data.frequency_decay = 0.99
+    config.data.correlated = True
+    # store, npy
+    config.data.path = ""                 # a store directory or a .npy file
+    config.data.shuffle_buffer_chunks = 16  # chunks shuffled together (memory: chunks x rows x d)
+    config.data.eval_tokens = 0           # held-out rows at the store's end; 0: eval_batches x batch
+    config.data.prefetch_windows = 2      # shuffle windows read ahead in a background thread
+    config.data.npy_chunk_rows = 4096     # npy: rows per shuffling chunk (a store keeps its own)
+    config.data.allow_partial = False     # train on the committed rows of an unfinished store
+
+    # The language model: a local Hugging Face format GPT-2 checkpoint directory (config.json +
+    # model.safetensors), used by data.source="lm" and by the loss-recovered evaluation.
+    config.lm = ml_collections.ConfigDict()
+    config.lm.checkpoint = ""
+    config.lm.hook = "blocks.8.hook_resid_post"
+    # Token ids: a .npy of ids ([sequences, context] or flat), or a .txt file tokenised with the
+    # checkpoint's tokenizer.json.
+    config.lm.tokens = ""
+    config.lm.context_length = 128
+    config.lm.batch_sequences = 32        # sequences per LM forward pass
+    config.lm.shuffle_buffer_batches = 8  # data.source="lm": train batches shuffled together
+
+    config.sae = ml_collections.ConfigDict()
+    config.sae.architecture = "relu"
+    config.sae.expansion_factor = 4       # n_latents = expansion_factor x data.d
+    config.sae.l1_coefficient = 0.6
+    config.sae.b_dec_init = "zeros"       # or "geometric_median" (Towards Monosemanticity), "mean"
+    config.sae.k = 32                     # topk, batchtopk: latents per token
+    config.sae.k_aux = 128                # topk, batchtopk: dead latents in the AuxK loss
+    config.sae.auxk_coefficient = 1 / 32  # topk, batchtopk (Gao et al. 2024)
+    config.sae.switch_experts = 4         # switch: experts (each n_latents / E latents, TopK k)
+    config.sae.switch_capacity_factor = 1.25
+    config.sae.switch_balance_coefficient = 0.01
+    config.sae.l0_coefficient = 1e-4      # jumprelu: weight of the L0 penalty
+    config.sae.jumprelu_bandwidth = 1e-3  # jumprelu: width of the threshold's pseudo-gradient
+    config.sae.jumprelu_init_threshold = 1e-3
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 3e-3
+    config.optim.warmup_steps = 100
+    config.optim.decay = "linear"
+    config.optim.decay_fraction = 0.2
+    config.optim.l1_warmup_steps = 0
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.grad_clip_norm = 0.0     # 0 = off
+
+    # A group trains one SAE per sparsity coefficient in one vmapped step (same shape, same
+    # batches): e.g. (0.3, 0.6, 1.2). Empty: a single SAE with sae.l1_coefficient.
+    config.group = ml_collections.ConfigDict()
+    config.group.sparsity_coefficients = ()
+    # "vmap" the members (batched matmuls), "map" them one after another inside the step, or
+    # "auto": vmap on accelerators, map on CPU (a little faster there).
+    config.group.vectorize = "auto"
+
+    # Dead-latent resampling (Towards Monosemanticity); every_steps = 0 turns it off.
+    config.resample = ml_collections.ConfigDict()
+    config.resample.every_steps = 0
+    config.resample.until_step = 0        # last step that may resample
+    config.resample.batches = 4           # batches whose losses pick the new directions
+    config.resample.encoder_scale = 0.2
+    config.resample.rewarm_steps = 100    # learning-rate re-warm after each resampling
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 1024
+    config.train.steps = 4_000
+    config.train.log_every = 500
+    config.train.checkpoint_every = 500
+    config.train.keep_checkpoints = 3
+
+    config.evals = ml_collections.ConfigDict()
+    config.evals.dead_window_tokens = 100_000
+    config.evals.density_window_tokens = 100_000  # feature density histogram window
+    config.evals.dense_threshold = 0.1    # dense_fraction: latents firing on > 10% of tokens
+    config.evals.eval_batches = 8
+    # Loss recovered: splice the SAE into the LM at lm.hook on the last N sequences of
+    # lm.tokens (held out by harvest --holdout_sequences); 0 = off. Needs lm.checkpoint.
+    config.evals.loss_recovered_sequences = 0
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.model = 1
+    # Logical axis -> mesh axis. "group" (the members of a group) stays unsplit.
+    config.sharding_rules = (("batch", "data"), ("latent", "model"), ("embed", None),
+                             ("group", None))
+    return config

@@ -1,0 +1,146 @@
+"""The language model as a data source: loading `config.lm` (checkpoint, hook, token data) with
+its checks, and the downstream evaluation that splices an SAE back into the model.
+
+A config names the model by a local checkpoint directory and the activation by a hook point
+(`blocks.{layer}.hook_resid_post`, ...); this module turns that into a jitted forward pass that
+stops after the hook's layer, and token sequences split into training and held-out parts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from saejax import evals, models
+from saejax.data import store
+from saejax.sharding import ConfigError
+
+
+class LanguageModel(NamedTuple):
+    config: models.GPT2Config
+    params: dict
+    hook: str
+    layer: int
+
+
+def load(lm_config, *, d: int | None = None) -> LanguageModel:
+    """The checkpoint at `lm.checkpoint`, checked against `lm.hook` and the SAE width `d`."""
+    path = str(lm_config.checkpoint)
+    model_config, params = models.load_pretrained(path)
+    hook = str(lm_config.hook)
+    if hook not in models.hook_names(model_config):
+        raise ConfigError(f"lm.hook={hook!r} is not a hook point of {path} ({model_config.n_layer} "
+                          f"layers); use blocks.<0..{model_config.n_layer - 1}>.hook_<one of "
+                          f"{', '.join(h[5:] for h in models.HOOKS)}>.")
+    if d is not None and model_config.n_embd != d:
+        raise ConfigError(f"lm.checkpoint={path!r} has width n_embd={model_config.n_embd} but "
+                          f"data.d={d}; set --config.data.d={model_config.n_embd}.")
+    if int(lm_config.context_length) > model_config.n_positions:
+        raise ConfigError(f"lm.context_length={lm_config.context_length} exceeds the model's "
+                          f"n_positions={model_config.n_positions}; lower it.")
+    return LanguageModel(model_config, params, hook, models.hook_layer(hook))
+
+
+def sequences(lm_config, model: LanguageModel) -> np.ndarray:
+    """All token sequences of `lm.tokens` [n, lm.context_length] (text is tokenised with the
+    checkpoint's tokenizer.json)."""
+    return models.load_sequences(str(lm_config.tokens), int(lm_config.context_length),
+                                 tokenizer_path=str(lm_config.checkpoint),
+                                 vocab_size=model.config.vocab_size)
+
+
+def split(lm_config, model: LanguageModel, n_held_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) sequences of `lm.tokens`: the last `n_held_out` are held out for
+    the loss-recovered evaluation; `python -m saejax.harvest --holdout_sequences=n` leaves the
+    same ones out of the store, so the evaluation reads text the SAE never saw."""
+    seqs = sequences(lm_config, model)
+    if n_held_out >= len(seqs):
+        raise ConfigError(f"evals.loss_recovered_sequences={n_held_out} but lm.tokens="
+                          f"{str(lm_config.tokens)!r} holds only {len(seqs)} sequences of "
+                          f"{lm_config.context_length} tokens; lower it.")
+    return seqs[:len(seqs) - n_held_out], seqs[len(seqs) - n_held_out:]
+
+
+def activations_fn(model: LanguageModel):
+    """`(params, tokens [b, s]) -> activations [b, s, d]` at the hook, jitted, running only the
+    layers up to the hook."""
+    forward = models.make_forward(model.config, hooks=(model.hook,), stop_at_layer=model.layer + 1)
+    return jax.jit(lambda params, tokens: forward(params, tokens)[1][model.hook])
+
+
+def downstream_evaluation(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int,
+                          reconstruct, sae_params, mesh) -> dict:
+    """Loss recovered and KL with the SAE spliced in at the hook (`evals.downstream_metrics`),
+    over `tokens` in batches of `batch_sequences`.
+
+    `reconstruct(sae_params, activation [n, d]) -> reconstruction [n, d]` applies the SAE (with
+    its input scale) to raw activations; it runs inside the same jitted program as the LM.
+    """
+
+    @jax.jit
+    def sums(lm_params, sae_params, tokens):
+        def lm_forward(t, interventions):
+            return models.forward(lm_params, t, model.config, interventions=interventions)[0]
+
+        def splice(x):
+            return reconstruct(sae_params, x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+        return evals.downstream_sums(lm_forward, tokens, model.hook, splice)
+
+    lm_params = jax.device_put(model.params, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+    total = None
+    for start in range(0, len(tokens), batch_sequences):
+        chunk = np.asarray(tokens[start:start + batch_sequences], np.int32)
+        out = jax.device_get(sums(lm_params, sae_params, chunk))
+        total = out if total is None else jax.tree.map(np.add, total, out)
+    return {k: float(v) for k, v in evals.downstream_metrics(total).items()}
+
+
+class LMRows:
+    """Activations at the hook computed on demand: the LM run on the fly as a `store.Rows`
+    source (`data.source="lm"`), so shuffling, held-out rows, resuming and prefetching are the
+    activation store's. Row r is position r % context_length of sequence r // context_length;
+    a chunk is one forward batch of `lm.batch_sequences` sequences."""
+
+    def __init__(self, model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int,
+                 name: str):
+        self.name = name
+        self.tokens = np.asarray(tokens, np.int32)
+        self.context_length = self.tokens.shape[1]
+        self.n_rows = self.tokens.size
+        self.d = model.config.n_embd
+        self.dtype = np.dtype(np.float32)
+        self.batch_sequences = int(batch_sequences)
+        self.chunk_rows = self.batch_sequences * self.context_length
+        self._params = model.params
+        self._activations = activations_fn(model)
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None):
+        ctx, n = self.context_length, self.batch_sequences
+        first, last = start // ctx, -(-stop // ctx)
+        pieces = []
+        for s in range(first, last, n):
+            batch = self.tokens[s:min(s + n, last)]
+            # Always a full forward batch (padded by repeating), so one program serves all.
+            padded = np.concatenate([batch, np.repeat(batch[-1:], n - len(batch), 0)])
+            acts = np.asarray(self._activations(self._params, padded))[:len(batch)]
+            pieces.append(acts.reshape(-1, self.d))
+        rows = np.concatenate(pieces)[start - first * ctx:stop - first * ctx]
+        if out is not None:
+            np.copyto(out, rows)
+            rows = out
+        return store.Done(rows)
+
+
+def make_source(config, *, mesh, rules, eval_batches: int):
+    """The trainer's source for `data.source="lm"`: the store's shuffled reader over `LMRows`,
+    leaving out the sequences the loss-recovered evaluation holds out."""
+    model = load(config.lm, d=int(config.data.d))
+    seqs, _ = split(config.lm, model, int(config.evals.loss_recovered_sequences))
+    rows = LMRows(model, seqs, batch_sequences=int(config.lm.batch_sequences),
+                  name=f"{config.lm.checkpoint} at {model.hook} over {config.lm.tokens}")
+    return store.ArraySource(config.data, batch_size=int(config.train.batch_size), mesh=mesh,
+                             rules=rules, eval_batches=eval_batches, rows=rows)

@@ -1,0 +1,194 @@
+"""Real activations end to end: a tiny trained GPT-2 checkpoint, `python -m saejax.harvest` to
+activation stores, training from a store from the CLI, loss recovered; harvesting killed and
+resumed; the on-the-fly LM source; and the errors a user meets on the way."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+import tiny_lm
+from saejax import models, train
+from saejax.data import lm, store
+from saejax.sharding import ConfigError
+
+HOOK = "blocks.1.hook_resid_post"
+HOLDOUT = 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    checkpoint, text, loss = tiny_lm.make_tiny_lm(str(tmp_path_factory.mktemp("tiny_lm")))
+    assert loss < 0.5  # it has learned to count; ablating it must hurt
+    return checkpoint, text
+
+
+def _run(module, *flags, timeout=300):
+    out = subprocess.run([sys.executable, "-m", module, *flags], cwd=ROOT, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
+def _harvest_flags(tiny, out, *extra):
+    checkpoint, text = tiny
+    return [f"--checkpoint={checkpoint}", f"--tokens={text}", f"--out={out}",
+            f"--context_length={tiny_lm.CONTEXT}", f"--holdout_sequences={HOLDOUT}",
+            "--chunk_rows=256", *extra]
+
+
+def test_harvest_train_and_loss_recovered_from_the_cli(tiny, tmp_path):
+    checkpoint, text = tiny
+    stores = tmp_path / "stores"
+    out = _run("saejax.harvest", *_harvest_flags(
+        tiny, stores, f"--hooks={HOOK},blocks.0.hook_resid_mid", "--batch_sequences=16"))
+    assert "tok/s" in out
+    sequences = models.load_sequences(text, tiny_lm.CONTEXT, tokenizer_path=checkpoint)
+    n_rows = (len(sequences) - HOLDOUT) * tiny_lm.CONTEXT
+    for hook in (HOOK, "blocks.0.hook_resid_mid"):
+        opened = store.open_store(str(stores / hook), expected_d=64)
+        assert opened.n_rows == n_rows
+        assert opened.metadata["hook"] == hook and opened.metadata["layer"] == int(hook[7])
+        # Every row traces back to its token and its place in its sequence.
+        np.testing.assert_array_equal(opened.token_ids(0, n_rows),
+                                      sequences[:-HOLDOUT].reshape(-1))
+        assert opened.sequence_position(100) == (100 // tiny_lm.CONTEXT, 100 % tiny_lm.CONTEXT)
+    # The stored activations are the model's.
+    model = lm.load(_tiny_config(tiny).lm, d=64)
+    expected = lm.activations_fn(model)(model.params, sequences[3:5])
+    np.testing.assert_allclose(
+        store.open_store(str(stores / HOOK)).read(3 * 32, 5 * 32).result(),
+        np.asarray(expected).reshape(-1, 64), rtol=1e-5, atol=1e-5)
+
+    workdir = tmp_path / "run"
+    out = _run("saejax.main", "--config=experiments/gpt2_small.py:tiny", f"--workdir={workdir}",
+               f"--config.data.path={stores / HOOK}", f"--config.lm.checkpoint={checkpoint}",
+               f"--config.lm.tokens={text}", "--config.mesh.model=2")
+    assert "Loss recovered" in out
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["step"] == 60 and summary["d"] == 64
+    assert summary["ce_clean"] < summary["ce_sae"] < summary["ce_zero_ablation"]
+    assert 0.5 < summary["loss_recovered"] <= 1.0, summary
+    assert 0 < summary["kl_sae"] < summary["kl_zero_ablation"]
+    assert summary["fvu"] < 0.5
+    params = train.load_params(str(workdir))
+    assert params["W_dec"].shape == (256, 64)
+
+
+def test_killed_harvest_resumes_without_repeating_or_losing_rows(tiny, tmp_path):
+    flags = [f"--hooks={HOOK}", "--batch_sequences=2", "--max_sequences=600"]
+    _run("saejax.harvest", *_harvest_flags(tiny, tmp_path / "whole", *flags))
+    progress = tmp_path / "killed" / HOOK / "progress.json"
+    proc = subprocess.Popen([sys.executable, "-m", "saejax.harvest",
+                             *_harvest_flags(tiny, tmp_path / "killed", *flags)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    committed = 0
+    while committed == 0:
+        assert proc.poll() is None, "the harvest ended before it could be killed"
+        assert time.time() < deadline
+        if progress.exists():
+            try:
+                committed = json.loads(progress.read_text())["committed_rows"]
+            except ValueError:
+                pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    partial = json.loads(progress.read_text())["committed_rows"]
+    assert 0 < partial < 600 * tiny_lm.CONTEXT, partial
+
+    out = _run("saejax.harvest", *_harvest_flags(tiny, tmp_path / "killed", *flags))
+    assert f"{partial:,} already there" in out.replace("skipped ", "")
+    whole, resumed = (store.open_store(str(tmp_path / w / HOOK)) for w in ("whole", "killed"))
+    assert resumed.n_rows == whole.n_rows == 600 * tiny_lm.CONTEXT
+    np.testing.assert_array_equal(resumed.read(0, whole.n_rows).result(),
+                                  whole.read(0, whole.n_rows).result())
+    np.testing.assert_array_equal(resumed.token_ids(0, whole.n_rows),
+                                  whole.token_ids(0, whole.n_rows))
+
+
+def _tiny_config(tiny, **overrides):
+    """experiments/gpt2_small.py:tiny on the tiny model, with {"section.field": value}."""
+    from experiments import gpt2_small  # pylint: disable=import-outside-toplevel
+    config = gpt2_small.get_config("tiny")
+    config.lm.checkpoint, config.lm.tokens = tiny
+    config.lm.hook = HOOK
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
+
+
+def test_on_the_fly_lm_source_gives_the_stores_batches(tiny, tmp_path):
+    """`data.source=lm` and a store harvested with the same chunking stream the same rows."""
+    stores = tmp_path / "stores"
+    batch_sequences = 8
+    _run("saejax.harvest", *[f for f in _harvest_flags(tiny, stores) if "chunk_rows" not in f],
+         f"--hooks={HOOK}", f"--batch_sequences={batch_sequences}",
+         f"--chunk_rows={batch_sequences * tiny_lm.CONTEXT}")
+    mesh = jax.make_mesh((8, 1), ("data", "model"))
+    common = {"lm.batch_sequences": batch_sequences, "evals.loss_recovered_sequences": HOLDOUT}
+    from saejax import data  # pylint: disable=import-outside-toplevel
+    sources = [data.make_source(_tiny_config(tiny, **common, **{"data.source": source,
+                                                                "data.path": str(stores / HOOK)}),
+                                mesh=mesh, rules=_tiny_config(tiny).sharding_rules)
+               for source in ("lm", "store")]
+    for _ in range(3):
+        a, b = (np.asarray(s.next_batch()) for s in sources)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(sources[0].eval_batch(1)),
+                               np.asarray(sources[1].eval_batch(1)), rtol=1e-5, atol=1e-5)
+    for source in sources:
+        source.close()
+
+
+def test_a_user_npy_array_trains(tiny, tmp_path):
+    rows = np.random.default_rng(0).standard_normal((4096, 64)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", rows)
+    config = _tiny_config(tiny, **{"data.source": "npy", "data.path": str(tmp_path / "acts.npy"),
+                                   "data.npy_chunk_rows": 512, "evals.loss_recovered_sequences": 0,
+                                   "train.steps": 20})
+    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert summary["step"] == 20 and np.isfinite(summary["fvu"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.d": 32, "data.source": "lm"},
+     r"lm.checkpoint=.* has width n_embd=64 but data.d=32; set --config.data.d=64"),
+    ({"data.source": "lm", "lm.hook": "blocks.7.hook_resid_post"},
+     r"lm.hook='blocks.7.hook_resid_post' is not a hook point .* \(2 layers\)"),
+    ({"data.source": "store", "data.path": ""}, r"data.source='store' needs data.path"),
+    ({"data.source": "store", "data.path": "/nonexistent/store"},
+     r"data.path='/nonexistent/store' does not exist"),
+    ({"data.source": "lm", "lm.checkpoint": ""}, r"data.source='lm' needs lm.checkpoint"),
+    ({"data.source": "npy", "lm.tokens": "", "data.path": "HERE"},
+     r"evals.loss_recovered_sequences=16 needs lm.tokens: .* or set "
+     r"--config.evals.loss_recovered_sequences=0"),
+    ({"data.source": "lm", "evals.loss_recovered_sequences": 100_000},
+     r"evals.loss_recovered_sequences=100000 but lm.tokens=.* holds only \d+ sequences"),
+])
+def test_bad_lm_and_store_inputs_name_the_field(tiny, tmp_path, overrides, message):
+    if overrides.get("data.path") == "HERE":
+        np.save(tmp_path / "acts.npy", np.zeros((4096, 64), np.float32))
+        overrides = {**overrides, "data.path": str(tmp_path / "acts.npy")}
+    with pytest.raises(ConfigError, match=message):
+        train.train_and_evaluate(_tiny_config(tiny, **overrides), str(tmp_path / "run"))
+
+
+def test_a_store_of_the_wrong_width_is_refused_before_training(tiny, tmp_path):
+    writer = store.ActivationStoreWriter.create_or_open(
+        str(tmp_path / "s"), d=32, dtype="float32", context_length=32, n_tokens=1024,
+        chunk_rows=256)
+    writer.write(0, np.zeros((1024, 32), np.float32), np.zeros((1024,), np.int32))
+    config = _tiny_config(tiny, **{"data.path": str(tmp_path / "s")})
+    with pytest.raises(store.StoreError, match=r"d=32 but data.d=64"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
