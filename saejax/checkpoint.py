@@ -29,7 +29,10 @@ def read_state(workdir: str, step: int | None = None):
     """The saved train state of a run (default: the newest step), restored onto one local
     device whatever mesh saved it; for reading an SAE, not for resuming."""
     directory = directory_of(workdir)
-    with ocp.CheckpointManager(directory, item_names=ITEMS) as manager:
+    # Handlers named, so the saved shapes are known without a target: the checkpoint may come
+    # from a mesh (or a number of processes) this process does not have.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {directory}")

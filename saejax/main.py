@@ -10,7 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 import jax
 
-from saejax import train
+from saejax import distributed, train
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -18,6 +18,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, summary.")
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", None, "On CPU, simulate this many devices (to try mesh.model > 1).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join a multi-process JAX cluster (jax.distributed.initialize); "
+    "launchers set SAEJAX_DISTRIBUTED=1 instead. See saejax/distributed.py.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,6 +36,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if _NUM_CPU_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
+    distributed.initialize(force=_DISTRIBUTED.value)
     try:
         summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except train.Preempted as e:
@@ -41,6 +45,8 @@ def main(argv):
     except (train.ConfigError, FloatingPointError) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
+    if jax.process_index() != 0:
+        return
     for name, result in summary.get("members", {"": summary}).items():
         quality = (f"FVU {result['fvu']:.4f}, L0 {result['l0']:.2f}, "
                    f"dead_fraction {result['dead_fraction']:.3f}, step {result['step']}")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from saejax import checkpoint, data, evals, optim, sae, sharding, validation
+from saejax import checkpoint, data, distributed, evals, optim, sae, sharding, validation
 from saejax.data import lm
 from saejax.sharding import ConfigError
 
@@ -596,7 +596,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     resampled += np.asarray(n_dead).reshape(-1)
                     logging.info("step %d: resampled %s dead latents.", done, n_dead)
                 log_now = done % log_every == 0 or done == total_steps
-                save_now = done % checkpoint_every == 0 or done == total_steps or sigterm.raised
+                # Every host stops at the same step when any of them got SIGTERM.
+                preempted = distributed.any_process(sigterm.raised)
+                save_now = done % checkpoint_every == 0 or done == total_steps or preempted
                 if not (log_now or save_now):
                     continue
                 metrics = jax.device_get(metrics)
@@ -638,7 +640,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     for i, member in enumerate(members):
                         member.ckpt.save(done, member_state(state, i), source.state(),
                                          force=True)
-                if sigterm.raised:
+                if preempted:
                     _close(ckpt, members)
                     raise Preempted(done)
         ckpt.wait()
