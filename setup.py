@@ -27,5 +27,7 @@ setup(
         # torch (CPU build, pinned) and transformers only for the parity test against the
         # reference GPT-2; never a runtime dependency.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=4.40"],
+        # Workdirs and activation stores in gs:// buckets (etils.epath's GCS backend).
+        "gcs": ["gcsfs"],
     },
 )

@@ -23,11 +23,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from saejax import sharding  # noqa: E402
+from saejax import configs, sharding  # noqa: E402
 from saejax.data import store  # noqa: E402
 
 
@@ -62,9 +61,10 @@ def write(args, path: str) -> float:
 def read(args, path: str, *, prefetch_windows: int, step_seconds: float) -> dict:
     if not args.warm:
         evict(path)
-    config = ml_collections.ConfigDict({
-        "path": path, "d": args.d, "seed": 0, "shuffle_buffer_chunks": args.shuffle_buffer_chunks,
-        "eval_tokens": 0, "prefetch_windows": prefetch_windows})
+    config = configs.base_config().data
+    config.update({"source": "store", "path": path, "d": args.d, "seed": 0,
+                   "shuffle_buffer_chunks": args.shuffle_buffer_chunks, "eval_tokens": 0,
+                   "prefetch_windows": prefetch_windows})
     mesh = jax.make_mesh((1, 1), sharding.MESH_AXES, devices=jax.devices()[:1])
     source = store.ArraySource(config, batch_size=args.batch_size, mesh=mesh,
                                rules=sharding.DEFAULT_RULES)

@@ -174,7 +174,8 @@ def run_commands(args: argparse.Namespace, multi_host: bool) -> list[list[str]]:
         "python3 -m pip install --user --quiet --break-system-packages uv; "
         f"~/.local/bin/uv venv --seed --python {_PYTHON_VERSION} {_REMOTE_VENV}; fi; "
         f"~/.local/bin/uv pip install --python {_REMOTE_VENV}/bin/python --quiet "
-        f'"jax[tpu]" -e {_REMOTE_DIR}')
+        # [gcs]: the workdir and stores are gs:// paths (saejax/paths.py).
+        f'"jax[tpu]" -e {_REMOTE_DIR}"[gcs]"')
     env = "export SAEJAX_DISTRIBUTED=1 && " if multi_host else ""
     run = (f"cd {_REMOTE_DIR} && . {_REMOTE_VENV}/bin/activate && {env}"
            f"exec {common.shell_line(args.command)}")

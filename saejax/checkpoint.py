@@ -9,20 +9,21 @@ moved and the error is raised.
 
 from __future__ import annotations
 
-import os
-import shutil
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
+
+from saejax import paths
 
 
 ITEMS = ("state", "data")
 
 
 def directory_of(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return paths.join(paths.absolute(workdir), "checkpoints")
 
 
 def read_state(workdir: str, step: int | None = None):
@@ -47,7 +48,7 @@ class Checkpointer:
     """Owns `<workdir>/checkpoints`."""
 
     def __init__(self, workdir: str, *, max_to_keep: int, save_interval_steps: int):
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = paths.absolute(workdir)
         self.directory = directory_of(workdir)
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
@@ -97,13 +98,13 @@ class Checkpointer:
 
     def _set_aside(self, step: int, error: Exception) -> None:
         self._manager.wait_until_finished()
-        src = os.path.join(self.directory, str(step))
-        dst = os.path.join(self.workdir, "corrupt_checkpoints", str(step))
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
+        src = epath.Path(self.directory) / str(step)
+        dst = epath.Path(self.workdir) / "corrupt_checkpoints" / str(step)
         if jax.process_index() == 0:
-            shutil.move(src, dst)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.exists():
+                dst.rmtree()
+            src.rename(dst)
         logging.warning("Checkpoint at step %d could not be restored (%s); an older one could, "
                         "so it was moved to %s.", step, type(error).__name__, dst)
         self._manager.close()

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from saejax import models
+from saejax import models, paths
 from saejax.data import store
 from saejax.sharding import ConfigError
 
@@ -84,7 +84,7 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
 
     writers = {
         hook: store.ActivationStoreWriter.create_or_open(
-            os.path.join(out, hook), d=model_config.n_embd, dtype=dtype,
+            paths.join(out, hook), d=model_config.n_embd, dtype=dtype,
             context_length=context_length, n_tokens=n * context_length, chunk_rows=chunk_rows,
             shard_rows=shard_rows or None,
             metadata={"model": os.path.abspath(checkpoint), "hook": hook,

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from saejax import checkpoint, data, distributed, evals, optim, sae, sharding, validation
+from saejax import (checkpoint, data, distributed, evals, optim, paths, sae, sharding,
+                    validation)
 from saejax.data import lm
 from saejax.sharding import ConfigError
 
@@ -324,11 +325,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _write_config(config, workdir: str) -> None:
     """Writes the resolved config; refuses to resume a workdir started with another config."""
-    path = os.path.join(workdir, "config.json")
+    path = paths.join(workdir, "config.json")
     new = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if paths.exists(path):
+        old = paths.read_json(path)
         old_flat, new_flat = _flatten(old), _flatten(new)
         changed = sorted(k for k in set(old_flat) | set(new_flat)
                          if old_flat.get(k) != new_flat.get(k))
@@ -342,35 +342,37 @@ def _write_config(config, workdir: str) -> None:
         if changed:
             logging.warning("Resuming %s with changed %s.", workdir, ", ".join(changed))
     if jax.process_index() == 0:
-        with open(path + ".tmp", "w") as f:
-            json.dump(new, f, indent=2, sort_keys=True)
-        os.replace(path + ".tmp", path)
+        paths.write_json(path, new, indent=2, sort_keys=True)
 
 
 class MetricsLog:
     """`metrics.jsonl`: one JSON line per logging step. On resume, lines from steps after the
-    restored checkpoint (which will be trained again) are dropped so each step appears once."""
+    restored checkpoint (which will be trained again) are dropped so each step appears once.
+    A bucket cannot append, so there the whole file is rewritten at each logging step."""
 
     def __init__(self, path: str, resume_step: int):
         self.path = path
         self.enabled = jax.process_index() == 0
-        if self.enabled and os.path.exists(path):
-            kept = []
-            with open(path) as f:
-                for line in f:
-                    try:
-                        if json.loads(line)["step"] <= resume_step:
-                            kept.append(line)
-                    except (ValueError, KeyError):  # a line cut short by a kill
-                        continue
-            with open(path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(path + ".tmp", path)
+        self._lines: list[str] = []
+        if self.enabled and paths.exists(path):
+            for line in paths.read_text(path).splitlines(keepends=True):
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        self._lines.append(line)
+                except (ValueError, KeyError):  # a line cut short by a kill
+                    continue
+            paths.write_text(path, "".join(self._lines))
 
     def write(self, record: dict) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        line = json.dumps(record) + "\n"
+        self._lines.append(line)
+        if paths.is_remote(self.path):
+            paths.write_text(self.path, "".join(self._lines))
+        else:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(line)
 
 
 def _format_duration(seconds: float) -> str:
@@ -401,8 +403,8 @@ def _open_members(config, workdir: str, start_step: int,
                   architecture: sae.Architecture) -> list[_Output]:
     members = []
     for coefficient in group_coefficients(config):
-        member_dir = os.path.join(workdir, "members", member_name(architecture, coefficient))
-        os.makedirs(member_dir, exist_ok=True)
+        member_dir = paths.join(workdir, "members", member_name(architecture, coefficient))
+        paths.makedirs(member_dir)
         member_config = config.copy_and_resolve_references()
         with member_config.unlocked():
             member_config.group.sparsity_coefficients = ()
@@ -414,7 +416,7 @@ def _open_members(config, workdir: str, start_step: int,
         # (saved before a kill) will be written again, identically.
         member_ckpt.delete_after(start_step)
         members.append(_Output(
-            member_dir, MetricsLog(os.path.join(member_dir, "metrics.jsonl"), start_step),
+            member_dir, MetricsLog(paths.join(member_dir, "metrics.jsonl"), start_step),
             member_ckpt))
     return members
 
@@ -427,9 +429,7 @@ def _close(ckpt: checkpoint.Checkpointer, members: list[_Output]) -> None:
 
 def _write_json(path: str, value) -> None:
     if jax.process_index() == 0:
-        with open(path + ".tmp", "w") as f:
-            json.dump(value, f, indent=2)
-        os.replace(path + ".tmp", path)
+        paths.write_json(path, value, indent=2)
 
 
 def _jsonable(value: np.ndarray):
@@ -520,7 +520,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) one SAE in `workdir` and returns its final summary."""
     # Config and workdir ---------------------------------------------------------------------
     validation.validate(config, jax.device_count())
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     _write_config(config, workdir)
     total_steps = int(config.train.steps)
     batch_size = int(config.train.batch_size)
@@ -563,7 +563,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         # laid out like a single run's workdir (config, checkpoints, metrics, summary).
         members = _open_members(config, workdir, start_step, architecture)
         outputs = members or [_Output(workdir, MetricsLog(
-            os.path.join(workdir, "metrics.jsonl"), start_step), None)]
+            paths.join(workdir, "metrics.jsonl"), start_step), None)]
 
         # Loop -------------------------------------------------------------------------------
         true_features = (None if getattr(source, "true_features", None) is None
@@ -682,13 +682,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             summary.update(downstream[i])
             summaries.append(summary)
             if members:
-                _write_json(os.path.join(output.workdir, "summary.json"), summary)
+                _write_json(paths.join(output.workdir, "summary.json"), summary)
         _close(ckpt, members)
 
     summary = summaries[0] if not members else {
         "step": summaries[0]["step"], "tokens": summaries[0]["tokens"],
         "members": {os.path.basename(m.workdir): s for m, s in zip(members, summaries)}}
-    _write_json(os.path.join(workdir, "summary.json"), summary)
+    _write_json(paths.join(workdir, "summary.json"), summary)
     logging.info("Summary: %s", json.dumps(summary))
     if any(math.isnan(s["mse"]) for s in summaries):
         raise FloatingPointError("Final evaluation is NaN.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from saejax import data, sae, sharding
+from saejax import data, paths, sae, sharding
 from saejax.sharding import ConfigError
 
 DECAYS = ("linear", "cosine", "none")
@@ -144,7 +144,7 @@ def _check_data_paths(config) -> None:
                 if source == "store" else "a .npy file of activations [tokens, d]")
         _require(bool(config.data.path),
                  f"data.source={source!r} needs data.path: set --config.data.path to {what}.")
-        _require(os.path.exists(config.data.path),
+        _require(paths.exists(config.data.path),
                  f"data.path={config.data.path!r} does not exist; it should be {what}.")
     needs_lm = [reason for reason, needed in (
         ("data.source='lm'", source == "lm"),

@@ -39,7 +39,7 @@ def test_single_host_on_demand():
             "--version=v2-alpha-tpuv5-lite"} <= set(create)
     assert not {"--spot", "--preemptible", "--reserved"} & set(create)
     assert scp[3:5] == ["tpu-vm", "scp"] and scp[5] == pack[4]
-    assert "jax[tpu]" in remote_command(setup) and "-e ~/saejax" in remote_command(setup)
+    assert "jax[tpu]" in remote_command(setup) and '-e ~/saejax"[gcs]"' in remote_command(setup)
     # One host: no jax.distributed; the command goes through unchanged.
     assert "SAEJAX_DISTRIBUTED" not in remote_command(run)
     assert remote_command(run).endswith("exec " + shlex.join(RUN))

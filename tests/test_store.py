@@ -8,13 +8,12 @@ import sys
 import threading
 
 import jax
-import ml_collections
 import ml_dtypes
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from saejax import sharding
+from saejax import configs, sharding
 from saejax.data import store
 
 D, CTX, CHUNK = 8, 16, 32
@@ -42,10 +41,11 @@ def write_store(path, n=640, *, chunk_rows=CHUNK, shard_rows=None, dtype="float3
 
 
 def data_config(path, **overrides):
-    config = ml_collections.ConfigDict({
-        "source": "array", "path": str(path), "d": D, "seed": 0, "shuffle_buffer_chunks": 3,
-        "eval_tokens": 64, "prefetch_windows": 2})
-    config.update(overrides)
+    """The `data` section of the config schema, pointed at `path`."""
+    config = configs.base_config().data
+    config.update({"source": "store", "path": str(path), "d": D, "seed": 0,
+                   "shuffle_buffer_chunks": 3, "eval_tokens": 64, "prefetch_windows": 2,
+                   **overrides})
     return config
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import tensorstore as ts
 from jax.sharding import NamedSharding
 
-from saejax import sharding
+from saejax import paths, sharding
 from saejax.sharding import ConfigError
 
 FORMAT = "saejax.activation_store"
@@ -75,23 +75,11 @@ def _numpy_dtype(name: str) -> np.dtype:
 
 def _write_json_atomic(path: str, obj: Any) -> None:
     """Readers see the old file or the new one, never a torn one, even after a crash."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive a power cut
-    finally:
-        os.close(dir_fd)
+    paths.write_json(path, obj, indent=1)
 
 
 def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    return paths.read_json(path)
 
 
 def _zarr_spec(path: str, *, shape: tuple[int, ...], dtype: str, chunk_rows: int,
@@ -116,7 +104,7 @@ def _zarr_spec(path: str, *, shape: tuple[int, ...], dtype: str, chunk_rows: int
         codecs, grid = chunk_codecs, [chunk_rows, *shape[1:]]
     return {
         "driver": "zarr3",
-        "kvstore": {"driver": "file", "path": path},
+        "kvstore": paths.kvstore(path),
         "metadata": {
             "shape": list(shape),
             "data_type": dtype,
@@ -186,7 +174,7 @@ class ActivationStoreWriter:
         multiple of `chunk_rows` (use it for stores of millions of chunks); `checksum`: a
         crc32c per chunk, so that flipped bits are read errors (slower reads, see _zarr_spec).
         """
-        path = os.path.abspath(path)
+        path = paths.absolute(path)
         layout = _layout(d=d, dtype=dtype, context_length=context_length, n_tokens=n_tokens,
                          chunk_rows=chunk_rows, shard_rows=shard_rows, checksum=checksum)
         _check_layout(path, layout)
@@ -196,8 +184,8 @@ class ActivationStoreWriter:
             raise StoreError(f"{path}: metadata fields {clashes} are set by the store itself; "
                              "pass them as arguments instead.")
         wanted = {**layout, **extra}
-        meta_path = os.path.join(path, "metadata.json")
-        if os.path.exists(meta_path):
+        meta_path = paths.join(path, "metadata.json")
+        if paths.exists(meta_path):
             existing = _read_json(meta_path)
             for field in sorted((set(wanted) | set(existing)) - {"created_time"}):
                 if existing.get(field) != wanted.get(field):
@@ -208,10 +196,10 @@ class ActivationStoreWriter:
                         "start it over.")
             metadata_out = existing
         else:
-            if os.path.isdir(path) and os.listdir(path):
+            if paths.isdir(path) and paths.listdir(path):
                 raise StoreError(f"{path}: exists, is not empty and has no metadata.json (not "
                                  "an activation store); refusing to write into it.")
-            os.makedirs(path, exist_ok=True)
+            paths.makedirs(path)
             metadata_out = {**wanted, "created_time": datetime.datetime.now(
                 datetime.timezone.utc).isoformat(timespec="seconds")}
             # Metadata first: a crash after it leaves a store that resumes from zero rows.
@@ -219,18 +207,18 @@ class ActivationStoreWriter:
         n, array_args = layout["n_tokens"], dict(dtype=layout["dtype"], chunk_rows=chunk_rows,
                                                shard_rows=shard_rows, checksum=checksum)
         futures = [
-            ts.open(_zarr_spec(os.path.join(path, "activations"), shape=(n, layout["d"]),
+            ts.open(_zarr_spec(paths.join(path, "activations"), shape=(n, layout["d"]),
                                **array_args), create=True, open=True),
-            ts.open(_zarr_spec(os.path.join(path, "token_ids"), shape=(n,),
+            ts.open(_zarr_spec(paths.join(path, "token_ids"), shape=(n,),
                                **dict(array_args, dtype="int32")), create=True, open=True),
         ]
         try:
             activations, token_ids = (f.result() for f in futures)
         except ValueError as e:
             raise StoreError(f"{path}: the zarr arrays do not match metadata.json: {e}") from e
-        progress_path = os.path.join(path, "progress.json")
+        progress_path = paths.join(path, "progress.json")
         committed = (_read_json(progress_path)["committed_rows"]
-                     if os.path.exists(progress_path) else 0)
+                     if paths.exists(progress_path) else 0)
         return cls(path, metadata_out, activations, token_ids, committed)
 
     @property
@@ -273,7 +261,7 @@ class ActivationStoreWriter:
         self._commit(stop)
 
     def _commit(self, rows: int) -> None:
-        _write_json_atomic(os.path.join(self.path, "progress.json"), {
+        _write_json_atomic(paths.join(self.path, "progress.json"), {
             "committed_rows": int(rows), "n_tokens": self.n_tokens,
             "complete": rows == self.n_tokens,
             "updated_time": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -457,11 +445,11 @@ def open_store(path: str, *, expected_d: int | None = None, expected_dtype=None,
 
     A chunk file that has gone missing is an error when it is read, not zeros.
     """
-    path = os.path.abspath(path)
-    meta_path = os.path.join(path, "metadata.json")
-    if not os.path.isdir(path):
+    path = paths.absolute(path)
+    meta_path = paths.join(path, "metadata.json")
+    if not paths.isdir(path):
         raise StoreError(f"{path}: no such activation store (not a directory).")
-    if not os.path.exists(meta_path):
+    if not paths.exists(meta_path):
         raise StoreError(f"{path}: not an activation store (no metadata.json).")
     metadata = _read_json(meta_path)
     if metadata.get("format") != FORMAT:
@@ -477,15 +465,14 @@ def open_store(path: str, *, expected_d: int | None = None, expected_dtype=None,
     if expected_dtype is not None and metadata["dtype"] != _name(expected_dtype):
         raise StoreError(f"{path}: the store holds {metadata['dtype']} but "
                          f"{_name(expected_dtype)} was expected.")
-    progress_path = os.path.join(path, "progress.json")
+    progress_path = paths.join(path, "progress.json")
     committed = (_read_json(progress_path)["committed_rows"]
-                 if os.path.exists(progress_path) else 0)
+                 if paths.exists(progress_path) else 0)
     if committed < metadata["n_tokens"] and not allow_partial:
         raise StoreError(f"{path}: incomplete store: {committed:,} of {metadata['n_tokens']:,} "
                          "rows committed. Finish the harvest (it resumes), or allow a partial "
                          "store (data.allow_partial=True) to train on the committed rows.")
-    specs = [{"driver": "zarr3", "kvstore": {"driver": "file",
-                                             "path": os.path.join(path, name)},
+    specs = [{"driver": "zarr3", "kvstore": paths.kvstore(paths.join(path, name)),
               "fill_missing_data_reads": False} for name in ("activations", "token_ids")]
     try:
         activations, token_ids = [f.result() for f in [ts.open(s, read=True) for s in specs]]
@@ -530,7 +517,7 @@ class NpyRows:
 def open_rows(path: str, *, expected_d: int | None = None, allow_partial: bool = False,
               npy_chunk_rows: int = NPY_CHUNK_ROWS) -> Rows:
     """A store directory, or a `.npy` file (chosen by the path)."""
-    if path.endswith(".npy") or os.path.isfile(path):
+    if path.endswith(".npy") or (not paths.is_remote(path) and os.path.isfile(path)):
         return NpyRows(path, expected_d=expected_d, chunk_rows=npy_chunk_rows)
     return open_store(path, expected_d=expected_d, allow_partial=allow_partial)
 
