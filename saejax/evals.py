@@ -1,7 +1,8 @@
 """Every metric of an SAE, each computed in exactly one place and named the same everywhere.
 
 `mse`, `fvu`, `l0`, `dead_fraction`, `dense_fraction`, the feature-density histogram and `mmcs`
-are pure functions of arrays, usable inside a jitted step or on a restored SAE.
+are pure functions of arrays, usable inside a jitted step or on a restored SAE; the downstream
+metrics (`loss_recovered`, next-token cross-entropies, KL) take the LM's logits.
 """
 
 from __future__ import annotations
