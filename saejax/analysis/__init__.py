@@ -1,0 +1,29 @@
+"""Reading a trained dictionary: what each latent means and what it does.
+
+- `loading`: a run's workdir or a SAELens directory as one `LoadedSAE`, and the shared checks.
+- `top_activations`: one sharded pass over an activation store keeping each latent's top
+  activating tokens with their context, density, mean activation and histogram.
+- `dashboard`: static HTML pages per latent and an index (`python -m saejax.analysis.dashboard`).
+- `steer`: the LM with a latent clamped, added or ablated at its hook
+  (`python -m saejax.analysis.steer`).
+- `saelens`: export to and import from SAELens' on-disk format.
+"""
+
+import importlib
+
+# Imported on first use, so that `python -m saejax.analysis.<tool>` does not import the tool's
+# module twice (once through this package, once as __main__).
+_EXPORTS = {
+    "AnalysisError": "loading", "LoadedSAE": "loading", "check_latent": "loading",
+    "check_width": "loading", "load_language_model": "loading", "load_sae": "loading",
+    "export_saelens": "saelens", "import_saelens": "saelens",
+    "SteeringResult": "steer", "steer": "steer",
+    "TopActivations": "top_activations", "compute_top_activations": "top_activations",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"saejax.analysis.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'saejax.analysis' has no attribute {name!r}")

@@ -1,0 +1,366 @@
+"""SAELens interop: export a trained SAE to SAELens' on-disk format and import SAELens SAEs.
+
+    python -m saejax.analysis.saelens DIR OUT [--step=N]    # export a run's SAE to OUT
+
+A SAELens SAE directory holds `cfg.json` and `sae_weights.safetensors` (`W_enc [d_in, d_sae]`,
+`W_dec [d_sae, d_in]`, `b_dec [d_in]`, and per architecture `b_enc`, `threshold`, `b_gate`,
+`r_mag`, `b_mag`). The field and tensor names and the encode formulas below follow SAELens'
+source (sae_lens/saes/{sae,standard_sae,topk_sae,jumprelu_sae,gated_sae,batchtopk_sae}.py,
+sae_lens/loading/pretrained_sae_loaders.py, SAELens 6.x; older flat configs are read too).
+
+SAELens encodes raw activations: `sae_in = x - b_dec * apply_b_dec_to_input`,
+`hidden_pre = sae_in @ W_enc + b_enc`. saejax encodes `x * input_scale`, so the export folds the
+scale into the weights (W_enc * s, b_dec / s, W_dec / s, the fold SAELens itself uses for
+`expected_average_only_in`): the latents are unchanged and the reconstruction comes out in raw
+units, with `normalize_activations: "none"`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from absl import app, flags, logging
+import numpy as np
+
+from saejax import models, sae
+from saejax.analysis import loading
+from saejax.analysis.loading import AnalysisError, LoadedSAE
+from saejax.sharding import ConfigError
+
+CFG_FILENAME = "cfg.json"                      # sae_lens/constants.py SAE_CFG_FILENAME
+WEIGHTS_FILENAME = "sae_weights.safetensors"   # sae_lens/constants.py SAE_WEIGHTS_FILENAME
+# The format version written into cfg.json: SAELens reads configs older than 6.0 through its
+# pre-6.0 converter, so the version says which layout this file has.
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+# SAEConfig's fields (sae_lens/saes/sae.py) and SAEMetadata's, as `SAEConfig.to_dict` writes
+# them: the metadata nested under "meta".
+CONFIG_FIELDS = ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
+                 "normalize_activations", "reshape_activations", "meta")
+METADATA_FIELDS = ("model_name", "hook_name", "model_class_name", "hook_layer",
+                   "hook_head_index", "model_from_pretrained_kwargs", "prepend_bos",
+                   "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice",
+                   "dataset_path", "sae_lens_version", "sae_lens_training_version")
+# Written at the top level as well, where SAELens before 6.0 (and tools built on it) read them.
+FLAT_METADATA_FIELDS = ("model_name", "hook_name", "hook_layer", "hook_head_index",
+                        "context_size", "prepend_bos", "dataset_path")
+# SAELens before 6.0 named some fields differently (handle_pre_6_0_config).
+PRE_6_RENAMES = {"hook_point": "hook_name", "hook_point_layer": "hook_layer",
+                 "hook_point_head_index": "hook_head_index",
+                 "activation_fn_str": "activation_fn"}
+
+# saejax architecture -> SAELens architecture of the exported inference SAE.
+EXPORTS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
+           # SAELens saves a trained BatchTopK SAE as a JumpReLU SAE with the batch threshold
+           # on every latent (BatchTopKTrainingSAE.process_state_dict_for_saving_inference);
+           # relu(pre) * (pre > t) is exactly saejax's BatchTopK inference for t >= 0.
+           "batchtopk": "jumprelu"}
+IMPORTS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
+           "batchtopk": "batchtopk"}
+
+
+# ------------------------------------------------------------------------------------------
+# Export.
+# ------------------------------------------------------------------------------------------
+def to_saelens(loaded: LoadedSAE, *, model_name: str | None = None,
+               dataset_path: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(tensors, cfg) of `loaded` as a SAELens inference SAE that reads raw activations."""
+    name = loaded.architecture.name
+    if name not in EXPORTS:
+        raise AnalysisError(f"a {name!r} SAE has no SAELens counterpart (SAELens has "
+                            f"{sorted(set(EXPORTS.values()))}); only {sorted(EXPORTS)} SAEs "
+                            "export.")
+    p = {k: np.asarray(v, np.float32) for k, v in loaded.params.items()}
+    s = np.float32(loaded.input_scale)
+    tensors = {"W_enc": p["W_enc"] * s, "W_dec": p["W_dec"] / s, "b_dec": p["b_dec"] / s}
+    architecture = EXPORTS[name]
+    extra: dict[str, Any] = {}
+    if name == "gated":
+        tensors.update(b_gate=p["b_enc"], r_mag=p["r_mag"], b_mag=p["b_mag"])
+    else:
+        tensors["b_enc"] = p["b_enc"]
+    if name == "jumprelu":
+        tensors["threshold"] = np.exp(p["log_threshold"])
+    elif name == "batchtopk":
+        tensors["threshold"] = np.full((loaded.n_latents,), p["threshold"], np.float32)
+    elif name == "topk":
+        extra = {"k": int(loaded.sae_config.k), "rescale_acts_by_decoder_norm": False}
+    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+
+    hook = loaded.hook
+    layer = _hook_layer(hook)
+    if model_name is None and loaded.lm_checkpoint:
+        model_name = os.path.basename(os.path.normpath(loaded.lm_checkpoint))
+    metadata = {
+        "model_name": model_name,
+        "hook_name": hook,
+        "model_class_name": "HookedTransformer",
+        "hook_layer": layer,
+        "hook_head_index": None,
+        "model_from_pretrained_kwargs": None,
+        # saejax's sequences are windows of a document stream with <|endoftext|> between
+        # documents, not each started by a BOS token.
+        "prepend_bos": False,
+        "exclude_special_tokens": None,
+        "neuronpedia_id": None,
+        "context_size": loaded.context_length,
+        "seqpos_slice": None,
+        "dataset_path": dataset_path,
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": None,
+    }
+    cfg = {
+        "architecture": architecture,
+        "d_in": loaded.d,
+        "d_sae": loaded.n_latents,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **extra,
+        "meta": metadata,
+        **{k: metadata[k] for k in FLAT_METADATA_FIELDS},
+        # Ignored by SAELens (it keeps only its dataclass fields); where this SAE came from.
+        "saejax": {"architecture": name, "source": loaded.source, "step": loaded.step,
+                   "input_scale_folded": float(loaded.input_scale),
+                   "lm_checkpoint": loaded.lm_checkpoint, "store": loaded.store},
+    }
+    return tensors, cfg
+
+
+def export_saelens(source: str | LoadedSAE, out_dir: str, *, step: int | None = None,
+                   model_name: str | None = None) -> str:
+    """Writes `out_dir/cfg.json` and `out_dir/sae_weights.safetensors` for a trained run's
+    workdir (its newest checkpoint, or `step`) or a `LoadedSAE`; returns out_dir.
+
+    `SAE.load_from_disk(out_dir)` in SAELens then encodes raw activations at the run's hook to
+    the same latents as saejax, and decodes them to the same reconstruction in raw units.
+    """
+    from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
+    loaded = source if isinstance(source, LoadedSAE) else loading.load_sae(source, step=step)
+    dataset_path = None
+    config = (loaded.metadata or {}).get("config", {})
+    if config:
+        dataset_path = config.get("lm", {}).get("tokens") or config.get("data", {}).get("path")
+    tensors, cfg = to_saelens(loaded, model_name=model_name, dataset_path=dataset_path or None)
+    os.makedirs(out_dir, exist_ok=True)
+    weights = os.path.join(out_dir, WEIGHTS_FILENAME)
+    # SAELens reads the file with safe_open(framework="pt"), which wants a format tag.
+    st_numpy.save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
+    os.replace(weights + ".tmp", weights)
+    with open(os.path.join(out_dir, CFG_FILENAME) + ".tmp", "w") as f:
+        json.dump(cfg, f, indent=2)
+    os.replace(os.path.join(out_dir, CFG_FILENAME) + ".tmp", os.path.join(out_dir, CFG_FILENAME))
+    return out_dir
+
+
+def _hook_layer(hook: str | None) -> int | None:
+    if not hook:
+        return None
+    try:
+        return models.hook_layer(hook)
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------
+# Import.
+# ------------------------------------------------------------------------------------------
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
+    try:
+        return dict(st_numpy.load_file(path))
+    except TypeError:  # bfloat16: NumPy has no such dtype; the JAX reader has
+        from safetensors import flax as st_flax  # pylint: disable=import-outside-toplevel
+        return {k: np.asarray(v.astype("float32")) for k, v in st_flax.load_file(path).items()}
+
+
+def _flat_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """cfg.json in one flat namespace: 6.x nests the metadata under "meta"; before 6.0 it was
+    flat, with some older names."""
+    flat = {PRE_6_RENAMES.get(k, k): v for k, v in cfg.items() if k != "meta"}
+    for key, value in (cfg.get("meta") or {}).items():
+        if value is not None or key not in flat:
+            flat[key] = value
+    return flat
+
+
+def import_saelens(path: str, *, norm_scaling_factor: float | None = None
+                   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Reads a SAELens SAE directory as saejax params (float32 NumPy) and metadata.
+
+    The params encode raw activations times `metadata["input_scale"]` with
+    `saejax.sae.get(metadata["architecture"]).encode` to SAELens' latents, and decode them to
+    its reconstruction (times the same scale). What SAELens does outside its weights is folded
+    in: `apply_b_dec_to_input: false` (into b_enc), `rescale_acts_by_decoder_norm` (into the
+    weights), a finetuning scaling factor (into W_dec). `normalize_activations:
+    "expected_average_only_in"` multiplies inputs by a dataset-wide factor that is not in the
+    directory: pass it as `norm_scaling_factor` (it becomes the input scale). Per-token
+    normalisations ("constant_norm_rescale", "layer_norm") and hook_z reshaping have no saejax
+    counterpart and are refused.
+    """
+    path = os.path.abspath(path)
+    cfg_path, weights_path = (os.path.join(path, n) for n in (CFG_FILENAME, WEIGHTS_FILENAME))
+    for file in (cfg_path, weights_path):
+        if not os.path.isfile(file):
+            raise AnalysisError(f"{path} is not a SAELens SAE directory: {os.path.basename(file)}"
+                                f" is missing (it needs {CFG_FILENAME} and {WEIGHTS_FILENAME}).")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    flat = _flat_config(cfg)
+    tensors = {k: np.asarray(v, np.float32) for k, v in _read_safetensors(weights_path).items()}
+    architecture = flat.get("architecture") or "standard"
+    if architecture not in IMPORTS:
+        raise AnalysisError(f"{cfg_path}: architecture={architecture!r} has no saejax "
+                            f"counterpart; supported: {sorted(IMPORTS)}.")
+    activation_fn = flat.get("activation_fn")
+    if activation_fn not in (None, "relu", "topk"):
+        raise AnalysisError(f"{cfg_path}: activation_fn={activation_fn!r}; saejax reads SAEs "
+                            "whose activation is ReLU (or TopK).")
+    if activation_fn == "topk" and architecture == "standard":
+        architecture = "topk"  # SAELens 4.x/5.x wrote TopK SAEs as standard + activation_fn
+
+    if flat.get("reshape_activations") not in (None, "none"):
+        raise AnalysisError(f"{cfg_path}: reshape_activations={flat['reshape_activations']!r} "
+                            "(attention hook_z SAEs) is not supported; saejax's hooks are "
+                            "[batch, seq, d] activations.")
+    normalize = flat.get("normalize_activations")
+    input_scale = 1.0
+    if normalize in (True, "expected_average_only_in"):
+        if norm_scaling_factor is None:
+            raise AnalysisError(
+                f"{cfg_path}: normalize_activations='expected_average_only_in' scales inputs by "
+                "a dataset-wide factor that is not stored in the directory; pass "
+                "norm_scaling_factor= (SAELens' pretrained_saes.yaml lists it as "
+                "norm_scaling_factor), or fold it into the weights first "
+                "(SAE.fold_activation_norm_scaling_factor in SAELens).")
+        input_scale = float(norm_scaling_factor)
+    elif normalize not in (None, False, "none"):
+        raise AnalysisError(f"{cfg_path}: normalize_activations={normalize!r} normalises each "
+                            "token on its own, which a saejax SAE cannot express; only 'none' "
+                            "and 'expected_average_only_in' are supported.")
+
+    d_in, d_sae = int(flat["d_in"]), int(flat["d_sae"])
+    required = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    required.update({"b_gate": (d_sae,), "r_mag": (d_sae,), "b_mag": (d_sae,)}
+                    if architecture == "gated" else {"b_enc": (d_sae,)})
+    if architecture == "jumprelu" or (architecture == "batchtopk" and "threshold" in tensors):
+        required["threshold"] = (d_sae,)
+    elif architecture == "batchtopk":
+        required["topk_threshold"] = ()
+    for name, shape in required.items():
+        if name not in tensors:
+            raise AnalysisError(f"{weights_path}: tensor {name!r} is missing; a SAELens "
+                                f"{architecture!r} SAE has {sorted(required)}.")
+        if tensors[name].shape != shape:
+            raise AnalysisError(f"{weights_path}: {name} has shape {tensors[name].shape}, but "
+                                f"cfg.json's d_in={d_in}, d_sae={d_sae} imply {shape}.")
+
+    W_enc, W_dec, b_dec = tensors["W_enc"], tensors["W_dec"], tensors["b_dec"]
+    folded = []
+    scaling = tensors.get("finetuning_scaling_factor", tensors.get("scaling_factor"))
+    if scaling is not None and not np.allclose(scaling, 1.0):
+        W_dec = W_dec * scaling[:, None]  # decode: (f * scaling) @ W_dec
+        folded.append("finetuning_scaling_factor into W_dec")
+    k = None
+    if architecture in ("topk", "batchtopk"):
+        k = flat.get("k", (flat.get("activation_fn_kwargs") or {}).get("k"))
+        if k is None:
+            raise AnalysisError(f"{cfg_path}: a {architecture} SAE needs k (cfg 'k', or "
+                                "'activation_fn_kwargs': {'k': ...} before SAELens 6).")
+        if flat.get("rescale_acts_by_decoder_norm"):
+            # hidden_pre * ||W_dec_i|| then decode f / ||W_dec_i||: fold the norms in, as
+            # SAELens' _fold_norm_topk does when it saves an inference SAE.
+            norms = np.linalg.norm(W_dec, axis=-1)
+            tensors["b_enc"] = tensors["b_enc"] * norms
+            W_enc, W_dec = W_enc * norms[None, :], W_dec / norms[:, None]
+            folded.append("rescale_acts_by_decoder_norm into W_enc, b_enc, W_dec")
+
+    if architecture == "gated":
+        b_enc, r_mag, b_mag = tensors["b_gate"], tensors["r_mag"], tensors["b_mag"]
+    else:
+        b_enc = tensors["b_enc"]
+    if flat.get("apply_b_dec_to_input") is False:
+        # SAELens encodes x @ W_enc + b_enc; saejax subtracts b_dec first, so add it back.
+        shift = b_dec @ W_enc
+        b_enc = b_enc + shift
+        if architecture == "gated":
+            b_mag = b_mag + shift * np.exp(r_mag)
+        folded.append("apply_b_dec_to_input=false into b_enc")
+
+    params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if architecture == "gated":
+        params.update(r_mag=r_mag, b_mag=b_mag)
+        saejax_architecture = "gated"
+    elif architecture in ("jumprelu", "batchtopk") and "threshold" in tensors:
+        # relu(pre) * (pre > t) == pre * (pre > max(t, 0)): a negative threshold acts as 0.
+        with np.errstate(divide="ignore"):
+            params["log_threshold"] = np.log(np.maximum(tensors["threshold"], 0.0))
+        saejax_architecture = "jumprelu"
+    elif architecture == "batchtopk":
+        params["threshold"] = np.asarray(tensors["topk_threshold"], np.float32).reshape(())
+        saejax_architecture = "batchtopk"
+    else:
+        saejax_architecture = IMPORTS[architecture]
+    params = {key: np.ascontiguousarray(v, np.float32) for key, v in params.items()}
+    provenance = cfg.get("saejax") if isinstance(cfg.get("saejax"), dict) else {}
+    metadata = {
+        "architecture": saejax_architecture,
+        "saelens_architecture": architecture,
+        "d": d_in,
+        "n_latents": d_sae,
+        "k": None if k is None else int(k),
+        "input_scale": input_scale,
+        "hook": flat.get("hook_name"),
+        "layer": flat.get("hook_layer"),
+        "model_name": flat.get("model_name"),
+        "context_size": flat.get("context_size"),
+        "prepend_bos": flat.get("prepend_bos"),
+        "dataset_path": flat.get("dataset_path"),
+        "sae_lens_version": flat.get("sae_lens_version"),
+        "folded": folded,
+        "saejax": provenance,
+        "cfg": cfg,
+    }
+    return params, metadata
+
+
+def load(path: str, *, norm_scaling_factor: float | None = None) -> LoadedSAE:
+    """A SAELens directory as a `LoadedSAE`, usable by every analysis tool."""
+    params, metadata = import_saelens(path, norm_scaling_factor=norm_scaling_factor)
+    fields = {"k": metadata["k"]} if metadata["k"] is not None else {}
+    sae_config = loading.sae_config_for(metadata["architecture"], **fields)
+    provenance = metadata["saejax"]
+    # A directory saejax exported remembers its model and store; use them when still there.
+    existing = lambda p: p if p and os.path.exists(p) else None
+    return LoadedSAE(
+        params=params, input_scale=metadata["input_scale"],
+        architecture=sae.get(metadata["architecture"]), sae_config=sae_config,
+        source=os.path.abspath(path), kind="saelens", hook=metadata["hook"],
+        lm_checkpoint=existing(provenance.get("lm_checkpoint")),
+        store=existing(provenance.get("store")), data_source="saelens",
+        context_length=metadata["context_size"], metadata=metadata)
+
+
+def main(argv):
+    if len(argv) != 3:
+        sys.exit("usage: python -m saejax.analysis.saelens DIR OUT [--step=N] (DIR: a run's "
+                 "workdir; OUT: the SAELens directory to write)")
+    try:
+        out = export_saelens(argv[1], argv[2], step=flags.FLAGS.step,
+                             model_name=flags.FLAGS.model_name)
+    except (ConfigError, FileNotFoundError) as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+    print(f"SAELens SAE: {out} (load it with sae_lens.SAE.load_from_disk({out!r}))")
+
+
+if __name__ == "__main__":
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_string("model_name", None, "cfg.json's model_name (default: the checkpoint "
+                        "directory's name), e.g. the TransformerLens name gpt2-small.")
+    app.run(main)

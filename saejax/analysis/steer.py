@@ -1,0 +1,279 @@
+"""Steering and ablation: the Flax LM run with one SAE latent clamped, added or ablated at the
+SAE's hook point, with greedy generations and the change in the next-token distribution.
+
+    python -m saejax.analysis.steer DIR --latent=I --mode=add --value=5 --prompt="..."
+
+At every position, with f_i(x) the latent's activation on the raw activation x and
+d_i = W_dec[i] / input_scale its decoder direction in raw units:
+
+    add     x + value * d_i                 (as if the latent fired `value` more)
+    clamp   x + (value - f_i(x)) * d_i      (the latent set to `value`; the SAE's error kept)
+    ablate  x - f_i(x) * d_i                (clamp to 0)
+
+Values are in the latent's own units: the dashboard shows its typical and top activations.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from typing import Callable, NamedTuple
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saejax import models
+from saejax.analysis import loading
+from saejax.analysis.loading import AnalysisError, LoadedSAE
+from saejax.sharding import ConfigError
+
+MODES = ("clamp", "add", "ablate")
+
+
+class SteeringResult(NamedTuple):
+    latent: int
+    mode: str
+    value: float
+    hook: str
+    prompt_tokens: np.ndarray       # [batch, seq]
+    clean_tokens: np.ndarray        # [batch, n_new] greedy continuation without the intervention
+    steered_tokens: np.ndarray      # [batch, n_new] with it
+    latent_activation: np.ndarray   # [batch, seq] the latent on the prompt, clean run
+    kl_last: float                  # KL(clean || steered) at the last prompt token (nats)
+    kl_mean: float                  # ... averaged over every prompt position
+    top_increased: list[tuple[int, float]]  # (token id, steered - clean log-prob), last token
+    top_decreased: list[tuple[int, float]]
+
+
+def make_intervention(loaded: LoadedSAE) -> Callable[[tuple, jax.Array], jax.Array]:
+    """`apply(args, x) -> x'` for `models.forward`'s interventions, jit-able, with `args` from
+    `intervention_args`. Every mode is x + on * (value - replace * f_i(x)) * d_i (add: replace
+    0; clamp: 1; ablate: 1 with value 0), so one compiled program serves every mode and, with
+    on = 0, the clean run."""
+    architecture, sae_config = loaded.architecture, loaded.sae_config
+
+    def apply(args, x):
+        params, scale, latent, value, on, replace = args
+        direction = jnp.take(params["W_dec"], latent, axis=0) / scale        # [d], raw units
+        flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * scale
+        f = jnp.take(architecture.encode(params, flat, sae_config), latent, axis=-1)
+        delta = on * (value - replace * f.reshape(x.shape[:-1]))
+        return x + (delta[..., None] * direction).astype(x.dtype)
+
+    return apply
+
+
+def intervention_args(loaded: LoadedSAE, latent: int, mode: str, value: float, *,
+                      on: bool = True) -> tuple:
+    """The traced arguments of `make_intervention`'s function for one latent and mode."""
+    params = {k: jnp.asarray(v) for k, v in loaded.params.items()}
+    return (params, jnp.float32(loaded.input_scale), jnp.int32(latent),
+            jnp.float32(0.0 if mode == "ablate" else value), jnp.float32(1.0 if on else 0.0),
+            jnp.float32(0.0 if mode == "add" else 1.0))
+
+
+def latent_activation_fn(loaded: LoadedSAE) -> Callable:
+    def activation(params, scale, latent, x):
+        flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * scale
+        f = jnp.take(loaded.architecture.encode(params, flat, loaded.sae_config), latent, axis=-1)
+        return f.reshape(x.shape[:-1])
+    return activation
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(config: models.GPT2Config, hook: str, loaded_ref: "_Ref"):
+    """The jitted logits and generation programs for one model, hook and SAE (every mode)."""
+    loaded = loaded_ref()
+    apply = make_intervention(loaded)
+    activation = latent_activation_fn(loaded)
+
+    @jax.jit
+    def logits_fn(lm_params, args, tokens):
+        logits, cache = models.forward(
+            lm_params, tokens, config, hooks=(hook,),
+            interventions={hook: functools.partial(apply, args)})
+        # The cache holds the activation after the intervention; the clean run (on=0) gives
+        # the latent's own activation on the prompt.
+        params, scale, latent = args[:3]
+        return logits, activation(params, scale, latent, cache[hook])
+
+    @jax.jit
+    def generate_fn(lm_params, args, buffer, prompt_length):
+        def body(t, buffer):
+            logits, _ = models.forward(lm_params, buffer, config,
+                                       interventions={hook: functools.partial(apply, args)})
+            # Causal attention: the positions not generated yet do not affect position t - 1.
+            last = jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False)
+            return jax.lax.dynamic_update_index_in_dim(
+                buffer, jnp.argmax(last, axis=-1).astype(buffer.dtype), t, axis=1)
+        return jax.lax.fori_loop(prompt_length, buffer.shape[1], body, buffer)
+
+    return logits_fn, generate_fn
+
+
+def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float | None = None,
+          *, n_new_tokens: int = 20, top: int = 10) -> SteeringResult:
+    """Runs `model` (a `saejax.data.lm.LanguageModel`: config, params, hook) on `tokens` ([seq] or
+    [batch, seq] ids) with `latent` of `loaded` clamped/added/ablated at the model's hook.
+
+    Returns the KL divergence from the clean next-token distribution (at the last prompt token
+    and averaged over the prompt), the tokens whose log-probabilities at the last prompt token
+    rise and fall most, and `n_new_tokens` greedy tokens with and without the intervention
+    (which applies at every position, the generated ones included).
+    """
+    if mode not in MODES:
+        raise AnalysisError(f"mode={mode!r}: choose one of {list(MODES)}.")
+    latent = loading.check_latent(loaded, latent)
+    if mode == "ablate":
+        if value not in (None, 0, 0.0):
+            raise AnalysisError(f"mode='ablate' sets the latent to 0 and takes no value (got "
+                                f"{value}); use mode='clamp' to set it to another value.")
+        value = 0.0
+    elif value is None or not math.isfinite(float(value)):
+        raise AnalysisError(f"mode={mode!r} needs a finite value (the latent's activation to "
+                            f"{'add' if mode == 'add' else 'clamp it to'}); got {value!r}.")
+    value = float(value)
+    config, hook = model.config, model.hook
+    loading.check_width(loaded, config.n_embd, f"{hook} of the model (n_embd={config.n_embd})",
+                        "Use the model (checkpoint and hook) this SAE was trained on.")
+    if loaded.hook and hook != loaded.hook:
+        logging.warning("The SAE was trained at %s but is applied at %s.", loaded.hook, hook)
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or tokens.shape[1] == 0 or not np.issubdtype(tokens.dtype, np.integer):
+        raise AnalysisError(f"tokens must be integer ids [seq] or [batch, seq]; got "
+                            f"{tokens.dtype} {tokens.shape}.")
+    if tokens.min() < 0 or tokens.max() >= config.vocab_size:
+        raise AnalysisError(f"token ids must lie in [0, {config.vocab_size}); got "
+                            f"[{tokens.min()}, {tokens.max()}].")
+    total = tokens.shape[1] + int(n_new_tokens)
+    if total > config.n_positions:
+        raise AnalysisError(f"{tokens.shape[1]} prompt tokens + {n_new_tokens} new ones exceed "
+                            f"the model's n_positions={config.n_positions}; shorten one.")
+    tokens = tokens.astype(np.int32)
+
+    logits_fn, generate_fn = _programs(config, hook, _Ref(loaded))
+    args = lambda on: intervention_args(loaded, latent, mode, value, on=on)
+    clean_logits, activation = logits_fn(model.params, args(False), tokens)
+    steered_logits, _ = logits_fn(model.params, args(True), tokens)
+    logp_clean = jax.nn.log_softmax(clean_logits, axis=-1)
+    logp_steered = jax.nn.log_softmax(steered_logits, axis=-1)
+    kl = jnp.sum(jnp.exp(logp_clean) * (logp_clean - logp_steered), axis=-1)   # [b, s]
+    change = np.asarray(jnp.mean(logp_steered[:, -1] - logp_clean[:, -1], axis=0))
+    order = np.argsort(-change, kind="stable")
+    top = min(int(top), len(change))
+
+    buffer = np.zeros((tokens.shape[0], total), np.int32)
+    buffer[:, :tokens.shape[1]] = tokens
+    prompt_length = jnp.int32(tokens.shape[1])
+    clean = np.asarray(generate_fn(model.params, args(False), buffer, prompt_length))
+    steered = np.asarray(generate_fn(model.params, args(True), buffer, prompt_length))
+    return SteeringResult(
+        latent=latent, mode=mode, value=value, hook=hook, prompt_tokens=tokens,
+        clean_tokens=clean[:, tokens.shape[1]:], steered_tokens=steered[:, tokens.shape[1]:],
+        latent_activation=np.asarray(activation),
+        kl_last=float(jnp.mean(kl[:, -1])), kl_mean=float(jnp.mean(kl)),
+        top_increased=[(int(i), float(change[i])) for i in order[:top]],
+        top_decreased=[(int(i), float(change[i])) for i in order[::-1][:top]])
+
+
+class _Ref:
+    """Hashable handle on a LoadedSAE for the program cache (compared by identity)."""
+
+    def __init__(self, loaded: LoadedSAE):
+        self._loaded = loaded
+
+    def __call__(self) -> LoadedSAE:
+        return self._loaded
+
+    def __hash__(self):
+        return id(self._loaded)
+
+    def __eq__(self, other):
+        return isinstance(other, _Ref) and other._loaded is self._loaded
+
+
+def encode_prompt(tokenizer, prompt: str, *, prepend_bos: bool = True) -> np.ndarray:
+    """The prompt's token ids, after `<|endoftext|>` (the separator saejax's training sequences
+    put before every document) when `prepend_bos` and the tokenizer has it."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    bos = tokenizer.token_to_id(models.END_OF_TEXT) if prepend_bos else None
+    ids = ([bos] if bos is not None else []) + list(ids)
+    if not ids:
+        raise AnalysisError("the prompt gives no tokens.")
+    return np.asarray(ids, np.int32)
+
+
+def report(result: SteeringResult, tokenizer=None, *, prompt: str | None = None) -> str:
+    """The result as the CLI prints it."""
+    text = (lambda ids: tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+            ) if tokenizer is not None else (lambda ids: " ".join(map(str, ids)))
+    token = (lambda i: tokenizer.decode([int(i)], skip_special_tokens=False)
+             ) if tokenizer is not None else str
+    what = {"add": f"add {result.value:g}", "clamp": f"clamped to {result.value:g}",
+            "ablate": "ablated"}[result.mode]
+    activations = " ".join(f"{a:.3g}" for a in result.latent_activation[0])
+    lines = [f"Latent {result.latent} ({what}) at {result.hook}",
+             f"Prompt:  {prompt if prompt is not None else text(result.prompt_tokens[0])!r}",
+             f"  the latent on the prompt's tokens (clean): {activations}",
+             f"Clean:   {text(result.clean_tokens[0])!r}",
+             f"Steered: {text(result.steered_tokens[0])!r}",
+             f"KL(clean || steered) at the last prompt token: {result.kl_last:.4g} nats "
+             f"(mean over the prompt {result.kl_mean:.4g})",
+             "Next-token log-probability change at the last prompt token (steered - clean):",
+             "  up:   " + "  ".join(f"{token(i)!r} {d:+.3g}" for i, d in result.top_increased),
+             "  down: " + "  ".join(f"{token(i)!r} {d:+.3g}" for i, d in result.top_decreased)]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# CLI.
+# ------------------------------------------------------------------------------------------
+def _define_flags() -> None:
+    """The CLI's flags, defined only when this module runs as a program: importing it as a
+    library defines none, so it cannot clash with another tool's flags."""
+    flags.DEFINE_integer("latent", None, "The latent to steer with.")
+    flags.DEFINE_enum("mode", "add", list(MODES), "add, clamp or ablate.")
+    flags.DEFINE_float("value", None, "add: the activation added; clamp: the activation set.")
+    flags.DEFINE_string("prompt", None, "Text to continue.")
+    flags.DEFINE_integer("new_tokens", 20, "Greedy tokens to generate.")
+    flags.DEFINE_string("checkpoint", None, "Model checkpoint (default: the run's "
+                        "lm.checkpoint).")
+    flags.DEFINE_string("hook", None, "Hook point (default: the SAE's).")
+    flags.DEFINE_integer("top", 10, "Tokens shown per direction of change.")
+    flags.DEFINE_bool("prepend_bos", True, "Start the prompt with <|endoftext|>.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+
+
+def main(argv):
+    if len(argv) != 2:
+        sys.exit("usage: python -m saejax.analysis.steer DIR --latent=I --mode=add --value=5 "
+                 "--prompt='...'")
+    FLAGS = flags.FLAGS
+    try:
+        if FLAGS.latent is None or FLAGS.prompt is None:
+            raise AnalysisError("--latent and --prompt are required.")
+        loaded = loading.load_sae(argv[1], step=FLAGS.step)
+        loading.check_latent(loaded, FLAGS.latent)
+        model = loading.load_language_model(loaded, checkpoint=FLAGS.checkpoint,
+                                            hook=FLAGS.hook)
+        tokenizer = loading.load_tokenizer(loaded, FLAGS.checkpoint)
+        if tokenizer is None:
+            raise AnalysisError("the prompt needs the checkpoint's tokenizer.json; pass "
+                                "--checkpoint=DIR holding one.")
+        tokens = encode_prompt(tokenizer, FLAGS.prompt, prepend_bos=FLAGS.prepend_bos)
+        result = steer(model, loaded, tokens, FLAGS.latent, FLAGS.mode, FLAGS.value,
+                       n_new_tokens=FLAGS.new_tokens, top=FLAGS.top)
+    except (ConfigError, FileNotFoundError) as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+    print(report(result, tokenizer, prompt=FLAGS.prompt))
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
