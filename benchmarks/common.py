@@ -73,3 +73,29 @@ def config_from_flags(args):
     config.train.batch_size = args.batch_size
     config.mesh.model = args.mesh_model
     return config
+
+
+def time_train_step(config, *, d: int, iters: int = 10) -> dict:
+    """Median seconds per sharded train step of `config` on a random batch (compilation
+    excluded), with the trainer's FLOPs per token: what every step benchmark reports."""
+    from saejax import sharding, train  # pylint: disable=import-outside-toplevel
+    batch_size = int(config.train.batch_size)
+    mesh = sharding.make_mesh(config.mesh)
+    with sharding.activate(mesh, config.sharding_rules):
+        batch_sharding = jax.sharding.NamedSharding(
+            mesh, sharding.logical_to_spec(("batch", "embed"), config.sharding_rules))
+        trainer = train.make_trainer(config, mesh, d=d, batch_sharding=batch_sharding)
+        batch = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (batch_size, d)),
+                               batch_sharding)
+        holder = {"state": trainer.init(jax.random.PRNGKey(0))}
+
+        def run():  # time_fn's warm-up calls compile it
+            holder["state"], metrics = trainer.train_step(holder["state"], batch)
+            return metrics
+
+        seconds = time_fn(run, iters=iters)
+    tokens_per_s = batch_size / seconds
+    return {"architecture": config.sae.architecture, "n_latents": trainer.n_latents,
+            "mesh": dict(mesh.shape), "seconds_per_step": seconds, "tokens_per_s": tokens_per_s,
+            "flops_per_token": trainer.flops_per_token,
+            "flops_per_s": tokens_per_s * trainer.flops_per_token}

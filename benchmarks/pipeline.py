@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common, store_read  # noqa: E402
 from experiments import gpt2_small  # noqa: E402
-from saejax import harvest, models, sharding, train  # noqa: E402
+from saejax import harvest, models, sharding  # noqa: E402
 from saejax.data import store  # noqa: E402
 
 
@@ -160,29 +160,10 @@ def measure_read(args, config, harvested: dict, workdir: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-# Train step (as benchmarks/train_step.py times it).
+# Train step (common.time_train_step, as benchmarks/train_step.py).
 # ------------------------------------------------------------------------------------------
 def measure_train(args, config) -> dict:
-    mesh = sharding.make_mesh(config.mesh)
-    with sharding.activate(mesh, config.sharding_rules):
-        batch_sharding = jax.sharding.NamedSharding(
-            mesh, sharding.logical_to_spec(("batch", "embed"), config.sharding_rules))
-        trainer = train.make_trainer(config, mesh, d=args.n_embd, batch_sharding=batch_sharding)
-        batch = jax.device_put(
-            jax.random.normal(jax.random.PRNGKey(0), (args.batch_size, args.n_embd)),
-            batch_sharding)
-        holder = {"state": trainer.init(jax.random.PRNGKey(0))}
-
-        def run():  # time_fn's warm-up calls compile it
-            holder["state"], metrics = trainer.train_step(holder["state"], batch)
-            return metrics
-
-        seconds = common.time_fn(run, iters=args.iters)
-    tokens_per_s = args.batch_size / seconds
-    return {"architecture": config.sae.architecture, "n_latents": trainer.n_latents,
-            "seconds_per_step": seconds, "tokens_per_s": tokens_per_s,
-            "flops_per_token": trainer.flops_per_token,
-            "flops_per_s": tokens_per_s * trainer.flops_per_token}
+    return common.time_train_step(config, d=args.n_embd, iters=args.iters)
 
 
 # ------------------------------------------------------------------------------------------

@@ -15,10 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-
 from benchmarks import common  # noqa: E402
-from saejax import sharding, train  # noqa: E402
 
 
 def main():
@@ -27,32 +24,16 @@ def main():
     args = parser.parse_args()
     config = common.config_from_flags(args)
     n_latents = args.d * args.expansion_factor
-
-    mesh = sharding.make_mesh(config.mesh)
-    with sharding.activate(mesh, config.sharding_rules):
-        batch_sharding = jax.sharding.NamedSharding(
-            mesh, sharding.logical_to_spec(("batch", "embed"), config.sharding_rules))
-        trainer = train.make_trainer(config, mesh, d=args.d, batch_sharding=batch_sharding)
-        batch = jax.device_put(
-            jax.random.normal(jax.random.PRNGKey(0), (args.batch_size, args.d)), batch_sharding)
-        state = trainer.init(jax.random.PRNGKey(0))
-
-        holder = {"state": state}
-
-        def run():  # time_fn's warm-up calls compile it
-            holder["state"], metrics = trainer.train_step(holder["state"], batch)
-            return metrics
-
-        seconds = common.time_fn(run, iters=args.iters)
+    step = common.time_train_step(config, d=args.d, iters=args.iters)
+    seconds = step["seconds_per_step"]
 
     matmul = common.matmul_flops_per_s(
         shapes=((args.batch_size, args.d, n_latents), (args.batch_size, n_latents, args.d),
                 (args.peak_size,) * 3))
-    tokens_per_s = args.batch_size / seconds
-    flops_per_s = tokens_per_s * trainer.flops_per_token
+    tokens_per_s, flops_per_s = step["tokens_per_s"], step["flops_per_s"]
     result = {
         "benchmark": "train_step", "architecture": args.architecture, "d": args.d,
-        "n_latents": n_latents, "batch_size": args.batch_size, "mesh": dict(mesh.shape),
+        "n_latents": n_latents, "batch_size": args.batch_size, "mesh": step["mesh"],
         "seconds_per_step": seconds, "tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s,
         "matmul_flops_per_s": matmul, "fraction_of_matmul_peak": flops_per_s / matmul,
         "peak_memory_bytes": common.peak_memory_bytes(), "machine": common.machine(),

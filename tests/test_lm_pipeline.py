@@ -3,7 +3,6 @@ activation stores, training from a store from the CLI, loss recovered; harvestin
 resumed; the on-the-fly LM source; and the errors a user meets on the way."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
