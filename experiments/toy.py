@@ -9,7 +9,9 @@ Expected (measured, benchmarks/RESULTS.md): MMCS 0.997 (each of the 512 true fea
 learned decoder row at cosine ~0.997), FVU 0.028, L0 7.4 (the data has ~5 active features per
 sample), dead_fraction ~0.01. The L1 optimum is sharp: 0.3 gives MMCS 0.984, 1.2 gives 0.980.
 
-`get_config("smoke")` shrinks the run to seconds for tests.
+`get_config("small")` is the same recipe at a quarter of the width and batch (d = 64, 128 true
+features, 256 latents, batch 256): MMCS 0.9965-0.9973, dead_fraction < 0.01 for seeds 0-3 in
+about 15 s on 2 cores. `get_config("smoke")` shrinks the run to seconds for tests.
 """
 
 import ml_collections
@@ -28,14 +30,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.batch_size = 1024
     config.train.steps = 4_000
 
-    if arg == "smoke":
+    if arg == "small":  # the recipe at a quarter of the width and batch: ~15 s on 2 cores
+        config.data.d = 64
+        config.data.n_features = 128
+        config.train.batch_size = 256
+    elif arg == "smoke":
         config.train.batch_size = 256
         config.train.steps = 20
         config.train.log_every = 5
         config.train.checkpoint_every = 10
         config.evals.eval_batches = 2
     elif arg:
-        raise ValueError(f"experiments/toy.py: unknown argument {arg!r}; use 'smoke' or nothing.")
+        raise ValueError(f"experiments/toy.py: unknown argument {arg!r}; use 'small', 'smoke' "
+                         "or nothing.")
     return config
 
 

@@ -52,17 +52,33 @@ def _config(architecture, mesh_shape, **overrides):
 GROUP = {"group.sparsity_coefficients": (0.5, 3.0)}
 # Dead-latent resampling after the steps (then one more step), on the sharded dictionary.
 RESAMPLE = {"resample.every_steps": 1, "resample.until_step": 1}
+# Each mesh costs a compile of ~5 s on 2 CPU cores, so not every case runs on every mesh. Every
+# case runs on a mesh that splits the batch and the dictionary; topk, whose sharded top-k and
+# AuxK depend most on how the latents are split, runs on all four shapes; switch also with its
+# 4 experts split over 8 shards.
+SPLIT_MESHES = {"topk": MESHES, "batchtopk": [(4, 2)], "jumprelu": [(4, 2)],
+                "switch": [(2, 4), (1, 8)]}
+CASES = {**{name: (name, {}, SPLIT_MESHES.get(name, [(2, 4)]))
+            for name in sorted(sae.ARCHITECTURES) if name != "relu"},
+         "relu-resample": ("relu", RESAMPLE, [(2, 4)]),
+         "relu-group-resample": ("relu", {**GROUP, **RESAMPLE}, [(4, 2)]),
+         "jumprelu-group-vmap": ("jumprelu", {**GROUP, "group.vectorize": "vmap"}, [(2, 4)])}
 
 
-@pytest.mark.parametrize("architecture,overrides",
-                         [(name, {}) for name in sorted(sae.ARCHITECTURES) if name != "relu"]
-                         + [("relu", RESAMPLE), ("relu", {**GROUP, **RESAMPLE}),
-                            ("jumprelu", {**GROUP, "group.vectorize": "vmap"})])
-def test_sharded_step_matches_single_device(architecture, overrides):
+def test_cases_cover_every_architecture_split_and_every_mesh():
+    assert {name for name, _, _ in CASES.values()} == set(sae.ARCHITECTURES)
+    assert all(any(data > 1 and model > 1 for data, model in meshes)
+               for _, _, meshes in CASES.values())
+    assert {mesh for _, _, meshes in CASES.values() for mesh in meshes} == set(MESHES)
+
+
+@pytest.mark.parametrize("architecture,overrides,meshes", list(CASES.values()),
+                         ids=list(CASES))
+def test_sharded_step_matches_single_device(architecture, overrides, meshes):
     reference, reference_losses = _run_steps(_config(architecture, (1, 1), **overrides),
                                              jax.devices()[:1])
     grouped = "group.sparsity_coefficients" in overrides
-    for mesh_shape in MESHES:
+    for mesh_shape in meshes:
         state, losses = _run_steps(_config(architecture, mesh_shape, **overrides),
                                    jax.devices())
         np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
