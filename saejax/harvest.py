@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from saejax import models, paths
+from saejax import cli, models, paths
 from saejax.data import store
 from saejax.sharding import ConfigError
 
@@ -108,8 +108,7 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
 
 def main(argv):
     del argv
-    if _NUM_CPU_DEVICES.value:
-        jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
+    cli.setup(num_cpu_devices=_NUM_CPU_DEVICES.value)
     try:
         result = harvest(_CHECKPOINT.value, _TOKENS.value, _OUT.value, hooks=_HOOKS.value,
                          context_length=_CONTEXT.value, batch_sequences=_BATCH.value,

@@ -3,14 +3,13 @@
 Overrides go through `--config.x=y` (the config is locked, so a misspelt key is an error).
 """
 
-import logging as std_logging
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 import jax
 
-from saejax import distributed, train
+from saejax import cli, train
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -24,19 +23,9 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries:
-    """Keeps the progress lines readable: drops INFO records from orbax's internals."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
     del argv
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    if _NUM_CPU_DEVICES.value:
-        jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
-    distributed.initialize(force=_DISTRIBUTED.value)
+    cli.setup(num_cpu_devices=_NUM_CPU_DEVICES.value, join_cluster=_DISTRIBUTED.value)
     try:
         summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except train.Preempted as e:

@@ -1,0 +1,534 @@
+"""Scaling plots and fits from a sweep's results table: `python -m saejax.plots DIR`.
+
+Reads the sweep's table (re-collected first from DIR's run folders when DIR/sweep.json is there,
+so a running sweep shows its progress; `--nocollect`, or a path to a results.csv, plots the
+table alone) and writes into DIR:
+
+    plots/loss_vs_latents.{png,svg}     FVU against the number of latents, one curve per
+                                        sparsity level, with L(N) = c + a N^-b fitted
+    plots/sparsity_fidelity.{png,svg}   FVU against L0, one curve per dictionary size
+    plots/dead_and_mmcs.{png,svg}       dead fraction (and MMCS, with ground truth) against size
+    plots/loss_vs_compute.{png,svg}     FVU against training FLOPs, with the compute frontier
+    report.md                           the figures, the fitted constants with their standard
+                                        errors, and the points
+
+Unfinished points (partial, failed) are drawn hollow from their last logged training metrics,
+each title says how many points are finished, and fits use finished points only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from typing import Any, NamedTuple, Sequence
+
+import matplotlib
+from matplotlib import ticker
+from matplotlib.figure import Figure
+import numpy as np
+
+from saejax import sweep
+
+PLOTS_DIR = "plots"
+REPORT = "report.md"
+FIGURES = ("loss_vs_latents", "sparsity_fidelity", "dead_and_mmcs", "loss_vs_compute")
+MIN_FIT_POINTS = 4  # three constants, and at least one residual for their uncertainty
+
+
+# ------------------------------------------------------------------------------------------
+# Fitting L(N) = c + a N^-b.
+# ------------------------------------------------------------------------------------------
+class PowerLawFit(NamedTuple):
+    """L(N) = c + a * N^(-b) (Gao et al. 2024), with one standard error on each constant."""
+
+    c: float
+    a: float
+    b: float
+    c_err: float
+    a_err: float
+    b_err: float
+    n_points: int
+    rms_log_residual: float  # root mean square of log(L) - log(fit)
+
+    def __call__(self, n) -> np.ndarray:
+        return self.c + self.a * np.power(np.asarray(n, float), -self.b)
+
+
+def fit_power_law(n: Sequence[float], loss: Sequence[float]) -> PowerLawFit:
+    """Least squares on log(loss) (the noise in a loss is relative), c >= 0, a > 0.
+
+    A grid over b with (c, a) solved linearly for each b (weighted by 1/loss) gives the start;
+    Levenberg-Marquardt refines all three. The standard errors come from the covariance
+    s^2 (J^T J)^-1 of the log residuals. N is scaled by its geometric mean while fitting, so
+    the problem is well conditioned whether N counts latents (1e3) or FLOPs (1e15).
+    """
+    n, loss = np.asarray(n, np.float64), np.asarray(loss, np.float64)
+    if n.shape != loss.shape or n.size < MIN_FIT_POINTS:
+        raise ValueError(f"fit_power_law needs at least {MIN_FIT_POINTS} (n, loss) pairs, got "
+                         f"{n.size}.")
+    if np.any(n <= 0) or np.any(loss <= 0) or not np.all(np.isfinite(loss)):
+        raise ValueError("fit_power_law needs positive n and positive, finite losses.")
+    n0 = float(np.exp(np.mean(np.log(n))))
+    t = np.log(n / n0)
+    log_loss = np.log(loss)
+
+    def residuals(p):
+        c, a, b = p
+        return np.log(c + a * np.exp(-b * t)) - log_loss
+
+    def jacobian(p):
+        c, a, b = p
+        u = np.exp(-b * t)
+        m = c + a * u
+        return np.stack([1 / m, u / m, -a * u * t / m], axis=1)
+
+    # Start: for each b on a grid, (c, a) by linear least squares on the relative error
+    # (c + a u - L) / L, solved for every b at once from the 2x2 normal equations.
+    b_grid = np.concatenate([np.linspace(0.005, 0.1, 20), np.linspace(0.1, 4.0, 400)])
+    v = np.exp(-b_grid[:, None] * t[None, :]) / loss            # u / L, [grid, points]
+    w = 1 / loss
+    sww, swv, svv = np.sum(w * w), v @ w, np.sum(v * v, axis=1)
+    sw, sv = np.sum(w), np.sum(v, axis=1)
+    det = sww * svv - swv ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = (svv * sw - swv * sv) / det
+        a = (sww * sv - swv * sw) / det
+        a_only = sv / svv                                         # the fit with c = 0
+        a = np.where(c < 0, a_only, a)
+        c = np.maximum(c, 0.0)
+        model = c[:, None] + a[:, None] * v * loss
+        sse = np.sum((np.log(model) - log_loss) ** 2, axis=1)
+    sse = np.where((a > 0) & np.isfinite(sse), sse, np.inf)
+    if not np.isfinite(sse.min()):
+        raise ValueError("fit_power_law: the losses do not fall with n; no power law fits.")
+    best = int(np.argmin(sse))
+    best, best_sse = np.array([c[best], a[best], b_grid[best]]), float(sse[best])
+
+    p, sse, damping = best, best_sse, 1e-3
+    for _ in range(200):
+        r, jac = residuals(p), jacobian(p)
+        hessian = jac.T @ jac
+        step = np.linalg.solve(hessian + damping * np.diag(np.diag(hessian) + 1e-12),
+                               -jac.T @ r)
+        trial = p + step
+        trial[0] = max(trial[0], 0.0)
+        trial_sse = float(np.sum(residuals(trial) ** 2)) if trial[1] > 0 else np.inf
+        if trial_sse < sse:
+            converged = sse - trial_sse < 1e-14 * max(sse, 1e-30)
+            p, sse, damping = trial, trial_sse, damping / 3
+            if converged:
+                break
+        else:
+            damping *= 10
+            if damping > 1e12:
+                break
+
+    c, a_scaled, b = (float(v) for v in p)
+    jac = jacobian(p)
+    dof = n.size - 3
+    covariance = (sse / dof if dof else np.nan) * np.linalg.pinv(jac.T @ jac)
+    # Back to the unscaled a = a_scaled * n0^b, carrying b's uncertainty into a's.
+    scale = n0 ** b
+    to_raw = np.array([[1, 0, 0], [0, scale, a_scaled * scale * np.log(n0)], [0, 0, 1]])
+    errors = np.sqrt(np.maximum(np.diag(to_raw @ covariance @ to_raw.T), 0.0))
+    return PowerLawFit(c=c, a=a_scaled * scale, b=b, c_err=float(errors[0]),
+                       a_err=float(errors[1]), b_err=float(errors[2]), n_points=int(n.size),
+                       rms_log_residual=float(np.sqrt(sse / n.size)))
+
+
+def compute_frontier(flops: Sequence[float], loss: Sequence[float]) -> np.ndarray:
+    """Indices of the points no cheaper point beats: the lowest loss reached at each compute,
+    in increasing compute."""
+    order = np.argsort(np.asarray(flops, float), kind="stable")
+    frontier, best = [], np.inf
+    for i in order:
+        if loss[i] < best:
+            frontier.append(int(i))
+            best = loss[i]
+    return np.asarray(frontier, int)
+
+
+# ------------------------------------------------------------------------------------------
+# The table's rows, as the plots see them.
+# ------------------------------------------------------------------------------------------
+class _Curve(NamedTuple):
+    label: str
+    color: Any
+    marker: str
+    rows: list[dict]
+
+
+_MARKERS = "os^Dv<>P"  # one per architecture, in the order they appear
+
+
+def _plotted(rows: Sequence[dict]) -> list[dict]:
+    """Rows with metrics: finished points, and unfinished ones that logged a step."""
+    return [r for r in rows if r.get("fvu") is not None and r.get("status") != sweep.PENDING]
+
+
+def _finished(row: dict) -> bool:
+    return row.get("status") == sweep.DONE
+
+
+def _partial_note(rows: Sequence[dict]) -> str:
+    done = sum(_finished(r) for r in rows)
+    return "" if done == len(rows) else f" (partial: {done} of {len(rows)} points finished)"
+
+
+def short_level_name(name: str) -> str:
+    """'l1_coefficient / expansion_factor' -> 'l1/x', 'l0_coefficient' -> 'l0', 'k' -> 'k'."""
+    return name.replace("_coefficient", "").replace(" / expansion_factor", "/x")
+
+
+def _level_label(row: dict, several_architectures: bool) -> str:
+    value = f"{short_level_name(row['sparsity_level_name'])} = {row['sparsity_level']:.3g}"
+    return f"{row['architecture']}, {value}" if several_architectures else value
+
+
+def _levels_title(rows: Sequence[dict]) -> str:
+    """What the curves' sparsity levels are, for a legend title: 'l1/x = l1_coefficient /
+    expansion_factor', or just 'sparsity level' when every level is named in full."""
+    names = sorted({r["sparsity_level_name"] for r in rows})
+    spelled = [f"{short_level_name(n)} = {n}" for n in names if short_level_name(n) != n]
+    return "; ".join(spelled) if spelled else "sparsity level"
+
+
+def _curves(rows: Sequence[dict], key: str) -> list[_Curve]:
+    """Rows grouped into curves, by sparsity level ("level") or by dictionary size ("size"),
+    and by architecture (one marker each)."""
+    architectures = list(dict.fromkeys(r["architecture"] for r in rows))
+    several = len(architectures) > 1
+    groups: dict[Any, list[dict]] = {}
+    for row in rows:
+        group = ((row["architecture"], row["sparsity_level_name"], row["sparsity_level"])
+                 if key == "level" else (row["n_latents"], row["architecture"]))
+        groups.setdefault(group, []).append(row)
+    ordered = sorted(groups)
+    colored = sorted({g[:-1] if key == "size" else g for g in ordered})
+    cmap = matplotlib.colormaps["viridis" if key == "level" else "plasma"]
+    curves = []
+    for group in ordered:
+        members = groups[group]
+        i = colored.index(group[:-1] if key == "size" else group)
+        color = cmap(0.9 * i / max(len(colored) - 1, 1))
+        if key == "level":
+            label = _level_label(members[0], several)
+        else:
+            label = f"{group[0]:,} latents" + (f" ({group[1]})" if several else "")
+        marker = _MARKERS[architectures.index(members[0]["architecture"]) % len(_MARKERS)]
+        curves.append(_Curve(label, color, marker, members))
+    return curves
+
+
+def _scatter(ax, xs, ys, rows, curve: _Curve, label=None):
+    """A curve's points joined by a line: finished points filled, unfinished ones hollow."""
+    done = np.array([_finished(r) for r in rows], bool)
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    ax.plot(xs, ys, "-", color=curve.color, lw=1.2, marker=curve.marker, markersize=5,
+            markevery=[int(i) for i in np.flatnonzero(done)],
+            label=label if label is not None else curve.label)
+    ax.scatter(xs[~done], ys[~done], facecolors="none", edgecolors=curve.color,
+               marker=curve.marker, s=28, zorder=3, linewidths=1.2)
+
+
+def _latents_axis(ax) -> None:
+    """Log2 axis of dictionary sizes, labelled 64, 128, ..., 1,024 rather than 2^6."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+
+
+class _PlainLogFormatter(ticker.LogFormatter):
+    """Labels the ticks matplotlib's log formatter would, as plain numbers: 0.2, not 2e-01."""
+
+    def __call__(self, x, pos=None):
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
+def _plain_log_axis(axis) -> None:
+    axis.set_major_formatter(_PlainLogFormatter())
+    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def _empty(ax, message="no results yet"):
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+def _save(fig: Figure, out_dir: str, name: str) -> list[str]:
+    paths = [os.path.join(out_dir, f"{name}.{ext}") for ext in ("png", "svg")]
+    fig.savefig(paths[0], dpi=150, metadata={"Software": None})
+    fig.savefig(paths[1], metadata={"Date": None})
+    return paths
+
+
+def _partial_legend_note(ax, rows):
+    if not all(_finished(r) for r in rows):
+        ax.scatter([], [], facecolors="none", edgecolors="0.3", s=28,
+                   label="hollow: unfinished (last logged step)")
+
+
+# ------------------------------------------------------------------------------------------
+# The figures.
+# ------------------------------------------------------------------------------------------
+def plot_loss_vs_latents(rows: Sequence[dict], out_dir: str) -> dict[str, PowerLawFit]:
+    """FVU against the number of latents, log-log, one curve per sparsity level, each with its
+    fitted L(N) = c + a N^-b. Returns the fits by curve label."""
+    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
+    ax = fig.subplots()
+    plotted = _plotted(rows)
+    fits = {}
+    for curve in _curves(plotted, "level"):
+        members = sorted(curve.rows, key=lambda r: r["n_latents"])
+        label = curve.label
+        done = [r for r in members if _finished(r)]
+        if len(done) >= MIN_FIT_POINTS:
+            try:
+                fit = fit_power_law([r["n_latents"] for r in done], [r["fvu"] for r in done])
+            except ValueError:
+                fit = None
+            if fit is not None:
+                fits[curve.label] = fit
+                label += f": b = {fit.b:.2f} ± {fit.b_err:.2f}"
+                grid = np.geomspace(min(r["n_latents"] for r in done),
+                                    max(r["n_latents"] for r in done), 200)
+                ax.plot(grid, fit(grid), "--", color=curve.color, lw=1.0)
+        _scatter(ax, [r["n_latents"] for r in members], [r["fvu"] for r in members], members,
+                 curve, label=label)
+    if plotted:
+        _latents_axis(ax)
+        ax.set_yscale("log")
+        _plain_log_axis(ax.yaxis)
+        _partial_legend_note(ax, plotted)
+        ax.legend(fontsize=7.5, title=_levels_title(plotted) + "\ndashed: L(N) = c + a N^-b",
+                  title_fontsize=7.5)
+    else:
+        _empty(ax)
+    ax.set_xlabel("number of latents N (dictionary size)")
+    ax.set_ylabel("normalised MSE (FVU, fraction of variance unexplained)")
+    ax.set_title("Loss against dictionary size" + _partial_note(rows), fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    _save(fig, out_dir, "loss_vs_latents")
+    return fits
+
+
+def plot_sparsity_fidelity(rows: Sequence[dict], out_dir: str) -> None:
+    """FVU against L0, log-log, one curve per dictionary size: the sparsity-fidelity frontier."""
+    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
+    ax = fig.subplots()
+    plotted = [r for r in _plotted(rows) if r.get("l0") is not None]
+    for curve in _curves(plotted, "size"):
+        members = sorted(curve.rows, key=lambda r: r["l0"])
+        _scatter(ax, [r["l0"] for r in members], [r["fvu"] for r in members], members, curve)
+    if plotted:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _plain_log_axis(ax.xaxis)
+        _plain_log_axis(ax.yaxis)
+        _partial_legend_note(ax, plotted)
+        ax.legend(fontsize=7.5, title="dictionary size", title_fontsize=7.5)
+    else:
+        _empty(ax)
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel("normalised MSE (FVU, fraction of variance unexplained)")
+    ax.set_title("Sparsity-fidelity frontier" + _partial_note(rows), fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    _save(fig, out_dir, "sparsity_fidelity")
+
+
+def plot_dead_and_mmcs(rows: Sequence[dict], out_dir: str) -> None:
+    """Dead fraction, and MMCS when the data has known features, against dictionary size."""
+    plotted = _plotted(rows)
+    with_mmcs = [r for r in plotted if r.get("mmcs") is not None]
+    fig = Figure(figsize=(11 if with_mmcs else 6.5, 4.6), layout="constrained")
+    axes = fig.subplots(1, 2 if with_mmcs else 1, squeeze=False)[0]
+    panels = [(axes[0], "dead_fraction", plotted,
+               "dead fraction (latents silent over the dead window)")]
+    if with_mmcs:
+        panels.append((axes[1], "mmcs", with_mmcs,
+                       "MMCS (mean over true features of the best cosine)"))
+    n_features = {r.get("n_features") for r in plotted} - {None}
+    for ax, metric, metric_rows, ylabel in panels:
+        for curve in _curves(metric_rows, "level"):
+            members = sorted(curve.rows, key=lambda r: r["n_latents"])
+            _scatter(ax, [r["n_latents"] for r in members], [r[metric] for r in members],
+                     members, curve)
+        if metric == "mmcs" and len(n_features) == 1:
+            ax.axvline(n_features.pop(), color="0.3", ls=":", lw=1.2,
+                       label="number of true features")
+        if metric_rows:
+            _latents_axis(ax)
+            _partial_legend_note(ax, metric_rows)
+            ax.legend(fontsize=7, title=_levels_title(metric_rows), title_fontsize=7)
+        else:
+            _empty(ax)
+        ax.set_xlabel("number of latents N (dictionary size)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.25)
+    axes[0].set_ylim(bottom=0)
+    fig.suptitle(("Dead latents and feature recovery" if with_mmcs else "Dead latents")
+                 + " against dictionary size" + _partial_note(rows), fontsize=10)
+    _save(fig, out_dir, "dead_and_mmcs")
+
+
+def plot_loss_vs_compute(rows: Sequence[dict], out_dir: str) -> PowerLawFit | None:
+    """FVU against training FLOPs, log-log, with the compute frontier (the best loss at each
+    compute) and L(C) = c + a C^-b fitted to the frontier. Returns the fit."""
+    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
+    ax = fig.subplots()
+    plotted = [r for r in _plotted(rows) if r.get("train_flops")]
+    for curve in _curves(plotted, "level"):
+        members = sorted(curve.rows, key=lambda r: r["train_flops"])
+        done = np.array([_finished(r) for r in members], bool)
+        xs = np.array([r["train_flops"] for r in members], float)
+        ys = np.array([r["fvu"] for r in members], float)
+        ax.scatter(xs[done], ys[done], color=curve.color, marker=curve.marker, s=28, zorder=3,
+                   label=curve.label)
+        ax.scatter(xs[~done], ys[~done], facecolors="none", edgecolors=curve.color,
+                   marker=curve.marker, s=28, zorder=3)
+    fit = None
+    done_rows = [r for r in plotted if _finished(r)]
+    if done_rows:
+        flops = np.array([r["train_flops"] for r in done_rows], float)
+        fvu = np.array([r["fvu"] for r in done_rows], float)
+        frontier = compute_frontier(flops, fvu)
+        ax.plot(flops[frontier], fvu[frontier], "-", color="black", lw=1.5,
+                label="compute frontier (finished points)")
+        if frontier.size >= MIN_FIT_POINTS:
+            try:
+                fit = fit_power_law(flops[frontier], fvu[frontier])
+            except ValueError:
+                fit = None
+        if fit is not None:
+            grid = np.geomspace(flops[frontier].min(), flops[frontier].max(), 200)
+            ax.plot(grid, fit(grid), "--", color="black", lw=1.0,
+                    label=f"frontier fit L(C) = c + a C^-b: b = {fit.b:.2f} ± {fit.b_err:.2f}")
+    if plotted:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _plain_log_axis(ax.yaxis)
+        _partial_legend_note(ax, plotted)
+        ax.legend(fontsize=7.5, title=_levels_title(plotted), title_fontsize=7.5)
+    else:
+        _empty(ax)
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel("normalised MSE (FVU, fraction of variance unexplained)")
+    ax.set_title("Loss against training compute" + _partial_note(rows), fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    _save(fig, out_dir, "loss_vs_compute")
+    return fit
+
+
+# ------------------------------------------------------------------------------------------
+# The report.
+# ------------------------------------------------------------------------------------------
+def _number(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _fit_row(label: str, fit: PowerLawFit) -> str:
+    return (f"| {label} | {fit.n_points} | {fit.c:.4g} ± {fit.c_err:.2g} | "
+            f"{fit.a:.4g} ± {fit.a_err:.2g} | **{fit.b:.3f} ± {fit.b_err:.3f}** | "
+            f"{fit.rms_log_residual:.3f} |")
+
+
+def load_rows(path: str, *, collect: bool = True) -> tuple[list[dict], str]:
+    """The table's rows and the folder to write into, from a sweep's workdir (re-collected
+    from its run folders when `collect` and sweep.json is there) or a results.csv."""
+    if os.path.isfile(path):
+        return sweep.read_table(path), os.path.dirname(os.path.abspath(path))
+    if collect and os.path.exists(os.path.join(path, sweep.MANIFEST)):
+        rows = sweep.collect(path)
+        sweep.write_table(rows, os.path.join(path, sweep.TABLE))
+        return rows, path
+    table = os.path.join(path, sweep.TABLE)
+    if not os.path.exists(table):
+        raise FileNotFoundError(f"{path} holds neither {sweep.TABLE} nor {sweep.MANIFEST}; "
+                                f"give a sweep's workdir or a results table.")
+    return sweep.read_table(table), path
+
+
+def write_report(workdir: str, rows: Sequence[dict] | None = None) -> str:
+    """Draws every figure into workdir/plots/ and writes workdir/report.md; returns its path.
+    Without `rows`, they come from `load_rows(workdir)`."""
+    if rows is None:
+        rows, workdir = load_rows(workdir)
+    out_dir = os.path.join(workdir, PLOTS_DIR)
+    os.makedirs(out_dir, exist_ok=True)
+    size_fits = plot_loss_vs_latents(rows, out_dir)
+    plot_sparsity_fidelity(rows, out_dir)
+    plot_dead_and_mmcs(rows, out_dir)
+    compute_fit = plot_loss_vs_compute(rows, out_dir)
+
+    done = [r for r in rows if _finished(r)]
+    counts = {s: sum(r.get("status") == s for r in rows)
+              for s in (sweep.DONE, sweep.PARTIAL, sweep.FAILED, sweep.PENDING)}
+    state = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    fit_header = ["| sparsity level | points | c | a | b | rms log residual |",
+                  "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Scaling sweep: {os.path.basename(os.path.abspath(workdir))}", "",
+        f"{len(rows)} points: {state}. Table: `{sweep.TABLE}`; redraw with "
+        f"`python -m saejax.plots {workdir}` "
+        f"({datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}).",
+    ]
+    if len(done) < len(rows):
+        lines += ["", "**Partial results**: unfinished points are drawn hollow from their last "
+                      "logged training step; fits use finished points only."]
+    lines += ["", "## Loss against dictionary size", "",
+              "![Loss against dictionary size](plots/loss_vs_latents.png)", "",
+              "L(N) = c + a N^-b (Gao et al. 2024) per sparsity level, fitted to the finished "
+              "points by least squares on log FVU; ± one standard error (from the fit's "
+              "Jacobian). N counts latents."]
+    if size_fits:
+        lines += ["", *fit_header, *(_fit_row(k, f) for k, f in size_fits.items())]
+    else:
+        lines += ["", f"(No fit: no sparsity level has {MIN_FIT_POINTS} finished sizes yet.)"]
+    lines += ["", "## Sparsity-fidelity frontier", "",
+              "![FVU against L0](plots/sparsity_fidelity.png)", "",
+              "## Dead latents and feature recovery", "",
+              "![Dead fraction and MMCS against dictionary size](plots/dead_and_mmcs.png)", "",
+              "## Loss against training compute", "",
+              "![FVU against training FLOPs](plots/loss_vs_compute.png)", ""]
+    if compute_fit is not None:
+        lines += ["L(C) = c + a C^-b fitted to the compute frontier (C in FLOPs):", "",
+                  *fit_header, _fit_row("frontier", compute_fit), ""]
+    lines += ["## Points", "",
+              "| point | status | n_latents | sparsity level | FVU | L0 | dead | MMCS | "
+              "train FLOPs | run wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r.get('status')} | {r['n_latents']} | "
+            f"{r['sparsity_level']:.3g} | {_number(r.get('fvu'), '.4f')} | "
+            f"{_number(r.get('l0'), '.2f')} | {_number(r.get('dead_fraction'), '.3f')} | "
+            f"{_number(r.get('mmcs'), '.4f')} | {_number(r.get('train_flops'), '.3g')} | "
+            f"{_number(r.get('wall_seconds'), '.0f')} |")
+    lines += ["", "Run wall s: the wall time of the run that trained the point (shared by the "
+                  "points of a group), compilation and evaluation included."]
+    names = sorted({r["sparsity_level_name"] for r in rows})
+    if names:
+        lines += ["", "Sparsity level (held fixed along a curve of the first figure): "
+                  + "; ".join(f"{short_level_name(n)} = {n}" for n in names)
+                  + ". The L1 term of relu and gated is a mean over latents, so "
+                    "l1_coefficient / expansion_factor is the coefficient that stays "
+                    "comparable across dictionary sizes."]
+    path = os.path.join(workdir, REPORT)
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def main(argv: Sequence[str]) -> None:
+    import argparse  # pylint: disable=import-outside-toplevel
+    parser = argparse.ArgumentParser(
+        prog="python -m saejax.plots", description=__doc__.split("\n")[0])
+    parser.add_argument("path", help="a sweep's workdir, or a results.csv")
+    parser.add_argument("--nocollect", action="store_true",
+                        help="plot the results table as it is, without reading the run folders")
+    args = parser.parse_args(argv)
+    rows, workdir = load_rows(args.path, collect=not args.nocollect)
+    print(f"Report: {write_report(workdir, rows)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
