@@ -47,7 +47,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def get_sweep() -> list[dict]:
-    """Dictionary size x sparsity: expansion 4..512 by powers of two, L1 on a log grid."""
-    return [{"sae.expansion_factor": e, "sae.l1_coefficient": l1}
+    """Dictionary size x sparsity: expansion 4..512 by powers of two x five L1 levels. The L1
+    term is a mean over latents, so a level (l1_coefficient / expansion_factor) is what stays
+    fixed along a scaling curve; x4 at level 0.15 is the default recipe. experiments/scaling.py
+    is the sweep with TopK points and a :runlocal version."""
+    return [{"sae.expansion_factor": e, "sae.l1_coefficient": level * e}
             for e in (4, 8, 16, 32, 64, 128, 256, 512)
-            for l1 in (0.1, 0.3, 1.0, 3.0, 10.0)]
+            for level in (0.0375, 0.075, 0.15, 0.3, 0.6)]

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import models
+from saejax import cli, models
 from saejax.analysis import loading, top_activations
 from saejax.analysis.loading import AnalysisError, LoadedSAE
 from saejax.sharding import ConfigError
@@ -491,8 +491,7 @@ def main(argv):
         sys.exit("usage: python -m saejax.analysis.dashboard DIR [--latents=...] [--top_n=N] "
                  "(DIR: a run's workdir or a SAELens SAE directory)")
     FLAGS = flags.FLAGS
-    if FLAGS.num_cpu_devices:
-        jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
+    cli.setup(num_cpu_devices=FLAGS.num_cpu_devices)
     try:
         index = run(argv[1], latents=FLAGS.latents, top_n=FLAGS.top_n, store=FLAGS.store,
                     checkpoint=FLAGS.checkpoint, out=FLAGS.out, step=FLAGS.step,

@@ -25,7 +25,7 @@ from typing import Any
 from absl import app, flags, logging
 import numpy as np
 
-from saejax import models, sae
+from saejax import cli, models, sae
 from saejax.analysis import loading
 from saejax.analysis.loading import AnalysisError, LoadedSAE
 from saejax.sharding import ConfigError
@@ -350,6 +350,7 @@ def main(argv):
     if len(argv) != 3:
         sys.exit("usage: python -m saejax.analysis.saelens DIR OUT [--step=N] (DIR: a run's "
                  "workdir; OUT: the SAELens directory to write)")
+    cli.setup()
     try:
         out = export_saelens(argv[1], argv[2], step=flags.FLAGS.step,
                              model_name=flags.FLAGS.model_name)

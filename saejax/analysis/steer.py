@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import models
+from saejax import cli, models
 from saejax.analysis import loading
 from saejax.analysis.loading import AnalysisError, LoadedSAE
 from saejax.sharding import ConfigError
@@ -254,6 +254,7 @@ def main(argv):
         sys.exit("usage: python -m saejax.analysis.steer DIR --latent=I --mode=add --value=5 "
                  "--prompt='...'")
     FLAGS = flags.FLAGS
+    cli.setup()
     try:
         if FLAGS.latent is None or FLAGS.prompt is None:
             raise AnalysisError("--latent and --prompt are required.")
