@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     # batches): e.g. (0.3, 0.6, 1.2). Empty: a single SAE with sae.l1_coefficient.
     config.group = ml_collections.ConfigDict()
     config.group.sparsity_coefficients = ()
+    # Each member's folder, in the order of sparsity_coefficients (a sweep puts them in its
+    # point folders); empty: <workdir>/members/<coefficient name>-<value>/.
+    config.group.member_workdirs = ()
     # "vmap" the members (batched matmuls), "map" them one after another inside the step, or
     # "auto": vmap on accelerators, map on CPU (a little faster there).
     config.group.vectorize = "auto"

@@ -49,21 +49,25 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
-def read_text(path: str) -> str:
+def read_bytes(path: str) -> bytes:
     if is_remote(path):
-        return epath.Path(path).read_text()
-    with open(path) as f:
+        return epath.Path(path).read_bytes()
+    with open(path, "rb") as f:
         return f.read()
 
 
-def write_text(path: str, text: str) -> None:
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path: str, data: bytes) -> None:
     """Readers see the old file or the new one, never a torn one, even after a crash."""
     if is_remote(path):
-        epath.Path(path).write_text(text)  # one object upload: atomic
+        epath.Path(path).write_bytes(data)  # one object upload: atomic
         return
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -72,6 +76,11 @@ def write_text(path: str, text: str) -> None:
         os.fsync(dir_fd)  # the rename itself must survive a power cut
     finally:
         os.close(dir_fd)
+
+
+def write_text(path: str, text: str) -> None:
+    """As `write_bytes`, UTF-8."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def read_json(path: str) -> Any:

@@ -19,6 +19,7 @@ each title says how many points are finished, and fits use finished points only.
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import sys
 from typing import Any, NamedTuple, Sequence
@@ -28,7 +29,7 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 import numpy as np
 
-from saejax import sweep
+from saejax import paths, sweep
 
 PLOTS_DIR = "plots"
 REPORT = "report.md"
@@ -255,10 +256,15 @@ def _empty(ax, message="no results yet"):
 
 
 def _save(fig: Figure, out_dir: str, name: str) -> list[str]:
-    paths = [os.path.join(out_dir, f"{name}.{ext}") for ext in ("png", "svg")]
-    fig.savefig(paths[0], dpi=150, metadata={"Software": None})
-    fig.savefig(paths[1], metadata={"Date": None})
-    return paths
+    """Draws into memory and writes each file whole, so out_dir may be in a bucket."""
+    written = []
+    for ext, options in (("png", {"dpi": 150, "metadata": {"Software": None}}),
+                         ("svg", {"metadata": {"Date": None}})):
+        image = io.BytesIO()
+        fig.savefig(image, format=ext, **options)
+        written.append(paths.join(out_dir, f"{name}.{ext}"))
+        paths.write_bytes(written[-1], image.getvalue())
+    return written
 
 
 def _partial_legend_note(ax, rows):
@@ -434,14 +440,15 @@ def _fit_row(label: str, fit: PowerLawFit) -> str:
 def load_rows(path: str, *, collect: bool = True) -> tuple[list[dict], str]:
     """The table's rows and the folder to write into, from a sweep's workdir (re-collected
     from its run folders when `collect` and sweep.json is there) or a results.csv."""
-    if os.path.isfile(path):
-        return sweep.read_table(path), os.path.dirname(os.path.abspath(path))
-    if collect and os.path.exists(os.path.join(path, sweep.MANIFEST)):
+    path = paths.absolute(path)
+    if paths.exists(path) and not paths.isdir(path):
+        return sweep.read_table(path), os.path.dirname(path)  # a string operation: gs:// too
+    if collect and paths.exists(paths.join(path, sweep.MANIFEST)):
         rows = sweep.collect(path)
-        sweep.write_table(rows, os.path.join(path, sweep.TABLE))
+        sweep.write_table(rows, paths.join(path, sweep.TABLE))
         return rows, path
-    table = os.path.join(path, sweep.TABLE)
-    if not os.path.exists(table):
+    table = paths.join(path, sweep.TABLE)
+    if not paths.exists(table):
         raise FileNotFoundError(f"{path} holds neither {sweep.TABLE} nor {sweep.MANIFEST}; "
                                 f"give a sweep's workdir or a results table.")
     return sweep.read_table(table), path
@@ -452,8 +459,8 @@ def write_report(workdir: str, rows: Sequence[dict] | None = None) -> str:
     Without `rows`, they come from `load_rows(workdir)`."""
     if rows is None:
         rows, workdir = load_rows(workdir)
-    out_dir = os.path.join(workdir, PLOTS_DIR)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = paths.join(workdir, PLOTS_DIR)
+    paths.makedirs(out_dir)
     size_fits = plot_loss_vs_latents(rows, out_dir)
     plot_sparsity_fidelity(rows, out_dir)
     plot_dead_and_mmcs(rows, out_dir)
@@ -466,7 +473,7 @@ def write_report(workdir: str, rows: Sequence[dict] | None = None) -> str:
     fit_header = ["| sparsity level | points | c | a | b | rms log residual |",
                   "|---|---|---|---|---|---|"]
     lines = [
-        f"# Scaling sweep: {os.path.basename(os.path.abspath(workdir))}", "",
+        f"# Scaling sweep: {os.path.basename(paths.absolute(workdir).rstrip('/'))}", "",
         f"{len(rows)} points: {state}. Table: `{sweep.TABLE}`; redraw with "
         f"`python -m saejax.plots {workdir}` "
         f"({datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}).",
@@ -511,10 +518,8 @@ def write_report(workdir: str, rows: Sequence[dict] | None = None) -> str:
                   + ". The L1 term of relu and gated is a mean over latents, so "
                     "l1_coefficient / expansion_factor is the coefficient that stays "
                     "comparable across dictionary sizes."]
-    path = os.path.join(workdir, REPORT)
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
+    path = paths.join(workdir, REPORT)
+    paths.write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -10,21 +10,24 @@ same batches); a point of an architecture without one (TopK's k) trains as its o
 the command again skips finished points and resumes the others; `--only='x32_*'` picks points
 by name, `--dry_run` prints the points and runs without training.
 
-What the sweep writes in DIR:
+What the sweep writes in DIR, a local folder or a bucket (gs://...; every file goes through
+saejax/paths.py, so there are no symlinks):
 
     sweep.json          the points: name, overrides and the config values the table reports
     <point name>/       one point, laid out like a single run's workdir (config.json,
-                        checkpoints/, metrics.jsonl, summary.json); for a point trained in a
-                        group, a symlink to its member folder groups/<group>/members/<member>/
-    groups/<group>/     a group's workdir, named by shape and coefficients (x32_l1-0.1+0.3+1)
+                        checkpoints/, metrics.jsonl, summary.json), also when the point trains
+                        in a group: the group writes its members there (group.member_workdirs)
+    groups/<group>/     a group's own workdir (its stacked checkpoints and summary), named by
+                        shape and coefficients (x32_l1-0.1+0.3+1)
     results.csv         one row per point: its config values, status and final metrics,
                         rewritten after every run
     report.md, plots/   the scaling plots and fits (saejax/plots.py), drawn when the sweep ends;
                         `python -m saejax.plots DIR` draws them from the runs so far
 
-Each run's folder also holds `sweep_run.json`: the points it trains, its wall time summed over
-sessions (compilation, data and evaluation included; a SIGKILLed session is not counted) and
-the error that stopped it, if any.
+Every point's folder, and every group's, also holds `sweep_run.json`: the folder of the run
+that trains the point (`run_dir`: the point's own, or groups/<group>), that run's points, its
+wall time summed over sessions (compilation, data and evaluation included; a SIGKILLed session
+is not counted) and the error that stopped it, if any.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import csv
 import fnmatch
 import importlib.util
 import inspect
+import io
 import json
-import logging as std_logging
 import math
 import os
 import sys
@@ -46,7 +49,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from saejax import distributed, sae, train, validation
+from saejax import cli, paths, sae, train, validation
 from saejax.sharding import ConfigError
 
 FLAGS = flags.FLAGS
@@ -85,7 +88,7 @@ class Run(NamedTuple):
     """One call of `train.train_and_evaluate`: one point, or a group of points of one shape."""
 
     workdir: str                 # relative to the sweep's workdir: a point name or groups/...
-    config: ml_collections.ConfigDict
+    config: ml_collections.ConfigDict  # a group's puts its members in their point folders
     points: tuple[Point, ...]
 
 
@@ -154,15 +157,17 @@ def apply_overrides(config: ml_collections.ConfigDict,
 
 def expand(config: ml_collections.ConfigDict, sweep: Sequence[dict[str, Any]]) -> list[Point]:
     """The sweep's points: `config` with each override dict applied, named by its overrides."""
-    if tuple(config.group.sparsity_coefficients):
+    if tuple(config.group.sparsity_coefficients) or tuple(config.group.member_workdirs):
         raise ConfigError("A sweep groups its points itself: leave group.sparsity_coefficients "
-                          "empty and sweep the sparsity coefficient instead.")
+                          "and group.member_workdirs empty and sweep the sparsity coefficient "
+                          "instead.")
     points, seen = [], {}
     for overrides in sweep:
         overrides = dict(overrides)
-        if "group.sparsity_coefficients" in overrides:
-            raise ConfigError("A sweep point may not set group.sparsity_coefficients; the "
-                              "sweep groups points that differ only in that coefficient.")
+        if {"group.sparsity_coefficients", "group.member_workdirs"} & set(overrides):
+            raise ConfigError("A sweep point may not set group.sparsity_coefficients or "
+                              "group.member_workdirs; the sweep groups points that differ only "
+                              "in that coefficient.")
         name = run_name(overrides)
         if name in seen:
             raise ConfigError(f"Two sweep points are both named {name!r} ({seen[name]} and "
@@ -217,23 +222,19 @@ def describe(point: Point) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 def _read_json(path: str) -> Any:
     try:
-        with open(path) as f:
-            return json.load(f)
+        return paths.read_json(path)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
 
 def _write_json(path: str, value: Any) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(path + ".tmp", path)
+    paths.write_json(path, value, indent=2)
 
 
 def _last_record(path: str) -> dict | None:
     """The last complete line of a metrics.jsonl (a running trainer may be mid-line)."""
     try:
-        with open(path) as f:
-            lines = f.read().splitlines()
+        lines = paths.read_text(path).splitlines()
     except FileNotFoundError:
         return None
     for line in reversed(lines):
@@ -244,36 +245,19 @@ def _last_record(path: str) -> dict | None:
     return None
 
 
-def run_dir_of(workdir: str, name: str) -> str:
-    """The folder of the run that trains point `name`: its own, or its group's."""
-    point_dir = os.path.join(workdir, name)
-    if os.path.islink(point_dir):  # groups/<group>/members/<member>
-        return os.path.dirname(os.path.dirname(os.path.realpath(point_dir)))
-    return point_dir
-
-
 def _finished(workdir: str, name: str, steps: int) -> dict | None:
-    summary = _read_json(os.path.join(workdir, name, "summary.json"))
+    summary = _read_json(paths.join(workdir, name, "summary.json"))
     return summary if summary and summary.get("step", -1) >= steps else None
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _check_same_config(folder: str, config: ml_collections.ConfigDict) -> None:
     """Refuses, before anything trains, a point or run folder that holds a run of another
     config (a finished point is only skipped, and a run only resumed, if it is the same)."""
-    stored = _read_json(os.path.join(folder, "config.json"))
+    stored = _read_json(paths.join(folder, "config.json"))
     if stored is None:
         return
-    old, new = _flatten(stored), _flatten(json.loads(config.to_json_best_effort()))
+    old = train.flatten_config(stored)
+    new = train.flatten_config(json.loads(config.to_json_best_effort()))
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
                      and not k.startswith(train.RESUMABLE_CHANGES))
     if changed:
@@ -281,6 +265,36 @@ def _check_same_config(folder: str, config: ml_collections.ConfigDict) -> None:
             f"{folder} was trained with another config: "
             + ", ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} now" for k in changed)
             + ". Use a new --workdir, or pass the original values.")
+
+
+def _run_record(workdir: str, run: Run) -> dict:
+    """The run's sweep_run.json so far (wall time and sessions add up over sessions)."""
+    record = (_read_json(paths.join(workdir, run.workdir, RUN_FILE))
+              or {"wall_seconds": 0.0, "sessions": 0, "error": None})
+    record.update(run_dir=run.workdir, points=[p.name for p in run.points])
+    return record
+
+
+def _warn_if_moved(workdir: str, run: Run) -> None:
+    """A point trained part way in one group and now planned in another (other points
+    selected or added) continues from the new group's checkpoints, or from scratch; the first
+    group keeps its own."""
+    for point in run.points:
+        before = (_read_json(paths.join(workdir, point.name, RUN_FILE)) or {}).get("run_dir")
+        if before in (None, run.workdir):
+            continue
+        last = _last_record(paths.join(workdir, point.name, "metrics.jsonl"))
+        if last:
+            logging.warning("%s trained to step %s in %s and now trains in %s, from that "
+                            "run's own checkpoint or from scratch; select the points of %s to "
+                            "resume it there instead.", point.name, last.get("step"), before,
+                            run.workdir, before)
+
+
+def _write_run_record(workdir: str, run: Run, record: dict) -> None:
+    """Into the run's folder and each of its points' folders, where `collect` reads it."""
+    for folder in dict.fromkeys([run.workdir, *(p.name for p in run.points)]):
+        _write_json(paths.join(workdir, folder, RUN_FILE), record)
 
 
 def _group_key(point: Point) -> str | None:
@@ -294,11 +308,13 @@ def _group_key(point: Point) -> str | None:
     return config.to_json_best_effort(sort_keys=True)
 
 
-def plan(points: Sequence[Point]) -> list[Run]:
-    """The runs that train `points`: one group per shape, one run per ungroupable point.
+def plan(points: Sequence[Point], workdir: str) -> list[Run]:
+    """The runs that train `points` in the sweep's `workdir`: one group per shape, one run per
+    ungroupable point.
 
-    Every point of a groupable architecture trains in a group (of one, if it is alone), so
-    where a point lives does not depend on which other points are still to train.
+    Every point of a groupable architecture trains in a group (of one, if it is alone) that
+    writes it into its own folder, so where a point lives does not depend on which other
+    points are still to train.
     """
     runs, groups = [], {}
     for point in points:
@@ -310,7 +326,7 @@ def plan(points: Sequence[Point]) -> list[Run]:
         else:
             groups[key] = [point]
             runs.append(groups[key])
-    runs = [_make_run(tuple(members)) for members in runs]
+    runs = [_make_run(tuple(members), workdir) for members in runs]
     folders = [run.workdir for run in runs]
     if len(set(folders)) < len(folders):
         raise ConfigError(f"Two runs of the sweep would share a folder ({folders}); give the "
@@ -318,7 +334,7 @@ def plan(points: Sequence[Point]) -> list[Run]:
     return runs
 
 
-def _make_run(points: tuple[Point, ...]) -> Run:
+def _make_run(points: tuple[Point, ...], workdir: str) -> Run:
     first = points[0]
     coefficient = sae.get(first.config.sae.architecture).sparsity_coefficient
     if coefficient is None:
@@ -334,34 +350,11 @@ def _make_run(points: tuple[Point, ...]) -> Run:
     shape = "" if shape == "base" else shape + "_"
     config = first.config.copy_and_resolve_references()
     config.group.sparsity_coefficients = tuple(values)
+    # Absolute, as a run's workdir: the group's config.json says where its members are.
+    config.group.member_workdirs = tuple(paths.join(paths.absolute(workdir), p.name)
+                                         for p in points)
     config.sae[coefficient] = values[0]
-    return Run(os.path.join(GROUPS_DIR, shape + _name_part(key, tuple(values))), config, points)
-
-
-def member_dir(run: Run, point: Point) -> str:
-    """Where a point of `run` writes, relative to the sweep's workdir."""
-    if not tuple(run.config.group.sparsity_coefficients):
-        return run.workdir
-    architecture = sae.get(point.config.sae.architecture)
-    coefficient = float(point.config.sae[architecture.sparsity_coefficient])
-    return os.path.join(run.workdir, "members", train.member_name(architecture, coefficient))
-
-
-def _link_point(workdir: str, run: Run, point: Point) -> None:
-    """DIR/<point name> -> its member folder, so every point is read at DIR/<point name>."""
-    target = member_dir(run, point)
-    if target == point.name:
-        return
-    link = os.path.join(workdir, point.name)
-    if os.path.exists(link) and not os.path.islink(link):
-        raise ConfigError(f"{link} is a folder of an earlier, ungrouped run of this point, but "
-                          f"the point now trains in {os.path.join(workdir, run.workdir)}; move "
-                          f"{link} away to retrain it there.")
-    tmp = link + ".link-tmp"
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
+    return Run(f"{GROUPS_DIR}/{shape}{_name_part(key, tuple(values))}", config, points)
 
 
 # ------------------------------------------------------------------------------------------
@@ -370,7 +363,7 @@ def _link_point(workdir: str, run: Run, point: Point) -> None:
 def collect(workdir: str) -> list[dict[str, Any]]:
     """One row per point of DIR/sweep.json: config values, status and metrics (final ones from
     summary.json, or a partial point's last logged training metrics)."""
-    manifest = _read_json(os.path.join(workdir, MANIFEST))
+    manifest = _read_json(paths.join(workdir, MANIFEST))
     if manifest is None:
         raise FileNotFoundError(f"{workdir} holds no {MANIFEST}; is it a sweep's workdir?")
     rows = []
@@ -378,10 +371,9 @@ def collect(workdir: str) -> list[dict[str, Any]]:
         name = entry["name"]
         row = {k: v for k, v in entry.items() if k != "overrides"}
         row.update({f"config:{k}": v for k, v in entry["overrides"].items()})
-        run_dir = run_dir_of(workdir, name)
-        run_file = _read_json(os.path.join(run_dir, RUN_FILE)) or {}
+        run_file = _read_json(paths.join(workdir, name, RUN_FILE)) or {}
         summary = _finished(workdir, name, entry["steps"])
-        record = None if summary else _last_record(os.path.join(workdir, name, "metrics.jsonl"))
+        record = None if summary else _last_record(paths.join(workdir, name, "metrics.jsonl"))
         if summary:
             status, source = DONE, summary
         elif run_file.get("error"):
@@ -402,7 +394,7 @@ def collect(workdir: str) -> list[dict[str, Any]]:
         if run_file:
             row["wall_seconds"] = run_file.get("wall_seconds")
             row["group_size"] = len(run_file.get("points", ()))
-        row["run_dir"] = os.path.relpath(run_dir, workdir)
+        row["run_dir"] = run_file.get("run_dir", name)
         if status == FAILED:
             row["error"] = run_file["error"]
         rows.append(row)
@@ -421,12 +413,12 @@ def write_table(rows: Sequence[dict], path: str) -> None:
     columns = [c for c in _LEADING_COLUMNS if any(c in r for r in rows)]
     columns += [c for r in rows for c in r if c not in columns]
     columns = list(dict.fromkeys(columns))
-    with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    os.replace(path + ".tmp", path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    paths.write_text(path, text.getvalue())
 
 
 def _parse(text: str) -> Any:
@@ -442,8 +434,8 @@ def _parse(text: str) -> Any:
 
 def read_table(path: str) -> list[dict[str, Any]]:
     """The rows of a results.csv, numbers parsed, empty cells as None."""
-    with open(path, newline="") as f:
-        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    text = io.StringIO(paths.read_text(path), newline="")
+    return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(text)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -462,7 +454,7 @@ def _select(points: list[Point], only: Sequence[str]) -> list[Point]:
 def _write_outputs(workdir: str, report: bool = False) -> list[dict]:
     rows = collect(workdir)
     if jax.process_index() == 0:
-        write_table(rows, os.path.join(workdir, TABLE))
+        write_table(rows, paths.join(workdir, TABLE))
         if report:
             from saejax import plots  # pylint: disable=import-outside-toplevel
             plots.write_report(workdir, rows)
@@ -479,17 +471,18 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Sequence[dict[str, Any]]
     as failed and the sweep goes on; SIGTERM stops the sweep (train.Preempted) after the
     run's checkpoint. `dry_run` prints the plan and writes nothing.
     """
+    workdir = paths.absolute(workdir)
     points = expand(config, sweep)
     selected = _select(points, only)
     finished = {}
     for point in selected:
+        _check_same_config(paths.join(workdir, point.name), point.config)
         if _finished(workdir, point.name, int(point.config.train.steps)):
-            _check_same_config(os.path.join(workdir, point.name), point.config)
             finished[point.name] = point
-    runs = plan([p for p in selected if p.name not in finished])
+    runs = plan([p for p in selected if p.name not in finished], workdir)
     for run in runs:  # a config that cannot work stops the sweep before anything trains
         validation.validate(run.config, jax.device_count())
-        _check_same_config(os.path.join(workdir, run.workdir), run.config)
+        _check_same_config(paths.join(workdir, run.workdir), run.config)
 
     lines = [f"{len(points)} points, {len(selected)} selected, {len(finished)} finished; "
              f"{len(runs)} runs to train:"]
@@ -503,33 +496,30 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Sequence[dict[str, Any]]
         return []
 
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        _write_json(os.path.join(workdir, MANIFEST),
-                    {"points": [describe(p) for p in points]})
-        for run in runs:
-            os.makedirs(os.path.join(workdir, run.workdir), exist_ok=True)
-            for point in run.points:
-                _link_point(workdir, run, point)
+        paths.makedirs(workdir)
+        _write_json(paths.join(workdir, MANIFEST), {"points": [describe(p) for p in points]})
+        for run in runs:  # every point's row names its run from the start
+            for folder in dict.fromkeys([run.workdir, *(p.name for p in run.points)]):
+                paths.makedirs(paths.join(workdir, folder))
+            _warn_if_moved(workdir, run)
+            _write_run_record(workdir, run, _run_record(workdir, run))
     _write_outputs(workdir)
 
     for i, run in enumerate(runs):
-        run_workdir = os.path.join(workdir, run.workdir)
         logging.info("Sweep run %d of %d: %s (%s).", i + 1, len(runs), run.workdir,
                      ", ".join(p.name for p in run.points))
-        run_file_path = os.path.join(run_workdir, RUN_FILE)
-        run_file = _read_json(run_file_path) or {"wall_seconds": 0.0, "sessions": 0}
-        run_file.update(points=[p.name for p in run.points], error=None)
+        record = dict(_run_record(workdir, run), error=None)
         start = time.perf_counter()
         try:
-            train.train_and_evaluate(run.config, run_workdir)
+            train.train_and_evaluate(run.config, paths.join(workdir, run.workdir))
         except FloatingPointError as e:
             logging.error("%s failed: %s", run.workdir, e)
-            run_file["error"] = str(e)
+            record["error"] = str(e)
         finally:
-            run_file["wall_seconds"] += time.perf_counter() - start
-            run_file["sessions"] += 1
+            record["wall_seconds"] += time.perf_counter() - start
+            record["sessions"] += 1
             if jax.process_index() == 0:
-                _write_json(run_file_path, run_file)
+                _write_run_record(workdir, run, record)
         _write_outputs(workdir)
 
     rows = _write_outputs(workdir, report)
@@ -575,19 +565,9 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries:
-    """Keeps the progress lines readable: drops INFO records from orbax's internals."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-
 def _main(argv):
     del argv
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    if FLAGS.num_cpu_devices:
-        jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
-    distributed.initialize(force=FLAGS.distributed)
+    cli.setup(num_cpu_devices=FLAGS.num_cpu_devices, join_cluster=FLAGS.distributed)
     try:
         sweep = load_sweep(config_flags.get_config_filename(FLAGS["config"]))
         rows = run_sweep(FLAGS.config, sweep, FLAGS.workdir, only=FLAGS.only or (),
@@ -601,11 +581,11 @@ def _main(argv):
     failed = [r["name"] for r in rows if r["status"] == FAILED]
     if failed:
         sys.exit(f"error: {len(failed)} points failed ({', '.join(failed)}); see the 'error' "
-                 f"column of {os.path.join(FLAGS.workdir, TABLE)}. Running the command "
+                 f"column of {paths.join(FLAGS.workdir, TABLE)}. Running the command "
                  f"again retries them from their last good checkpoint.")
     if rows and jax.process_index() == 0:
-        print(f"Table: {os.path.join(FLAGS.workdir, TABLE)}"
-              + (f"\nReport: {os.path.join(FLAGS.workdir, 'report.md')}" if FLAGS.report
+        print(f"Table: {paths.join(FLAGS.workdir, TABLE)}"
+              + (f"\nReport: {paths.join(FLAGS.workdir, 'report.md')}" if FLAGS.report
                  else ""))
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import signal
 import time
 from typing import Any, Callable, NamedTuple
@@ -33,7 +32,7 @@ RESUMABLE_CHANGES = ("mesh.", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.steps", "evals.eval_batches",
                      "evals.density_window_tokens", "evals.dense_threshold",
                      "evals.loss_recovered_sequences", "data.prefetch_windows",
-                     "lm.batch_sequences")
+                     "lm.batch_sequences", "group.member_workdirs")
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 
@@ -313,13 +312,14 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
 # ------------------------------------------------------------------------------------------
 # Workdir helpers (only process 0 writes).
 # ------------------------------------------------------------------------------------------
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten_config(tree: dict, prefix: str = "") -> dict:
+    """A config as JSON (nested dicts) -> {"sae.l1_coefficient": 0.6, ...}."""
     out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten_config(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{k}"] = v
+            out[f"{prefix}{key}"] = value
     return out
 
 
@@ -329,7 +329,7 @@ def _write_config(config, workdir: str) -> None:
     new = json.loads(config.to_json_best_effort())
     if paths.exists(path):
         old = paths.read_json(path)
-        old_flat, new_flat = _flatten(old), _flatten(new)
+        old_flat, new_flat = flatten_config(old), flatten_config(new)
         changed = sorted(k for k in set(old_flat) | set(new_flat)
                          if old_flat.get(k) != new_flat.get(k))
         fixed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
@@ -384,6 +384,7 @@ def _format_duration(seconds: float) -> str:
 class _Output(NamedTuple):
     """Where one SAE's metrics go: the run's workdir, or a group member's folder."""
 
+    name: str                     # a member's name (l1_coefficient-0.3); "" for a single SAE
     workdir: str
     metrics_log: MetricsLog
     ckpt: checkpoint.Checkpointer | None
@@ -401,13 +402,19 @@ def member_state(state: dict, i: int) -> dict:
 
 def _open_members(config, workdir: str, start_step: int,
                   architecture: sae.Architecture) -> list[_Output]:
+    """One output per member of a group, in `group.member_workdirs` (a sweep's point folders)
+    or by default in <workdir>/members/<member name>/."""
+    coefficients = group_coefficients(config)
+    names = [member_name(architecture, c) for c in coefficients]
+    folders = (tuple(str(f) for f in config.group.member_workdirs)
+               or tuple(paths.join(workdir, "members", name) for name in names))
     members = []
-    for coefficient in group_coefficients(config):
-        member_dir = paths.join(workdir, "members", member_name(architecture, coefficient))
+    for coefficient, name, member_dir in zip(coefficients, names, folders, strict=True):
         paths.makedirs(member_dir)
         member_config = config.copy_and_resolve_references()
         with member_config.unlocked():
             member_config.group.sparsity_coefficients = ()
+            member_config.group.member_workdirs = ()
             member_config.sae[architecture.sparsity_coefficient] = coefficient
         _write_config(member_config, member_dir)
         member_ckpt = checkpoint.Checkpointer(
@@ -416,7 +423,7 @@ def _open_members(config, workdir: str, start_step: int,
         # (saved before a kill) will be written again, identically.
         member_ckpt.delete_after(start_step)
         members.append(_Output(
-            member_dir, MetricsLog(paths.join(member_dir, "metrics.jsonl"), start_step),
+            name, member_dir, MetricsLog(paths.join(member_dir, "metrics.jsonl"), start_step),
             member_ckpt))
     return members
 
@@ -562,7 +569,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         # A single SAE writes its metrics in the workdir; a group, in one folder per member
         # laid out like a single run's workdir (config, checkpoints, metrics, summary).
         members = _open_members(config, workdir, start_step, architecture)
-        outputs = members or [_Output(workdir, MetricsLog(
+        outputs = members or [_Output("", workdir, MetricsLog(
             paths.join(workdir, "metrics.jsonl"), start_step), None)]
 
         # Loop -------------------------------------------------------------------------------
@@ -630,7 +637,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                         output.metrics_log.write(record)
                         logging.info(
                             "  %sloss %.4g | L0 %.2f | FVU %.4f | dead %.3f%s",
-                            f"{os.path.basename(output.workdir)}: " if members else "",
+                            f"{output.name}: " if members else "",
                             record["loss"], record["l0"], record["fvu"],
                             record["dead_fraction"],
                             f" | MMCS {record['mmcs']:.4f}" if "mmcs" in record else "")
@@ -687,7 +694,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
     summary = summaries[0] if not members else {
         "step": summaries[0]["step"], "tokens": summaries[0]["tokens"],
-        "members": {os.path.basename(m.workdir): s for m, s in zip(members, summaries)}}
+        "members": {m.name: s for m, s in zip(members, summaries)}}
     _write_json(paths.join(workdir, "summary.json"), summary)
     logging.info("Summary: %s", json.dumps(summary))
     if any(math.isnan(s["mse"]) for s in summaries):

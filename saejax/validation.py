@@ -90,6 +90,12 @@ def validate(config, n_devices: int) -> None:
                  f"group.sparsity_coefficients={coefficients} needs an architecture with a "
                  f"sparsity coefficient; sae.architecture={architecture.name!r} has none. Use "
                  f"one of relu, gated, jumprelu, or an empty group.")
+        workdirs = tuple(config.group.member_workdirs)
+        _require(not workdirs or (len(workdirs) == len(coefficients)
+                                  and len(set(workdirs)) == len(workdirs)),
+                 f"group.member_workdirs has {len(workdirs)} folders for {len(coefficients)} "
+                 f"group.sparsity_coefficients; give one distinct folder per coefficient, or "
+                 f"none for <workdir>/members/<name>/.")
         names = {f"{c:g}" for c in coefficients}
         _require(all(c >= 0 for c in coefficients) and len(names) == len(coefficients),
                  f"group.sparsity_coefficients={coefficients} must be >= 0 and distinct to 6 "

@@ -367,8 +367,13 @@ def test_a_group_run_points_at_its_members(tmp_path):
     (tmp_path / "members" / "l1_coefficient-0.5").mkdir(parents=True)
     (tmp_path / "config.json").write_text(json.dumps(
         {"group": {"sparsity_coefficients": [0.5, 1.0]}, "sae": {"architecture": "relu"}}))
-    with pytest.raises(AnalysisError, match=r"trained a group of 2 SAEs .*/members/<name> \(one "
-                                            r"of \['l1_coefficient-0.5'\]\)"):
+    with pytest.raises(AnalysisError, match=r"trained a group of 2 SAEs .*: one of "
+                                            r"\['.*/members/l1_coefficient-0.5'\]"):
+        loading.load_sae(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"group": {"sparsity_coefficients": [0.5, 1.0], "member_workdirs": ["/s/a", "/s/b"]},
+         "sae": {"architecture": "relu"}}))
+    with pytest.raises(AnalysisError, match=r"one of \['/s/a', '/s/b'\]"):
         loading.load_sae(str(tmp_path))
     with pytest.raises(AnalysisError, match=r"is not an integer index"):
         loading.check_latent(_narrow_sae(), 2.5)

@@ -27,3 +27,17 @@ def test_local_paths_are_absolute_and_written_whole(tmp_path, monkeypatch):
     assert paths.read_json("run/deep/er/x.json") == {"a": 1}
     assert os.listdir(tmp_path / "run" / "deep" / "er") == ["x.json"]  # no temporary left
     assert json.loads((tmp_path / "run/deep/er/x.json").read_text()) == {"a": 1}
+
+
+def test_bytes_round_trip_locally_and_through_epath(tmp_path, monkeypatch):
+    png = bytes(range(256)) * 4
+    paths.write_bytes(str(tmp_path / "a.png"), png)
+    assert paths.read_bytes(str(tmp_path / "a.png")) == png
+    paths.write_text(str(tmp_path / "r.md"), "b = 0.50 ± 0.01\n")
+    assert paths.read_text(str(tmp_path / "r.md")) == "b = 0.50 ± 0.01\n"
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "r.md"]
+    # The bucket branch (etils.epath) on a local folder.
+    monkeypatch.setattr(paths, "is_remote", lambda path: True)
+    paths.write_bytes(str(tmp_path / "b.png"), png)
+    assert paths.read_bytes(str(tmp_path / "b.png")) == (tmp_path / "b.png").read_bytes() == png
+    assert paths.read_text(str(tmp_path / "r.md")).startswith("b = 0.50 ±")

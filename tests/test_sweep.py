@@ -1,5 +1,6 @@
 """The sweep runner: names, grouping, a tiny sweep end to end (table, per-point folders, plots),
-rerunning skips finished points and resumes unfinished ones, partial tables."""
+rerunning skips finished points and resumes unfinished ones, partial tables; every file goes
+through saejax.paths, so a sweep works in a bucket."""
 
 import json
 import os
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT, toy_config
-from saejax import plots, sweep, train
+from saejax import paths, plots, sweep, train
 from saejax.sharding import ConfigError
 
 
@@ -34,14 +35,17 @@ def test_names_grouping_and_bad_sweeps():
     assert [p.name for p in points] == ["x32_l1-3e-4", "x32_l1-0.6", "x8_l1-0.6",
                                         "topk_x8_k16", "topk_x8_k32"]
     assert points[0].config.sae.l1_coefficient == 3e-4 and config.sae.l1_coefficient == 0.6
-    runs = sweep.plan(points)
+    runs = sweep.plan(points, "gs://bucket/sweep")
     assert [(r.workdir, [p.name for p in r.points]) for r in runs] == [
         ("groups/x32_l1-3e-4+0.6", ["x32_l1-3e-4", "x32_l1-0.6"]),
         ("groups/x8_l1-0.6", ["x8_l1-0.6"]),
         ("topk_x8_k16", ["topk_x8_k16"]), ("topk_x8_k32", ["topk_x8_k32"])]
     assert tuple(runs[0].config.group.sparsity_coefficients) == (3e-4, 0.6)
-    assert sweep.member_dir(runs[0], points[1]) == "groups/x32_l1-3e-4+0.6/members/l1_coefficient-0.6"
+    # A group trains its members in the points' own folders.
+    assert tuple(runs[0].config.group.member_workdirs) == ("gs://bucket/sweep/x32_l1-3e-4",
+                                                           "gs://bucket/sweep/x32_l1-0.6")
     assert not tuple(runs[2].config.group.sparsity_coefficients)
+    assert not tuple(runs[2].config.group.member_workdirs)
     # What the table compares across sizes: L1 per unit of expansion for relu, k for topk.
     assert sweep.sparsity_level(points[1].config) == ("l1_coefficient / expansion_factor",
                                                       0.6 / 32)
@@ -52,7 +56,9 @@ def test_names_grouping_and_bad_sweeps():
     with pytest.raises(ConfigError, match="both named"):
         sweep.expand(config, [{"sae.k": 4}, {"sae.k": 4}])
     with pytest.raises(ConfigError, match="same SAE"):
-        sweep.plan(sweep.expand(config, [{}, {"sae.l1_coefficient": 0.6}]))
+        sweep.plan(sweep.expand(config, [{}, {"sae.l1_coefficient": 0.6}]), "/sweep")
+    with pytest.raises(ConfigError, match="member_workdirs"):
+        sweep.expand(config, [{"group.member_workdirs": ("/a",)}])
     with pytest.raises(ConfigError, match="matches no point"):
         sweep.run_sweep(config, [{"sae.k": 4}], "/nonexistent", only=["x64_*"], dry_run=True)
 
@@ -64,7 +70,7 @@ def test_experiment_sweeps_expand_and_validate():
     assert len(full) == 64 and len(local) == 15 and len(toy) == 40
     from experiments import scaling  # pylint: disable=import-outside-toplevel
     for arg, points in (("runlocal", local), (None, full)):
-        runs = sweep.plan(sweep.expand(scaling.get_config(arg), points))
+        runs = sweep.plan(sweep.expand(scaling.get_config(arg), points), "/sweep")
         assert len(runs) == (5 if arg else 32)
     with pytest.raises(ValueError, match="unknown argument"):
         scaling.get_sweep("nope")
@@ -85,13 +91,15 @@ def test_tiny_sweep_end_to_end_rerun_resume_and_partial_plots(tmp_path, monkeypa
         assert row["wall_seconds"] > 0 and row["group_size"] == 2
         for key in ("mse", "fvu", "l0", "dead_fraction", "mmcs"):
             assert isinstance(row[key], float), key
-        # Each point has a readable folder laid out like a single run's workdir.
+        # Each point has its own folder (not a link) laid out like a single run's workdir.
         point_dir = os.path.join(workdir, row["name"])
+        assert os.path.isdir(point_dir) and not os.path.islink(point_dir)
         summary = json.loads(open(os.path.join(point_dir, "summary.json")).read())
         assert summary["fvu"] == pytest.approx(row["fvu"])
         assert summary["l1_coefficient"] == row["l1_coefficient"] == row["config:sae.l1_coefficient"]
         assert os.path.isdir(os.path.join(point_dir, "checkpoints"))
     assert table[2]["run_dir"] == "groups/x2_l1-0.1+0.3"
+    assert not os.path.exists(os.path.join(workdir, "groups/x2_l1-0.1+0.3/members"))
     for name in plots.FIGURES:
         for ext in ("png", "svg"):
             path = os.path.join(workdir, "plots", f"{name}.{ext}")
@@ -165,3 +173,30 @@ def test_cli_dry_run_lists_points_and_groups(tmp_path):
     assert "15 points, 4 selected, 0 finished; 2 runs to train:" in result.stdout
     assert "groups/x16_l1-3.2+6.4+12.8: x16_l1-3.2, x16_l1-6.4, x16_l1-12.8" in result.stdout
     assert os.listdir(tmp_path) == []
+
+
+def test_sweep_in_a_bucket_goes_through_paths_only(tmp_path, monkeypatch):
+    """Every path taken as remote (etils.epath also reads local folders): the sweep, its
+    training runs, the table and the plots work without os.* file calls or symlinks."""
+    monkeypatch.setattr(paths, "is_remote", lambda path: True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a local-only file operation on a remote path")
+    monkeypatch.setattr(os, "symlink", refuse)
+    monkeypatch.setattr(os, "replace", refuse)  # paths' local writes rename into place
+    workdir = str(tmp_path / "sweep")
+    rows = sweep.run_sweep(_tiny_config(5), TINY_SWEEP[:2], workdir)
+    assert [(r["status"], r["step"], r["run_dir"]) for r in rows] == [
+        ("done", 5, "groups/x1_l1-0.1+0.3")] * 2
+    for name in ("x1_l1-0.1", "x1_l1-0.3"):
+        assert sorted(os.listdir(os.path.join(workdir, name))) == [
+            "checkpoints", "config.json", "metrics.jsonl", "summary.json", "sweep_run.json"]
+    monkeypatch.setattr(train, "train_and_evaluate", refuse)
+    assert [r["status"] for r in sweep.run_sweep(_tiny_config(5), TINY_SWEEP[:2], workdir,
+                                                 report=False)] == ["done"] * 2
+    plots.main([workdir])  # re-collects, rewrites the table, redraws
+    assert paths.read_bytes(os.path.join(workdir, "plots", "loss_vs_latents.png"))[:4] == \
+        b"\x89PNG"
+    assert "2 done" in paths.read_text(os.path.join(workdir, "report.md"))
+    for root, dirs, files in os.walk(workdir):
+        assert not any(os.path.islink(os.path.join(root, f)) for f in dirs + files)

@@ -114,12 +114,14 @@ def _load_run(workdir: str, step: int | None) -> LoadedSAE:
     config = read_run_config(workdir)
     members = tuple(config.get("group", {}).get("sparsity_coefficients", ()) or ())
     if members:
-        names = (sorted(os.listdir(os.path.join(workdir, "members")))
-                 if os.path.isdir(os.path.join(workdir, "members")) else [])
+        folders = list(config["group"].get("member_workdirs") or ())
+        if not folders and os.path.isdir(os.path.join(workdir, "members")):
+            folders = [os.path.join(workdir, "members", name)
+                       for name in sorted(os.listdir(os.path.join(workdir, "members")))]
         raise AnalysisError(
             f"{workdir} trained a group of {len(members)} SAEs in one run; point at one "
-            f"member's directory instead: {workdir}/members/<name>"
-            + (f" (one of {names})." if names else "."))
+            f"member's directory instead"
+            + (f": one of {folders}." if folders else f": {workdir}/members/<name>."))
     sae_config = configs.base_config().sae
     sae_config.update(config.get("sae", {}))
     architecture = sae.get(str(sae_config.architecture))
