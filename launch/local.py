@@ -41,11 +41,11 @@ def process_env(process_id: int, processes: int, port: int, base=None) -> dict:
 
 
 def launch(command: list[str], *, processes: int, devices_per_process: int,
-           env=None) -> list[subprocess.Popen]:
+           env=None, cwd=None) -> list[subprocess.Popen]:
     """Starts the processes (not waiting); `command` gets `--num_cpu_devices`."""
     port = free_port()
     command = [*command, f"--num_cpu_devices={devices_per_process}"]
-    return [subprocess.Popen(command, env=process_env(i, processes, port, env),
+    return [subprocess.Popen(command, env=process_env(i, processes, port, env), cwd=cwd,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for i in range(processes)]
 

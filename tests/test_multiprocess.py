@@ -2,8 +2,8 @@
 SAE; the result equals the single-process 8-device run, and a SIGTERM to one host stops every
 host at the same step with a checkpoint, from which the relaunched run resumes."""
 
-import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -18,14 +18,9 @@ FLAGS = {"data.d": 32, "data.n_features": 48, "train.batch_size": 64, "train.ste
 
 
 def _launch(workdir):
-    command = ["python", "-m", "saejax.main", "--config=experiments/toy.py",
+    command = [sys.executable, "-m", "saejax.main", "--config=experiments/toy.py",
                f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in FLAGS.items())]
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        return local.launch(command, processes=2, devices_per_process=4)
-    finally:
-        os.chdir(cwd)
+    return local.launch(command, processes=2, devices_per_process=4, cwd=ROOT)
 
 
 def _wait(procs, timeout=300):
