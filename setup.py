@@ -8,7 +8,7 @@ setup(
     description="Sparse autoencoders on LM activations at scale, in JAX/Flax (TPU, GPU, CPU).",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["saejax", "saejax.*"]),
     install_requires=[
         "jax>=0.8",
