@@ -18,6 +18,13 @@ class _QuietLibraries:
         return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
+def format_duration(seconds: float) -> str:
+    """An ETA or elapsed time for progress lines: "4m07s", or "2h15m" past an hour."""
+    seconds = int(seconds)
+    return (f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600
+            else f"{seconds // 60}m{seconds % 60:02d}s")
+
+
 def setup(*, num_cpu_devices: int | None = None, join_cluster: bool = False) -> None:
     """Call first in a command's main, before anything touches the devices."""
     logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from saejax import (checkpoint, data, distributed, evals, optim, paths, sae, sharding,
+from saejax import (checkpoint, cli, data, distributed, evals, optim, paths, sae, sharding,
                     validation)
 from saejax.data import lm
 from saejax.sharding import ConfigError
@@ -375,12 +375,6 @@ class MetricsLog:
                 f.write(line)
 
 
-def _format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 class _Output(NamedTuple):
     """Where one SAE's metrics go: the run's workdir, or a group member's folder."""
 
@@ -627,7 +621,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     if true_features is not None:
                         metrics["mmcs"] = mmcs_fn(state["params"]["W_dec"], true_features)
                     logging.info("step %d/%d | %.0f tok/s | ETA %s", done, total_steps,
-                                 tokens_per_s, _format_duration(eta))
+                                 tokens_per_s, cli.format_duration(eta))
                     for i, output in enumerate(outputs):
                         record = {"step": done, "tokens": done * batch_size,
                                   **{k: _jsonable(v[i] if members else v)

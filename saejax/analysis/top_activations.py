@@ -35,7 +35,7 @@ import numpy as np
 import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from saejax import sharding
+from saejax import cli, sharding
 from saejax.analysis.loading import AnalysisError, LoadedSAE, check_width, describe
 from saejax.data import store as store_lib
 
@@ -421,7 +421,7 @@ def compute_top_activations(loaded: LoadedSAE, store_path: str, *, top_n: int = 
                 rate = stop / (now - t0)
                 logging.info("top activations: %s/%s rows (%.1f%%) | %.0f tok/s | ETA %s",
                              f"{stop:,}", f"{n_rows:,}", 100 * stop / n_rows, rate,
-                             _format_duration((n_rows - stop) / rate))
+                             cli.format_duration((n_rows - stop) / rate))
         state = flush(state)
         state = jax.device_get(state)
     seconds = time.perf_counter() - t0
@@ -455,12 +455,6 @@ def compute_top_activations(loaded: LoadedSAE, store_path: str, *, top_n: int = 
                                np.ldexp(1.0, np.maximum(histogram_exponent, -1000))
                                ).astype(np.float32),
         info=info)
-
-
-def _format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return (f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600
-            else f"{seconds // 60}m{seconds % 60:02d}s")
 
 
 # ------------------------------------------------------------------------------------------

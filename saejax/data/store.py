@@ -35,7 +35,7 @@ import numpy as np
 import tensorstore as ts
 from jax.sharding import NamedSharding
 
-from saejax import paths, sharding
+from saejax import cli, paths, sharding
 from saejax.sharding import ConfigError
 
 FORMAT = "saejax.activation_store"
@@ -71,15 +71,6 @@ def _dtype_name(dtype) -> str:
 
 def _numpy_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    """Readers see the old file or the new one, never a torn one, even after a crash."""
-    paths.write_json(path, obj, indent=1)
-
-
-def _read_json(path: str) -> Any:
-    return paths.read_json(path)
 
 
 def _zarr_spec(path: str, *, shape: tuple[int, ...], dtype: str, chunk_rows: int,
@@ -186,7 +177,7 @@ class ActivationStoreWriter:
         wanted = {**layout, **extra}
         meta_path = paths.join(path, "metadata.json")
         if paths.exists(meta_path):
-            existing = _read_json(meta_path)
+            existing = paths.read_json(meta_path)
             for field in sorted((set(wanted) | set(existing)) - {"created_time"}):
                 if existing.get(field) != wanted.get(field):
                     raise StoreError(
@@ -203,7 +194,7 @@ class ActivationStoreWriter:
             metadata_out = {**wanted, "created_time": datetime.datetime.now(
                 datetime.timezone.utc).isoformat(timespec="seconds")}
             # Metadata first: a crash after it leaves a store that resumes from zero rows.
-            _write_json_atomic(meta_path, metadata_out)
+            paths.write_json(meta_path, metadata_out, indent=1)
         n, array_args = layout["n_tokens"], dict(dtype=layout["dtype"], chunk_rows=chunk_rows,
                                                shard_rows=shard_rows, checksum=checksum)
         futures = [
@@ -217,7 +208,7 @@ class ActivationStoreWriter:
         except ValueError as e:
             raise StoreError(f"{path}: the zarr arrays do not match metadata.json: {e}") from e
         progress_path = paths.join(path, "progress.json")
-        committed = (_read_json(progress_path)["committed_rows"]
+        committed = (paths.read_json(progress_path)["committed_rows"]
                      if paths.exists(progress_path) else 0)
         return cls(path, metadata_out, activations, token_ids, committed)
 
@@ -261,18 +252,13 @@ class ActivationStoreWriter:
         self._commit(stop)
 
     def _commit(self, rows: int) -> None:
-        _write_json_atomic(paths.join(self.path, "progress.json"), {
+        # Atomic: a reader sees the old progress or the new, never a torn file.
+        paths.write_json(paths.join(self.path, "progress.json"), {
             "committed_rows": int(rows), "n_tokens": self.n_tokens,
             "complete": rows == self.n_tokens,
             "updated_time": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds")})
+                timespec="seconds")}, indent=1)
         self._committed_rows = int(rows)
-
-
-def _format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def harvest_loop(activation_fn: Callable[[np.ndarray], Mapping[str, Any]],
@@ -331,7 +317,7 @@ def harvest_loop(activation_fn: Callable[[np.ndarray], Mapping[str, Any]],
             rate = written / (now - t0)
             logging.info("harvest: %s/%s tokens (%.1f%%) | %.0f tok/s | ETA %s", f"{done:,}",
                          f"{n_tokens:,}", 100 * done / n_tokens, rate,
-                         _format_duration((n_tokens - done) / rate))
+                         cli.format_duration((n_tokens - done) / rate))
     if pending is not None:
         written += write_batch(*pending)
     seconds = time.perf_counter() - t0
@@ -339,7 +325,7 @@ def harvest_loop(activation_fn: Callable[[np.ndarray], Mapping[str, Any]],
               "tokens_per_s": written / seconds if seconds > 0 else 0.0}
     if progress:
         logging.info("harvest: wrote %s tokens in %s (%.0f tok/s), skipped %s already committed.",
-                     f"{written:,}", _format_duration(seconds), result["tokens_per_s"],
+                     f"{written:,}", cli.format_duration(seconds), result["tokens_per_s"],
                      f"{skipped:,}")
     return result
 
@@ -451,7 +437,7 @@ def open_store(path: str, *, expected_d: int | None = None, expected_dtype=None,
         raise StoreError(f"{path}: no such activation store (not a directory).")
     if not paths.exists(meta_path):
         raise StoreError(f"{path}: not an activation store (no metadata.json).")
-    metadata = _read_json(meta_path)
+    metadata = paths.read_json(meta_path)
     if metadata.get("format") != FORMAT:
         raise StoreError(f"{path}: metadata.json has format={metadata.get('format')!r}, not "
                          f"{FORMAT!r}.")
@@ -466,7 +452,7 @@ def open_store(path: str, *, expected_d: int | None = None, expected_dtype=None,
         raise StoreError(f"{path}: the store holds {metadata['dtype']} but "
                          f"{_name(expected_dtype)} was expected.")
     progress_path = paths.join(path, "progress.json")
-    committed = (_read_json(progress_path)["committed_rows"]
+    committed = (paths.read_json(progress_path)["committed_rows"]
                  if paths.exists(progress_path) else 0)
     if committed < metadata["n_tokens"] and not allow_partial:
         raise StoreError(f"{path}: incomplete store: {committed:,} of {metadata['n_tokens']:,} "
