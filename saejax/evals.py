@@ -127,29 +127,34 @@ def loss_recovered(ce_clean, ce_sae, ce_zero_ablation):
     return (ce_zero_ablation - ce_sae) / (ce_zero_ablation - ce_clean)
 
 
-def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstruct) -> dict:
+def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstructs) -> list[dict]:
     """Summed next-token losses and KL of the clean LM, the LM with the activation at `hook`
-    replaced by `reconstruct(activation)`, and with it zero-ablated, over one token batch.
+    replaced by each SAE's reconstruction, and with it zero-ablated, over one token batch.
 
     Args:
       lm_forward: `(tokens, interventions) -> logits`, the LM with its params bound.
       tokens: int token ids `[batch, seq]`.
-      hook: the hook point the SAE was trained on, e.g. "blocks.8.hook_resid_post".
-      reconstruct: activation `[batch, seq, d]` -> the SAE's reconstruction of it.
+      hook: the hook point the SAEs were trained on, e.g. "blocks.8.hook_resid_post".
+      reconstructs: per SAE, activation `[batch, seq, d]` -> its reconstruction. The clean and
+        zero-ablated passes are shared by all of them (a group's members).
 
-    Sums (not means) so batches add up; `positions` counts the predicted tokens.
+    Returns one dict per SAE. Sums (not means) so batches add up; `positions` counts the
+    predicted tokens.
     """
     clean = lm_forward(tokens, None)
-    spliced = lm_forward(tokens, {hook: reconstruct})
     ablated = lm_forward(tokens, {hook: jnp.zeros_like})
-    return {
+    shared = {
         "ce_clean": jnp.sum(next_token_losses(clean, tokens)),
-        "ce_sae": jnp.sum(next_token_losses(spliced, tokens)),
         "ce_zero_ablation": jnp.sum(next_token_losses(ablated, tokens)),
-        "kl_sae": jnp.sum(kl_divergences(clean, spliced)[:, :-1]),
         "kl_zero_ablation": jnp.sum(kl_divergences(clean, ablated)[:, :-1]),
         "positions": jnp.asarray(tokens.shape[0] * (tokens.shape[1] - 1), jnp.float32),
     }
+    sums = []
+    for reconstruct in reconstructs:
+        spliced = lm_forward(tokens, {hook: reconstruct})
+        sums.append({**shared, "ce_sae": jnp.sum(next_token_losses(spliced, tokens)),
+                     "kl_sae": jnp.sum(kl_divergences(clean, spliced)[:, :-1])})
+    return sums
 
 
 def downstream_metrics(sums: dict) -> dict:

@@ -499,18 +499,16 @@ def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: in
         x_hat = architecture.decode(params, architecture.encode(params, x * scale, config.sae))
         return x_hat / scale
 
-    results = []
-    for i in range(n_saes):
-        member = member_state(state, i) if group_coefficients(config) else state
-        results.append(lm.downstream_evaluation(
-            model, tokens, batch_sequences=int(config.lm.batch_sequences),
-            reconstruct=reconstruct, sae_params=(member["params"], member["input_scale"]),
-            mesh=mesh))
+    members = ([member_state(state, i) for i in range(n_saes)] if group_coefficients(config)
+               else [state])
+    results = lm.downstream_evaluation(
+        model, tokens, batch_sequences=int(config.lm.batch_sequences), reconstruct=reconstruct,
+        sae_params=[(m["params"], m["input_scale"]) for m in members], mesh=mesh)
+    for i, result in enumerate(results):
         logging.info("Loss recovered%s: %.4f (CE clean %.4f, with the SAE %.4f, zero-ablated "
                      "%.4f; KL %.4g)", f" ({i})" if n_saes > 1 else "",
-                     results[-1]["loss_recovered"], results[-1]["ce_clean"],
-                     results[-1]["ce_sae"], results[-1]["ce_zero_ablation"],
-                     results[-1]["kl_sae"])
+                     result["loss_recovered"], result["ce_clean"], result["ce_sae"],
+                     result["ce_zero_ablation"], result["kl_sae"])
     return results
 
 

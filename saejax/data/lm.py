@@ -71,9 +71,10 @@ def activations_fn(model: LanguageModel):
 
 
 def downstream_evaluation(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int,
-                          reconstruct, sae_params, mesh) -> dict:
-    """Loss recovered and KL with the SAE spliced in at the hook (`evals.downstream_metrics`),
-    over `tokens` in batches of `batch_sequences`.
+                          reconstruct, sae_params: list, mesh) -> list[dict]:
+    """Per SAE of `sae_params`: loss recovered and KL with it spliced in at the hook
+    (`evals.downstream_metrics`), over `tokens` in batches of `batch_sequences`. The clean and
+    zero-ablated forward passes run once per batch for all the SAEs.
 
     `reconstruct(sae_params, activation [n, d]) -> reconstruction [n, d]` applies the SAE (with
     its input scale) to raw activations; it runs inside the same jitted program as the LM.
@@ -84,19 +85,20 @@ def downstream_evaluation(model: LanguageModel, tokens: np.ndarray, *, batch_seq
         def lm_forward(t, interventions):
             return models.forward(lm_params, t, model.config, interventions=interventions)[0]
 
-        def splice(x):
-            return reconstruct(sae_params, x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        def splice(params):
+            return lambda x: reconstruct(params, x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
-        return evals.downstream_sums(lm_forward, tokens, model.hook, splice)
+        return evals.downstream_sums(lm_forward, tokens, model.hook,
+                                     [splice(p) for p in sae_params])
 
     lm_params = jax.device_put(model.params, jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
     total = None
     for start in range(0, len(tokens), batch_sequences):
         chunk = np.asarray(tokens[start:start + batch_sequences], np.int32)
-        out = jax.device_get(sums(lm_params, sae_params, chunk))
+        out = jax.device_get(sums(lm_params, list(sae_params), chunk))
         total = out if total is None else jax.tree.map(np.add, total, out)
-    return {k: float(v) for k, v in evals.downstream_metrics(total).items()}
+    return [{k: float(v) for k, v in evals.downstream_metrics(t).items()} for t in total]
 
 
 class LMRows:
