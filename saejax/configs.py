@@ -94,6 +94,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 1024
     config.train.steps = 4_000
+    # Mixed precision: the dtype of the SAE's matmuls and activations inside the step
+    # ("float32" or "bfloat16"). Params, gradients and the optimizer state stay float32, and the
+    # losses and metrics are reduced in float32. bfloat16 is for GPUs and TPUs; on CPU it runs
+    # but is slower than float32.
+    config.train.compute_dtype = "float32"
     config.train.log_every = 500
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 3

@@ -15,14 +15,15 @@ import numpy as np
 
 
 def mse(x: jax.Array, x_hat: jax.Array) -> jax.Array:
-    """Element-mean squared error, the reconstruction term of every SAE loss."""
-    return jnp.mean(jnp.square(x_hat - x))
+    """Element-mean squared error, the reconstruction term of every SAE loss (reduced in
+    float32 when the step computes in bfloat16)."""
+    return jnp.mean(jnp.square(x_hat - x), dtype=jnp.float32)
 
 
 def fvu(x: jax.Array, x_hat: jax.Array) -> jax.Array:
     """Fraction of variance unexplained: residual energy over the batch's total variance."""
-    residual = jnp.sum(jnp.square(x - x_hat))
-    total = jnp.sum(jnp.square(x - jnp.mean(x, axis=0, keepdims=True)))
+    residual = jnp.sum(jnp.square(x - x_hat), dtype=jnp.float32)
+    total = jnp.sum(jnp.square(x - jnp.mean(x, axis=0, keepdims=True)), dtype=jnp.float32)
     return residual / total
 
 
@@ -31,12 +32,28 @@ def l0(latents: jax.Array) -> jax.Array:
     return jnp.mean(jnp.sum(latents != 0, axis=-1).astype(jnp.float32))
 
 
-def update_tokens_since_fired(tokens_since_fired: jax.Array, latents: jax.Array) -> jax.Array:
-    """Per-latent count of tokens since the latent last fired, after one batch. Saturates at
-    2**30 so that a latent dead for billions of tokens stays dead rather than wrapping."""
-    fired = jnp.any(latents != 0, axis=0)
-    count = jnp.minimum(tokens_since_fired, 2**30 - latents.shape[0]) + latents.shape[0]
-    return jnp.where(fired, 0, count)
+def fire_counts(latents: jax.Array) -> jax.Array:
+    """Per latent, on how many tokens of the batch `[tokens, n_latents]` it fired (non-zero):
+    one pass over the latents that feeds L0, the dead-latent clock and the density.
+
+    Summed in float32 (exact up to 2**24 tokens a batch): XLA's CPU backend fuses a float sum
+    of the comparison into one pass, but writes an int32 copy of the whole [tokens, n_latents]
+    comparison before an integer sum (measured: 5% of a d=512, x16 step)."""
+    return jnp.sum((latents != 0).astype(jnp.float32), axis=0).astype(jnp.int32)
+
+
+def l0_of_counts(counts: jax.Array, n_tokens: int) -> jax.Array:
+    """`l0` from a batch's `fire_counts`: the same number without another pass."""
+    return jnp.sum(counts).astype(jnp.float32) / n_tokens
+
+
+def update_tokens_since_fired(tokens_since_fired: jax.Array, counts: jax.Array,
+                              n_tokens: int) -> jax.Array:
+    """Per-latent count of tokens since the latent last fired, after one batch of `n_tokens`
+    with `fire_counts` `counts`. Saturates at 2**30 so that a latent dead for billions of tokens
+    stays dead rather than wrapping."""
+    count = jnp.minimum(tokens_since_fired, 2**30 - n_tokens) + n_tokens
+    return jnp.where(counts > 0, 0, count)
 
 
 def dead_fraction(tokens_since_fired: jax.Array, window_tokens: int) -> jax.Array:
@@ -58,10 +75,12 @@ def init_density(n_latents: int) -> Density:
                    jnp.full((n_latents,), jnp.nan, jnp.float32))
 
 
-def update_density(density: Density, latents: jax.Array, window_tokens: int) -> Density:
-    """Adds one batch; when the window is full, publishes its frequencies and starts anew."""
-    counts = density.counts + jnp.sum(latents != 0, axis=0).astype(jnp.int32)
-    tokens = density.window_tokens + latents.shape[0]
+def update_density(density: Density, counts: jax.Array, n_tokens: int,
+                   window_tokens: int) -> Density:
+    """Adds one batch of `n_tokens` with `fire_counts` `counts`; when the window is full,
+    publishes its frequencies and starts anew."""
+    counts = density.counts + counts
+    tokens = density.window_tokens + n_tokens
     full = tokens >= window_tokens
     return Density(counts=jnp.where(full, 0, counts), window_tokens=jnp.where(full, 0, tokens),
                    density=jnp.where(full, counts / jnp.maximum(tokens, 1), density.density))

@@ -98,8 +98,13 @@ def _all_finite(tree) -> jax.Array:
 def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
                tx: optax.GradientTransformation, sae_config, sparsity_warmup: optax.Schedule,
                lr_schedule: optax.Schedule, dead_window_tokens: int, density_window_tokens: int,
-               dense_threshold: float) -> tuple[dict, dict]:
-    """One optimisation step: `state, metrics = train_step(state, batch)`."""
+               dense_threshold: float, compute_dtype=jnp.float32) -> tuple[dict, dict]:
+    """One optimisation step: `state, metrics = train_step(state, batch)`.
+
+    The loss runs in `compute_dtype` (mixed precision: a bfloat16 copy of the float32 params
+    and batch, so the matmuls and the [batch, n_latents] activations are bfloat16); its
+    gradients come back through the cast as float32, for the float32 optimizer state.
+    """
     step = state["step"]
     batch = batch * state["input_scale"]
     sparsity_coefficient = state["sparsity_coefficient"] * sparsity_warmup(step)
@@ -107,21 +112,27 @@ def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
     dead = state["tokens_since_fired"] >= dead_window_tokens
 
     def loss_fn(params):
-        return architecture.loss(params, batch, sae_config, sparsity_coefficient, dead)
+        params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+        return architecture.loss(params, batch.astype(compute_dtype), sae_config,
+                                 sparsity_coefficient, dead)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # Non-gradient buffers an architecture keeps in its params (BatchTopK's threshold).
-    params = {**params, **aux.get("buffers", {})}
-    tokens_since_fired = evals.update_tokens_since_fired(state["tokens_since_fired"],
-                                                         aux["latents"])
-    density = evals.update_density(state["density"], aux["latents"], density_window_tokens)
+    params = {**params, **{name: value.astype(params[name].dtype)
+                           for name, value in aux.get("buffers", {}).items()}}
+    # Architectures that never form the dense latents (sparse TopK) count firings themselves.
+    counts = aux["fire_counts"] if "fire_counts" in aux else evals.fire_counts(aux["latents"])
+    n_tokens = batch.shape[0]
+    tokens_since_fired = evals.update_tokens_since_fired(state["tokens_since_fired"], counts,
+                                                         n_tokens)
+    density = evals.update_density(state["density"], counts, n_tokens, density_window_tokens)
     metrics = {
         "loss": loss,
         "mse": aux["mse"],
         "fvu": evals.fvu(batch, aux["x_hat"]),
-        "l0": evals.l0(aux["latents"]),
+        "l0": evals.l0_of_counts(counts, n_tokens),
         "dead_fraction": evals.dead_fraction(tokens_since_fired, dead_window_tokens),
         "dense_fraction": evals.dense_fraction(density.density, dense_threshold),
         "log_density_histogram": evals.log_density_histogram(density.density),
@@ -266,7 +277,8 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
         lr_schedule=optim.learning_rate_schedule(config.optim, total_steps),
         dead_window_tokens=dead_window_tokens,
         density_window_tokens=int(config.evals.density_window_tokens),
-        dense_threshold=float(config.evals.dense_threshold))
+        dense_threshold=float(config.evals.dense_threshold),
+        compute_dtype=jnp.dtype(config.train.compute_dtype))
     resample = functools.partial(resample_step, architecture=architecture, tx=tx,
                                  sae_config=config.sae, dead_window_tokens=dead_window_tokens,
                                  encoder_scale=float(config.resample.encoder_scale))

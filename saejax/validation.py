@@ -10,6 +10,7 @@ from saejax.sharding import ConfigError
 
 DECAYS = ("linear", "cosine", "none")
 B_DEC_INITS = ("zeros", "geometric_median", "mean")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -123,6 +124,9 @@ def validate(config, n_devices: int) -> None:
                  f"sae.k={config.sae.k} must be between 1 and n_latents={n} "
                  f"(sae.expansion_factor={config.sae.expansion_factor} x data.d={config.data.d}); "
                  f"lower sae.k or raise sae.expansion_factor.")
+    _require(config.train.compute_dtype in COMPUTE_DTYPES,
+             f"train.compute_dtype={config.train.compute_dtype!r} is not supported; choose one "
+             f"of {', '.join(COMPUTE_DTYPES)}.")
     _check_data_paths(config)
     if config.data.source == "synthetic":
         _require(0 < config.data.features_per_sample <= config.data.n_features,

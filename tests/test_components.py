@@ -67,7 +67,9 @@ def test_metrics():
     np.testing.assert_allclose(float(evals.fvu(x, jnp.broadcast_to(x.mean(0), x.shape))), 1.0)
     latents = jnp.array([[0.0, 2.0, 0.0], [1.0, 1.0, 0.0]])
     assert float(evals.l0(latents)) == 1.5
-    counts = evals.update_tokens_since_fired(jnp.array([0, 5, 9]), latents)
+    np.testing.assert_array_equal(evals.fire_counts(latents), [1, 2, 0])
+    assert float(evals.l0_of_counts(evals.fire_counts(latents), 2)) == 1.5
+    counts = evals.update_tokens_since_fired(jnp.array([0, 5, 9]), evals.fire_counts(latents), 2)
     np.testing.assert_array_equal(counts, [0, 0, 11])
     np.testing.assert_allclose(float(evals.dead_fraction(counts, 10)), 1 / 3, rtol=1e-6)
     features = jnp.eye(3)
@@ -137,11 +139,11 @@ def test_geometric_median_resists_outliers():
 def test_density_windows_and_histogram():
     density = evals.init_density(3)
     latents = jnp.array([[1.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
-    density = evals.update_density(density, latents, window_tokens=4)
+    density = evals.update_density(density, evals.fire_counts(latents), 2, window_tokens=4)
     assert np.isnan(np.asarray(density.density)).all()     # window not full yet
     assert np.isnan(float(evals.dense_fraction(density.density, 0.1)))
     assert int(evals.log_density_histogram(density.density).sum()) == 0
-    density = evals.update_density(density, latents, window_tokens=4)
+    density = evals.update_density(density, evals.fire_counts(latents), 2, window_tokens=4)
     np.testing.assert_allclose(density.density, [1.0, 0.5, 0.0])
     assert int(density.window_tokens) == 0 and int(density.counts.sum()) == 0
     np.testing.assert_allclose(float(evals.dense_fraction(density.density, 0.6)), 1 / 3,
@@ -150,7 +152,8 @@ def test_density_windows_and_histogram():
     # never fired -> first bin; density 0.5 -> [-0.5, 0); density 1 -> the last bin.
     assert histogram.sum() == 3 and histogram[0] == 1 and histogram[-2] == 1
     assert histogram[-1] == 1 and len(histogram) == len(evals.LOG_DENSITY_EDGES) + 1
-    saturated = evals.update_tokens_since_fired(jnp.array([2**30 - 1]), jnp.zeros((8, 1)))
+    saturated = evals.update_tokens_since_fired(jnp.array([2**30 - 1]),
+                                                evals.fire_counts(jnp.zeros((8, 1))), 8)
     assert int(saturated[0]) == 2**30
 
 

@@ -4,16 +4,19 @@ NaN stops, the CLI, and recovery of known features by the default toy run."""
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import ROOT, toy_config
-from saejax import train
+from saejax import sharding, train
 from saejax.data import synthetic
 
 SUMMARY_KEYS = {"step", "tokens", "mse", "fvu", "l0", "dead_fraction", "mmcs"}
@@ -268,3 +271,41 @@ def test_group_members_equal_solo_runs(tmp_path):
         assert config["sae"]["l1_coefficient"] == coefficient
         assert config["group"]["sparsity_coefficients"] == []
         assert [r["step"] for r in _read_jsonl(member_dir / "metrics.jsonl")] == [5, 10, 15]
+
+
+_PRECISION_RUNS = """
+import json, sys
+from experiments import toy
+from saejax import train
+
+for workdir, compute_dtype in json.loads(sys.argv[1]):
+    config = toy.get_config("small")
+    config.train.compute_dtype = compute_dtype
+    print(json.dumps(train.train_and_evaluate(config, workdir)))
+"""
+
+
+def test_bfloat16_mixed_precision_trains_to_the_float32_fvu(tmp_path):
+    """bfloat16 matmuls and activations, float32 params and Adam: the held-out FVU is within 2%
+    of the float32 run's, the saved params are float32, and the step's matmuls are bfloat16."""
+    runs = [(str(tmp_path / dtype), dtype) for dtype in ("float32", "bfloat16")]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", _PRECISION_RUNS, json.dumps(runs)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    full, mixed = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
+    assert abs(mixed["fvu"] - full["fvu"]) <= 0.02 * full["fvu"], (mixed, full)
+    assert mixed["mmcs"] >= 0.99, mixed
+    params = train.load_params(str(tmp_path / "bfloat16"))
+    assert all(value.dtype == np.float32 for value in params.values())
+
+    config = toy_config("small", **{"train.compute_dtype": "bfloat16"})
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    with sharding.activate(mesh, config.sharding_rules):
+        batch_sharding = sharding.replicated(mesh)
+        trainer = train.make_trainer(config, mesh, d=config.data.d, batch_sharding=batch_sharding)
+        batch = jax.ShapeDtypeStruct((config.train.batch_size, config.data.d), jnp.float32,
+                                     sharding=batch_sharding)
+        hlo = trainer.train_step.lower(trainer.abstract_state, batch).as_text()
+    dots = re.findall(r"dot_general[^\n]*", hlo)
+    assert dots and all("xbf16>" in dot for dot in dots), dots

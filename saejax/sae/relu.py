@@ -23,7 +23,9 @@ def loss(params, x, sae_config, sparsity_coefficient, dead):
     x_hat = base.decode(params, latents)
     mse = evals.mse(x, x_hat)
     decoder_norms = jnp.linalg.norm(params["W_dec"], axis=-1)
-    l1 = jnp.mean(latents * decoder_norms)
+    # mean(latents * decoder_norms), summed per latent first: one pass over the latents serves
+    # the value and the decoder norms' gradient.
+    l1 = jnp.sum(jnp.sum(latents, axis=0, dtype=jnp.float32) * decoder_norms) / latents.size
     return mse + sparsity_coefficient * l1, {"mse": mse, "sparsity_loss": l1,
                                               "latents": latents, "x_hat": x_hat}
 
