@@ -107,31 +107,36 @@ def _top_k(x: jax.Array, k: int, *, with_mask: bool):
     mesh, spec = _ambient_axes(("batch", "latent"))
     latent_axis = spec[-1] if len(spec) == 2 else None
     batch_axis = spec[0] if len(spec) == 2 else None
-    if (mesh is None or latent_axis is None or mesh.shape[latent_axis] == 1
-            or x.shape[-1] % mesh.shape[latent_axis]
+    model = 1 if latent_axis is None else mesh.shape[latent_axis]
+    if (mesh is None or (model == 1 and batch_axis is None) or x.shape[-1] % model
             or (batch_axis is not None and x.shape[-2] % mesh.shape[batch_axis])
-            or k > x.shape[-1] // mesh.shape[latent_axis]):
+            or k > x.shape[-1] // model):
         # Unsplit, or not evenly divisible: XLA's own top-k on the (gathered) axis is exact.
         values, indices = jax.lax.top_k(x, k)
         mask = _scatter_mask(x.shape, indices, x.dtype) if with_mask else None
         return values, indices, mask
-    shard_size = x.shape[-1] // mesh.shape[latent_axis]
+    shard_size = x.shape[-1] // model
     lead = (None,) * (x.ndim - 2)
-    sharded, gathered = P(*lead, spec[0], latent_axis), P(*lead, spec[0], None)
+    sharded, gathered = P(*lead, batch_axis, latent_axis), P(*lead, batch_axis, None)
 
     def local_top_k(x_shard):
         values, indices = jax.lax.top_k(x_shard, k)
-        offset = jax.lax.axis_index(latent_axis) * shard_size
-        values = jax.lax.all_gather(values, latent_axis, axis=x.ndim - 1, tiled=True)
-        indices = jax.lax.all_gather(indices + offset, latent_axis, axis=x.ndim - 1, tiled=True)
-        values, order = jax.lax.top_k(values, k)
-        indices = jnp.take_along_axis(indices, order, axis=-1)
+        offset = 0
+        if model > 1:
+            offset = jax.lax.axis_index(latent_axis) * shard_size
+            values = jax.lax.all_gather(values, latent_axis, axis=x.ndim - 1, tiled=True)
+            indices = jax.lax.all_gather(indices + offset, latent_axis, axis=x.ndim - 1,
+                                         tiled=True)
+            values, order = jax.lax.top_k(values, k)
+            indices = jnp.take_along_axis(indices, order, axis=-1)
         if not with_mask:
             return values, indices
         local = indices - offset
         local = jnp.where((local >= 0) & (local < shard_size), local, shard_size)
         return values, indices, _scatter_mask(x_shard.shape, local, x.dtype)
 
+    # A batch split alone is still done per device: XLA's partitioner gathers the whole
+    # [batch, n_latents] operand of a top-k whose batch is split (tests/test_communication.py).
     # The gathered candidates, and so values and indices, are identical on every device of
     # `latent_axis`; check_vma cannot infer that through all_gather + top_k, so it is off.
     out_specs = (gathered, gathered, sharded) if with_mask else (gathered, gathered)
