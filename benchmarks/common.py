@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import resource
 import time
@@ -56,6 +57,9 @@ def add_shape_flags(parser, *, d: int, expansion_factor: int, batch_size: int) -
     parser.add_argument("--expansion_factor", type=int, default=expansion_factor)
     parser.add_argument("--batch_size", type=int, default=batch_size)
     parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--sparse_decode", action=argparse.BooleanOptionalAction, default=True,
+                        help="topk: decode only the k selected latents (--no-sparse_decode: "
+                             "the dense decoder)")
     parser.add_argument("--mesh_model", type=int, default=1)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--peak_size", type=int, default=4096,
@@ -70,6 +74,7 @@ def config_from_flags(args):
     config.sae.architecture = args.architecture
     config.sae.expansion_factor = args.expansion_factor
     config.sae.k = args.k
+    config.sae.sparse_decode = args.sparse_decode
     config.train.batch_size = args.batch_size
     config.mesh.model = args.mesh_model
     return config

@@ -62,7 +62,9 @@ CASES = {**{name: (name, {}, SPLIT_MESHES.get(name, [(2, 4)]))
             for name in sorted(sae.ARCHITECTURES) if name != "relu"},
          "relu-resample": ("relu", RESAMPLE, [(2, 4)]),
          "relu-group-resample": ("relu", {**GROUP, **RESAMPLE}, [(4, 2)]),
-         "jumprelu-group-vmap": ("jumprelu", {**GROUP, "group.vectorize": "vmap"}, [(2, 4)])}
+         "jumprelu-group-vmap": ("jumprelu", {**GROUP, "group.vectorize": "vmap"}, [(2, 4)]),
+         # TopK's default is the sparse decoder; the dense one is the reference it must match.
+         "topk-dense-decode": ("topk", {"sae.sparse_decode": False}, [(2, 4)])}
 
 
 def test_cases_cover_every_architecture_split_and_every_mesh():
@@ -100,6 +102,22 @@ def test_sharded_step_matches_single_device(architecture, overrides, meshes):
             assert shard.data.shape == (*group, n_latents // mesh_shape[1], d)
         for shard in state["opt_state"][1][0].mu["W_enc"].addressable_shards:
             assert shard.data.shape == (*group, d, n_latents // mesh_shape[1])
+
+
+def test_topk_sparse_decode_trains_like_the_dense_decoder():
+    """Decoding the k selected rows gives the dense decoder's losses and params (float32
+    rounding), AuxK included: latents silent for one batch are dead from the second step."""
+    runs = [_run_steps(_config("topk", (1, 1), **{"sae.sparse_decode": sparse_decode}),
+                       jax.devices()[:1], n_steps=6) for sparse_decode in (True, False)]
+    (sparse_state, sparse_losses), (dense_state, dense_losses) = runs
+    np.testing.assert_allclose(sparse_losses, dense_losses, rtol=1e-5)
+    for name, value in dense_state["params"].items():
+        value, sparse_value = np.asarray(value), np.asarray(sparse_state["params"][name])
+        error = np.linalg.norm(sparse_value - value) / max(np.linalg.norm(value), 1e-12)
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"
+    np.testing.assert_array_equal(np.asarray(sparse_state["tokens_since_fired"]),
+                                  np.asarray(dense_state["tokens_since_fired"]))
+    assert np.any(np.asarray(dense_state["tokens_since_fired"]) >= 64)  # AuxK had dead latents
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from saejax import sharding
+from saejax.sae import sparse
 
 PARAM_AXES = {
     "W_enc": ("embed", "latent"),
@@ -28,7 +29,9 @@ class Architecture(NamedTuple):
     encode(params, x, sae_config) -> latents [batch, n_latents]
     loss(params, x, sae_config, sparsity_coefficient, dead) -> (loss, aux) where `dead`
         [n_latents] marks latents that have not fired within the dead window, and aux holds at
-        least `mse`, `latents` and `x_hat`, and `sparsity_loss` when the loss has one.
+        least `mse`, `x_hat`, the `latents` [batch, n_latents] (or, for a step that never forms
+        them, their `evals.fire_counts` as `fire_counts`), and `sparsity_loss` when the loss has
+        one.
     flops_per_token(d, n_latents, sae_config) -> training FLOPs (forward + backward) per token.
     sparsity_coefficient: the `sae.<field>` that weights the sparsity term (warmed up by
         `optim.l1_warmup_steps`), or None when sparsity is structural (TopK).
@@ -84,19 +87,34 @@ def dense_flops_per_token(d: int, n_latents: int, sae_config=None) -> int:
 
 
 def auxk_loss(params: dict, x: jax.Array, x_hat: jax.Array, pre: jax.Array, dead: jax.Array,
-              k_aux: int) -> jax.Array:
+              k_aux: int, *, sparse_decode: bool = False) -> jax.Array:
     """AuxK (Gao et al. 2024): the k_aux largest dead latents reconstruct the residual.
 
     Returns the residual's reconstruction error normalised by the residual's energy, 0 when no
     latent is dead; it trains dead latents back to life with gradients they would not get.
+    Skipped (a `lax.cond`) while no latent is dead. With `sparse_decode` the selected dead
+    latents are encoded and decoded from their own k_aux rows (`sparse.py`) instead of a
+    masked [batch, n_latents] matmul.
     """
     residual = jax.lax.stop_gradient(x - x_hat)
     k_aux = min(int(k_aux), pre.shape[-1])
-    candidates = jnp.where(dead, pre, -jnp.inf)
-    latents = jnp.where(dead, jax.nn.relu(pre), 0.0) * sharding.top_k_mask(candidates, k_aux)
-    error = jnp.sum(jnp.square(latents @ params["W_dec"] - residual))
-    normalized = error / jnp.maximum(jnp.sum(jnp.square(residual)), 1e-12)
-    return jnp.where(jnp.any(dead), normalized, 0.0)
+    candidates = jnp.where(dead, jax.lax.stop_gradient(pre) if sparse_decode else pre, -jnp.inf)
+
+    def error():
+        if sparse_decode:
+            top, indices = sharding.top_k(candidates, k_aux)
+            # Fewer than k_aux dead latents: the rest of the selection is live ones, at -inf.
+            values = jnp.where(jnp.isfinite(top),
+                               jax.nn.relu(sparse.encode_selected(params, x, indices)), 0.0)
+            decoded = sparse.decode_selected(params["W_dec"], indices, values)
+        else:
+            latents = (jnp.where(dead, jax.nn.relu(pre), 0.0)
+                       * sharding.top_k_mask(candidates, k_aux))
+            decoded = latents @ params["W_dec"]
+        error = jnp.sum(jnp.square(decoded - residual))
+        return error / jnp.maximum(jnp.sum(jnp.square(residual)), 1e-12)
+
+    return jax.lax.cond(jnp.any(dead), error, lambda: jnp.zeros((), x.dtype))
 
 
 def geometric_median(points: jax.Array, iterations: int = 100, eps: float = 1e-8) -> jax.Array:
