@@ -60,6 +60,8 @@ def add_shape_flags(parser, *, d: int, expansion_factor: int, batch_size: int) -
     parser.add_argument("--sparse_decode", action=argparse.BooleanOptionalAction, default=True,
                         help="topk: decode only the k selected latents (--no-sparse_decode: "
                              "the dense decoder)")
+    parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="train.compute_dtype; the matmul peak is measured in it too")
     parser.add_argument("--mesh_model", type=int, default=1)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--peak_size", type=int, default=4096,
@@ -75,6 +77,7 @@ def config_from_flags(args):
     config.sae.expansion_factor = args.expansion_factor
     config.sae.k = args.k
     config.sae.sparse_decode = args.sparse_decode
+    config.train.compute_dtype = args.compute_dtype
     config.train.batch_size = args.batch_size
     config.mesh.model = args.mesh_model
     return config

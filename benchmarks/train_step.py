@@ -2,9 +2,11 @@
 
     python benchmarks/train_step.py                       # d=512, x16, batch 4096, ReLU/L1, f32
     python benchmarks/train_step.py --architecture=topk --k=32
+    python benchmarks/train_step.py --architecture=topk --expansion_factor=128 --no-sparse_decode
+    python benchmarks/train_step.py --compute_dtype=bfloat16 --d=4096 --expansion_factor=32  # GPU
 
 Prints tokens/s, achieved FLOP/s (the architecture's FLOPs per token, 10 * d * n_latents for a
-dense step) against the measured f32 matmul rate of the same shapes, and peak memory; the last
+dense step) against the measured matmul rate of the same shapes in the same dtype, and peak memory; the last
 line is one JSON object (tokens_per_s, flops_per_s, matmul_flops_per_s, ...).
 """
 
@@ -14,6 +16,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
@@ -29,11 +33,12 @@ def main():
 
     matmul = common.matmul_flops_per_s(
         shapes=((args.batch_size, args.d, n_latents), (args.batch_size, n_latents, args.d),
-                (args.peak_size,) * 3))
+                (args.peak_size,) * 3), dtype=jnp.dtype(args.compute_dtype))
     tokens_per_s, flops_per_s = step["tokens_per_s"], step["flops_per_s"]
     result = {
         "benchmark": "train_step", "architecture": args.architecture, "d": args.d,
         "n_latents": n_latents, "batch_size": args.batch_size, "mesh": step["mesh"],
+        "compute_dtype": args.compute_dtype, "sparse_decode": args.sparse_decode,
         "seconds_per_step": seconds, "tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s,
         "matmul_flops_per_s": matmul, "fraction_of_matmul_peak": flops_per_s / matmul,
         "peak_memory_bytes": common.peak_memory_bytes(), "machine": common.machine(),

@@ -49,7 +49,8 @@ def _route(params, x, sae_config, capacity):
 
 
 def _forward(params, x, sae_config, *, training: bool):
-    """(latents [tokens, n_latents] scaled by the router weight, x_hat, balance, dropped).
+    """(latents [tokens, n_latents] scaled by the router weight, x_hat, balance, dropped);
+    while training, the latents' `evals.fire_counts` [n_latents] in place of the latents.
 
     Training dispatches with the configured capacity; encoding for use (`encode`) gives every
     expert room for all tokens, so no token is dropped and each is encoded on its own.
@@ -73,6 +74,12 @@ def _forward(params, x, sae_config, *, training: bool):
     take = lambda a: jnp.take(a.reshape(experts * capacity, -1), slot, axis=0, mode="fill",
                               fill_value=0)
     x_hat = gate[:, None] * take(decoded) + params["b_dec"]
+    if training:
+        # The step needs only each latent's firing count, summed over its expert's slots
+        # (empty slots are zero); scattering every token's latents back into a
+        # [tokens, n_latents] array costs a gather of them over the model axis.
+        counts = jnp.sum((latents != 0).astype(jnp.float32), axis=1).reshape(n_latents)
+        return counts.astype(jnp.int32), x_hat, balance, 1.0 - jnp.mean(kept.astype(x.dtype))
     # Per-token latents in the flat [tokens, n_latents] layout (L0, density, dead counts), with
     # the router weight folded in so that plain `decode` reproduces x_hat.
     token_latents = gate[:, None] * take(latents)                        # [tokens, width]
@@ -88,10 +95,10 @@ def encode(params, x, sae_config):
 
 def loss(params, x, sae_config, sparsity_coefficient, dead):
     del sparsity_coefficient, dead
-    latents, x_hat, balance, dropped = _forward(params, x, sae_config, training=True)
+    counts, x_hat, balance, dropped = _forward(params, x, sae_config, training=True)
     mse = evals.mse(x, x_hat)
     total = mse + float(sae_config.switch_balance_coefficient) * balance
-    return total, {"mse": mse, "latents": latents, "x_hat": x_hat, "balance_loss": balance,
+    return total, {"mse": mse, "fire_counts": counts, "x_hat": x_hat, "balance_loss": balance,
                    "dropped_fraction": dropped}
 
 
