@@ -43,12 +43,15 @@ class Temporaries(NamedTuple):
 #     estimators (the JumpReLU and the L0 step);
 #   batchtopk, and topk with the dense decode: the activations, the top-k mask, the latents,
 #     AuxK's candidates and mask, and the gradient;
-#   topk with sae.sparse_decode: the pre-activations (which the top-k and AuxK's selection
-#     read; no gradient flows through them) and no dense latents, but an encoder column and a
-#     decoder row gathered per selected latent (k, and k_aux for AuxK) and their gradients: when
-#     (k + k_aux) d > n_latents these outweigh the dense latents. Each device gathers rows for
-#     every selection of its batch (zeros where another device holds the row), so these do not
-#     shrink with the model axis. Param-sized: the gradients and the transposed encoder;
+#   topk with sae.sparse_decode: the pre-activations (which the top-k reads; no gradient
+#     flows through them) and AuxK's candidates (the dead latents' pre-activations), no dense
+#     latents, but per selected latent (k, and k_aux for AuxK) a gathered decoder row, its
+#     gradient, and the encoder column's gradient before the scatter-add: when
+#     (k + k_aux) d > n_latents these outweigh the dense latents. Each device handles every
+#     selection of its batch (zeros where another device holds the row), so these do not
+#     shrink with the model axis (XLA keeps about 3 such arrays on one device, 1 with the
+#     dictionary split: 2 is counted). Param-sized: the gradients and the encoder gradient's
+#     transpose;
 #   switch: the dispatched [experts, capacity, width] blocks, the per-token scatter back to
 #     [batch, n_latents] and their gradients (with the experts split over the model axis XLA
 #     reshards the dispatch, which this does not model).
@@ -58,7 +61,7 @@ TEMPORARIES = {
     "jumprelu": Temporaries(6),
     "batchtopk": Temporaries(6),
     "topk": Temporaries(6),
-    "topk_sparse": Temporaries(1, selected_row_arrays=2, param_copies=2),
+    "topk_sparse": Temporaries(2, selected_row_arrays=2, param_copies=2),
     "switch": Temporaries(7),
 }
 # [batch, d] arrays: the scaled batch, x - b_dec, x_hat, the residual and its gradient.

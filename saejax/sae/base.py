@@ -104,8 +104,8 @@ def auxk_loss(params: dict, x: jax.Array, x_hat: jax.Array, pre: jax.Array, dead
         if sparse_decode:
             top, indices = sharding.top_k(candidates, k_aux)
             # Fewer than k_aux dead latents: the rest of the selection is live ones, at -inf.
-            values = jnp.where(jnp.isfinite(top),
-                               jax.nn.relu(sparse.encode_selected(params, x, indices)), 0.0)
+            selected = sparse.encode_selected(params, x, pre, indices)
+            values = jnp.where(jnp.isfinite(top), jax.nn.relu(selected), 0.0)
             decoded = sparse.decode_selected(params["W_dec"], indices, values)
         else:
             latents = (jnp.where(dead, jax.nn.relu(pre), 0.0)

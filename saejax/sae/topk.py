@@ -38,7 +38,7 @@ def _sparse_loss(params, x, sae_config):
     # them the encoder's gradient, come from encode_selected's k columns per token.
     pre = jax.lax.stop_gradient(base.pre_activations(params, x))
     _, indices = sharding.top_k(pre, int(sae_config.k))
-    values = jax.nn.relu(sparse.encode_selected(params, x, indices))
+    values = jax.nn.relu(sparse.encode_selected(params, x, pre, indices))
     x_hat = sparse.decode_selected(params["W_dec"], indices, values) + params["b_dec"]
     return pre, x_hat, {"fire_counts": sparse.fire_counts(indices, values, pre.shape[-1])}
 
