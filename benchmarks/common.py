@@ -1,14 +1,17 @@
-"""Shared measurements for benchmarks: the machine's matmul rate, timing, peak memory."""
+"""Shared measurements for benchmarks: the machine's matmul rate, timing, peak memory; a
+random-init GPT-2 checkpoint and random token ids for the benchmarks that run a language model."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import resource
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def time_fn(fn, *args, warmup: int = 2, iters: int = 10) -> float:
@@ -83,9 +86,12 @@ def config_from_flags(args):
     return config
 
 
-def time_train_step(config, *, d: int, iters: int = 10) -> dict:
+def time_train_step(config, *, d: int, iters: int = 10, dead_fraction: float = 0.0) -> dict:
     """Median seconds per sharded train step of `config` on a random batch (compilation
-    excluded), with the trainer's FLOPs per token: what every step benchmark reports."""
+    excluded), with the trainer's FLOPs per token: what every step benchmark reports.
+
+    `dead_fraction` of the latents start dead (silent far beyond the dead window), so the
+    steps run the dead-latent terms (AuxK) as a long run does; a fresh state has none."""
     from saejax import sharding, train  # pylint: disable=import-outside-toplevel
     batch_size = int(config.train.batch_size)
     mesh = sharding.make_mesh(config.mesh)
@@ -95,7 +101,13 @@ def time_train_step(config, *, d: int, iters: int = 10) -> dict:
         trainer = train.make_trainer(config, mesh, d=d, batch_sharding=batch_sharding)
         batch = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (batch_size, d)),
                                batch_sharding)
-        holder = {"state": trainer.init(jax.random.PRNGKey(0))}
+        state = trainer.init(jax.random.PRNGKey(0))
+        if dead_fraction:
+            silent = state["tokens_since_fired"]
+            dead = jnp.arange(silent.shape[-1]) < dead_fraction * silent.shape[-1]
+            state["tokens_since_fired"] = jax.device_put(jnp.where(dead, 2**30, silent),
+                                                         silent.sharding)
+        holder = {"state": state}
 
         def run():  # time_fn's warm-up calls compile it
             holder["state"], metrics = trainer.train_step(holder["state"], batch)
@@ -107,3 +119,26 @@ def time_train_step(config, *, d: int, iters: int = 10) -> dict:
             "mesh": dict(mesh.shape), "seconds_per_step": seconds, "tokens_per_s": tokens_per_s,
             "flops_per_token": trainer.flops_per_token,
             "flops_per_s": tokens_per_s * trainer.flops_per_token}
+
+
+def write_random_gpt2(directory: str, *, vocab_size: int, n_embd: int, n_layer: int,
+                      n_head: int, n_positions: int, used_layers: int) -> tuple[str, int]:
+    """A GPT-2 of this shape (random init: a forward's speed does not depend on the weights)
+    saved as a Hugging Face checkpoint at DIRECTORY/model; returns (the checkpoint directory,
+    the parameters of blocks 0 .. used_layers - 1: those a forward stopping there multiplies)."""
+    from saejax import models  # pylint: disable=import-outside-toplevel
+    model_config = models.GPT2Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer,
+                                     n_head=n_head, n_positions=n_positions)
+    params = models.init_params(jax.random.PRNGKey(0), model_config)
+    checkpoint = models.save_pretrained(os.path.join(directory, "model"), model_config, params)
+    params_used = sum(int(x.size) for i in range(used_layers)
+                      for x in jax.tree.leaves(params[f"h_{i}"]))
+    return checkpoint, params_used
+
+
+def write_random_tokens(path: str, *, sequences: int, context_length: int,
+                        vocab_size: int) -> str:
+    """`sequences` x `context_length` uniformly random token ids (seed 0), saved as a .npy."""
+    np.save(path, np.random.default_rng(0).integers(
+        0, vocab_size, (sequences, context_length), dtype=np.int32))
+    return path

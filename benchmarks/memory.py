@@ -103,6 +103,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--sparse_decode", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--compute_dtype", default="float32", choices=("float32",),
+                        help="the report counts float32 activations")
     parser.add_argument("--ds", default="768,2304,4096", help="activation widths d")
     parser.add_argument("--model_sizes", default="1,8",
                         help="sizes of the mesh's model axis (1: no split)")

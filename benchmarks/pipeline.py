@@ -91,17 +91,13 @@ def experiment_config(args):
 # Harvest.
 # ------------------------------------------------------------------------------------------
 def measure_harvest(args, workdir: str) -> dict:
-    model_config = models.GPT2Config(vocab_size=args.vocab_size, n_embd=args.n_embd,
-                                     n_layer=args.n_layer, n_head=args.n_head,
-                                     n_positions=max(1024, args.context_length))
-    params = models.init_params(jax.random.PRNGKey(0), model_config)
-    checkpoint = models.save_pretrained(os.path.join(workdir, "model"), model_config, params)
-    params_used = sum(int(x.size) for i in range(args.layer + 1)
-                      for x in jax.tree.leaves(params[f"h_{i}"]))
-    del params
-    tokens = os.path.join(workdir, "tokens.npy")
-    np.save(tokens, np.random.default_rng(0).integers(
-        0, args.vocab_size, (args.sequences, args.context_length), dtype=np.int32))
+    checkpoint, params_used = common.write_random_gpt2(
+        workdir, vocab_size=args.vocab_size, n_embd=args.n_embd, n_layer=args.n_layer,
+        n_head=args.n_head, n_positions=max(1024, args.context_length),
+        used_layers=args.layer + 1)
+    tokens = common.write_random_tokens(
+        os.path.join(workdir, "tokens.npy"), sequences=args.sequences,
+        context_length=args.context_length, vocab_size=args.vocab_size)
 
     hook = f"blocks.{args.layer}.hook_resid_post"
     kwargs = dict(hooks=[hook], context_length=args.context_length,

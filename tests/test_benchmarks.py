@@ -28,3 +28,18 @@ def test_group_step_benchmark_compares_group_with_separate_steps():
     result = _last_json("group_step.py", *TINY, "--group_size=2")
     assert result["group_size"] == 2
     assert result["speedup_step_only"] > 0 and result["speedup_with_input"] > 0
+
+
+def test_group_step_benchmark_with_the_lm_as_input():
+    # A 2-layer GPT-2 of width 32 (random init) run on the fly: one forward of 4 x 16 tokens
+    # per batch of 64, which a group of 2 runs once and 2 separate runs twice.
+    result = _last_json("group_step.py", *TINY, "--group_size=2", "--source=lm", "--n_layer=2",
+                        "--layer=1", "--n_head=2", "--vocab_size=64", "--context_length=16")
+    assert result["source"] == "lm" and result["group_size"] == 2
+    assert result["hook"] == "blocks.1.hook_resid_post" and result["lm_batch_sequences"] == 4
+    assert result["model"] == {"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 64,
+                               "init": "random"}
+    assert result["d"] == 32 and result["n_latents"] == 64
+    assert result["input_seconds_per_batch"] > 0 and result["lm_flops_per_token"] > 0
+    assert result["speedup_step_only"] > 0 and result["speedup_with_input"] > 0
+    assert result["solo_seconds_per_step_with_input"] > 0
