@@ -256,10 +256,7 @@ def _check_same_config(folder: str, config: ml_collections.ConfigDict) -> None:
     stored = _read_json(paths.join(folder, "config.json"))
     if stored is None:
         return
-    old = train.flatten_config(stored)
-    new = train.flatten_config(json.loads(config.to_json_best_effort()))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
-                     and not k.startswith(train.RESUMABLE_CHANGES))
+    changed, old, new = train.config_changes(stored, json.loads(config.to_json_best_effort()))
     if changed:
         raise ConfigError(
             f"{folder} was trained with another config: "

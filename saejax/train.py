@@ -335,24 +335,35 @@ def flatten_config(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def config_changes(old: dict, new: dict) -> tuple[list[str], dict, dict]:
+    """(the changed fields that a run cannot resume with, flattened old, flattened new), and
+    the resumable changes logged. A field added to the schema after `old` was written, at its
+    default, is no change: the run it describes trains the same way."""
+    from saejax import configs  # pylint: disable=import-outside-toplevel
+    old_flat, new_flat = flatten_config(old), flatten_config(new)
+    defaults = flatten_config(json.loads(configs.base_config().to_json_best_effort()))
+    changed = sorted(k for k in set(old_flat) | set(new_flat)
+                     if old_flat.get(k) != new_flat.get(k)
+                     and not (k not in old_flat and k in defaults
+                              and new_flat[k] == defaults[k]))
+    resumable = [k for k in changed if k.startswith(RESUMABLE_CHANGES)]
+    if resumable:
+        logging.warning("Changed since the run started (allowed): %s.", ", ".join(resumable))
+    return [k for k in changed if k not in resumable], old_flat, new_flat
+
+
 def _write_config(config, workdir: str) -> None:
     """Writes the resolved config; refuses to resume a workdir started with another config."""
     path = paths.join(workdir, "config.json")
     new = json.loads(config.to_json_best_effort())
     if paths.exists(path):
-        old = paths.read_json(path)
-        old_flat, new_flat = flatten_config(old), flatten_config(new)
-        changed = sorted(k for k in set(old_flat) | set(new_flat)
-                         if old_flat.get(k) != new_flat.get(k))
-        fixed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+        fixed, old_flat, new_flat = config_changes(paths.read_json(path), new)
         if fixed:
             raise ConfigError(
                 f"{workdir} holds a run started with another config: "
                 + ", ".join(f"{k}={old_flat.get(k)!r} there, {new_flat.get(k)!r} now"
                             for k in fixed)
                 + ". Use a new --workdir, or pass the original values to resume.")
-        if changed:
-            logging.warning("Resuming %s with changed %s.", workdir, ", ".join(changed))
     if jax.process_index() == 0:
         paths.write_json(path, new, indent=2, sort_keys=True)
 

@@ -309,3 +309,18 @@ def test_bfloat16_mixed_precision_trains_to_the_float32_fvu(tmp_path):
         hlo = trainer.train_step.lower(trainer.abstract_state, batch).as_text()
     dots = re.findall(r"dot_general[^\n]*", hlo)
     assert dots and all("xbf16>" in dot for dot in dots), dots
+
+
+def test_fields_added_to_the_schema_at_their_default_do_not_block_a_resume():
+    """A workdir written before a field existed resumes when the field is at its default; any
+    other difference is refused, and log_every-like changes are allowed."""
+    new = json.loads(toy_config("smoke").to_json_best_effort())
+    old = json.loads(json.dumps(new))
+    del old["train"]["compute_dtype"], old["sae"]["sparse_decode"]
+    assert train.config_changes(old, new)[0] == []
+    new["train"]["compute_dtype"] = "bfloat16"
+    assert train.config_changes(old, new)[0] == ["train.compute_dtype"]
+    old = json.loads(json.dumps(new))
+    new["train"]["log_every"] = 7
+    new["sae"]["k"] = 3
+    assert train.config_changes(old, new)[0] == ["sae.k"]
