@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 1024
     config.train.steps = 4_000
+    # Multi-process runs: how often (in steps) the hosts agree on whether any got SIGTERM (an
+    # allgather, which waits for the step to finish); a single process checks every step free.
+    config.train.preemption_check_every = 10
     # Mixed precision: the dtype of the SAE's matmuls and activations inside the step
     # ("float32" or "bfloat16"). Params, gradients and the optimizer state stay float32, and the
     # losses and metrics are reduced in float32. bfloat16 is for GPUs and TPUs; on CPU it runs

@@ -32,7 +32,8 @@ RESUMABLE_CHANGES = ("mesh.", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.steps", "evals.eval_batches",
                      "evals.density_window_tokens", "evals.dense_threshold",
                      "evals.loss_recovered_sequences", "data.prefetch_windows",
-                     "lm.batch_sequences", "group.member_workdirs")
+                     "lm.batch_sequences", "group.member_workdirs",
+                     "train.preemption_check_every")
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 
@@ -599,6 +600,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         # (the next batch's generation vs the current step). On CPU, finish each step before
         # dispatching the next program; accelerators keep the asynchronous pipeline.
         serialize_steps = jax.default_backend() == "cpu" and mesh.size > 1
+        single_process = jax.process_count() == 1
+        preemption_check_every = int(config.train.preemption_check_every)
         # Throughput is timed from the end of this session's first step (compilation excluded).
         t_first, first_done = None, start_step
         resampled = np.zeros(len(outputs), np.int64)  # since the last log line, per SAE
@@ -618,8 +621,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     resampled += np.asarray(n_dead).reshape(-1)
                     logging.info("step %d: resampled %s dead latents.", done, n_dead)
                 log_now = done % log_every == 0 or done == total_steps
-                # Every host stops at the same step when any of them got SIGTERM.
-                preempted = distributed.any_process(sigterm.raised)
+                # Every host stops at the same step when any of them got SIGTERM. Agreeing is a
+                # host sync, so several processes check every `preemption_check_every` steps.
+                preempted = ((single_process or done % preemption_check_every == 0)
+                             and distributed.any_process(sigterm.raised))
                 save_now = done % checkpoint_every == 0 or done == total_steps or preempted
                 if not (log_now or save_now):
                     continue

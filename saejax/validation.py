@@ -38,6 +38,7 @@ def validate(config, n_devices: int) -> None:
                          ("train.log_every", config.train.log_every),
                          ("train.checkpoint_every", config.train.checkpoint_every),
                          ("train.keep_checkpoints", config.train.keep_checkpoints),
+                         ("train.preemption_check_every", config.train.preemption_check_every),
                          ("evals.eval_batches", config.evals.eval_batches),
                          ("evals.dead_window_tokens", config.evals.dead_window_tokens),
                          ("resample.batches", config.resample.batches),

@@ -46,6 +46,7 @@ def test_two_processes_train_like_one_and_resume_after_sigterm_to_one_host(tmp_p
     assert len(stopped) == 1, outputs  # both hosts stopped at the same step
     step = stopped.pop()
     assert 10 <= step < 60 and (workdir / "checkpoints" / str(step)).is_dir()
+    assert step % 10 == 0  # the hosts agree on SIGTERM every train.preemption_check_every
     assert not (workdir / "summary.json").exists()
 
     codes, outputs = _wait(_launch(workdir))
