@@ -74,6 +74,19 @@ def test_cases_cover_every_architecture_split_and_every_mesh():
     assert {mesh for _, _, meshes in CASES.values() for mesh in meshes} == set(MESHES)
 
 
+def _assert_same_run(state, losses, reference, reference_losses, what):
+    """Same losses, params and dead-latent clocks as the reference, within float32 rounding."""
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    for name, value in reference["params"].items():
+        # Relative error of the whole tensor: Adam divides each gradient by its own scale, so
+        # an element whose gradient is ~0 may differ by reduction-order noise alone.
+        value, other = np.asarray(value), np.asarray(state["params"][name])
+        error = np.linalg.norm(other - value) / max(np.linalg.norm(value), 1e-12)
+        assert error < 1e-5, f"{name} {what}: relative error {error:.2e}"
+    np.testing.assert_array_equal(np.asarray(state["tokens_since_fired"]),
+                                  np.asarray(reference["tokens_since_fired"]))
+
+
 @pytest.mark.parametrize("architecture,overrides,meshes", list(CASES.values()),
                          ids=list(CASES))
 def test_sharded_step_matches_single_device(architecture, overrides, meshes):
@@ -83,15 +96,7 @@ def test_sharded_step_matches_single_device(architecture, overrides, meshes):
     for mesh_shape in meshes:
         state, losses = _run_steps(_config(architecture, mesh_shape, **overrides),
                                    jax.devices())
-        np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
-        for name, value in reference["params"].items():
-            # Relative error of the whole tensor: Adam divides each gradient by its own scale,
-            # so an element whose gradient is ~0 may differ by reduction-order noise alone.
-            value, sharded = np.asarray(value), np.asarray(state["params"][name])
-            error = np.linalg.norm(sharded - value) / max(np.linalg.norm(value), 1e-12)
-            assert error < 1e-5, f"{name} on {mesh_shape}: relative error {error:.2e}"
-        np.testing.assert_array_equal(np.asarray(state["tokens_since_fired"]),
-                                      np.asarray(reference["tokens_since_fired"]))
+        _assert_same_run(state, losses, reference, reference_losses, f"on {mesh_shape}")
         # The dictionary really is split: each device holds [d, n_latents / model] of W_enc.
         *group, d, n_latents = reference["params"]["W_enc"].shape
         group = tuple(group)
@@ -110,13 +115,7 @@ def test_topk_sparse_decode_trains_like_the_dense_decoder():
     runs = [_run_steps(_config("topk", (1, 1), **{"sae.sparse_decode": sparse_decode}),
                        jax.devices()[:1], n_steps=6) for sparse_decode in (True, False)]
     (sparse_state, sparse_losses), (dense_state, dense_losses) = runs
-    np.testing.assert_allclose(sparse_losses, dense_losses, rtol=1e-5)
-    for name, value in dense_state["params"].items():
-        value, sparse_value = np.asarray(value), np.asarray(sparse_state["params"][name])
-        error = np.linalg.norm(sparse_value - value) / max(np.linalg.norm(value), 1e-12)
-        assert error < 1e-5, f"{name}: relative error {error:.2e}"
-    np.testing.assert_array_equal(np.asarray(sparse_state["tokens_since_fired"]),
-                                  np.asarray(dense_state["tokens_since_fired"]))
+    _assert_same_run(sparse_state, sparse_losses, dense_state, dense_losses, "sparse vs dense")
     assert np.any(np.asarray(dense_state["tokens_since_fired"]) >= 64)  # AuxK had dead latents
 
 
