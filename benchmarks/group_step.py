@@ -116,6 +116,8 @@ def _lm_config(config, args, workdir):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group_size", type=int, default=4)
+    parser.add_argument("--vectorize", default="auto", choices=("auto", "vmap", "map"),
+                        help="group.vectorize: vmap the members, or map them one by one")
     parser.add_argument("--source", default="synthetic", choices=("synthetic", "lm"),
                         help="the step's input: the toy generator, or a GPT-2 run on the fly")
     common.add_shape_flags(parser, d=None, expansion_factor=4, batch_size=1024)
@@ -131,6 +133,7 @@ def main():
     if args.d is None:
         args.d = LM_D if args.source == "lm" else SYNTHETIC_D
     config = common.config_from_flags(args)
+    config.group.vectorize = args.vectorize
 
     workdir = tempfile.mkdtemp(prefix="saejax_group_step_bench_") if args.source == "lm" else None
     try:
