@@ -3,7 +3,6 @@ random-init GPT-2 checkpoint and random token ids for the benchmarks that run a 
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import resource
@@ -60,9 +59,8 @@ def add_shape_flags(parser, *, d: int, expansion_factor: int, batch_size: int) -
     parser.add_argument("--expansion_factor", type=int, default=expansion_factor)
     parser.add_argument("--batch_size", type=int, default=batch_size)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--sparse_decode", action=argparse.BooleanOptionalAction, default=True,
-                        help="topk: decode only the k selected latents (--no-sparse_decode: "
-                             "the dense decoder)")
+    parser.add_argument("--topk_decoder", default="auto", choices=("auto", "sparse", "dense"),
+                        help="sae.topk_decoder: decode only the k selected latents, or densely")
     parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
                         help="train.compute_dtype; the matmul peak is measured in it too")
     parser.add_argument("--mesh_model", type=int, default=1)
@@ -79,7 +77,7 @@ def config_from_flags(args):
     config.sae.architecture = args.architecture
     config.sae.expansion_factor = args.expansion_factor
     config.sae.k = args.k
-    config.sae.sparse_decode = args.sparse_decode
+    config.sae.topk_decoder = args.topk_decoder
     config.train.compute_dtype = args.compute_dtype
     config.train.batch_size = args.batch_size
     config.mesh.model = args.mesh_model

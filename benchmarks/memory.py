@@ -102,7 +102,7 @@ def main():
     parser.add_argument("--architecture", default="relu")
     parser.add_argument("--batch_size", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--sparse_decode", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--topk_decoder", default="auto", choices=("auto", "sparse", "dense"))
     parser.add_argument("--compute_dtype", default="float32", choices=("float32",),
                         help="the report counts float32 activations")
     parser.add_argument("--ds", default="768,2304,4096", help="activation widths d")

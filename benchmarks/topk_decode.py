@@ -27,8 +27,8 @@ from saejax import sharding, train  # noqa: E402
 def parity(config, d: int, steps: int) -> float:
     """Largest relative (whole-tensor) params difference, sparse vs dense, after `steps`."""
     params = []
-    for sparse_decode in (True, False):
-        config.sae.sparse_decode = sparse_decode
+    for decoder in ("sparse", "dense"):
+        config.sae.topk_decoder = decoder
         mesh = sharding.make_mesh(config.mesh)
         with sharding.activate(mesh, config.sharding_rules):
             batch_sharding = jax.sharding.NamedSharding(
@@ -54,11 +54,11 @@ def main():
 
     runs = {}
     for dead_fraction in (0.0, args.dead_fraction):
-        for sparse_decode in (True, False):
-            config.sae.sparse_decode = sparse_decode
+        for decoder in ("sparse", "dense"):
+            config.sae.topk_decoder = decoder
             step = common.time_train_step(config, d=args.d, iters=args.iters,
                                           dead_fraction=dead_fraction)
-            name = f"{'sparse' if sparse_decode else 'dense'}, dead {dead_fraction:g}"
+            name = f"{decoder}, dead {dead_fraction:g}"
             runs[name] = step
             print(f"  {name:20s} {step['seconds_per_step']:7.2f} s/step "
                   f"{step['tokens_per_s']:8,.0f} tokens/s {step['flops_per_s'] / 1e9:6.1f} "

@@ -54,9 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.sae.k = 32                     # topk, batchtopk: latents per token
     config.sae.k_aux = 128                # topk, batchtopk: dead latents in the AuxK loss
     config.sae.auxk_coefficient = 1 / 32  # topk, batchtopk (Gao et al. 2024)
-    # topk: decode only the k selected latents per token (gather k decoder rows; O(k d), not
-    # O(n_latents d)); False multiplies the masked latents by the whole decoder.
-    config.sae.sparse_decode = True
+    # topk: "sparse" decodes only the k selected latents per token (k decoder rows gathered,
+    # their gradients scattered: O(k d), not O(n_latents d)); "dense" multiplies the masked
+    # latents by the whole decoder; "auto" is sparse when n_latents >= 32 (k + k_aux).
+    config.sae.topk_decoder = "auto"
     config.sae.switch_experts = 4         # switch: experts (each n_latents / E latents, TopK k)
     config.sae.switch_capacity_factor = 1.25
     config.sae.switch_balance_coefficient = 0.01

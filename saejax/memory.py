@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import sharding, train
+from saejax import sae, sharding, train
 
 # ------------------------------------------------------------------------------------------
 # Memory.
@@ -43,7 +43,7 @@ class Temporaries(NamedTuple):
 #     estimators (the JumpReLU and the L0 step);
 #   batchtopk, and topk with the dense decode: the activations, the top-k mask, the latents,
 #     AuxK's candidates and mask, and the gradient;
-#   topk with sae.sparse_decode: the pre-activations (which the top-k reads; no gradient
+#   topk with the sparse decoder (sae.topk_decoder): the pre-activations (which the top-k reads; no gradient
 #     flows through them) and AuxK's candidates (the dead latents' pre-activations), no dense
 #     latents, but per selected latent (k, and k_aux for AuxK) a gathered decoder row, its
 #     gradient, and the encoder column's gradient before the scatter-add: when
@@ -148,7 +148,7 @@ def memory_report(config, mesh, *, d: int) -> MemoryReport:
     batch_bytes = batch_rows * d * itemsize
 
     name = trainer.architecture.name
-    sparse_topk = name == "topk" and bool(config.sae.get("sparse_decode", False))
+    sparse_topk = name == "topk" and sae.topk.sparse_decode(config.sae, trainer.n_latents)
     counts = TEMPORARIES["topk_sparse" if sparse_topk else name]
     n_latents = trainer.n_latents
     selected = (int(config.sae.k) + min(int(config.sae.k_aux), n_latents)) if sparse_topk else 0

@@ -125,6 +125,9 @@ def validate(config, n_devices: int) -> None:
                  f"sae.k={config.sae.k} must be between 1 and n_latents={n} "
                  f"(sae.expansion_factor={config.sae.expansion_factor} x data.d={config.data.d}); "
                  f"lower sae.k or raise sae.expansion_factor.")
+    _require(config.sae.topk_decoder in sae.topk.DECODERS,
+             f"sae.topk_decoder={config.sae.topk_decoder!r} is not known; choose one of "
+             f"{', '.join(sae.topk.DECODERS)}.")
     _require(config.train.compute_dtype in COMPUTE_DTYPES,
              f"train.compute_dtype={config.train.compute_dtype!r} is not supported; choose one "
              f"of {', '.join(COMPUTE_DTYPES)}.")

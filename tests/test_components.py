@@ -234,3 +234,17 @@ def test_switch_routes_each_token_to_one_expert():
     dense = base.dense_flops_per_token(16, 64)
     default = toy_config(**{"sae.switch_experts": 4}).sae  # capacity factor 1.25
     assert switch.flops_per_token(16, 64, default) < dense / 2
+
+
+def test_topk_decoder_auto_is_sparse_only_for_large_dictionaries():
+    from conftest import toy_config  # pylint: disable=import-outside-toplevel
+    from saejax.sae import topk  # pylint: disable=import-outside-toplevel
+    config = toy_config(None, **{"sae.k": 6})            # 1024 latents, k_aux 128: dense
+    assert not topk.sparse_decode(config.sae, 1024)
+    config.sae.k = 32
+    assert topk.sparse_decode(config.sae, 512 * 128)     # x128 at d = 512: sparse
+    config.sae.topk_decoder = "sparse"
+    assert topk.sparse_decode(config.sae, 1024)
+    config.sae.topk_decoder = "dense"
+    assert not topk.sparse_decode(config.sae, 512 * 128)
+    assert topk.flops_per_token(512, 512 * 128, config.sae) == 10 * 512 * 512 * 128

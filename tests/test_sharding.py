@@ -58,13 +58,15 @@ RESAMPLE = {"resample.every_steps": 1, "resample.until_step": 1}
 # 4 experts split over 8 shards.
 SPLIT_MESHES = {"topk": MESHES, "batchtopk": [(4, 2)], "jumprelu": [(4, 2)],
                 "switch": [(2, 4), (1, 8)]}
-CASES = {**{name: (name, {}, SPLIT_MESHES.get(name, [(2, 4)]))
+# TopK's sharded case takes the sparse decoder ("auto" picks dense at this small dictionary).
+CASES = {**{name: (name, {"sae.topk_decoder": "sparse"} if name == "topk" else {},
+                   SPLIT_MESHES.get(name, [(2, 4)]))
             for name in sorted(sae.ARCHITECTURES) if name != "relu"},
          "relu-resample": ("relu", RESAMPLE, [(2, 4)]),
          "relu-group-resample": ("relu", {**GROUP, **RESAMPLE}, [(4, 2)]),
          "jumprelu-group-vmap": ("jumprelu", {**GROUP, "group.vectorize": "vmap"}, [(2, 4)]),
-         # TopK's default is the sparse decoder; the dense one is the reference it must match.
-         "topk-dense-decode": ("topk", {"sae.sparse_decode": False}, [(2, 4)])}
+         # The dense decoder, the reference the sparse one must match (test below).
+         "topk-dense-decode": ("topk", {"sae.topk_decoder": "dense"}, [(2, 4)])}
 
 
 def test_cases_cover_every_architecture_split_and_every_mesh():
@@ -112,8 +114,8 @@ def test_sharded_step_matches_single_device(architecture, overrides, meshes):
 def test_topk_sparse_decode_trains_like_the_dense_decoder():
     """Decoding the k selected rows gives the dense decoder's losses and params (float32
     rounding), AuxK included: latents silent for one batch are dead from the second step."""
-    runs = [_run_steps(_config("topk", (1, 1), **{"sae.sparse_decode": sparse_decode}),
-                       jax.devices()[:1], n_steps=6) for sparse_decode in (True, False)]
+    runs = [_run_steps(_config("topk", (1, 1), **{"sae.topk_decoder": decoder}),
+                       jax.devices()[:1], n_steps=6) for decoder in ("sparse", "dense")]
     (sparse_state, sparse_losses), (dense_state, dense_losses) = runs
     _assert_same_run(sparse_state, sparse_losses, dense_state, dense_losses, "sparse vs dense")
     assert np.any(np.asarray(dense_state["tokens_since_fired"]) >= 64)  # AuxK had dead latents

@@ -316,7 +316,7 @@ def test_fields_added_to_the_schema_at_their_default_do_not_block_a_resume():
     other difference is refused, and log_every-like changes are allowed."""
     new = json.loads(toy_config("smoke").to_json_best_effort())
     old = json.loads(json.dumps(new))
-    del old["train"]["compute_dtype"], old["sae"]["sparse_decode"]
+    del old["train"]["compute_dtype"], old["sae"]["topk_decoder"]
     assert train.config_changes(old, new)[0] == []
     new["train"]["compute_dtype"] = "bfloat16"
     assert train.config_changes(old, new)[0] == ["train.compute_dtype"]

@@ -4,18 +4,32 @@ Each token keeps its k largest pre-activations (then ReLU); sparsity is set by k
 the reconstruction error plus the AuxK term that revives dead latents. The top-k is exact on a
 dictionary split across devices (`sharding.top_k`).
 
-With `sae.sparse_decode` (the default) the training step never forms the [batch, n_latents]
-latents: it selects each token's k latents from the pre-activations, then recomputes their
-values from k encoder columns and decodes them from k decoder rows (`sparse.py`), so only the
-selection costs O(d n_latents) per token. `sparse_decode=False` is the dense reference (mask,
-then a full decoder matmul); the two give the same losses, gradients and params within float32
-rounding (tests/test_sharding.py).
+With the sparse decoder (`sae.topk_decoder`) the training step never forms the
+[batch, n_latents] latents: it selects each token's k latents from the pre-activations, reads
+their values there and decodes them from k decoder rows (`sparse.py`), so only the selection
+costs O(d n_latents) per token. The dense decoder is the reference (mask, then a full decoder
+matmul); the two give the same losses, gradients and params within float32 rounding
+(tests/test_sharding.py). Gathers and scatter-adds run far below a matmul's FLOP rate on a CPU,
+so "auto" decodes sparsely only when the dictionary is at least SPARSE_RATIO times the k + k_aux
+rows a token touches (measured on CPU-2, benchmarks/RESULTS.md: 1.2-1.3x faster at x16 with
+d 512, k 32, k_aux 128, a ratio of 51; 4x slower at 1024 latents, k 6, k_aux 128, a ratio of 8).
 """
 
 import jax
 
 from saejax import evals, sharding
 from saejax.sae import base, sparse
+
+SPARSE_RATIO = 32
+DECODERS = ("auto", "sparse", "dense")
+
+
+def sparse_decode(sae_config, n_latents: int) -> bool:
+    """Whether the step decodes only the selected rows (`sae.topk_decoder`)."""
+    if sae_config.topk_decoder != "auto":
+        return sae_config.topk_decoder == "sparse"
+    selected = int(sae_config.k) + min(int(sae_config.k_aux), n_latents)
+    return n_latents >= SPARSE_RATIO * selected
 
 
 def _encode(params, x, k):
@@ -45,10 +59,10 @@ def _sparse_loss(params, x, sae_config):
 
 def loss(params, x, sae_config, sparsity_coefficient, dead):
     del sparsity_coefficient
-    sparse_decode = bool(sae_config.sparse_decode)
-    pre, x_hat, aux = (_sparse_loss if sparse_decode else _dense_loss)(params, x, sae_config)
+    use_sparse = sparse_decode(sae_config, params["W_dec"].shape[-2])
+    pre, x_hat, aux = (_sparse_loss if use_sparse else _dense_loss)(params, x, sae_config)
     auxk = base.auxk_loss(params, x, x_hat, pre, dead, sae_config.k_aux,
-                          sparse_decode=sparse_decode)
+                          sparse_decode=use_sparse)
     mse = evals.mse(x, x_hat)
     return mse + float(sae_config.auxk_coefficient) * auxk, {
         "mse": mse, "auxk_loss": auxk, "x_hat": x_hat, **aux}
@@ -58,7 +72,7 @@ def flops_per_token(d, n_latents, sae_config):
     """Dense: `base.dense_flops_per_token`. Sparse: the selection's encoder matmul (2 d n),
     then per selected latent (k, and k_aux for AuxK) its encoder column and decoder row, each
     2 d forward and 4 d backward."""
-    if not sae_config.sparse_decode:
+    if not sparse_decode(sae_config, n_latents):
         return base.dense_flops_per_token(d, n_latents)
     selected = int(sae_config.k) + min(int(sae_config.k_aux), n_latents)
     return 2 * d * n_latents + 12 * d * selected
