@@ -48,8 +48,9 @@ def _dense_loss(params, x, sae_config):
 
 
 def _sparse_loss(params, x, sae_config):
-    # The selection needs every pre-activation but no gradient: the latents' values, and with
-    # them the encoder's gradient, come from encode_selected's k columns per token.
+    # The selection needs every pre-activation but no gradient through them: the selected
+    # latents' values are read from them, and their gradient reaches the encoder through k
+    # columns per token (encode_selected's custom VJP).
     pre = jax.lax.stop_gradient(base.pre_activations(params, x))
     _, indices = sharding.top_k(pre, int(sae_config.k))
     values = jax.nn.relu(sparse.encode_selected(params, x, pre, indices))
