@@ -3,6 +3,7 @@ random-init GPT-2 checkpoint and random token ids for the benchmarks that run a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
@@ -84,19 +85,26 @@ def config_from_flags(args):
     return config
 
 
+@contextlib.contextmanager
+def trainer_on_mesh(config, *, d: int):
+    """(trainer, batch sharding) of `config` on its mesh of all devices, with the mesh and
+    rules active (the sharded top-k reads them while tracing): what a step benchmark runs."""
+    from saejax import sharding, train  # pylint: disable=import-outside-toplevel
+    mesh = sharding.make_mesh(config.mesh)
+    with sharding.activate(mesh, config.sharding_rules):
+        batch_sharding = jax.sharding.NamedSharding(
+            mesh, sharding.logical_to_spec(("batch", "embed"), config.sharding_rules))
+        yield train.make_trainer(config, mesh, d=d, batch_sharding=batch_sharding), batch_sharding
+
+
 def time_train_step(config, *, d: int, iters: int = 10, dead_fraction: float = 0.0) -> dict:
     """Median seconds per sharded train step of `config` on a random batch (compilation
     excluded), with the trainer's FLOPs per token: what every step benchmark reports.
 
     `dead_fraction` of the latents start dead (silent far beyond the dead window), so the
     steps run the dead-latent terms (AuxK) as a long run does; a fresh state has none."""
-    from saejax import sharding, train  # pylint: disable=import-outside-toplevel
     batch_size = int(config.train.batch_size)
-    mesh = sharding.make_mesh(config.mesh)
-    with sharding.activate(mesh, config.sharding_rules):
-        batch_sharding = jax.sharding.NamedSharding(
-            mesh, sharding.logical_to_spec(("batch", "embed"), config.sharding_rules))
-        trainer = train.make_trainer(config, mesh, d=d, batch_sharding=batch_sharding)
+    with trainer_on_mesh(config, d=d) as (trainer, batch_sharding):
         batch = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (batch_size, d)),
                                batch_sharding)
         state = trainer.init(jax.random.PRNGKey(0))
@@ -114,7 +122,7 @@ def time_train_step(config, *, d: int, iters: int = 10, dead_fraction: float = 0
         seconds = time_fn(run, iters=iters)
     tokens_per_s = batch_size / seconds
     return {"architecture": config.sae.architecture, "n_latents": trainer.n_latents,
-            "mesh": dict(mesh.shape), "seconds_per_step": seconds, "tokens_per_s": tokens_per_s,
+            "mesh": dict(batch_sharding.mesh.shape), "seconds_per_step": seconds, "tokens_per_s": tokens_per_s,
             "flops_per_token": trainer.flops_per_token,
             "flops_per_s": tokens_per_s * trainer.flops_per_token}
 

@@ -21,7 +21,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from saejax import sharding, train  # noqa: E402
 
 
 def parity(config, d: int, steps: int) -> float:
@@ -29,11 +28,7 @@ def parity(config, d: int, steps: int) -> float:
     params = []
     for decoder in ("sparse", "dense"):
         config.sae.topk_decoder = decoder
-        mesh = sharding.make_mesh(config.mesh)
-        with sharding.activate(mesh, config.sharding_rules):
-            batch_sharding = jax.sharding.NamedSharding(
-                mesh, sharding.logical_to_spec(("batch", "embed"), config.sharding_rules))
-            trainer = train.make_trainer(config, mesh, d=d, batch_sharding=batch_sharding)
+        with common.trainer_on_mesh(config, d=d) as (trainer, batch_sharding):
             state = trainer.init(jax.random.PRNGKey(0))
             for step in range(steps):
                 batch = jax.random.normal(jax.random.PRNGKey(step), (config.train.batch_size, d))
