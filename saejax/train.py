@@ -115,7 +115,7 @@ def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
     def loss_fn(params):
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
         return architecture.loss(params, batch.astype(compute_dtype), sae_config,
-                                 sparsity_coefficient, dead)
+                                 sparsity_coefficient, dead, step=step)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -125,6 +125,18 @@ def validate(config, n_devices: int) -> None:
                  f"sae.k={config.sae.k} must be between 1 and n_latents={n} "
                  f"(sae.expansion_factor={config.sae.expansion_factor} x data.d={config.data.d}); "
                  f"lower sae.k or raise sae.expansion_factor.")
+    anneal_steps = int(config.sae.k_anneal_steps)
+    _require(anneal_steps >= 0, f"sae.k_anneal_steps={anneal_steps} must be >= 0 (0: off).")
+    if anneal_steps:
+        _require(architecture.name in ("topk", "batchtopk", "switch"),
+                 f"sae.k_anneal_steps={anneal_steps} anneals a TopK-family k; "
+                 f"sae.architecture={architecture.name!r} has none: set it to 0.")
+        start = int(config.sae.k_anneal_start)
+        width = n // int(config.sae.switch_experts) if architecture.name == "switch" else n
+        _require(int(config.sae.k) < start <= width,
+                 f"sae.k_anneal_start={start} must be above sae.k={config.sae.k} and at most "
+                 f"the {width} latents a token chooses from: the anneal runs from it down to "
+                 f"sae.k.")
     _require(config.sae.topk_decoder in sae.topk.DECODERS,
              f"sae.topk_decoder={config.sae.topk_decoder!r} is not known; choose one of "
              f"{', '.join(sae.topk.DECODERS)}.")

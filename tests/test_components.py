@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from conftest import toy_config
-from saejax import evals, optim
+from saejax import evals, optim, sae
 from saejax.data import synthetic
 from saejax.sae import base
 
@@ -104,6 +105,34 @@ def test_batchtopk_learns_an_inference_threshold(tmp_path):
     assert params["threshold"] > 0
     # Encoding one token at a time with the threshold keeps about k latents per token.
     assert 2 < summary["l0"] < 32, summary
+
+
+@pytest.mark.parametrize("name,decoder", [("topk", "dense"), ("topk", "sparse"),
+                                          ("batchtopk", "dense"), ("switch", "dense")])
+def test_k_annealing_keeps_k_anneal_start_latents_at_first_and_k_from_its_end(name, decoder):
+    # Switch: two experts of 32 latents, with room for every token (none dropped).
+    config = toy_config(**{"sae.architecture": name, "data.d": 16, "sae.k": 4,
+                           "sae.k_anneal_steps": 10, "sae.k_anneal_start": 24,
+                           "sae.topk_decoder": decoder, "sae.switch_experts": 2,
+                           "sae.switch_capacity_factor": 2.0})
+    architecture = sae.get(name)
+    params = architecture.init(jax.random.PRNGKey(0), 16, 64, config.sae)
+    params["b_enc"] = params["b_enc"] + 10.0  # every pre-activation positive: none cut by ReLU
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 16))
+    dead = jnp.zeros(64, bool)
+
+    def l0_at(step):
+        _, aux = jax.jit(lambda step: architecture.loss(params, x, config.sae, 0.0, dead,
+                                                        step=step))(step)
+        counts = aux["fire_counts"] if "fire_counts" in aux else evals.fire_counts(aux["latents"])
+        return float(evals.l0_of_counts(counts, 32))
+
+    # 24 at step 0, linearly down to 4 at step 10 (14 at step 5), 4 after, and 4 in evaluation.
+    assert [l0_at(step) for step in (0, 5, 10, 50)] == [24.0, 14.0, 4.0, 4.0]
+    assert float(base.annealed_k(config.sae, 5)) == 14
+    _, aux = architecture.loss(params, x, config.sae, 0.0, dead)
+    counts = aux["fire_counts"] if "fire_counts" in aux else evals.fire_counts(aux["latents"])
+    assert float(evals.l0_of_counts(counts, 32)) == 4.0
 
 
 def test_auxk_gives_dead_latents_a_gradient():

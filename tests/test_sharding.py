@@ -52,6 +52,7 @@ def _config(architecture, mesh_shape, **overrides):
 GROUP = {"group.sparsity_coefficients": (0.5, 3.0)}
 # Dead-latent resampling after the steps (then one more step), on the sharded dictionary.
 RESAMPLE = {"resample.every_steps": 1, "resample.until_step": 1}
+ANNEAL = {"sae.k_anneal_steps": 2, "sae.k_anneal_start": 12}
 # Each mesh costs a compile of ~5 s on 2 CPU cores, so not every case runs on every mesh. Every
 # case runs on a mesh that splits the batch and the dictionary; topk, whose sharded top-k and
 # AuxK depend most on how the latents are split, runs on all four shapes; switch also with its
@@ -65,6 +66,9 @@ CASES = {**{name: (name, {"sae.topk_decoder": "sparse"} if name == "topk" else {
          "relu-resample": ("relu", RESAMPLE, [(2, 4)]),
          "relu-group-resample": ("relu", {**GROUP, **RESAMPLE}, [(4, 2)]),
          "jumprelu-group-vmap": ("jumprelu", {**GROUP, "group.vectorize": "vmap"}, [(2, 4)]),
+         # k annealed from 12 to 6 over steps 0-1, then plain: both branches of the step.
+         "topk-anneal": ("topk", {**ANNEAL, "sae.topk_decoder": "sparse"}, [(4, 2)]),
+         "batchtopk-anneal": ("batchtopk", ANNEAL, [(2, 4)]),
          # The dense decoder, the reference the sparse one must match (test below).
          "topk-dense-decode": ("topk", {"sae.topk_decoder": "dense"}, [(2, 4)])}
 
@@ -111,10 +115,12 @@ def test_sharded_step_matches_single_device(architecture, overrides, meshes):
             assert shard.data.shape == (*group, d, n_latents // mesh_shape[1])
 
 
-def test_topk_sparse_decode_trains_like_the_dense_decoder():
+@pytest.mark.parametrize("overrides", [{}, {"sae.k_anneal_steps": 4, "sae.k_anneal_start": 24}],
+                         ids=["fixed-k", "annealed-k"])
+def test_topk_sparse_decode_trains_like_the_dense_decoder(overrides):
     """Decoding the k selected rows gives the dense decoder's losses and params (float32
     rounding), AuxK included: latents silent for one batch are dead from the second step."""
-    runs = [_run_steps(_config("topk", (1, 1), **{"sae.topk_decoder": decoder}),
+    runs = [_run_steps(_config("topk", (1, 1), **overrides, **{"sae.topk_decoder": decoder}),
                        jax.devices()[:1], n_steps=6) for decoder in ("sparse", "dense")]
     (sparse_state, sparse_losses), (dense_state, dense_losses) = runs
     _assert_same_run(sparse_state, sparse_losses, dense_state, dense_losses, "sparse vs dense")

@@ -16,6 +16,9 @@ CASES = [
     ({"optim.learning_rate": -1e-3}, r"optim.learning_rate=-0.001 must be > 0"),
     ({"sae.architecture": "topk", "sae.k": 5000},
      r"sae.k=5000 must be between 1 and n_latents=1024.*lower sae.k"),
+    ({"sae.architecture": "topk", "sae.k": 8, "sae.k_anneal_steps": 100,
+      "sae.k_anneal_start": 8}, r"sae.k_anneal_start=8 must be above sae.k=8"),
+    ({"sae.k_anneal_steps": 100}, r"sae.architecture='relu' has none: set it to 0"),
     ({"sae.architecture": "transcoder"},
      r"sae.architecture='transcoder' is not known; choose one of "
      r"\['batchtopk', 'gated', 'jumprelu', 'relu', 'switch', 'topk'\]"),

@@ -27,8 +27,9 @@ class Architecture(NamedTuple):
 
     init(key, d, n_latents, sae_config) -> params
     encode(params, x, sae_config) -> latents [batch, n_latents]
-    loss(params, x, sae_config, sparsity_coefficient, dead) -> (loss, aux) where `dead`
-        [n_latents] marks latents that have not fired within the dead window, and aux holds at
+    loss(params, x, sae_config, sparsity_coefficient, dead, step=None) -> (loss, aux) where
+        `dead` [n_latents] marks latents that have not fired within the dead window, `step` is
+        the training step (schedules inside the loss: TopK's k annealing), and aux holds at
         least `mse`, `x_hat`, the `latents` [batch, n_latents] (or, for a step that never forms
         them, their `evals.fire_counts` as `fire_counts`), and `sparsity_loss` when the loss has
         one.
@@ -115,6 +116,45 @@ def auxk_loss(params: dict, x: jax.Array, x_hat: jax.Array, pre: jax.Array, dead
         return error / jnp.maximum(jnp.sum(jnp.square(residual)), 1e-12)
 
     return jax.lax.cond(jnp.any(dead), error, lambda: jnp.zeros((), x.dtype))
+
+
+def top_k_mask(pre: jax.Array, k: int, kept: jax.Array | None = None) -> jax.Array:
+    """`sharding.top_k_mask` of each token's k largest pre-activations; with `kept` (a traced
+    count <= k, k annealing) only the `kept` largest of them."""
+    if kept is None:
+        return sharding.top_k_mask(pre, k)
+    values, _ = sharding.top_k(jax.lax.stop_gradient(pre), k)
+    kth = jnp.take(values, kept - 1, axis=-1)[..., None]
+    return jax.lax.stop_gradient((pre >= kth).astype(pre.dtype))
+
+
+def annealed_k(sae_config, step: jax.Array) -> jax.Array:
+    """The k of `step` under `sae.k_anneal_steps`: from `sae.k_anneal_start` down to `sae.k`,
+    linearly, rounded to an integer; `sae.k` from then on."""
+    start, k = int(sae_config.k_anneal_start), int(sae_config.k)
+    fraction = jnp.clip(step / int(sae_config.k_anneal_steps), 0.0, 1.0)
+    return jnp.round(start + (k - start) * fraction).astype(jnp.int32)
+
+
+def with_k_annealing(loss_at_k: Callable, sae_config, step: jax.Array | None):
+    """Runs a TopK-family loss with its k annealed (`sae.k_anneal_steps`, 0 for off).
+
+    `loss_at_k(k, kept)` selects k latents per token (a static k, the shapes' size) and, when
+    `kept` (a traced count <= k) is given, keeps only the `kept` largest of them. Annealing runs
+    the loss at `k_anneal_start` with `kept = annealed_k(step)`; once it is over (and for
+    evaluation, `step=None`) a `lax.cond` takes the plain branch at `sae.k`, so a finished
+    anneal costs nothing. Starting wide lets every latent take part while directions form:
+    at the final k from step 0, the latents that lose the first top-k contests die before the
+    rare features appear, and AuxK cannot revive a latent whose pre-activations are all negative
+    (benchmarks/RESULTS.md, TopK on the toy recipe).
+    """
+    k, steps = int(sae_config.k), int(sae_config.k_anneal_steps)
+    if step is None or steps == 0:
+        return loss_at_k(k, None)
+    return jax.lax.cond(
+        step < steps,
+        lambda: loss_at_k(int(sae_config.k_anneal_start), annealed_k(sae_config, step)),
+        lambda: loss_at_k(k, None))
 
 
 def geometric_median(points: jax.Array, iterations: int = 100, eps: float = 1e-8) -> jax.Array:

@@ -27,22 +27,30 @@ def encode(params, x, sae_config=None):
     return pre * (pre > params["threshold"])
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead):
+def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
     del sparsity_coefficient
     pre = base.pre_activations(params, x)
     active = jax.nn.relu(pre)
-    latents = active * sharding.batch_top_k_mask(active, int(sae_config.k) * x.shape[-2])
-    x_hat = base.decode(params, latents)
-    mse = evals.mse(x, x_hat)
-    auxk = base.auxk_loss(params, x, x_hat, pre, dead, sae_config.k_aux)
-    smallest_kept = jnp.min(jnp.where(latents > 0, latents, jnp.inf))
-    smallest_kept = jnp.where(jnp.isfinite(smallest_kept), smallest_kept, params["threshold"])
-    old = params["threshold"]
-    threshold = jnp.where(old > 0, THRESHOLD_DECAY * old + (1 - THRESHOLD_DECAY) * smallest_kept,
-                          smallest_kept)
-    return mse + float(sae_config.auxk_coefficient) * auxk, {
-        "mse": mse, "auxk_loss": auxk, "latents": latents, "x_hat": x_hat,
-        "buffers": {"threshold": jax.lax.stop_gradient(threshold)}}
+    tokens = x.shape[-2]
+
+    def loss_at_k(k, kept):
+        mask = sharding.batch_top_k_mask(active, k * tokens,
+                                         kept=None if kept is None else kept * tokens)
+        latents = active * mask
+        x_hat = base.decode(params, latents)
+        mse = evals.mse(x, x_hat)
+        auxk = base.auxk_loss(params, x, x_hat, pre, dead, sae_config.k_aux)
+        smallest_kept = jnp.min(jnp.where(latents > 0, latents, jnp.inf))
+        smallest_kept = jnp.where(jnp.isfinite(smallest_kept), smallest_kept,
+                                  params["threshold"])
+        old = params["threshold"]
+        threshold = jnp.where(old > 0, THRESHOLD_DECAY * old
+                              + (1 - THRESHOLD_DECAY) * smallest_kept, smallest_kept)
+        return mse + float(sae_config.auxk_coefficient) * auxk, {
+            "mse": mse, "auxk_loss": auxk, "latents": latents, "x_hat": x_hat,
+            "buffers": {"threshold": jax.lax.stop_gradient(threshold)}}
+
+    return base.with_k_annealing(loss_at_k, sae_config, step)
 
 
 ARCHITECTURE = base.Architecture(

@@ -35,7 +35,7 @@ def encode(params, x, sae_config=None):
     return (pi_gate > 0) * jax.nn.relu(pi_mag)
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead):
+def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
     del dead
     del sae_config
     pi_gate, pi_mag = _paths(params, x)

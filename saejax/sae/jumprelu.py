@@ -74,7 +74,7 @@ def encode(params, x, sae_config):
                     float(sae_config.jumprelu_bandwidth))
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead):
+def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
     del dead
     bandwidth = float(sae_config.jumprelu_bandwidth)
     pre = base.pre_activations(params, x)

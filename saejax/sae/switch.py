@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from saejax import evals, sharding
+from saejax import evals
 from saejax.sae import base
 
 PARAM_AXES = {**base.PARAM_AXES, "W_router": ("embed", None)}
@@ -48,7 +48,7 @@ def _route(params, x, sae_config, capacity):
     return expert, slot, kept, gate, balance
 
 
-def _forward(params, x, sae_config, *, training: bool):
+def _forward(params, x, sae_config, *, training: bool, k=None, kept=None):
     """(latents [tokens, n_latents] scaled by the router weight, x_hat, balance, dropped);
     while training, the latents' `evals.fire_counts` [n_latents] in place of the latents.
 
@@ -60,14 +60,14 @@ def _forward(params, x, sae_config, *, training: bool):
     width = n_latents // experts
     capacity = (math.ceil(float(sae_config.switch_capacity_factor) * x.shape[0] / experts)
                 if training else x.shape[0])
-    expert, slot, kept, gate, balance = _route(params, x, sae_config, capacity)
+    expert, slot, fits, gate, balance = _route(params, x, sae_config, capacity)
     # Tokens into their experts' slots: [E, capacity, d]; empty slots are zero.
     slots = jnp.zeros((experts * capacity, d), x.dtype).at[slot].set(
         x - params["b_dec"], mode="drop").reshape(experts, capacity, d)
     W_enc = params["W_enc"].reshape(d, experts, width)
     b_enc = params["b_enc"].reshape(experts, width)
     pre = jnp.einsum("ecd,dew->ecw", slots, W_enc) + b_enc[:, None, :]
-    latents = jax.nn.relu(pre) * sharding.top_k_mask(pre, int(sae_config.k))
+    latents = jax.nn.relu(pre) * base.top_k_mask(pre, int(k or sae_config.k), kept)
     decoded = jnp.einsum("ecw,ewd->ecd", latents, params["W_dec"].reshape(experts, width, d))
     # Back to tokens; a dropped token gathers nothing (fill 0). Scaling by the router weight
     # (x_hat = p_e * W_dec,e f + b_dec) is what trains the router.
@@ -75,31 +75,39 @@ def _forward(params, x, sae_config, *, training: bool):
                               fill_value=0)
     x_hat = gate[:, None] * take(decoded) + params["b_dec"]
     if training:
-        # The step needs only each latent's firing count, summed over its expert's slots
-        # (empty slots are zero); scattering every token's latents back into a
-        # [tokens, n_latents] array costs a gather of them over the model axis.
-        counts = jnp.sum((latents != 0).astype(jnp.float32), axis=1).reshape(n_latents)
-        return counts.astype(jnp.int32), x_hat, balance, 1.0 - jnp.mean(kept.astype(x.dtype))
+        # The step needs only each latent's firing count, summed over its expert's occupied
+        # slots (an empty slot's input is zero, but its pre-activations are b_enc, which can
+        # fire); scattering every token's latents back into a [tokens, n_latents] array costs a
+        # gather of them over the model axis.
+        occupied = jnp.zeros((experts * capacity,), jnp.float32).at[slot].set(
+            1.0, mode="drop").reshape(experts, capacity, 1)
+        counts = jnp.sum((latents != 0) * occupied, axis=1).reshape(n_latents)
+        return counts.astype(jnp.int32), x_hat, balance, 1.0 - jnp.mean(fits.astype(x.dtype))
     # Per-token latents in the flat [tokens, n_latents] layout (L0, density, dead counts), with
     # the router weight folded in so that plain `decode` reproduces x_hat.
     token_latents = gate[:, None] * take(latents)                        # [tokens, width]
     columns = expert[:, None] * width + jnp.arange(width)[None, :]
     flat = jnp.zeros((x.shape[0], n_latents), x.dtype).at[
         jnp.arange(x.shape[0])[:, None], columns].set(token_latents)
-    return flat, x_hat, balance, 1.0 - jnp.mean(kept.astype(x.dtype))
+    return flat, x_hat, balance, 1.0 - jnp.mean(fits.astype(x.dtype))
 
 
 def encode(params, x, sae_config):
     return _forward(params, x, sae_config, training=False)[0]
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead):
+def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
     del sparsity_coefficient, dead
-    counts, x_hat, balance, dropped = _forward(params, x, sae_config, training=True)
-    mse = evals.mse(x, x_hat)
-    total = mse + float(sae_config.switch_balance_coefficient) * balance
-    return total, {"mse": mse, "fire_counts": counts, "x_hat": x_hat, "balance_loss": balance,
-                   "dropped_fraction": dropped}
+
+    def loss_at_k(k, kept):
+        counts, x_hat, balance, dropped = _forward(params, x, sae_config, training=True, k=k,
+                                                   kept=kept)
+        mse = evals.mse(x, x_hat)
+        total = mse + float(sae_config.switch_balance_coefficient) * balance
+        return total, {"mse": mse, "fire_counts": counts, "x_hat": x_hat,
+                       "balance_loss": balance, "dropped_fraction": dropped}
+
+    return base.with_k_annealing(loss_at_k, sae_config, step)
 
 
 def flops_per_token(d, n_latents, sae_config):

@@ -16,6 +16,7 @@ d 512, k 32, k_aux 128, a ratio of 51; 4x slower at 1024 latents, k 6, k_aux 128
 """
 
 import jax
+import jax.numpy as jnp
 
 from saejax import evals, sharding
 from saejax.sae import base, sparse
@@ -32,41 +33,47 @@ def sparse_decode(sae_config, n_latents: int) -> bool:
     return n_latents >= SPARSE_RATIO * selected
 
 
-def _encode(params, x, k):
+def _encode(params, x, k, kept=None):
     pre = base.pre_activations(params, x)
-    return pre, jax.nn.relu(pre) * sharding.top_k_mask(pre, k)
+    return pre, jax.nn.relu(pre) * base.top_k_mask(pre, k, kept)
 
 
 def encode(params, x, sae_config):
     return _encode(params, x, int(sae_config.k))[1]
 
 
-def _dense_loss(params, x, sae_config):
-    pre, latents = _encode(params, x, int(sae_config.k))
+def _dense_loss(params, x, k, kept):
+    pre, latents = _encode(params, x, k, kept)
     x_hat = base.decode(params, latents)
     return pre, x_hat, {"latents": latents}
 
 
-def _sparse_loss(params, x, sae_config):
+def _sparse_loss(params, x, k, kept):
     # The selection needs every pre-activation but no gradient through them: the selected
     # latents' values are read from them, and their gradient reaches the encoder through k
     # columns per token (encode_selected's custom VJP).
     pre = jax.lax.stop_gradient(base.pre_activations(params, x))
-    _, indices = sharding.top_k(pre, int(sae_config.k))
+    _, indices = sharding.top_k(pre, k)
     values = jax.nn.relu(sparse.encode_selected(params, x, pre, indices))
+    if kept is not None:  # the selection is sorted: keep its first `kept`
+        values = values * (jnp.arange(k) < kept).astype(values.dtype)
     x_hat = sparse.decode_selected(params["W_dec"], indices, values) + params["b_dec"]
     return pre, x_hat, {"fire_counts": sparse.fire_counts(indices, values, pre.shape[-1])}
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead):
+def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
     del sparsity_coefficient
     use_sparse = sparse_decode(sae_config, params["W_dec"].shape[-2])
-    pre, x_hat, aux = (_sparse_loss if use_sparse else _dense_loss)(params, x, sae_config)
-    auxk = base.auxk_loss(params, x, x_hat, pre, dead, sae_config.k_aux,
-                          sparse_decode=use_sparse)
-    mse = evals.mse(x, x_hat)
-    return mse + float(sae_config.auxk_coefficient) * auxk, {
-        "mse": mse, "auxk_loss": auxk, "x_hat": x_hat, **aux}
+
+    def loss_at_k(k, kept):
+        pre, x_hat, aux = (_sparse_loss if use_sparse else _dense_loss)(params, x, k, kept)
+        auxk = base.auxk_loss(params, x, x_hat, pre, dead, sae_config.k_aux,
+                              sparse_decode=use_sparse)
+        mse = evals.mse(x, x_hat)
+        return mse + float(sae_config.auxk_coefficient) * auxk, {
+            "mse": mse, "auxk_loss": auxk, "x_hat": x_hat, **aux}
+
+    return base.with_k_annealing(loss_at_k, sae_config, step)
 
 
 def flops_per_token(d, n_latents, sae_config):
