@@ -44,7 +44,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.lm.tokens = ""
     config.lm.context_length = 128
     config.lm.batch_sequences = 32        # sequences per LM forward pass
-    config.lm.shuffle_buffer_batches = 8  # data.source="lm": train batches shuffled together
 
     config.sae = ml_collections.ConfigDict()
     config.sae.architecture = "relu"

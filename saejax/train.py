@@ -339,14 +339,16 @@ def flatten_config(tree: dict, prefix: str = "") -> dict:
 def config_changes(old: dict, new: dict) -> tuple[list[str], dict, dict]:
     """(the changed fields that a run cannot resume with, flattened old, flattened new), and
     the resumable changes logged. A field added to the schema after `old` was written, at its
-    default, is no change: the run it describes trains the same way."""
+    default, is no change: the run it describes trains the same way. Nor is a field the schema
+    no longer has: nothing reads it."""
     from saejax import configs  # pylint: disable=import-outside-toplevel
     old_flat, new_flat = flatten_config(old), flatten_config(new)
     defaults = flatten_config(json.loads(configs.base_config().to_json_best_effort()))
     changed = sorted(k for k in set(old_flat) | set(new_flat)
                      if old_flat.get(k) != new_flat.get(k)
                      and not (k not in old_flat and k in defaults
-                              and new_flat[k] == defaults[k]))
+                              and new_flat[k] == defaults[k])
+                     and not (k not in new_flat and k not in defaults))
     resumable = [k for k in changed if k.startswith(RESUMABLE_CHANGES)]
     if resumable:
         logging.warning("Changed since the run started (allowed): %s.", ", ".join(resumable))

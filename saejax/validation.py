@@ -47,8 +47,7 @@ def validate(config, n_devices: int) -> None:
                          ("resample.rewarm_steps", config.resample.rewarm_steps),
                          ("data.shuffle_buffer_chunks", config.data.shuffle_buffer_chunks),
                          ("lm.context_length", config.lm.context_length),
-                         ("lm.batch_sequences", config.lm.batch_sequences),
-                         ("lm.shuffle_buffer_batches", config.lm.shuffle_buffer_batches)):
+                         ("lm.batch_sequences", config.lm.batch_sequences)):
         _require(int(value) == value and value > 0,
                  f"{field}={value!r} must be a positive integer.")
     for field, value in (("sae.l1_coefficient", config.sae.l1_coefficient),

@@ -312,11 +312,13 @@ def test_bfloat16_mixed_precision_trains_to_the_float32_fvu(tmp_path):
 
 
 def test_fields_added_to_the_schema_at_their_default_do_not_block_a_resume():
-    """A workdir written before a field existed resumes when the field is at its default; any
-    other difference is refused, and log_every-like changes are allowed."""
+    """A workdir written before a field existed resumes when the field is at its default, or
+    after a field was removed from the schema; any other difference is refused, and
+    log_every-like changes are allowed."""
     new = json.loads(toy_config("smoke").to_json_best_effort())
     old = json.loads(json.dumps(new))
     del old["train"]["compute_dtype"], old["sae"]["topk_decoder"]
+    old["lm"]["shuffle_buffer_batches"] = 8  # removed from the schema (nothing read it)
     assert train.config_changes(old, new)[0] == []
     new["train"]["compute_dtype"] = "bfloat16"
     assert train.config_changes(old, new)[0] == ["train.compute_dtype"]
