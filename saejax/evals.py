@@ -32,14 +32,26 @@ def l0(latents: jax.Array) -> jax.Array:
     return jnp.mean(jnp.sum(latents != 0, axis=-1).astype(jnp.float32))
 
 
+def batch_sum(a: jax.Array) -> jax.Array:
+    """The sum over the batch of `a [tokens, n]`, in float32, as a product with a ones vector.
+
+    The same sum as `jnp.sum(a, axis=0)`, but XLA's CPU backend reduces a [tokens, n_latents]
+    array over its leading axis in a loop that ran 5x slower than Eigen's matrix-vector product
+    (benchmarks/RESULTS.md, session 4); on GPU and TPU both are one pass over `a`. Every
+    per-latent sum over a batch in the step goes through here: the L1 term, the encoder bias's
+    gradient and the firing counts.
+    """
+    ones = jnp.ones((a.shape[-2],), a.dtype)
+    return jnp.matmul(ones, a, preferred_element_type=jnp.float32)
+
+
 def fire_counts(latents: jax.Array) -> jax.Array:
     """Per latent, on how many tokens of the batch `[tokens, n_latents]` it fired (non-zero):
     one pass over the latents that feeds L0, the dead-latent clock and the density.
 
-    Summed in float32 (exact up to 2**24 tokens a batch): XLA's CPU backend fuses a float sum
-    of the comparison into one pass, but writes an int32 copy of the whole [tokens, n_latents]
-    comparison before an integer sum (measured: 5% of a d=512, x16 step)."""
-    return jnp.sum((latents != 0).astype(jnp.float32), axis=0).astype(jnp.int32)
+    Summed in float32, exact up to 2**24 tokens a batch (an integer sum made XLA's CPU backend
+    write an int32 copy of the whole comparison first)."""
+    return batch_sum((latents != 0).astype(latents.dtype)).astype(jnp.int32)
 
 
 def l0_of_counts(counts: jax.Array, n_tokens: int) -> jax.Array:

@@ -43,3 +43,8 @@ def test_group_step_benchmark_with_the_lm_as_input():
     assert result["input_seconds_per_batch"] > 0 and result["lm_flops_per_token"] > 0
     assert result["speedup_step_only"] > 0 and result["speedup_with_input"] > 0
     assert result["solo_seconds_per_step_with_input"] > 0
+
+
+def test_batch_sum_benchmark_times_both_sums():
+    result = _last_json("batch_sum.py", "--batch_size=64", "--n_latents=128", "--iters=2")
+    assert result["jnp.sum(a, axis=0)"] > 0 and result["evals.batch_sum(a)"] > 0

@@ -107,6 +107,21 @@ def test_batchtopk_learns_an_inference_threshold(tmp_path):
     assert 2 < summary["l0"] < 32, summary
 
 
+def test_batch_sum_is_the_sum_over_the_batch_and_its_gradient_flows():
+    a = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (96, 40)))
+    np.testing.assert_allclose(evals.batch_sum(a), jnp.sum(a, axis=0), rtol=1e-6)
+    assert evals.batch_sum(a.astype(jnp.bfloat16)).dtype == jnp.float32
+    np.testing.assert_array_equal(evals.fire_counts(a.astype(jnp.bfloat16)),
+                                  np.sum(np.asarray(a) != 0, axis=0))
+    # The bias added through base.add_bias gets the summed gradient, as a broadcast add would.
+    y, bias = a, jax.random.normal(jax.random.PRNGKey(1), (40,))
+    loss = lambda add: lambda y, b: jnp.sum(jnp.sin(add(y, b)))
+    ours = jax.grad(loss(base.add_bias), argnums=(0, 1))(y, bias)
+    plain = jax.grad(loss(jnp.add), argnums=(0, 1))(y, bias)
+    for g, h in zip(ours, plain):
+        np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name,decoder", [("topk", "dense"), ("topk", "sparse"),
                                           ("batchtopk", "dense"), ("switch", "dense")])
 def test_k_annealing_keeps_k_anneal_start_latents_at_first_and_k_from_its_end(name, decoder):

@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from saejax import sharding
+from saejax import evals, sharding
 from saejax.sae import sparse
 
 PARAM_AXES = {
@@ -74,7 +74,25 @@ def pre_activations(params: dict, x: jax.Array) -> jax.Array:
     """
     b_dec, W_enc = params["b_dec"], params["W_enc"]
     frozen = jax.lax.stop_gradient(b_dec)
-    return (x - frozen) @ W_enc + (params["b_enc"] - (b_dec - frozen) @ W_enc)
+    return add_bias((x - frozen) @ W_enc, params["b_enc"] - (b_dec - frozen) @ W_enc)
+
+
+@jax.custom_vjp
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """`y [tokens, n] + bias [n]`, whose bias gradient is `evals.batch_sum` of y's: the sum
+    autodiff writes for a broadcast is the slow column reduction on XLA's CPU backend."""
+    return y + bias
+
+
+def _add_bias_fwd(y, bias):
+    return y + bias, None
+
+
+def _add_bias_bwd(_, grad):
+    return grad, evals.batch_sum(grad).astype(grad.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 def decode(params: dict, latents: jax.Array) -> jax.Array:

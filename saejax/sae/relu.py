@@ -17,7 +17,7 @@ def encode(params, x, sae_config=None):
     return jax.nn.relu(base.pre_activations(params, x))
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead):
+def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
     del dead
     latents = encode(params, x, sae_config)
     x_hat = base.decode(params, latents)
@@ -25,7 +25,7 @@ def loss(params, x, sae_config, sparsity_coefficient, dead):
     decoder_norms = jnp.linalg.norm(params["W_dec"], axis=-1)
     # mean(latents * decoder_norms), summed per latent first: one pass over the latents serves
     # the value and the decoder norms' gradient.
-    l1 = jnp.sum(jnp.sum(latents, axis=0, dtype=jnp.float32) * decoder_norms) / latents.size
+    l1 = jnp.sum(evals.batch_sum(latents) * decoder_norms) / latents.size
     return mse + sparsity_coefficient * l1, {"mse": mse, "sparsity_loss": l1,
                                               "latents": latents, "x_hat": x_hat}
 
