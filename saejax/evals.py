@@ -45,6 +45,14 @@ def batch_sum(a: jax.Array) -> jax.Array:
     return jnp.matmul(ones, a, preferred_element_type=jnp.float32)
 
 
+# Its derivative is a plain sum, whose transpose (the gradient) is a broadcast that XLA fuses
+# into the next elementwise op; the product's own transpose is an outer product with the ones
+# vector, written out as a whole [tokens, n] array.
+batch_sum = jax.custom_jvp(batch_sum)
+batch_sum.defjvp(lambda primals, tangents: (
+    batch_sum(primals[0]), jnp.sum(tangents[0], axis=-2, dtype=jnp.float32)))
+
+
 def fire_counts(latents: jax.Array) -> jax.Array:
     """Per latent, on how many tokens of the batch `[tokens, n_latents]` it fired (non-zero):
     one pass over the latents that feeds L0, the dead-latent clock and the density.

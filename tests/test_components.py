@@ -85,7 +85,7 @@ def test_jumprelu_threshold_gradient_is_the_kernel_density_estimate():
     threshold = jnp.array([0.3, 0.3, 0.3])
     bandwidth = 0.04  # the rectangle kernel covers |z - 0.3| < 0.02
     # H(z - theta): d/d theta = -(1/eps) * #{|z - theta| < eps/2}; no gradient to z.
-    d_z, d_theta = jax.grad(lambda z, t: jnp.sum(jumprelu.step(z, t, bandwidth)),
+    d_z, d_theta = jax.grad(lambda z, t: jnp.sum(jumprelu.heaviside(z, t, bandwidth)),
                             argnums=(0, 1))(z, threshold)
     np.testing.assert_array_equal(d_z, 0.0)
     np.testing.assert_allclose(d_theta, [-1 / bandwidth, 0.0, -1 / bandwidth])

@@ -46,20 +46,20 @@ jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def step(z, threshold, bandwidth):
+def heaviside(z, threshold, bandwidth):
     return (z > threshold).astype(z.dtype)
 
 
-def _step_fwd(z, threshold, bandwidth):
-    return step(z, threshold, bandwidth), (z, threshold)
+def _heaviside_fwd(z, threshold, bandwidth):
+    return heaviside(z, threshold, bandwidth), (z, threshold)
 
 
-def _step_bwd(bandwidth, residuals, g):
+def _heaviside_bwd(bandwidth, residuals, g):
     z, threshold = residuals
     return jnp.zeros_like(z), _threshold_grad(z, threshold, bandwidth, g)
 
 
-step.defvjp(_step_fwd, _step_bwd)
+heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
 
 
 def init(key, d, n_latents, sae_config):
@@ -82,7 +82,7 @@ def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
     latents = jumprelu(pre, threshold, bandwidth)
     x_hat = base.decode(params, latents)
     mse = evals.mse(x, x_hat)
-    l0 = jnp.mean(jnp.sum(step(pre, threshold, bandwidth), axis=-1))
+    l0 = jnp.mean(jnp.sum(heaviside(pre, threshold, bandwidth), axis=-1))
     return mse + sparsity_coefficient * l0, {"mse": mse, "sparsity_loss": l0,
                                              "latents": latents, "x_hat": x_hat}
 
