@@ -166,30 +166,27 @@ def top_k_mask(x: jax.Array, k: int) -> jax.Array:
     return jax.lax.stop_gradient(mask)
 
 
-def batch_top_k_mask(x: jax.Array, k: int, *, kept: jax.Array | None = None) -> jax.Array:
+def batch_top_k_mask(x: jax.Array, k: int) -> jax.Array:
     """A {0, 1} mask of the k largest entries of the whole `x [batch, latent]` (BatchTopK).
 
     Sharded like `x`: each device takes the top-k of its own block, the candidates of every
     block are gathered (at most k * devices values, never the activations), and the k-th
     largest candidate is the global threshold. Entries equal to the threshold all pass; with
-    continuous activations that is exactly k entries. `kept`, a traced count <= k, keeps only
-    the `kept` largest instead (k annealing: k sets the shapes, `kept` the step's budget).
+    continuous activations that is exactly k entries.
     """
     x = jax.lax.stop_gradient(x)
     mesh, spec = _ambient_axes(("batch", "latent"))
     axes = tuple(a for a in spec if a is not None) if mesh is not None else ()
-
-    kept = jnp.asarray(k if kept is None else kept, jnp.int32)
     if not axes:
-        threshold = jnp.take(jax.lax.top_k(x.reshape(-1), k)[0], kept - 1)
+        threshold = jax.lax.top_k(x.reshape(-1), k)[0][-1]
         return (x >= threshold).astype(x.dtype)
 
-    def local_mask(x_block, kept):
+    def local_mask(x_block):
         flat = x_block.reshape(-1)
         candidates = jax.lax.top_k(flat, min(k, flat.shape[0]))[0]
         candidates = jax.lax.all_gather(candidates, axes, tiled=True)
-        threshold = jnp.take(jax.lax.top_k(candidates, k)[0], kept - 1)
+        threshold = jax.lax.top_k(candidates, k)[0][-1]
         return (x_block >= threshold).astype(x.dtype)
 
-    return jax.lax.stop_gradient(jax.shard_map(local_mask, in_specs=(P(*spec), P()),
-                                               out_specs=P(*spec))(x, kept))
+    return jax.lax.stop_gradient(jax.shard_map(local_mask, in_specs=P(*spec),
+                                               out_specs=P(*spec))(x))
