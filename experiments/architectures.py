@@ -60,8 +60,8 @@ SETTINGS = {
 }
 # At a quarter of the width Gated's L0 is 18 at l1_coefficient 0.6, so the L1 does not carry
 # over between the two sizes as ReLU's does; 2.4 gives L0 4.6 there.
-# TopK's and BatchTopK's anneals start at a sixteenth of the dictionary at both sizes (64 of 1024, 16 of 256;
-# starting the small one at 64 gives 0.977).
+# TopK's and BatchTopK's anneals start at a sixteenth of the dictionary at both sizes (64 of
+# 1024, 16 of 256; starting the small TopK at 64 gives 0.977).
 SMALL_SETTINGS = {**SETTINGS, "jumprelu": {**JUMPRELU, "sae.l0_coefficient": 2e-4},
                   "gated": {"sae.l1_coefficient": 2.4},
                   "topk": {**SETTINGS["topk"], "sae.k_anneal_start": 16},

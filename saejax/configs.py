@@ -53,8 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.sae.k = 32                     # topk, batchtopk: latents per token
     config.sae.k_aux = 128                # topk, batchtopk: dead latents in the AuxK loss
     config.sae.auxk_coefficient = 1 / 32  # topk, batchtopk (Gao et al. 2024)
-    # topk, batchtopk, switch: k falls linearly from k_anneal_start to k over the first k_anneal_steps
-    # steps (0: no annealing), so every latent takes part while the directions form.
+    # topk, batchtopk, switch: k falls linearly from k_anneal_start to k over the first
+    # k_anneal_steps steps (0: no annealing), so every latent takes part while directions form.
     config.sae.k_anneal_steps = 0
     config.sae.k_anneal_start = 64
     # topk: "sparse" decodes only the k selected latents per token (k decoder rows gathered,

@@ -36,8 +36,9 @@ def batch_sum(a: jax.Array) -> jax.Array:
     """The sum over the batch of `a [tokens, n]`, in float32, as a product with a ones vector.
 
     The same sum as `jnp.sum(a, axis=0)`, but XLA's CPU backend reduces a [tokens, n_latents]
-    array over its leading axis in a loop that ran 5x slower than Eigen's matrix-vector product
-    (benchmarks/RESULTS.md, session 4); on GPU and TPU both are one pass over `a`. Every
+    array over its leading axis in a loop that ran 4x slower than Eigen's matrix-vector product
+    at 8192 latents and 64x slower at 65536 (benchmarks/batch_sum.py); on GPU and TPU both are
+    one pass over `a`. Every
     per-latent sum over a batch in the step goes through here: the L1 term, the encoder bias's
     gradient and the firing counts.
     """
