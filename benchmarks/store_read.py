@@ -1,4 +1,4 @@
-"""Write and read throughput of the activation store (saejax/data/store.py).
+"""Write and read throughput of the activation store (saejax/data/store/).
 
     python benchmarks/store_read.py                          # 500k rows x d=768 float32 (1.5 GB)
     python benchmarks/store_read.py --rows=2000000 --dtype=bfloat16 --shard_rows=65536

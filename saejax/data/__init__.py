@@ -3,7 +3,7 @@
 A source yields batches already sharded on the mesh (`next_batch`), held-out batches
 (`eval_batch`), and a JSON-able position (`state` / `restore`) saved with every checkpoint.
 `synthetic` generates known ground truth; `store` and `npy` read activations from disk
-(`data/store.py`); `lm` runs the language model on the fly (`data/lm.py`).
+(`data/store/`); `lm` runs the language model on the fly (`data/lm.py`).
 """
 
 from saejax.data import lm
