@@ -21,7 +21,8 @@ import pytest
 from conftest import ROOT
 import tiny_lm
 from saejax import harvest, models, sae, sharding, train
-from saejax.analysis import charts, dashboard, loading, pages, saelens, steer, top_activations
+from saejax.analysis import (charts, dashboard, dashboard_data, loading, pages, saelens,
+                             steer, top_activations)
 from saejax.analysis.loading import AnalysisError, LoadedSAE
 from saejax.data import store as store_lib
 
@@ -289,6 +290,24 @@ def test_token_text_with_markup_is_escaped_on_every_page(tmp_path):
                              tmp_path / "profile")
         assert console == [] and "<script" not in dom and "<b>" not in dom
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+
+
+def test_a_page_extending_the_latent_template_replaces_its_blocks():
+    """What a review page builds on: the latent page's view and blocks (a rating panel added,
+    the id and density hidden as in a blind review), rendered with the same environment."""
+    top, loaded = _hand_made_top(), _narrow_sae()
+    view = dashboard_data.latent_view(top, 0, loaded=loaded,
+                                      token_text=top_activations.TokenText(_HostileTokenizer()))
+    child = pages.environment().from_string(
+        '{% extends "latent.html" %}{% block title %}Latent ?{% endblock %}'
+        '{% block nav %}{% endblock %}{% block heading %}<h1>A latent</h1>{% endblock %}'
+        '{% block stats %}{% endblock %}'
+        '{% block panel %}<form id="rating">{{ view.examples|length }}</form>{% endblock %}')
+    html = child.render(view=view)
+    assert '<form id="rating">2</form>' in html and "<h1>A latent</h1>" in html
+    assert "Latent 0" not in html and "density" not in html and "4.69%" not in html
+    assert 'class="tok top"' in html and "<svg" in html   # the shared partials still render
+    assert "&lt;script&gt;" in html
 
 
 def test_histogram_charts_scale_bars_to_a_labelled_count_axis():
