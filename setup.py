@@ -10,6 +10,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["saejax", "saejax.*"]),
+    # The dashboard's Jinja2 templates (pages, partials, their inline style and script).
+    package_data={"saejax.analysis": ["templates/*.html", "templates/*.css", "templates/*.js",
+                                      "templates/partials/*.html"]},
     install_requires=[
         "jax>=0.8",
         "flax>=0.11",
@@ -22,6 +25,7 @@ setup(
         "matplotlib>=3.8",
         "safetensors>=0.4",   # Hugging Face format checkpoints (saejax/models)
         "tokenizers>=0.15",   # the checkpoint's own tokenizer.json
+        "jinja2>=3.1",        # the dashboard's HTML templates (saejax/analysis/templates)
     ],
     extras_require={
         # torch (CPU build, pinned) and transformers only for the parity test against the

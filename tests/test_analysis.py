@@ -1,6 +1,7 @@
 """Reading features of an SAE trained on a tiny GPT-2: top activations (sharded against a
 single-device reference and a brute-force one), the dashboard CLI checked in a real headless
-browser, steering and ablation (function and CLI), and the errors a user meets."""
+browser, its templates (escaping, charts, packaging), steering and ablation (function and CLI),
+and the errors a user meets."""
 
 import fcntl
 import json
@@ -11,6 +12,8 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import ast
+
 import jax
 import numpy as np
 import pytest
@@ -18,7 +21,8 @@ import pytest
 from conftest import ROOT
 import tiny_lm
 from saejax import harvest, models, sae, sharding, train
-from saejax.analysis import dashboard, loading, saelens, steer, top_activations
+from saejax.analysis import (charts, dashboard, dashboard_data, loading, pages, saelens,
+                             steer, top_activations)
 from saejax.analysis.loading import AnalysisError, LoadedSAE
 from saejax.data import store as store_lib
 
@@ -197,6 +201,11 @@ def test_dashboard_cli_renders_in_a_headless_browser(run, tmp_path):
     busiest = int(np.argmax(top.fired[:24]))
     page = (out / "latents" / f"{busiest}.html").read_text()
     assert 'class="tok top"' in page and "<svg" in page and "promoted" in page
+    # Both histograms say what their axes count; the shading says what it means.
+    for text in ("activation when firing", ">tokens</text>", "Shading:", "its maximum"):
+        assert text in page, text
+    for text in ("density: fraction of tokens", ">latents</text>", "Shading:", "never fired"):
+        assert text in index, text
 
     browser = _browser()
     for name, url in (("index", out / "index.html"), ("latent", out / "latents" /
@@ -219,6 +228,130 @@ def test_dashboard_cli_renders_in_a_headless_browser(run, tmp_path):
     assert os.path.getmtime(summary) == before
     assert sorted(os.listdir(tmp_path / "again" / "latents")) == ["3.html", "5.html"]
     assert os.path.exists(index_path)
+
+
+class _HostileTokenizer:
+    """Token texts that would break a page not escaped: markup, entities, quotes, newlines."""
+
+    TEXTS = ["<script>alert(1)</script>", "a & b", '"q" \'x\'', "</span><b>bold", "line\n"]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.TEXTS[ids[0] % len(self.TEXTS)]
+
+    def id_to_token(self, token_id):
+        return None
+
+
+def _hand_made_top(n_latents=64):
+    """Top activations written by hand: latent 0 has two examples over tokens 0..3."""
+    top_n, window = 2, 4
+    values = np.zeros((n_latents, top_n), np.float32)
+    rows = np.full((n_latents, top_n), -1, np.int64)
+    context_tokens = np.full((n_latents, top_n, window), -1, np.int32)
+    context_activations = np.zeros((n_latents, top_n, window), np.float32)
+    values[0], rows[0] = [2.0, 1.0], [6, 13]
+    context_tokens[0] = [[0, 1, 2, 3], [4, 3, 2, 1]]
+    context_activations[0] = [[0.0, 0.5, 2.0, 0.25], [0.0, 0.0, 1.0, 0.0]]
+    fired = np.zeros(n_latents, np.int64)
+    fired[0] = 3
+    histogram = np.zeros((n_latents, 64), np.int64)
+    histogram[0, [8, 16, 63]] = 1
+    return top_activations.TopActivations(
+        values=values, rows=rows, context_tokens=context_tokens,
+        context_activations=context_activations, fired=fired,
+        activation_sum=fired * 1.0, histogram=histogram,
+        histogram_max=np.where(fired > 0, 2.0, 0.0).astype(np.float32),
+        info={"n_rows": 64, "context_length": 8, "context_before": 2, "hook": HOOK,
+              "store": "/stores/<b>&amp;"})
+
+
+def test_token_text_with_markup_is_escaped_on_every_page(tmp_path):
+    loaded = _narrow_sae()._replace(source="/runs/a&b<i>")
+    unembedding = np.random.default_rng(0).normal(size=(32, 5)).astype(np.float32)
+    index = dashboard.write_dashboard(_hand_made_top(), str(tmp_path), loaded=loaded,
+                                      latents=[0, 1], tokenizer=_HostileTokenizer(),
+                                      unembedding=unembedding)
+    latent = (tmp_path / "latents" / "0.html").read_text()
+    index_html = open(index).read()
+    for html in (latent, index_html):
+        assert "<script>alert" not in html and "<b>" not in html and "<i>" not in html
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+        assert "a &amp; b" in html and "&lt;/span&gt;&lt;b&gt;bold" in html
+        assert "/runs/a&amp;b&lt;i&gt;" in html and "/stores/&lt;b&gt;&amp;amp;" in html
+    assert "line\u21b5" in latent                  # a newline token stays visible
+    assert latent.count("<script") == 0 and index_html.count("<script") == 1  # the filter's
+    # The example's token is boxed and shaded fully; the others by activation / max (2.0).
+    assert re.search(r'class="tok top" style="background:rgba\(249,115,22,1.00\)"', latent)
+    assert 'style="background:rgba(249,115,22,0.25)"' in latent   # 0.5 / 2.0
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser:  # what the browser parsed: text, not elements
+        dom, console = _open(browser, f"file://{tmp_path / 'latents' / '0.html'}",
+                             tmp_path / "profile")
+        assert console == [] and "<script" not in dom and "<b>" not in dom
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+
+
+def test_a_page_extending_the_latent_template_replaces_its_blocks():
+    """What a review page builds on: the latent page's view and blocks (a rating panel added,
+    the id and density hidden as in a blind review), rendered with the same environment."""
+    top, loaded = _hand_made_top(), _narrow_sae()
+    view = dashboard_data.latent_view(top, 0, loaded=loaded,
+                                      token_text=top_activations.TokenText(_HostileTokenizer()))
+    child = pages.environment().from_string(
+        '{% extends "latent.html" %}{% block title %}Latent ?{% endblock %}'
+        '{% block nav %}{% endblock %}{% block heading %}<h1>A latent</h1>{% endblock %}'
+        '{% block stats %}{% endblock %}'
+        '{% block panel %}<form id="rating">{{ view.examples|length }}</form>{% endblock %}')
+    html = child.render(view=view)
+    assert '<form id="rating">2</form>' in html and "<h1>A latent</h1>" in html
+    assert "Latent 0" not in html and "density" not in html and "4.69%" not in html
+    assert 'class="tok top"' in html and "<svg" in html   # the shared partials still render
+    assert "&lt;script&gt;" in html
+
+
+def test_histogram_charts_scale_bars_to_a_labelled_count_axis():
+    chart = charts.activation_histogram(np.array([0, 3, 6, 0, 0, 0, 0, 0]), 4.0)
+    assert len(chart.bars) == 3                    # up to the last non-empty bin
+    heights = [bar.height for bar in chart.bars]
+    assert heights[0] == 0 and heights[2] == pytest.approx(2 * heights[1])
+    top_tick = int(chart.y_ticks[-1].label)
+    assert top_tick >= 6 and chart.y_ticks[0].label == "0"
+    assert chart.bars[2].height == pytest.approx(chart.plot_height * 6 / top_tick)
+    assert chart.y_ticks[-1].position == pytest.approx(chart.top)
+    assert chart.x_ticks[0].label == "0" and chart.x_label.startswith("activation")
+    assert charts.activation_histogram(np.zeros(8), 0.0) is None
+
+    density = np.array([0, 0, 1e-3, 0.05, 1.0, 1e-12])
+    chart = charts.density_histogram(density)
+    dead, *alive = chart.bars
+    assert dead.label == "2" and chart.x_ticks[0].label == "never"
+    assert sum(int(bar.label) for bar in alive if bar.label) == 4  # 1e-12: the rarest bin
+    assert alive[0].label == "1" and alive[-1].label == "1"        # 1e-12 and 1.0
+    assert [t.label for t in chart.x_ticks[1:]] == [f"1e-{e}" for e in range(8, 0, -1)] + ["1"]
+
+
+def test_every_template_is_package_data():
+    """`pip install .` ships what the pages are rendered from: every file under templates/
+    matches a package_data pattern of setup.py, and every page template compiles."""
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", None) == "setup")
+    package_data = ast.literal_eval(next(k.value for k in call.keywords
+                                         if k.arg == "package_data"))
+    patterns = package_data["saejax.analysis"]
+    folder = os.path.join(ROOT, "saejax", "analysis", "templates")
+    found = [os.path.relpath(os.path.join(d, f), os.path.dirname(folder))
+             for d, _, files in os.walk(folder) for f in files]
+    assert {"templates/base.html", "templates/latent.html", "templates/index.html"} <= set(found)
+    import fnmatch  # pylint: disable=import-outside-toplevel
+    for path in found:
+        assert any(fnmatch.fnmatch(path, p) and path.count("/") == p.count("/")
+                   for p in patterns), f"{path} is not in setup.py's package_data"
+    env = pages.environment()
+    assert env.autoescape is True
+    for name in env.list_templates(extensions=["html"]):
+        env.get_template(name)
 
 
 # ------------------------------------------------------------------------------------------
