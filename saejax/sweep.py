@@ -169,12 +169,6 @@ def describe(point: Point) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 # The state of a point on disk, and grouping the unfinished ones into runs.
 # ------------------------------------------------------------------------------------------
-def _check_same_config(folder: str, config: ml_collections.ConfigDict) -> None:
-    """Refuses, before anything trains, a point or run folder that holds a run of another
-    config (a finished point is only skipped, and a run only resumed, if it is the same)."""
-    workdirs.check_resumable(folder, config)
-
-
 def _run_record(workdir: str, run: Run) -> dict:
     """The run's sweep_run.json so far (wall time and sessions add up over sessions)."""
     record = (workdirs.read_json(paths.join(workdir, run.workdir, RUN_FILE))
@@ -327,14 +321,16 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Sequence[dict[str, Any]]
     points = expand(config, sweep)
     selected = _select(points, only)
     finished = {}
+    # A folder holding a run of another config is refused before anything trains (a finished
+    # point is only skipped, and a run only resumed, if its config is the same).
     for point in selected:
-        _check_same_config(paths.join(workdir, point.name), point.config)
+        workdirs.check_resumable(paths.join(workdir, point.name), point.config)
         if results.finished_summary(workdir, point.name, int(point.config.train.steps)):
             finished[point.name] = point
     runs = plan([p for p in selected if p.name not in finished], workdir)
     for run in runs:  # a config that cannot work stops the sweep before anything trains
         validation.validate(run.config, jax.device_count())
-        _check_same_config(paths.join(workdir, run.workdir), run.config)
+        workdirs.check_resumable(paths.join(workdir, run.workdir), run.config)
 
     if jax.process_index() == 0:
         print(_plan_text(points, selected, finished, runs), flush=True)
