@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.group = ml_collections.ConfigDict()
     config.group.sparsity_coefficients = ()
     # Each member's folder, in the order of sparsity_coefficients (a sweep puts them in its
-    # point folders); empty: <workdir>/members/<coefficient name>-<value>/.
+    # point folders); empty: <workdir>/members/<name>/, named as the sweep names points (l1-0.3).
     config.group.member_workdirs = ()
     # "vmap" the members (batched matmuls), "map" them one after another inside the step, or
     # "auto": vmap on accelerators, map on CPU (a little faster there).

@@ -242,7 +242,7 @@ def _make_run(points: tuple[Point, ...], workdir: str) -> Run:
     if coefficient is None:
         return Run(first.name, first.config, points)
     values = [float(p.config.sae[coefficient]) for p in points]
-    member_names = [f"{v:g}" for v in values]
+    member_names = [workdirs.member_name(coefficient, v) for v in values]
     if len(set(member_names)) < len(values):
         twins = [p.name for p, m in zip(points, member_names) if member_names.count(m) > 1]
         raise ConfigError(f"Sweep points {twins} train the same SAE (equal configs); remove "

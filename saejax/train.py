@@ -324,14 +324,15 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
 class _Output(NamedTuple):
     """Where one SAE's metrics go: the run's workdir, or a group member's folder."""
 
-    name: str                     # a member's name (l1_coefficient-0.3); "" for a single SAE
+    name: str                     # a member's name (l1-0.3); "" for a single SAE
     workdir: str
     metrics_log: MetricsLog
     ckpt: checkpoint.Checkpointer | None
 
 
 def member_name(architecture: sae.Architecture, coefficient: float) -> str:
-    return f"{architecture.sparsity_coefficient}-{coefficient:g}"
+    """A member's name, as the sweep names a point of that coefficient: l1-0.3."""
+    return workdirs.member_name(architecture.sparsity_coefficient, coefficient)
 
 
 def member_state(state: dict, i: int) -> dict:
@@ -343,11 +344,13 @@ def member_state(state: dict, i: int) -> dict:
 def _open_members(config, workdir: str, start_step: int,
                   architecture: sae.Architecture) -> list[_Output]:
     """One output per member of a group, in `group.member_workdirs` (a sweep's point folders)
-    or by default in <workdir>/members/<member name>/."""
+    or by default in <workdir>/members/<member name>/ (workdirs.member_folder: an old
+    workdir's members/l1_coefficient-0.3/ is used where it is there)."""
     coefficients = group_coefficients(config)
     names = [member_name(architecture, c) for c in coefficients]
     folders = (tuple(str(f) for f in config.group.member_workdirs)
-               or tuple(paths.join(workdir, "members", name) for name in names))
+               or tuple(workdirs.member_folder(workdir, architecture.sparsity_coefficient, c)
+                        for c in coefficients))
     members = []
     for coefficient, name, member_dir in zip(coefficients, names, folders, strict=True):
         paths.makedirs(member_dir)
@@ -467,8 +470,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         restored = ckpt.restore_latest(trainer.abstract_state)
         if restored is not None:
             state, data_state = restored
+            # Training seconds of earlier sessions ride with the data position (0 in
+            # checkpoints written before they did).
+            data_state = dict(data_state)
+            seconds_before = float(data_state.pop("train_seconds", 0.0))
             source.restore(data_state)
         else:
+            seconds_before = 0.0
             state = trainer.init(jax.random.PRNGKey(int(config.seed)))
             if config.data.normalize_inputs or config.sae.b_dec_init != "zeros":
                 init_batches = int(config.data.init_batches)
@@ -500,7 +508,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         # Throughput is timed from the end of this session's first step (compilation excluded).
         t_first, first_done = None, start_step
         resampled = np.zeros(len(outputs), np.int64)  # since the last log line, per SAE
-        train_seconds = 0.0
+        train_seconds = seconds_before  # summed over sessions, compilation excluded
         with _SigtermFlag() as sigterm:
             for step in range(start_step, total_steps):
                 state, metrics = trainer.train_step(state, source.next_batch())
@@ -533,10 +541,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                         f"Non-finite loss or params between step {last_checked + 1} and step "
                         f"{done}; stopping. {kept}")
                 last_checked = done
+                session_seconds = time.perf_counter() - t_first
+                train_seconds = seconds_before + session_seconds
                 if log_now:
-                    now = time.perf_counter()
-                    train_seconds = now - t_first
-                    tokens_per_s = ((done - first_done) * batch_size / train_seconds
+                    tokens_per_s = ((done - first_done) * batch_size / session_seconds
                                     if done > first_done else 0.0)
                     eta = (total_steps - done) * batch_size / tokens_per_s if tokens_per_s else 0.0
                     if true_features is not None:
@@ -548,6 +556,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                   **{k: _jsonable(v[i] if members else v)
                                      for k, v in metrics.items()},
                                   "tokens_per_s": tokens_per_s,
+                                  "train_seconds": train_seconds,
                                   "resampled_latents": int(resampled[i])}
                         output.metrics_log.write(record)
                         logging.info(
@@ -558,10 +567,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                             f" | MMCS {record['mmcs']:.4f}" if "mmcs" in record else "")
                     resampled[:] = 0
                 if save_now:
-                    ckpt.save(done, state, source.state(), force=True)
+                    data_state = {**source.state(), "train_seconds": train_seconds}
+                    ckpt.save(done, state, data_state, force=True)
                     for i, member in enumerate(members):
-                        member.ckpt.save(done, member_state(state, i), source.state(),
-                                         force=True)
+                        member.ckpt.save(done, member_state(state, i), data_state, force=True)
                 if preempted:
                     _close(ckpt, members)
                     raise Preempted(done)
@@ -591,7 +600,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 "expansion_factor": int(config.sae.expansion_factor),
                 "flops_per_token": trainer.flops_per_token,
                 "train_flops": trainer.flops_per_token * int(state["step"]) * batch_size,
-                "train_seconds_this_session": train_seconds,
+                "train_seconds": train_seconds,
             }
             if architecture.sparsity_coefficient:
                 summary[architecture.sparsity_coefficient] = (
