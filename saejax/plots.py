@@ -161,6 +161,31 @@ def _partial_legend_note(ax, rows):
                    label="hollow: unfinished (last logged step)")
 
 
+def _finish(fig: Figure, ax, rows, plotted, out_dir: str, name: str, *, x: str, xlabel: str,
+            title: str, legend_title: str) -> None:
+    """The end of a one-panel figure of FVU (log y): the x axis ("latents": log2 sizes,
+    "log", or "plain log": log with plain tick labels) and the legend when there are points,
+    the labels, the title with what is unfinished, and the files."""
+    if plotted:
+        if x == "latents":
+            _latents_axis(ax)
+        else:
+            ax.set_xscale("log")
+        if x == "plain log":
+            _plain_log_axis(ax.xaxis)
+        ax.set_yscale("log")
+        _plain_log_axis(ax.yaxis)
+        _partial_legend_note(ax, plotted)
+        ax.legend(fontsize=7.5, title=legend_title, title_fontsize=7.5)
+    else:
+        _empty(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("normalised MSE (FVU, fraction of variance unexplained)")
+    ax.set_title(title + _partial_note(rows), fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    _save(fig, out_dir, name)
+
+
 # ------------------------------------------------------------------------------------------
 # The figures.
 # ------------------------------------------------------------------------------------------
@@ -188,20 +213,10 @@ def plot_loss_vs_latents(rows: Sequence[dict], out_dir: str) -> dict[str, PowerL
                 ax.plot(grid, fit(grid), "--", color=curve.color, lw=1.0)
         _scatter(ax, [r["n_latents"] for r in members], [r["fvu"] for r in members], members,
                  curve, label=label)
-    if plotted:
-        _latents_axis(ax)
-        ax.set_yscale("log")
-        _plain_log_axis(ax.yaxis)
-        _partial_legend_note(ax, plotted)
-        ax.legend(fontsize=7.5, title=_levels_title(plotted) + "\ndashed: L(N) = c + a N^-b",
-                  title_fontsize=7.5)
-    else:
-        _empty(ax)
-    ax.set_xlabel("number of latents N (dictionary size)")
-    ax.set_ylabel("normalised MSE (FVU, fraction of variance unexplained)")
-    ax.set_title("Loss against dictionary size" + _partial_note(rows), fontsize=10)
-    ax.grid(True, which="both", alpha=0.25)
-    _save(fig, out_dir, "loss_vs_latents")
+    _finish(fig, ax, rows, plotted, out_dir, "loss_vs_latents", x="latents",
+            xlabel="number of latents N (dictionary size)",
+            title="Loss against dictionary size",
+            legend_title=_levels_title(plotted) + "\ndashed: L(N) = c + a N^-b")
     return fits
 
 
@@ -213,20 +228,9 @@ def plot_sparsity_fidelity(rows: Sequence[dict], out_dir: str) -> None:
     for curve in _curves(plotted, "size"):
         members = sorted(curve.rows, key=lambda r: r["l0"])
         _scatter(ax, [r["l0"] for r in members], [r["fvu"] for r in members], members, curve)
-    if plotted:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        _plain_log_axis(ax.xaxis)
-        _plain_log_axis(ax.yaxis)
-        _partial_legend_note(ax, plotted)
-        ax.legend(fontsize=7.5, title="dictionary size", title_fontsize=7.5)
-    else:
-        _empty(ax)
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("normalised MSE (FVU, fraction of variance unexplained)")
-    ax.set_title("Sparsity-fidelity frontier" + _partial_note(rows), fontsize=10)
-    ax.grid(True, which="both", alpha=0.25)
-    _save(fig, out_dir, "sparsity_fidelity")
+    _finish(fig, ax, rows, plotted, out_dir, "sparsity_fidelity", x="plain log",
+            xlabel="L0 (active latents per token)", title="Sparsity-fidelity frontier",
+            legend_title="dictionary size")
 
 
 def plot_dead_and_mmcs(rows: Sequence[dict], out_dir: str) -> None:
@@ -296,19 +300,9 @@ def plot_loss_vs_compute(rows: Sequence[dict], out_dir: str) -> PowerLawFit | No
             grid = np.geomspace(flops[frontier].min(), flops[frontier].max(), 200)
             ax.plot(grid, fit(grid), "--", color="black", lw=1.0,
                     label=f"frontier fit L(C) = c + a C^-b: b = {fit.b:.2f} ± {fit.b_err:.2f}")
-    if plotted:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        _plain_log_axis(ax.yaxis)
-        _partial_legend_note(ax, plotted)
-        ax.legend(fontsize=7.5, title=_levels_title(plotted), title_fontsize=7.5)
-    else:
-        _empty(ax)
-    ax.set_xlabel("training compute C (FLOPs)")
-    ax.set_ylabel("normalised MSE (FVU, fraction of variance unexplained)")
-    ax.set_title("Loss against training compute" + _partial_note(rows), fontsize=10)
-    ax.grid(True, which="both", alpha=0.25)
-    _save(fig, out_dir, "loss_vs_compute")
+    _finish(fig, ax, rows, plotted, out_dir, "loss_vs_compute", x="log",
+            xlabel="training compute C (FLOPs)", title="Loss against training compute",
+            legend_title=_levels_title(plotted))
     return fit
 
 
