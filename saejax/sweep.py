@@ -20,7 +20,7 @@ saejax/paths.py, so there are no symlinks):
     groups/<group>/     a group's own workdir (its stacked checkpoints and summary), named by
                         shape and coefficients (x32_l1-0.1+0.3+1)
     results.csv         one row per point: its config values, status and final metrics,
-                        rewritten after every run
+                        rewritten after every run (saejax/results.py)
     report.md, plots/   the scaling plots and fits (saejax/plots.py), drawn when the sweep ends;
                         `python -m saejax.plots DIR` draws them from the runs so far
 
