@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import logging  # noqa: E402
 
 from experiments import toy  # noqa: E402
-from saejax import train  # noqa: E402
+from saejax import configs, train  # noqa: E402
 
 RUNS = {
     "relu": {"group.sparsity_coefficients": (0.3, 0.6, 1.2)},
@@ -40,9 +40,7 @@ def main():
     for name in args.architectures.split(","):
         config = toy.get_config()
         config.sae.architecture = name
-        for key, value in RUNS[name].items():
-            section, field = key.split(".")
-            config[section][field] = value
+        config = configs.apply_overrides(config, RUNS[name])
         if args.steps:
             config.train.steps = args.steps
         summary = train.train_and_evaluate(config, os.path.join(args.workdir, name))

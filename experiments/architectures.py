@@ -33,6 +33,7 @@ scale. On the small recipe every architecture but Gated reaches 0.99.
 import ml_collections
 
 from experiments import toy
+from saejax import configs
 
 # Per architecture: overrides of toy.py's recipe, as `section.field: value`. The full recipe's
 # element-mean MSE is 1/4 of the small recipe's for the same per-token error (d = 256 vs 64),
@@ -75,7 +76,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          f"{', '.join(SETTINGS)}, optionally followed by ',small'.")
     config = toy.get_config(size or None)
     config.sae.architecture = name
-    for key, value in (SMALL_SETTINGS if size else SETTINGS)[name].items():
-        section, field = key.split(".")
-        config[section][field] = value
-    return config
+    return configs.apply_overrides(config, (SMALL_SETTINGS if size else SETTINGS)[name])

@@ -1,5 +1,6 @@
 """Orbax checkpoints of a run: the train state (params, optimizer state, counters, RNG) and the
-data source's position, saved together so that a resumed run continues exactly.
+data source's position, saved together so that a resumed run continues exactly; `load_params`
+reads a trained SAE back.
 
 Restoring tries the newest step first; when a step fails to restore (a corrupt or truncated
 checkpoint) and an older one succeeds, the failed one is moved aside to
@@ -14,6 +15,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from saejax import paths
@@ -42,6 +44,14 @@ def read_state(workdir: str, step: int | None = None):
                               manager.item_metadata(step).state)
         return manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target))).state
+
+
+def load_params(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
+    """The SAE params of a run's checkpoint (default: the newest) as NumPy arrays, with
+    `input_scale`: the SAE expects raw activations multiplied by it."""
+    state = read_state(workdir, step)
+    return {**jax.tree.map(np.asarray, state["params"]),
+            "input_scale": np.asarray(state["input_scale"])}
 
 
 class Checkpointer:

@@ -7,6 +7,8 @@ field that is not declared here is a misspelling, reported as an error.
 
 import ml_collections
 
+from saejax.errors import ConfigError
+
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -84,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.group = ml_collections.ConfigDict()
     config.group.sparsity_coefficients = ()
     # Each member's folder, in the order of sparsity_coefficients (a sweep puts them in its
-    # point folders); empty: <workdir>/members/<coefficient name>-<value>/.
+    # point folders); empty: <workdir>/members/<name>/, named as the sweep names points (l1-0.3).
     config.group.member_workdirs = ()
     # "vmap" the members (batched matmuls), "map" them one after another inside the step, or
     # "auto": vmap on accelerators, map on CPU (a little faster there).
@@ -128,4 +130,24 @@ def base_config() -> ml_collections.ConfigDict:
     # Logical axis -> mesh axis. "group" (the members of a group) stays unsplit.
     config.sharding_rules = (("batch", "data"), ("latent", "model"), ("embed", None),
                              ("group", None))
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict,
+                    *, source: str = "An override") -> ml_collections.ConfigDict:
+    """A copy of `config` with dotted-key overrides (`{"sae.k": 4}`) applied; a key that is not
+    a field is a ConfigError naming it (`source` says who set it: "The sweep")."""
+    config = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+        node = config
+        *path, leaf = key.split(".")
+        for name in path:
+            node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ConfigError(f"{source} sets {key!r}, which is not a config field "
+                              f"(saejax/configs.py lists them all).")
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source} sets {key}={value!r}: {e}") from None
     return config

@@ -13,35 +13,16 @@ after the last committed batch, writing no row twice and losing none.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from saejax import cli, models, paths
 from saejax.data import store
-from saejax.sharding import ConfigError
-
-FLAGS = flags.FLAGS
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Local HF-format GPT-2 directory.")
-_TOKENS = flags.DEFINE_string("tokens", None, ".npy of token ids, or a text file (one document "
-                              "per line, tokenised with the checkpoint's tokenizer.json).")
-_OUT = flags.DEFINE_string("out", None, "Directory for the stores, one per hook: OUT/<hook>.")
-_HOOKS = flags.DEFINE_list("hooks", ["blocks.8.hook_resid_post"], "Hook points to store.")
-_CONTEXT = flags.DEFINE_integer("context_length", 128, "Tokens per sequence.")
-_BATCH = flags.DEFINE_integer("batch_sequences", 32, "Sequences per forward pass.")
-_HOLDOUT = flags.DEFINE_integer("holdout_sequences", 0, "Leave the last N sequences out (for "
-                                "evals.loss_recovered_sequences=N).")
-_MAX = flags.DEFINE_integer("max_sequences", 0, "Harvest at most this many sequences (0: all).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored dtype.")
-_CHUNK = flags.DEFINE_integer("chunk_rows", 4096, "Rows per chunk (the unit of shuffling).")
-_SHARD = flags.DEFINE_integer("shard_rows", 0, "Rows per shard file (zarr v3 sharding; 0: "
-                              "one file per chunk).")
-_NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None, "On CPU, simulate N devices.")
-flags.mark_flags_as_required(["checkpoint", "tokens", "out"])
+from saejax.errors import ConfigError
 
 
 def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
@@ -106,17 +87,39 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
     return {"stores": {h: w.path for h, w in writers.items()}, **result}
 
 
+# ------------------------------------------------------------------------------------------
+# Command line (saejax/cli.py).
+# ------------------------------------------------------------------------------------------
+def _define_flags() -> None:
+    flags.DEFINE_string("checkpoint", None, "Local HF-format GPT-2 directory.")
+    flags.DEFINE_string("tokens", None, ".npy of token ids, or a text file (one document per "
+                        "line, tokenised with the checkpoint's tokenizer.json).")
+    flags.DEFINE_string("out", None, "Directory for the stores, one per hook: OUT/<hook>.")
+    flags.DEFINE_list("hooks", ["blocks.8.hook_resid_post"], "Hook points to store.")
+    flags.DEFINE_integer("context_length", 128, "Tokens per sequence.")
+    flags.DEFINE_integer("batch_sequences", 32, "Sequences per forward pass.")
+    flags.DEFINE_integer("holdout_sequences", 0, "Leave the last N sequences out (for "
+                         "evals.loss_recovered_sequences=N).")
+    flags.DEFINE_integer("max_sequences", 0, "Harvest at most this many sequences (0: all).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored dtype.")
+    flags.DEFINE_integer("chunk_rows", 4096, "Rows per chunk (the unit of shuffling).")
+    flags.DEFINE_integer("shard_rows", 0, "Rows per shard file (zarr v3 sharding; 0: one file "
+                         "per chunk).")
+    cli.define_device_flags()
+    flags.mark_flags_as_required(["checkpoint", "tokens", "out"])
+
+
 def main(argv):
-    del argv
-    cli.setup(num_cpu_devices=_NUM_CPU_DEVICES.value)
-    try:
-        result = harvest(_CHECKPOINT.value, _TOKENS.value, _OUT.value, hooks=_HOOKS.value,
-                         context_length=_CONTEXT.value, batch_sequences=_BATCH.value,
-                         holdout_sequences=_HOLDOUT.value, max_sequences=_MAX.value,
-                         dtype=_DTYPE.value, chunk_rows=_CHUNK.value, shard_rows=_SHARD.value)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
+    cli.positional(argv, 0, "python -m saejax.harvest --checkpoint=DIR --tokens=FILE "
+                            "--out=STORES [--hooks=...]")
+    cli.setup_from_flags()
+    values = flags.FLAGS
+    result = harvest(values.checkpoint, values.tokens, values.out, hooks=values.hooks,
+                     context_length=values.context_length,
+                     batch_sequences=values.batch_sequences,
+                     holdout_sequences=values.holdout_sequences,
+                     max_sequences=values.max_sequences, dtype=values.dtype,
+                     chunk_rows=values.chunk_rows, shard_rows=values.shard_rows)
     print(f"Harvested {result['tokens_written']:,} tokens at {result['tokens_per_s']:,.0f} "
           f"tok/s ({result['tokens_skipped']:,} already there).")
     for hook, path in result["stores"].items():
@@ -124,4 +127,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    # A token file or checkpoint the readers cannot parse raises ValueError: one line too.
+    cli.run(main, _define_flags, errors=(*cli.KNOWN_ERRORS, ValueError))

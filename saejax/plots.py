@@ -21,133 +21,21 @@ from __future__ import annotations
 import datetime
 import io
 import os
-import sys
 from typing import Any, NamedTuple, Sequence
 
+from absl import flags
 import matplotlib
 from matplotlib import ticker
 from matplotlib.figure import Figure
 import numpy as np
 
-from saejax import paths, sweep
+from saejax import cli, paths, results
+# The fits, re-exported: plots.fit_power_law keeps working.
+from saejax.fits import MIN_FIT_POINTS, PowerLawFit, compute_frontier, fit_power_law  # noqa: F401
 
 PLOTS_DIR = "plots"
 REPORT = "report.md"
 FIGURES = ("loss_vs_latents", "sparsity_fidelity", "dead_and_mmcs", "loss_vs_compute")
-MIN_FIT_POINTS = 4  # three constants, and at least one residual for their uncertainty
-
-
-# ------------------------------------------------------------------------------------------
-# Fitting L(N) = c + a N^-b.
-# ------------------------------------------------------------------------------------------
-class PowerLawFit(NamedTuple):
-    """L(N) = c + a * N^(-b) (Gao et al. 2024), with one standard error on each constant."""
-
-    c: float
-    a: float
-    b: float
-    c_err: float
-    a_err: float
-    b_err: float
-    n_points: int
-    rms_log_residual: float  # root mean square of log(L) - log(fit)
-
-    def __call__(self, n) -> np.ndarray:
-        return self.c + self.a * np.power(np.asarray(n, float), -self.b)
-
-
-def fit_power_law(n: Sequence[float], loss: Sequence[float]) -> PowerLawFit:
-    """Least squares on log(loss) (the noise in a loss is relative), c >= 0, a > 0.
-
-    A grid over b with (c, a) solved linearly for each b (weighted by 1/loss) gives the start;
-    Levenberg-Marquardt refines all three. The standard errors come from the covariance
-    s^2 (J^T J)^-1 of the log residuals. N is scaled by its geometric mean while fitting, so
-    the problem is well conditioned whether N counts latents (1e3) or FLOPs (1e15).
-    """
-    n, loss = np.asarray(n, np.float64), np.asarray(loss, np.float64)
-    if n.shape != loss.shape or n.size < MIN_FIT_POINTS:
-        raise ValueError(f"fit_power_law needs at least {MIN_FIT_POINTS} (n, loss) pairs, got "
-                         f"{n.size}.")
-    if np.any(n <= 0) or np.any(loss <= 0) or not np.all(np.isfinite(loss)):
-        raise ValueError("fit_power_law needs positive n and positive, finite losses.")
-    n0 = float(np.exp(np.mean(np.log(n))))
-    t = np.log(n / n0)
-    log_loss = np.log(loss)
-
-    def residuals(p):
-        c, a, b = p
-        return np.log(c + a * np.exp(-b * t)) - log_loss
-
-    def jacobian(p):
-        c, a, b = p
-        u = np.exp(-b * t)
-        m = c + a * u
-        return np.stack([1 / m, u / m, -a * u * t / m], axis=1)
-
-    # Start: for each b on a grid, (c, a) by linear least squares on the relative error
-    # (c + a u - L) / L, solved for every b at once from the 2x2 normal equations.
-    b_grid = np.concatenate([np.linspace(0.005, 0.1, 20), np.linspace(0.1, 4.0, 400)])
-    v = np.exp(-b_grid[:, None] * t[None, :]) / loss            # u / L, [grid, points]
-    w = 1 / loss
-    sww, swv, svv = np.sum(w * w), v @ w, np.sum(v * v, axis=1)
-    sw, sv = np.sum(w), np.sum(v, axis=1)
-    det = sww * svv - swv ** 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c = (svv * sw - swv * sv) / det
-        a = (sww * sv - swv * sw) / det
-        a_only = sv / svv                                         # the fit with c = 0
-        a = np.where(c < 0, a_only, a)
-        c = np.maximum(c, 0.0)
-        model = c[:, None] + a[:, None] * v * loss
-        sse = np.sum((np.log(model) - log_loss) ** 2, axis=1)
-    sse = np.where((a > 0) & np.isfinite(sse), sse, np.inf)
-    if not np.isfinite(sse.min()):
-        raise ValueError("fit_power_law: the losses do not fall with n; no power law fits.")
-    best = int(np.argmin(sse))
-    best, best_sse = np.array([c[best], a[best], b_grid[best]]), float(sse[best])
-
-    p, sse, damping = best, best_sse, 1e-3
-    for _ in range(200):
-        r, jac = residuals(p), jacobian(p)
-        hessian = jac.T @ jac
-        step = np.linalg.solve(hessian + damping * np.diag(np.diag(hessian) + 1e-12),
-                               -jac.T @ r)
-        trial = p + step
-        trial[0] = max(trial[0], 0.0)
-        trial_sse = float(np.sum(residuals(trial) ** 2)) if trial[1] > 0 else np.inf
-        if trial_sse < sse:
-            converged = sse - trial_sse < 1e-14 * max(sse, 1e-30)
-            p, sse, damping = trial, trial_sse, damping / 3
-            if converged:
-                break
-        else:
-            damping *= 10
-            if damping > 1e12:
-                break
-
-    c, a_scaled, b = (float(v) for v in p)
-    jac = jacobian(p)
-    dof = n.size - 3
-    covariance = (sse / dof if dof else np.nan) * np.linalg.pinv(jac.T @ jac)
-    # Back to the unscaled a = a_scaled * n0^b, carrying b's uncertainty into a's.
-    scale = n0 ** b
-    to_raw = np.array([[1, 0, 0], [0, scale, a_scaled * scale * np.log(n0)], [0, 0, 1]])
-    errors = np.sqrt(np.maximum(np.diag(to_raw @ covariance @ to_raw.T), 0.0))
-    return PowerLawFit(c=c, a=a_scaled * scale, b=b, c_err=float(errors[0]),
-                       a_err=float(errors[1]), b_err=float(errors[2]), n_points=int(n.size),
-                       rms_log_residual=float(np.sqrt(sse / n.size)))
-
-
-def compute_frontier(flops: Sequence[float], loss: Sequence[float]) -> np.ndarray:
-    """Indices of the points no cheaper point beats: the lowest loss reached at each compute,
-    in increasing compute."""
-    order = np.argsort(np.asarray(flops, float), kind="stable")
-    frontier, best = [], np.inf
-    for i in order:
-        if loss[i] < best:
-            frontier.append(int(i))
-            best = loss[i]
-    return np.asarray(frontier, int)
 
 
 # ------------------------------------------------------------------------------------------
@@ -165,11 +53,11 @@ _MARKERS = "os^Dv<>P"  # one per architecture, in the order they appear
 
 def _plotted(rows: Sequence[dict]) -> list[dict]:
     """Rows with metrics: finished points, and unfinished ones that logged a step."""
-    return [r for r in rows if r.get("fvu") is not None and r.get("status") != sweep.PENDING]
+    return [r for r in rows if r.get("fvu") is not None and r.get("status") != results.PENDING]
 
 
 def _finished(row: dict) -> bool:
-    return row.get("status") == sweep.DONE
+    return row.get("status") == results.DONE
 
 
 def _partial_note(rows: Sequence[dict]) -> str:
@@ -273,6 +161,31 @@ def _partial_legend_note(ax, rows):
                    label="hollow: unfinished (last logged step)")
 
 
+def _finish(fig: Figure, ax, rows, plotted, out_dir: str, name: str, *, x: str, xlabel: str,
+            title: str, legend_title: str) -> None:
+    """The end of a one-panel figure of FVU (log y): the x axis ("latents": log2 sizes,
+    "log", or "plain log": log with plain tick labels) and the legend when there are points,
+    the labels, the title with what is unfinished, and the files."""
+    if plotted:
+        if x == "latents":
+            _latents_axis(ax)
+        else:
+            ax.set_xscale("log")
+        if x == "plain log":
+            _plain_log_axis(ax.xaxis)
+        ax.set_yscale("log")
+        _plain_log_axis(ax.yaxis)
+        _partial_legend_note(ax, plotted)
+        ax.legend(fontsize=7.5, title=legend_title, title_fontsize=7.5)
+    else:
+        _empty(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("normalised MSE (FVU, fraction of variance unexplained)")
+    ax.set_title(title + _partial_note(rows), fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    _save(fig, out_dir, name)
+
+
 # ------------------------------------------------------------------------------------------
 # The figures.
 # ------------------------------------------------------------------------------------------
@@ -300,20 +213,10 @@ def plot_loss_vs_latents(rows: Sequence[dict], out_dir: str) -> dict[str, PowerL
                 ax.plot(grid, fit(grid), "--", color=curve.color, lw=1.0)
         _scatter(ax, [r["n_latents"] for r in members], [r["fvu"] for r in members], members,
                  curve, label=label)
-    if plotted:
-        _latents_axis(ax)
-        ax.set_yscale("log")
-        _plain_log_axis(ax.yaxis)
-        _partial_legend_note(ax, plotted)
-        ax.legend(fontsize=7.5, title=_levels_title(plotted) + "\ndashed: L(N) = c + a N^-b",
-                  title_fontsize=7.5)
-    else:
-        _empty(ax)
-    ax.set_xlabel("number of latents N (dictionary size)")
-    ax.set_ylabel("normalised MSE (FVU, fraction of variance unexplained)")
-    ax.set_title("Loss against dictionary size" + _partial_note(rows), fontsize=10)
-    ax.grid(True, which="both", alpha=0.25)
-    _save(fig, out_dir, "loss_vs_latents")
+    _finish(fig, ax, rows, plotted, out_dir, "loss_vs_latents", x="latents",
+            xlabel="number of latents N (dictionary size)",
+            title="Loss against dictionary size",
+            legend_title=_levels_title(plotted) + "\ndashed: L(N) = c + a N^-b")
     return fits
 
 
@@ -325,20 +228,9 @@ def plot_sparsity_fidelity(rows: Sequence[dict], out_dir: str) -> None:
     for curve in _curves(plotted, "size"):
         members = sorted(curve.rows, key=lambda r: r["l0"])
         _scatter(ax, [r["l0"] for r in members], [r["fvu"] for r in members], members, curve)
-    if plotted:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        _plain_log_axis(ax.xaxis)
-        _plain_log_axis(ax.yaxis)
-        _partial_legend_note(ax, plotted)
-        ax.legend(fontsize=7.5, title="dictionary size", title_fontsize=7.5)
-    else:
-        _empty(ax)
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("normalised MSE (FVU, fraction of variance unexplained)")
-    ax.set_title("Sparsity-fidelity frontier" + _partial_note(rows), fontsize=10)
-    ax.grid(True, which="both", alpha=0.25)
-    _save(fig, out_dir, "sparsity_fidelity")
+    _finish(fig, ax, rows, plotted, out_dir, "sparsity_fidelity", x="plain log",
+            xlabel="L0 (active latents per token)", title="Sparsity-fidelity frontier",
+            legend_title="dictionary size")
 
 
 def plot_dead_and_mmcs(rows: Sequence[dict], out_dir: str) -> None:
@@ -408,19 +300,9 @@ def plot_loss_vs_compute(rows: Sequence[dict], out_dir: str) -> PowerLawFit | No
             grid = np.geomspace(flops[frontier].min(), flops[frontier].max(), 200)
             ax.plot(grid, fit(grid), "--", color="black", lw=1.0,
                     label=f"frontier fit L(C) = c + a C^-b: b = {fit.b:.2f} ± {fit.b_err:.2f}")
-    if plotted:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        _plain_log_axis(ax.yaxis)
-        _partial_legend_note(ax, plotted)
-        ax.legend(fontsize=7.5, title=_levels_title(plotted), title_fontsize=7.5)
-    else:
-        _empty(ax)
-    ax.set_xlabel("training compute C (FLOPs)")
-    ax.set_ylabel("normalised MSE (FVU, fraction of variance unexplained)")
-    ax.set_title("Loss against training compute" + _partial_note(rows), fontsize=10)
-    ax.grid(True, which="both", alpha=0.25)
-    _save(fig, out_dir, "loss_vs_compute")
+    _finish(fig, ax, rows, plotted, out_dir, "loss_vs_compute", x="log",
+            xlabel="training compute C (FLOPs)", title="Loss against training compute",
+            legend_title=_levels_title(plotted))
     return fit
 
 
@@ -437,28 +319,12 @@ def _fit_row(label: str, fit: PowerLawFit) -> str:
             f"{fit.rms_log_residual:.3f} |")
 
 
-def load_rows(path: str, *, collect: bool = True) -> tuple[list[dict], str]:
-    """The table's rows and the folder to write into, from a sweep's workdir (re-collected
-    from its run folders when `collect` and sweep.json is there) or a results.csv."""
-    path = paths.absolute(path)
-    if paths.exists(path) and not paths.isdir(path):
-        return sweep.read_table(path), os.path.dirname(path)  # a string operation: gs:// too
-    if collect and paths.exists(paths.join(path, sweep.MANIFEST)):
-        rows = sweep.collect(path)
-        sweep.write_table(rows, paths.join(path, sweep.TABLE))
-        return rows, path
-    table = paths.join(path, sweep.TABLE)
-    if not paths.exists(table):
-        raise FileNotFoundError(f"{path} holds neither {sweep.TABLE} nor {sweep.MANIFEST}; "
-                                f"give a sweep's workdir or a results table.")
-    return sweep.read_table(table), path
-
-
 def write_report(workdir: str, rows: Sequence[dict] | None = None) -> str:
     """Draws every figure into workdir/plots/ and writes workdir/report.md; returns its path.
-    Without `rows`, they come from `load_rows(workdir)`."""
+    Without `rows`, they come from `results.load_rows(workdir)`: re-collected from a sweep's
+    run folders (the table rewritten), or read from a results.csv."""
     if rows is None:
-        rows, workdir = load_rows(workdir)
+        rows, workdir = results.load_rows(workdir)
     out_dir = paths.join(workdir, PLOTS_DIR)
     paths.makedirs(out_dir)
     size_fits = plot_loss_vs_latents(rows, out_dir)
@@ -468,13 +334,13 @@ def write_report(workdir: str, rows: Sequence[dict] | None = None) -> str:
 
     done = [r for r in rows if _finished(r)]
     counts = {s: sum(r.get("status") == s for r in rows)
-              for s in (sweep.DONE, sweep.PARTIAL, sweep.FAILED, sweep.PENDING)}
+              for s in (results.DONE, results.PARTIAL, results.FAILED, results.PENDING)}
     state = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     fit_header = ["| sparsity level | points | c | a | b | rms log residual |",
                   "|---|---|---|---|---|---|"]
     lines = [
         f"# Scaling sweep: {os.path.basename(paths.absolute(workdir).rstrip('/'))}", "",
-        f"{len(rows)} points: {state}. Table: `{sweep.TABLE}`; redraw with "
+        f"{len(rows)} points: {state}. Table: `{results.TABLE}`; redraw with "
         f"`python -m saejax.plots {workdir}` "
         f"({datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}).",
     ]
@@ -523,17 +389,20 @@ def write_report(workdir: str, rows: Sequence[dict] | None = None) -> str:
     return path
 
 
+# ------------------------------------------------------------------------------------------
+# Command line (saejax/cli.py).
+# ------------------------------------------------------------------------------------------
+def _define_flags() -> None:
+    flags.DEFINE_bool("collect", True, "Re-collect the table from the sweep's run folders "
+                      "first; --nocollect plots results.csv as it is.")
+
+
 def main(argv: Sequence[str]) -> None:
-    import argparse  # pylint: disable=import-outside-toplevel
-    parser = argparse.ArgumentParser(
-        prog="python -m saejax.plots", description=__doc__.split("\n")[0])
-    parser.add_argument("path", help="a sweep's workdir, or a results.csv")
-    parser.add_argument("--nocollect", action="store_true",
-                        help="plot the results table as it is, without reading the run folders")
-    args = parser.parse_args(argv)
-    rows, workdir = load_rows(args.path, collect=not args.nocollect)
+    (path,) = cli.positional(argv, 1, "python -m saejax.plots DIR [--nocollect] (DIR: a "
+                                      "sweep's workdir, or a results.csv)")
+    rows, workdir = results.load_rows(path, collect_runs=flags.FLAGS.collect)
     print(f"Report: {write_report(workdir, rows)}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, _define_flags)

@@ -19,13 +19,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from saejax.errors import ConfigError  # noqa: F401  (re-exported: saejax.sharding.ConfigError)
+
 MESH_AXES = ("data", "model")
 # The default table: the batch is split across `data`, the dictionary across `model`.
 DEFAULT_RULES = (("batch", "data"), ("latent", "model"), ("embed", None), ("group", None))
-
-
-class ConfigError(ValueError):
-    """A config that cannot work; the message names the field and the fix."""
 
 
 def mesh_shape(mesh_config, n_devices: int) -> tuple[int, int]:

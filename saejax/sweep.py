@@ -20,7 +20,7 @@ saejax/paths.py, so there are no symlinks):
     groups/<group>/     a group's own workdir (its stacked checkpoints and summary), named by
                         shape and coefficients (x32_l1-0.1+0.3+1)
     results.csv         one row per point: its config values, status and final metrics,
-                        rewritten after every run
+                        rewritten after every run (saejax/results.py)
     report.md, plots/   the scaling plots and fits (saejax/plots.py), drawn when the sweep ends;
                         `python -m saejax.plots DIR` draws them from the runs so far
 
@@ -32,44 +32,29 @@ is not counted) and the error that stopped it, if any.
 
 from __future__ import annotations
 
-import csv
 import fnmatch
 import importlib.util
 import inspect
-import io
-import json
-import math
 import os
 import sys
 import time
 from typing import Any, NamedTuple, Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 import ml_collections
 from ml_collections import config_flags
 
-from saejax import cli, paths, sae, train, validation
-from saejax.sharding import ConfigError
+from saejax import cli, configs, paths, plots, results, sae, train, validation
+from saejax import workdir as workdirs
+from saejax.errors import ConfigError
+# The results table's names, re-exported: sweep.collect, sweep.DONE, ... keep working.
+from saejax.results import (DONE, FAILED, MANIFEST, METRICS, PARTIAL, PENDING, RUN_FILE,  # noqa: F401
+                            TABLE, collect, format_rows, read_table, write_table)
+from saejax.workdir import format_value, run_name  # noqa: F401
 
-FLAGS = flags.FLAGS
-
-MANIFEST = "sweep.json"
-TABLE = "results.csv"
-RUN_FILE = "sweep_run.json"
 GROUPS_DIR = "groups"
 
-# Final metrics copied from each point's summary.json, in this order (those a run reports).
-METRICS = ("mse", "fvu", "l0", "dead_fraction", "mmcs", "loss_recovered", "ce_clean", "ce_sae",
-           "ce_zero_ablation", "kl_sae", "kl_zero_ablation")
-# A point's status in the table: finished; trained part way (metrics from its last log line);
-# stopped by an error (NaN); not started.
-DONE, PARTIAL, FAILED, PENDING = "done", "partial", "failed", "pending"
-
-# Short forms of common override keys in run names: x32_l1-3e-4, topk_x8_k16.
-_ABBREVIATIONS = {"sae.expansion_factor": "x", "sae.l1_coefficient": "l1-",
-                  "sae.l0_coefficient": "l0-", "sae.k": "k", "sae.architecture": "",
-                  "data.d": "d", "train.steps": "steps-", "optim.learning_rate": "lr-"}
 # Architectures whose sparsity term is a mean over latents (relu.py, gated.py): the penalty per
 # latent falls as 1/n_latents, so coefficient / expansion_factor is what stays comparable
 # across dictionary sizes (the coefficient of Anthropic's summed L1).
@@ -113,46 +98,10 @@ def load_sweep(config_file: str) -> list[dict[str, Any]]:
     return list(module.get_sweep(arg or None) if takes_arg else module.get_sweep())
 
 
-def format_value(value: Any) -> str:
-    """A config value as it appears in a run name: 3e-4, 0.6, 32, topk."""
-    if isinstance(value, float):
-        plain = f"{value:g}"
-        mantissa, _, exponent = f"{value:.6e}".partition("e")
-        short = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-        return short if len(short) < len(plain) else plain
-    if isinstance(value, (tuple, list)):
-        return "+".join(format_value(v) for v in value)
-    text = str(value)
-    return "".join(c if c.isalnum() or c in ".+-" else "-" for c in text)
-
-
-def _name_part(key: str, value: Any) -> str:
-    prefix = _ABBREVIATIONS.get(key, key.rsplit(".", 1)[-1] + "-")
-    return prefix + format_value(value)
-
-
-def run_name(overrides: dict[str, Any]) -> str:
-    """A point's folder name from its overrides, in their order: x32_l1-3e-4."""
-    return "_".join(_name_part(k, v) for k, v in overrides.items()) or "base"
-
-
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-    """A copy of `config` with dotted-key overrides; a key that is not a field is an error."""
-    config = config.copy_and_resolve_references()
-    for key, value in overrides.items():
-        node = config
-        *path, leaf = key.split(".")
-        for name in path:
-            node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise ConfigError(f"The sweep sets {key!r}, which is not a config field "
-                              f"(saejax/configs.py lists them all).")
-        try:
-            node[leaf] = value
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"The sweep sets {key}={value!r}: {e}") from None
-    return config
+    """A copy of `config` with a sweep point's dotted-key overrides (configs.apply_overrides)."""
+    return configs.apply_overrides(config, overrides, source="The sweep")
 
 
 def expand(config: ml_collections.ConfigDict, sweep: Sequence[dict[str, Any]]) -> list[Point]:
@@ -220,53 +169,9 @@ def describe(point: Point) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 # The state of a point on disk, and grouping the unfinished ones into runs.
 # ------------------------------------------------------------------------------------------
-def _read_json(path: str) -> Any:
-    try:
-        return paths.read_json(path)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _write_json(path: str, value: Any) -> None:
-    paths.write_json(path, value, indent=2)
-
-
-def _last_record(path: str) -> dict | None:
-    """The last complete line of a metrics.jsonl (a running trainer may be mid-line)."""
-    try:
-        lines = paths.read_text(path).splitlines()
-    except FileNotFoundError:
-        return None
-    for line in reversed(lines):
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return None
-
-
-def _finished(workdir: str, name: str, steps: int) -> dict | None:
-    summary = _read_json(paths.join(workdir, name, "summary.json"))
-    return summary if summary and summary.get("step", -1) >= steps else None
-
-
-def _check_same_config(folder: str, config: ml_collections.ConfigDict) -> None:
-    """Refuses, before anything trains, a point or run folder that holds a run of another
-    config (a finished point is only skipped, and a run only resumed, if it is the same)."""
-    stored = _read_json(paths.join(folder, "config.json"))
-    if stored is None:
-        return
-    changed, old, new = train.config_changes(stored, json.loads(config.to_json_best_effort()))
-    if changed:
-        raise ConfigError(
-            f"{folder} was trained with another config: "
-            + ", ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} now" for k in changed)
-            + ". Use a new --workdir, or pass the original values.")
-
-
 def _run_record(workdir: str, run: Run) -> dict:
     """The run's sweep_run.json so far (wall time and sessions add up over sessions)."""
-    record = (_read_json(paths.join(workdir, run.workdir, RUN_FILE))
+    record = (workdirs.read_json(paths.join(workdir, run.workdir, RUN_FILE))
               or {"wall_seconds": 0.0, "sessions": 0, "error": None})
     record.update(run_dir=run.workdir, points=[p.name for p in run.points])
     return record
@@ -277,10 +182,10 @@ def _warn_if_moved(workdir: str, run: Run) -> None:
     selected or added) continues from the new group's checkpoints, or from scratch; the first
     group keeps its own."""
     for point in run.points:
-        before = (_read_json(paths.join(workdir, point.name, RUN_FILE)) or {}).get("run_dir")
+        before = (workdirs.read_json(paths.join(workdir, point.name, RUN_FILE)) or {}).get("run_dir")
         if before in (None, run.workdir):
             continue
-        last = _last_record(paths.join(workdir, point.name, "metrics.jsonl"))
+        last = workdirs.last_record(paths.join(workdir, point.name, "metrics.jsonl"))
         if last:
             logging.warning("%s trained to step %s in %s and now trains in %s, from that "
                             "run's own checkpoint or from scratch; select the points of %s to "
@@ -291,7 +196,7 @@ def _warn_if_moved(workdir: str, run: Run) -> None:
 def _write_run_record(workdir: str, run: Run, record: dict) -> None:
     """Into the run's folder and each of its points' folders, where `collect` reads it."""
     for folder in dict.fromkeys([run.workdir, *(p.name for p in run.points)]):
-        _write_json(paths.join(workdir, folder, RUN_FILE), record)
+        workdirs.write_json(paths.join(workdir, folder, RUN_FILE), record)
 
 
 def _group_key(point: Point) -> str | None:
@@ -337,7 +242,7 @@ def _make_run(points: tuple[Point, ...], workdir: str) -> Run:
     if coefficient is None:
         return Run(first.name, first.config, points)
     values = [float(p.config.sae[coefficient]) for p in points]
-    member_names = [f"{v:g}" for v in values]
+    member_names = [workdirs.member_name(coefficient, v) for v in values]
     if len(set(member_names)) < len(values):
         twins = [p.name for p, m in zip(points, member_names) if member_names.count(m) > 1]
         raise ConfigError(f"Sweep points {twins} train the same SAE (equal configs); remove "
@@ -351,88 +256,7 @@ def _make_run(points: tuple[Point, ...], workdir: str) -> Run:
     config.group.member_workdirs = tuple(paths.join(paths.absolute(workdir), p.name)
                                          for p in points)
     config.sae[coefficient] = values[0]
-    return Run(f"{GROUPS_DIR}/{shape}{_name_part(key, tuple(values))}", config, points)
-
-
-# ------------------------------------------------------------------------------------------
-# The results table.
-# ------------------------------------------------------------------------------------------
-def collect(workdir: str) -> list[dict[str, Any]]:
-    """One row per point of DIR/sweep.json: config values, status and metrics (final ones from
-    summary.json, or a partial point's last logged training metrics)."""
-    manifest = _read_json(paths.join(workdir, MANIFEST))
-    if manifest is None:
-        raise FileNotFoundError(f"{workdir} holds no {MANIFEST}; is it a sweep's workdir?")
-    rows = []
-    for entry in manifest["points"]:
-        name = entry["name"]
-        row = {k: v for k, v in entry.items() if k != "overrides"}
-        row.update({f"config:{k}": v for k, v in entry["overrides"].items()})
-        run_file = _read_json(paths.join(workdir, name, RUN_FILE)) or {}
-        summary = _finished(workdir, name, entry["steps"])
-        record = None if summary else _last_record(paths.join(workdir, name, "metrics.jsonl"))
-        if summary:
-            status, source = DONE, summary
-        elif run_file.get("error"):
-            status, source = FAILED, record or {}
-        elif record:
-            status, source = PARTIAL, record
-        else:
-            status, source = PENDING, {}
-        row["status"] = status
-        row["step"] = source.get("step")
-        row["tokens"] = source.get("tokens")
-        row.update({k: source[k] for k in METRICS if source.get(k) is not None})
-        if summary:
-            row["train_flops"] = summary.get("train_flops")
-            row["train_seconds"] = summary.get("train_seconds_this_session")
-        elif row["tokens"] is not None:
-            row["train_flops"] = entry["flops_per_token"] * row["tokens"]
-        if run_file:
-            row["wall_seconds"] = run_file.get("wall_seconds")
-            row["group_size"] = len(run_file.get("points", ()))
-        row["run_dir"] = run_file.get("run_dir", name)
-        if status == FAILED:
-            row["error"] = run_file["error"]
-        rows.append(row)
-    return rows
-
-
-_LEADING_COLUMNS = ("name", "status", "architecture", "d", "n_latents", "expansion_factor",
-                    "sparsity_level_name", "sparsity_level", "l1_coefficient", "l0_coefficient",
-                    "k", "n_features", "step", "steps", "batch_size", "tokens", *METRICS,
-                    "flops_per_token", "train_flops", "train_seconds", "wall_seconds",
-                    "group_size", "run_dir")
-
-
-def write_table(rows: Sequence[dict], path: str) -> None:
-    """Writes rows as CSV (atomically): the usual columns first, then any others."""
-    columns = [c for c in _LEADING_COLUMNS if any(c in r for r in rows)]
-    columns += [c for r in rows for c in r if c not in columns]
-    columns = list(dict.fromkeys(columns))
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    paths.write_text(path, text.getvalue())
-
-
-def _parse(text: str) -> Any:
-    if text == "":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def read_table(path: str) -> list[dict[str, Any]]:
-    """The rows of a results.csv, numbers parsed, empty cells as None."""
-    text = io.StringIO(paths.read_text(path), newline="")
-    return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(text)]
+    return Run(f"{GROUPS_DIR}/{shape}{workdirs.name_part(key, tuple(values))}", config, points)
 
 
 # ------------------------------------------------------------------------------------------
@@ -453,9 +277,34 @@ def _write_outputs(workdir: str, report: bool = False) -> list[dict]:
     if jax.process_index() == 0:
         write_table(rows, paths.join(workdir, TABLE))
         if report:
-            from saejax import plots  # pylint: disable=import-outside-toplevel
             plots.write_report(workdir, rows)
     return rows
+
+
+def _plan_text(points, selected, finished, runs) -> str:
+    lines = [f"{len(points)} points, {len(selected)} selected, {len(finished)} finished; "
+             f"{len(runs)} runs to train:"]
+    for run in runs:
+        lines.append(f"  {run.workdir}: " + ", ".join(p.name for p in run.points))
+    if finished:
+        lines.append("  finished, skipped: " + ", ".join(finished))
+    return "\n".join(lines)
+
+
+def _train(workdir: str, run: Run) -> None:
+    """Trains one run; a NaN is recorded in its sweep_run.json, not raised."""
+    record = dict(_run_record(workdir, run), error=None)
+    start = time.perf_counter()
+    try:
+        train.train_and_evaluate(run.config, paths.join(workdir, run.workdir))
+    except FloatingPointError as e:
+        logging.error("%s failed: %s", run.workdir, e)
+        record["error"] = str(e)
+    finally:
+        record["wall_seconds"] += time.perf_counter() - start
+        record["sessions"] += 1
+        if jax.process_index() == 0:
+            _write_run_record(workdir, run, record)
 
 
 def run_sweep(config: ml_collections.ConfigDict, sweep: Sequence[dict[str, Any]], workdir: str,
@@ -472,51 +321,36 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Sequence[dict[str, Any]]
     points = expand(config, sweep)
     selected = _select(points, only)
     finished = {}
+    # A folder holding a run of another config is refused before anything trains (a finished
+    # point is only skipped, and a run only resumed, if its config is the same).
     for point in selected:
-        _check_same_config(paths.join(workdir, point.name), point.config)
-        if _finished(workdir, point.name, int(point.config.train.steps)):
+        workdirs.check_resumable(paths.join(workdir, point.name), point.config)
+        if results.finished_summary(workdir, point.name, int(point.config.train.steps)):
             finished[point.name] = point
     runs = plan([p for p in selected if p.name not in finished], workdir)
     for run in runs:  # a config that cannot work stops the sweep before anything trains
         validation.validate(run.config, jax.device_count())
-        _check_same_config(paths.join(workdir, run.workdir), run.config)
+        workdirs.check_resumable(paths.join(workdir, run.workdir), run.config)
 
-    lines = [f"{len(points)} points, {len(selected)} selected, {len(finished)} finished; "
-             f"{len(runs)} runs to train:"]
-    for run in runs:
-        lines.append(f"  {run.workdir}: " + ", ".join(p.name for p in run.points))
-    if finished:
-        lines.append("  finished, skipped: " + ", ".join(finished))
     if jax.process_index() == 0:
-        print("\n".join(lines), flush=True)
+        print(_plan_text(points, selected, finished, runs), flush=True)
     if dry_run:
         return []
 
     if jax.process_index() == 0:
         paths.makedirs(workdir)
-        _write_json(paths.join(workdir, MANIFEST), {"points": [describe(p) for p in points]})
+        workdirs.write_json(paths.join(workdir, MANIFEST),
+                            {"points": [describe(p) for p in points]})
         for run in runs:  # every point's row names its run from the start
             for folder in dict.fromkeys([run.workdir, *(p.name for p in run.points)]):
                 paths.makedirs(paths.join(workdir, folder))
             _warn_if_moved(workdir, run)
             _write_run_record(workdir, run, _run_record(workdir, run))
     _write_outputs(workdir)
-
     for i, run in enumerate(runs):
         logging.info("Sweep run %d of %d: %s (%s).", i + 1, len(runs), run.workdir,
                      ", ".join(p.name for p in run.points))
-        record = dict(_run_record(workdir, run), error=None)
-        start = time.perf_counter()
-        try:
-            train.train_and_evaluate(run.config, paths.join(workdir, run.workdir))
-        except FloatingPointError as e:
-            logging.error("%s failed: %s", run.workdir, e)
-            record["error"] = str(e)
-        finally:
-            record["wall_seconds"] += time.perf_counter() - start
-            record["sessions"] += 1
-            if jax.process_index() == 0:
-                _write_run_record(workdir, run, record)
+        _train(workdir, run)
         _write_outputs(workdir)
 
     rows = _write_outputs(workdir, report)
@@ -525,26 +359,14 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Sequence[dict[str, Any]]
     return rows
 
 
-def format_rows(rows: Sequence[dict]) -> str:
-    """A short text table of the points: status and the main metrics."""
-    def number(value, spec):
-        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
-            else format(value, spec)
-    width = max([len(r["name"]) for r in rows] + [5])
-    lines = [f"{'point':<{width}}  {'status':<7}  {'n_latents':>9}  {'FVU':>7}  {'L0':>7}  "
-             f"{'dead':>5}  {'MMCS':>6}  {'FLOPs':>8}"]
-    for r in rows:
-        lines.append(f"{r['name']:<{width}}  {r['status']:<7}  {r['n_latents']:>9}  "
-                     f"{number(r.get('fvu'), '7.4f')}  {number(r.get('l0'), '7.2f')}  "
-                     f"{number(r.get('dead_fraction'), '5.3f')}  "
-                     f"{number(r.get('mmcs'), '6.4f')}  {number(r.get('train_flops'), '8.2e')}")
-    return "\n".join(lines)
+# ------------------------------------------------------------------------------------------
+# Command line (saejax/cli.py): flags defined only when this module runs as the program, so
+# importing it defines none.
+# ------------------------------------------------------------------------------------------
+# Exit code when the sweep ran but some points failed (NaN); errors that stop it exit with 2.
+FAILED_POINTS_EXIT_CODE = 1
 
 
-# ------------------------------------------------------------------------------------------
-# Command line: flags and a call into run_sweep, as saejax/main.py. The flags are defined only
-# when this module runs as the program, so importing it (tests, plots) defines none.
-# ------------------------------------------------------------------------------------------
 def _define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Experiment config file with get_sweep(): "
                                     "path.py[:arg], arg passed to get_config and get_sweep.",
@@ -556,36 +378,28 @@ def _define_flags() -> None:
     flags.DEFINE_bool("dry_run", False, "Print the points, the runs that would train them "
                       "and which are finished; train nothing.")
     flags.DEFINE_bool("report", True, "Draw report.md and plots/ when the sweep ends.")
-    flags.DEFINE_integer("num_cpu_devices", None, "On CPU, simulate this many devices.")
-    flags.DEFINE_bool("distributed", False, "Join a multi-process JAX cluster (see "
-                      "saejax/distributed.py).")
+    cli.define_device_flags(join_cluster=True)
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _main(argv):
-    del argv
-    cli.setup(num_cpu_devices=FLAGS.num_cpu_devices, join_cluster=FLAGS.distributed)
-    try:
-        sweep = load_sweep(config_flags.get_config_filename(FLAGS["config"]))
-        rows = run_sweep(FLAGS.config, sweep, FLAGS.workdir, only=FLAGS.only or (),
-                         dry_run=FLAGS.dry_run, report=FLAGS.report)
-    except train.Preempted as e:
-        logging.warning("%s", e)
-        sys.exit(train.SIGTERM_EXIT_CODE)
-    except ConfigError as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
+def main(argv):
+    cli.positional(argv, 0, "python -m saejax.sweep --config=FILE.py[:arg] --workdir=DIR")
+    cli.setup_from_flags()
+    values = flags.FLAGS
+    sweep = load_sweep(config_flags.get_config_filename(values["config"]))
+    rows = run_sweep(values.config, sweep, values.workdir, only=values.only or (),
+                     dry_run=values.dry_run, report=values.report)
+    table = paths.join(values.workdir, TABLE)
     failed = [r["name"] for r in rows if r["status"] == FAILED]
     if failed:
-        sys.exit(f"error: {len(failed)} points failed ({', '.join(failed)}); see the 'error' "
-                 f"column of {paths.join(FLAGS.workdir, TABLE)}. Running the command "
-                 f"again retries them from their last good checkpoint.")
+        print(f"error: {len(failed)} points failed ({', '.join(failed)}); see the 'error' "
+              f"column of {table}. Running the command again retries them from their last "
+              f"good checkpoint.", file=sys.stderr)
+        sys.exit(FAILED_POINTS_EXIT_CODE)
     if rows and jax.process_index() == 0:
-        print(f"Table: {paths.join(FLAGS.workdir, TABLE)}"
-              + (f"\nReport: {paths.join(FLAGS.workdir, 'report.md')}" if FLAGS.report
-                 else ""))
+        print(f"Table: {table}" + (f"\nReport: {paths.join(values.workdir, 'report.md')}"
+                                   if values.report else ""))
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(_main)
+    cli.run(main, _define_flags)

@@ -22,19 +22,15 @@ import optax
 
 from saejax import (checkpoint, cli, data, distributed, evals, optim, paths, sae, sharding,
                     validation)
+from saejax import workdir as workdirs
 from saejax.data import lm
-from saejax.sharding import ConfigError
-
-# Config fields that may change when resuming a workdir (they do not change what is trained;
-# train.steps does change the learning-rate decay, so it is allowed with a warning, to extend a
-# run); anything else must match what the workdir was started with.
-RESUMABLE_CHANGES = ("mesh.", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.steps", "evals.eval_batches",
-                     "evals.density_window_tokens", "evals.dense_threshold",
-                     "evals.loss_recovered_sequences", "data.prefetch_windows",
-                     "lm.batch_sequences", "group.member_workdirs",
-                     "train.preemption_check_every")
-SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
+# Re-exported where user code and tests have always found them (train.load_params, ...).
+from saejax.checkpoint import load_params  # noqa: F401
+from saejax.errors import SIGTERM_EXIT_CODE, ConfigError, Preempted  # noqa: F401
+from saejax.workdir import (RESUMABLE_CHANGES, MetricsLog, config_changes,  # noqa: F401
+                            flatten_config)
+from saejax.workdir import jsonable as _jsonable, write_config as _write_config
+from saejax.workdir import write_json as _write_json
 
 
 # ------------------------------------------------------------------------------------------
@@ -323,95 +319,20 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
 
 
 # ------------------------------------------------------------------------------------------
-# Workdir helpers (only process 0 writes).
+# Group members' outputs (the workdir's files: saejax/workdir.py).
 # ------------------------------------------------------------------------------------------
-def flatten_config(tree: dict, prefix: str = "") -> dict:
-    """A config as JSON (nested dicts) -> {"sae.l1_coefficient": 0.6, ...}."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_changes(old: dict, new: dict) -> tuple[list[str], dict, dict]:
-    """(the changed fields that a run cannot resume with, flattened old, flattened new), and
-    the resumable changes logged. A field added to the schema after `old` was written, at its
-    default, is no change: the run it describes trains the same way. Nor is a field the schema
-    no longer has: nothing reads it."""
-    from saejax import configs  # pylint: disable=import-outside-toplevel
-    old_flat, new_flat = flatten_config(old), flatten_config(new)
-    defaults = flatten_config(json.loads(configs.base_config().to_json_best_effort()))
-    changed = sorted(k for k in set(old_flat) | set(new_flat)
-                     if old_flat.get(k) != new_flat.get(k)
-                     and not (k not in old_flat and k in defaults
-                              and new_flat[k] == defaults[k])
-                     and not (k not in new_flat and k not in defaults))
-    resumable = [k for k in changed if k.startswith(RESUMABLE_CHANGES)]
-    if resumable:
-        logging.warning("Changed since the run started (allowed): %s.", ", ".join(resumable))
-    return [k for k in changed if k not in resumable], old_flat, new_flat
-
-
-def _write_config(config, workdir: str) -> None:
-    """Writes the resolved config; refuses to resume a workdir started with another config."""
-    path = paths.join(workdir, "config.json")
-    new = json.loads(config.to_json_best_effort())
-    if paths.exists(path):
-        fixed, old_flat, new_flat = config_changes(paths.read_json(path), new)
-        if fixed:
-            raise ConfigError(
-                f"{workdir} holds a run started with another config: "
-                + ", ".join(f"{k}={old_flat.get(k)!r} there, {new_flat.get(k)!r} now"
-                            for k in fixed)
-                + ". Use a new --workdir, or pass the original values to resume.")
-    if jax.process_index() == 0:
-        paths.write_json(path, new, indent=2, sort_keys=True)
-
-
-class MetricsLog:
-    """`metrics.jsonl`: one JSON line per logging step. On resume, lines from steps after the
-    restored checkpoint (which will be trained again) are dropped so each step appears once.
-    A bucket cannot append, so there the whole file is rewritten at each logging step."""
-
-    def __init__(self, path: str, resume_step: int):
-        self.path = path
-        self.enabled = jax.process_index() == 0
-        self._lines: list[str] = []
-        if self.enabled and paths.exists(path):
-            for line in paths.read_text(path).splitlines(keepends=True):
-                try:
-                    if json.loads(line)["step"] <= resume_step:
-                        self._lines.append(line)
-                except (ValueError, KeyError):  # a line cut short by a kill
-                    continue
-            paths.write_text(path, "".join(self._lines))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps(record) + "\n"
-        self._lines.append(line)
-        if paths.is_remote(self.path):
-            paths.write_text(self.path, "".join(self._lines))
-        else:
-            with open(self.path, "a") as f:
-                f.write(line)
-
-
 class _Output(NamedTuple):
     """Where one SAE's metrics go: the run's workdir, or a group member's folder."""
 
-    name: str                     # a member's name (l1_coefficient-0.3); "" for a single SAE
+    name: str                     # a member's name (l1-0.3); "" for a single SAE
     workdir: str
     metrics_log: MetricsLog
     ckpt: checkpoint.Checkpointer | None
 
 
 def member_name(architecture: sae.Architecture, coefficient: float) -> str:
-    return f"{architecture.sparsity_coefficient}-{coefficient:g}"
+    """A member's name, as the sweep names a point of that coefficient: l1-0.3."""
+    return workdirs.member_name(architecture.sparsity_coefficient, coefficient)
 
 
 def member_state(state: dict, i: int) -> dict:
@@ -423,11 +344,13 @@ def member_state(state: dict, i: int) -> dict:
 def _open_members(config, workdir: str, start_step: int,
                   architecture: sae.Architecture) -> list[_Output]:
     """One output per member of a group, in `group.member_workdirs` (a sweep's point folders)
-    or by default in <workdir>/members/<member name>/."""
+    or by default in <workdir>/members/<member name>/ (workdirs.member_folder: an old
+    workdir's members/l1_coefficient-0.3/ is used where it is there)."""
     coefficients = group_coefficients(config)
     names = [member_name(architecture, c) for c in coefficients]
     folders = (tuple(str(f) for f in config.group.member_workdirs)
-               or tuple(paths.join(workdir, "members", name) for name in names))
+               or tuple(workdirs.member_folder(workdir, architecture.sparsity_coefficient, c)
+                        for c in coefficients))
     members = []
     for coefficient, name, member_dir in zip(coefficients, names, folders, strict=True):
         paths.makedirs(member_dir)
@@ -452,17 +375,6 @@ def _close(ckpt: checkpoint.Checkpointer, members: list[_Output]) -> None:
     ckpt.close()
     for member in members:
         member.ckpt.close()
-
-
-def _write_json(path: str, value) -> None:
-    if jax.process_index() == 0:
-        paths.write_json(path, value, indent=2)
-
-
-def _jsonable(value: np.ndarray):
-    """A metric as JSON: lists for arrays, None for NaN (e.g. a density before its window)."""
-    value = np.asarray(value).tolist()
-    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _resample_due(resample_config, done: int, total_steps: int) -> bool:
@@ -492,22 +404,6 @@ class _SigtermFlag:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint of `step` was saved before stopping."""
-
-    def __init__(self, step: int):
-        super().__init__(f"SIGTERM: saved a checkpoint at step {step} and stopped.")
-        self.step = step
-
-
-def load_params(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
-    """The SAE params of a run's checkpoint (default: the newest) as NumPy arrays, with
-    `input_scale`: the SAE expects raw activations multiplied by it."""
-    state = checkpoint.read_state(workdir, step)
-    return {**jax.tree.map(np.asarray, state["params"]),
-            "input_scale": np.asarray(state["input_scale"])}
 
 
 def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: int,
@@ -574,8 +470,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         restored = ckpt.restore_latest(trainer.abstract_state)
         if restored is not None:
             state, data_state = restored
+            # Training seconds of earlier sessions ride with the data position (0 in
+            # checkpoints written before they did).
+            data_state = dict(data_state)
+            seconds_before = float(data_state.pop("train_seconds", 0.0))
             source.restore(data_state)
         else:
+            seconds_before = 0.0
             state = trainer.init(jax.random.PRNGKey(int(config.seed)))
             if config.data.normalize_inputs or config.sae.b_dec_init != "zeros":
                 init_batches = int(config.data.init_batches)
@@ -607,7 +508,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         # Throughput is timed from the end of this session's first step (compilation excluded).
         t_first, first_done = None, start_step
         resampled = np.zeros(len(outputs), np.int64)  # since the last log line, per SAE
-        train_seconds = 0.0
+        train_seconds = seconds_before  # summed over sessions, compilation excluded
         with _SigtermFlag() as sigterm:
             for step in range(start_step, total_steps):
                 state, metrics = trainer.train_step(state, source.next_batch())
@@ -640,10 +541,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                         f"Non-finite loss or params between step {last_checked + 1} and step "
                         f"{done}; stopping. {kept}")
                 last_checked = done
+                session_seconds = time.perf_counter() - t_first
+                train_seconds = seconds_before + session_seconds
                 if log_now:
-                    now = time.perf_counter()
-                    train_seconds = now - t_first
-                    tokens_per_s = ((done - first_done) * batch_size / train_seconds
+                    tokens_per_s = ((done - first_done) * batch_size / session_seconds
                                     if done > first_done else 0.0)
                     eta = (total_steps - done) * batch_size / tokens_per_s if tokens_per_s else 0.0
                     if true_features is not None:
@@ -655,6 +556,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                   **{k: _jsonable(v[i] if members else v)
                                      for k, v in metrics.items()},
                                   "tokens_per_s": tokens_per_s,
+                                  "train_seconds": train_seconds,
                                   "resampled_latents": int(resampled[i])}
                         output.metrics_log.write(record)
                         logging.info(
@@ -665,10 +567,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                             f" | MMCS {record['mmcs']:.4f}" if "mmcs" in record else "")
                     resampled[:] = 0
                 if save_now:
-                    ckpt.save(done, state, source.state(), force=True)
+                    data_state = {**source.state(), "train_seconds": train_seconds}
+                    ckpt.save(done, state, data_state, force=True)
                     for i, member in enumerate(members):
-                        member.ckpt.save(done, member_state(state, i), source.state(),
-                                         force=True)
+                        member.ckpt.save(done, member_state(state, i), data_state, force=True)
                 if preempted:
                     _close(ckpt, members)
                     raise Preempted(done)
@@ -698,7 +600,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 "expansion_factor": int(config.sae.expansion_factor),
                 "flops_per_token": trainer.flops_per_token,
                 "train_flops": trainer.flops_per_token * int(state["step"]) * batch_size,
-                "train_seconds_this_session": train_seconds,
+                "train_seconds": train_seconds,
             }
             if architecture.sparsity_coefficient:
                 summary[architecture.sparsity_coefficient] = (

@@ -24,11 +24,5 @@ def _eight_devices():
 def toy_config(arg="smoke", **overrides):
     """The toy experiment config, unlocked, with `{"sae.k": 4, ...}` style overrides."""
     from experiments import toy  # pylint: disable=import-outside-toplevel
-    config = toy.get_config(arg)
-    for key, value in overrides.items():
-        node = config
-        *path, leaf = key.split(".")
-        for name in path:
-            node = node[name]
-        node[leaf] = value
-    return config
+    from saejax import configs  # pylint: disable=import-outside-toplevel
+    return configs.apply_overrides(toy.get_config(arg), overrides)

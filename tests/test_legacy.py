@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from legacy_cases import CASES, WORKDIR_CASE, config_for
-from saejax import train
+from saejax import sae, train
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "legacy")
 
@@ -27,6 +27,15 @@ def _same_versions() -> bool:
     with open(os.path.join(FIXTURE, "versions.json")) as f:
         versions = json.load(f)
     return (versions["jax"], versions["jaxlib"]) == (jax.__version__, jaxlib.__version__)
+
+
+def _legacy_member_name(member_dir: str) -> str:
+    """The name the code before the refactor gave a group member's folder (and the fixture's
+    keys): <coefficient>-<value>, l1_coefficient-0.3; members are now named as sweep points."""
+    with open(os.path.join(member_dir, "config.json")) as f:
+        config = json.load(f)
+    coefficient = sae.get(config["sae"]["architecture"]).sparsity_coefficient
+    return f"{coefficient}-{config['sae'][coefficient]:g}"
 
 
 def _assert_equal(actual, expected, what):
@@ -47,8 +56,9 @@ def test_params_equal_the_code_before_the_refactor(name, tmp_path):
     members = os.path.join(workdir, "members")
     if os.path.isdir(members):
         for member in sorted(os.listdir(members)):
-            for key, value in train.load_params(os.path.join(members, member)).items():
-                actual[f"members/{member}/{key}"] = value
+            member_dir = os.path.join(members, member)
+            for key, value in train.load_params(member_dir).items():
+                actual[f"members/{_legacy_member_name(member_dir)}/{key}"] = value
     assert sorted(actual) == sorted(reference)
     for key, expected in reference.items():
         _assert_equal(actual[key], expected, f"{name}/{key}")

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 import tiny_lm
-from saejax import models, train
+from saejax import configs, models, train
 from saejax.data import lm, store
 from saejax.sharding import ConfigError
 
@@ -120,10 +120,7 @@ def _tiny_config(tiny, **overrides):
     config = gpt2_small.get_config("tiny")
     config.lm.checkpoint, config.lm.tokens = tiny
     config.lm.hook = HOOK
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        config[section][field] = value
-    return config
+    return configs.apply_overrides(config, overrides)
 
 
 def test_on_the_fly_lm_source_gives_the_stores_batches(tiny, tmp_path):

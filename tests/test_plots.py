@@ -1,10 +1,15 @@
 """Scaling-law fits recover known constants; the plots and report come from a table alone,
 partial or not."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from saejax import plots, sweep
+from conftest import ROOT
+from saejax import plots, results as sweep
 
 
 @pytest.mark.parametrize("c, a, b", [(0.02, 3.0, 0.6), (0.0, 5.0, 0.4), (0.1, 50.0, 1.0)])
@@ -69,7 +74,12 @@ def test_plots_and_report_from_a_partial_table_alone(tmp_path):
     table = tmp_path / "results.csv"
     sweep.write_table(rows, str(table))
 
-    plots.main([str(table)])  # the CLI, given the table itself: no run folders needed
+    # The README's command, given the table itself: no run folders needed.
+    out = subprocess.run([sys.executable, "-m", "saejax.plots", str(table)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "XLA_FLAGS": ""})
+    assert out.returncode == 0, out.stderr
+    assert f"Report: {tmp_path / 'report.md'}" in out.stdout
     for name in plots.FIGURES:
         for ext in ("png", "svg"):
             assert (tmp_path / "plots" / f"{name}.{ext}").stat().st_size > 1000

@@ -194,7 +194,7 @@ def test_sweep_in_a_bucket_goes_through_paths_only(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train_and_evaluate", refuse)
     assert [r["status"] for r in sweep.run_sweep(_tiny_config(5), TINY_SWEEP[:2], workdir,
                                                  report=False)] == ["done"] * 2
-    plots.main([workdir])  # re-collects, rewrites the table, redraws
+    plots.write_report(workdir)  # re-collects, rewrites the table, redraws
     assert paths.read_bytes(os.path.join(workdir, "plots", "loss_vs_latents.png"))[:4] == \
         b"\x89PNG"
     assert "2 done" in paths.read_text(os.path.join(workdir, "report.md"))

@@ -247,9 +247,10 @@ def test_group_members_equal_solo_runs(tmp_path):
     group = train.train_and_evaluate(
         toy_config(**{"group.sparsity_coefficients": coefficients, "train.steps": 15}),
         str(tmp_path / "group"))
-    assert set(group["members"]) == {"l1_coefficient-0.3", "l1_coefficient-1.2"}
+    # Members are named as the sweep names points of that coefficient.
+    assert set(group["members"]) == {"l1-0.3", "l1-1.2"}
     for coefficient in coefficients:
-        name = f"l1_coefficient-{coefficient:g}"
+        name = f"l1-{coefficient:g}"
         solo = train.train_and_evaluate(
             toy_config(**{"sae.l1_coefficient": coefficient, "train.steps": 15}),
             str(tmp_path / name))
@@ -309,6 +310,36 @@ def test_bfloat16_mixed_precision_trains_to_the_float32_fvu(tmp_path):
         hlo = trainer.train_step.lower(trainer.abstract_state, batch).as_text()
     dots = re.findall(r"dot_general[^\n]*", hlo)
     assert dots and all("xbf16>" in dot for dot in dots), dots
+
+
+def test_train_seconds_add_up_over_sessions(tmp_path):
+    """A resumed run reports the training time of every session, not only its last."""
+    workdir = str(tmp_path / "run")
+    first = train.train_and_evaluate(toy_config(**{"train.steps": 10}), workdir)
+    second = train.train_and_evaluate(toy_config(**{"train.steps": 20}), workdir)
+    assert first["train_seconds"] > 0 and "train_seconds_this_session" not in first
+    assert second["train_seconds"] > first["train_seconds"]
+    logged = [r["train_seconds"] for r in _read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+    assert logged == sorted(logged) and logged[-1] == second["train_seconds"]
+
+
+def test_a_group_resumes_into_the_member_folders_of_an_old_workdir(tmp_path):
+    """Member folders were named <coefficient>-<value> (l1_coefficient-0.3) before they were
+    named as sweep points (l1-0.3): an old group's folders are used where they are there."""
+    workdir = tmp_path / "group"
+    group = {"group.sparsity_coefficients": (0.3, 1.2)}
+    train.train_and_evaluate(toy_config(**group, **{"train.steps": 10}), str(workdir))
+    for coefficient in ("0.3", "1.2"):
+        os.rename(workdir / "members" / f"l1-{coefficient}",
+                  workdir / "members" / f"l1_coefficient-{coefficient}")
+    summary = train.train_and_evaluate(toy_config(**group, **{"train.steps": 20}), str(workdir))
+    assert sorted(os.listdir(workdir / "members")) == ["l1_coefficient-0.3",
+                                                       "l1_coefficient-1.2"]
+    for coefficient in ("0.3", "1.2"):
+        member = workdir / "members" / f"l1_coefficient-{coefficient}"
+        assert [r["step"] for r in _read_jsonl(member / "metrics.jsonl")][-1] == 20
+        assert json.loads((member / "summary.json").read_text()) == \
+            summary["members"][f"l1-{coefficient}"]
 
 
 def test_fields_added_to_the_schema_at_their_default_do_not_block_a_resume():

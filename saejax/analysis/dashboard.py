@@ -20,17 +20,15 @@ activations and writes the files.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 import numpy as np
 
 from saejax import cli, models
 from saejax.analysis import dashboard_data, loading, pages, top_activations
 from saejax.analysis.dashboard_data import N_PROMOTED, parse_latents, promoted_tokens
 from saejax.analysis.loading import AnalysisError, LoadedSAE
-from saejax.sharding import ConfigError
 
 __all__ = ["N_PROMOTED", "parse_latents", "promoted_tokens", "resolve_store", "run",
            "top_activations_for", "write_dashboard"]
@@ -148,11 +146,10 @@ def run(path: str, *, latents: str | Sequence[int] | None = "all",
 
 
 # ------------------------------------------------------------------------------------------
-# CLI.
+# Command line (saejax/cli.py): flags defined only when this module runs as the program, so
+# importing it as a library defines none and cannot clash with another tool's flags.
 # ------------------------------------------------------------------------------------------
 def _define_flags() -> None:
-    """The CLI's flags, defined only when this module runs as a program: importing it as a
-    library defines none, so it cannot clash with another tool's flags."""
     flags.DEFINE_string("latents", "all", "Pages for: all, N (the first N latents), or indices "
                         "and ranges such as 3,17,40:48.")
     flags.DEFINE_integer("top_n", top_activations.DEFAULT_TOP_N,
@@ -173,27 +170,23 @@ def _define_flags() -> None:
                          "Context tokens kept before each example.")
     flags.DEFINE_integer("context_after", top_activations.CONTEXT_AFTER,
                          "Context tokens kept after each example.")
-    flags.DEFINE_integer("num_cpu_devices", None, "On CPU, simulate N devices.")
+    cli.define_device_flags()
 
 
 def main(argv):
-    if len(argv) != 2:
-        sys.exit("usage: python -m saejax.analysis.dashboard DIR [--latents=...] [--top_n=N] "
-                 "(DIR: a run's workdir or a SAELens SAE directory)")
-    FLAGS = flags.FLAGS
-    cli.setup(num_cpu_devices=FLAGS.num_cpu_devices)
-    try:
-        index = run(argv[1], latents=FLAGS.latents, top_n=FLAGS.top_n, store=FLAGS.store,
-                    checkpoint=FLAGS.checkpoint, out=FLAGS.out, step=FLAGS.step,
-                    max_rows=FLAGS.max_rows or None, batch_sequences=FLAGS.batch_sequences or None,
-                    mesh_model=FLAGS.mesh_model or None, recompute=FLAGS.recompute,
-                    context_before=FLAGS.context_before, context_after=FLAGS.context_after)
-    except (ConfigError, FileNotFoundError) as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
+    (path,) = cli.positional(argv, 1, "python -m saejax.analysis.dashboard DIR [--latents=...] "
+                                      "[--top_n=N] (DIR: a run's workdir or a SAELens SAE "
+                                      "directory)")
+    cli.setup_from_flags()
+    values = flags.FLAGS
+    index = run(path, latents=values.latents, top_n=values.top_n, store=values.store,
+                checkpoint=values.checkpoint, out=values.out, step=values.step,
+                max_rows=values.max_rows or None,
+                batch_sequences=values.batch_sequences or None,
+                mesh_model=values.mesh_model or None, recompute=values.recompute,
+                context_before=values.context_before, context_after=values.context_after)
     print(f"Dashboard: {index}")
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    cli.run(main, _define_flags)

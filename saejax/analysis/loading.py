@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from saejax import configs, models, sae
+from saejax import checkpoint, configs, models, sae
 from saejax.sharding import ConfigError
 
 
@@ -110,7 +110,6 @@ def read_run_config(workdir: str) -> dict:
 
 
 def _load_run(workdir: str, step: int | None) -> LoadedSAE:
-    from saejax import train  # pylint: disable=import-outside-toplevel
     config = read_run_config(workdir)
     members = tuple(config.get("group", {}).get("sparsity_coefficients", ()) or ())
     if members:
@@ -126,7 +125,7 @@ def _load_run(workdir: str, step: int | None) -> LoadedSAE:
     sae_config.update(config.get("sae", {}))
     architecture = sae.get(str(sae_config.architecture))
     try:
-        state = train.load_params(workdir, step)
+        state = checkpoint.load_params(workdir, step)
     except FileNotFoundError as e:
         raise AnalysisError(f"{workdir}: {e}; the run has not saved a checkpoint yet.") from e
     input_scale = float(np.asarray(state.pop("input_scale")))

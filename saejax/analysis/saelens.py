@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags
 import numpy as np
 
 from saejax import cli, models, sae
 from saejax.analysis import loading
 from saejax.analysis.loading import AnalysisError, LoadedSAE
-from saejax.sharding import ConfigError
 
 CFG_FILENAME = "cfg.json"                      # sae_lens/constants.py SAE_CFG_FILENAME
 WEIGHTS_FILENAME = "sae_weights.safetensors"   # sae_lens/constants.py SAE_WEIGHTS_FILENAME
@@ -346,22 +344,24 @@ def load(path: str, *, norm_scaling_factor: float | None = None) -> LoadedSAE:
         context_length=metadata["context_size"], metadata=metadata)
 
 
+# ------------------------------------------------------------------------------------------
+# Command line (saejax/cli.py).
+# ------------------------------------------------------------------------------------------
+def _define_flags() -> None:
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_string("model_name", None, "cfg.json's model_name (default: the checkpoint "
+                        "directory's name), e.g. the TransformerLens name gpt2-small.")
+
+
 def main(argv):
-    if len(argv) != 3:
-        sys.exit("usage: python -m saejax.analysis.saelens DIR OUT [--step=N] (DIR: a run's "
-                 "workdir; OUT: the SAELens directory to write)")
+    workdir, out = cli.positional(argv, 2, "python -m saejax.analysis.saelens DIR OUT "
+                                           "[--step=N] (DIR: a run's workdir; OUT: the "
+                                           "SAELens directory to write)")
     cli.setup()
-    try:
-        out = export_saelens(argv[1], argv[2], step=flags.FLAGS.step,
-                             model_name=flags.FLAGS.model_name)
-    except (ConfigError, FileNotFoundError) as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
+    out = export_saelens(workdir, out, step=flags.FLAGS.step,
+                         model_name=flags.FLAGS.model_name)
     print(f"SAELens SAE: {out} (load it with sae_lens.SAE.load_from_disk({out!r}))")
 
 
 if __name__ == "__main__":
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-    flags.DEFINE_string("model_name", None, "cfg.json's model_name (default: the checkpoint "
-                        "directory's name), e.g. the TransformerLens name gpt2-small.")
-    app.run(main)
+    cli.run(main, _define_flags)

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from typing import Callable, NamedTuple
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +27,6 @@ import numpy as np
 from saejax import cli, models
 from saejax.analysis import loading
 from saejax.analysis.loading import AnalysisError, LoadedSAE
-from saejax.sharding import ConfigError
 
 MODES = ("clamp", "add", "ablate")
 
@@ -230,12 +228,29 @@ def report(result: SteeringResult, tokenizer=None, *, prompt: str | None = None)
     return "\n".join(lines)
 
 
+def steer_run(path: str, *, latent: int, prompt: str, mode: str = "add",
+              value: float | None = None, new_tokens: int = 20, checkpoint: str | None = None,
+              hook: str | None = None, top: int = 10, prepend_bos: bool = True,
+              step: int | None = None) -> str:
+    """What the CLI does: steers the SAE of `path` (a run's workdir or a SAELens directory)
+    on `prompt` and returns the printed report."""
+    loaded = loading.load_sae(path, step=step)
+    loading.check_latent(loaded, latent)
+    model = loading.load_language_model(loaded, checkpoint=checkpoint, hook=hook)
+    tokenizer = loading.load_tokenizer(loaded, checkpoint)
+    if tokenizer is None:
+        raise AnalysisError("the prompt needs the checkpoint's tokenizer.json; pass "
+                            "--checkpoint=DIR holding one.")
+    tokens = encode_prompt(tokenizer, prompt, prepend_bos=prepend_bos)
+    result = steer(model, loaded, tokens, latent, mode, value, n_new_tokens=new_tokens, top=top)
+    return report(result, tokenizer, prompt=prompt)
+
+
 # ------------------------------------------------------------------------------------------
-# CLI.
+# Command line (saejax/cli.py): flags defined only when this module runs as the program, so
+# importing it as a library defines none and cannot clash with another tool's flags.
 # ------------------------------------------------------------------------------------------
 def _define_flags() -> None:
-    """The CLI's flags, defined only when this module runs as a program: importing it as a
-    library defines none, so it cannot clash with another tool's flags."""
     flags.DEFINE_integer("latent", None, "The latent to steer with.")
     flags.DEFINE_enum("mode", "add", list(MODES), "add, clamp or ablate.")
     flags.DEFINE_float("value", None, "add: the activation added; clamp: the activation set.")
@@ -250,31 +265,17 @@ def _define_flags() -> None:
 
 
 def main(argv):
-    if len(argv) != 2:
-        sys.exit("usage: python -m saejax.analysis.steer DIR --latent=I --mode=add --value=5 "
-                 "--prompt='...'")
-    FLAGS = flags.FLAGS
+    (path,) = cli.positional(argv, 1, "python -m saejax.analysis.steer DIR --latent=I "
+                                      "--mode=add --value=5 --prompt='...'")
     cli.setup()
-    try:
-        if FLAGS.latent is None or FLAGS.prompt is None:
-            raise AnalysisError("--latent and --prompt are required.")
-        loaded = loading.load_sae(argv[1], step=FLAGS.step)
-        loading.check_latent(loaded, FLAGS.latent)
-        model = loading.load_language_model(loaded, checkpoint=FLAGS.checkpoint,
-                                            hook=FLAGS.hook)
-        tokenizer = loading.load_tokenizer(loaded, FLAGS.checkpoint)
-        if tokenizer is None:
-            raise AnalysisError("the prompt needs the checkpoint's tokenizer.json; pass "
-                                "--checkpoint=DIR holding one.")
-        tokens = encode_prompt(tokenizer, FLAGS.prompt, prepend_bos=FLAGS.prepend_bos)
-        result = steer(model, loaded, tokens, FLAGS.latent, FLAGS.mode, FLAGS.value,
-                       n_new_tokens=FLAGS.new_tokens, top=FLAGS.top)
-    except (ConfigError, FileNotFoundError) as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
-    print(report(result, tokenizer, prompt=FLAGS.prompt))
+    values = flags.FLAGS
+    if values.latent is None or values.prompt is None:
+        raise AnalysisError("--latent and --prompt are required.")
+    print(steer_run(path, latent=values.latent, prompt=values.prompt, mode=values.mode,
+                    value=values.value, new_tokens=values.new_tokens,
+                    checkpoint=values.checkpoint, hook=values.hook, top=values.top,
+                    prepend_bos=values.prepend_bos, step=values.step))
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    cli.run(main, _define_flags)
