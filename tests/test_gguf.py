@@ -144,7 +144,8 @@ def _llama3_factors(p, theta, head_dim):
         elif wavelen > old / p["low_freq_factor"]:
             out.append(p["factor"])
         else:
-            s = (old / wavelen - p["low_freq_factor"]) / (p["high_freq_factor"] - p["low_freq_factor"])
+            low, high = p["low_freq_factor"], p["high_freq_factor"]
+            s = (old / wavelen - low) / (high - low)
             out.append(1 / ((1 - s) / p["factor"] + s))
     return np.array(out, np.float32)
 

@@ -97,9 +97,10 @@ def _check_shapes(config: dict, tensors: dict) -> None:
     expected = {"model.embed_tokens.weight": (v, d)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        expected.update({p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-                         p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-                         p + "mlp.down_proj.weight": (d, config["intermediate_size"])})
+        expected.update({
+            p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
+            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
+            p + "mlp.down_proj.weight": (d, config["intermediate_size"])})
     for name, shape in expected.items():
         if name not in tensors:
             raise GGUFError(f"the GGUF file has no tensor for {name}")
