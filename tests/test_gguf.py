@@ -31,7 +31,7 @@ REAL = {"smollm2": fetch.SMOLLM2_GGUF, "gemma3": fetch.GEMMA3_GGUF}
 # The real models
 
 
-def _assets(name: str) -> tuple[str, str]:
+def _assets(name: str, tmp_path) -> tuple[str, str]:
     """(GGUF path, converted directory) of a fetched model; skip (fail under CI) if absent."""
     root = os.environ.get("SAEJAX_ASSETS")
     path = os.path.join(root or "", "gguf", REAL[name])
@@ -42,20 +42,20 @@ def _assets(name: str) -> tuple[str, str]:
             pytest.fail(why)
         pytest.skip(why)
     out = os.path.join(root, name)
-    # The fetch converted it; a converter changed since then converts again (into a test dir,
-    # so parallel workers never write the same folder).
+    # The fetch converted it; a converter changed since then converts again (into the test's
+    # own folder, so parallel workers never write the same one).
     if not convert.is_converted(path, out):
-        out = convert.convert(path, os.path.join(root, f"{name}.test-{os.getpid()}"))
+        out = convert.convert(path, str(tmp_path / name))
     return path, out
 
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
-def test_real_tokenizer_matches_transformers_gguf_loading(name):
+def test_real_tokenizer_matches_transformers_gguf_loading(name, tmp_path):
     """The rebuilt tokenizer.json gives the ids of transformers' tokenizer for the GGUF, special
     tokens and BOS included, read by the tokenizers library and by transformers alike."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer
-    path, out = _assets(name)
+    path, out = _assets(name, tmp_path)
     folder, file = os.path.split(path)
     ref = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file)
     ours = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
@@ -83,13 +83,13 @@ def _fast_reference(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
-def test_real_model_matches_transformers_gguf_loading(name, _fast_reference):
+def test_real_model_matches_transformers_gguf_loading(name, tmp_path, _fast_reference):
     """The converted directory, loaded by transformers, gives the logits (1e-3) and greedy
     tokens of transformers' own loading of the GGUF, on real sentences."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer
-    path, out = _assets(name)
+    path, out = _assets(name, tmp_path)
     folder, file = os.path.split(path)
     tok = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file,
