@@ -164,14 +164,20 @@ VARIANTS = {
     "gemma2": ("gemma2", dict(query_pre_attn_scalar=16, sliding_window=4)),
     "gemma3": ("gemma3", dict(query_pre_attn_scalar=16, sliding_window=4)),
 }
-_MODEL_TYPES = {"gemma3": "gemma3_text"}
+NEOX = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64, layer_norm_eps=1e-5,
+            bos_token_id=1, eos_token_id=2, rope_parameters=dict(
+                rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
+VARIANTS["gptneox"] = ("gptneox", {})
+_MODEL_TYPES = {"gemma3": "gemma3_text", "gptneox": "gpt_neox"}
 
 
 def _tiny_model(variant):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     arch, extra = VARIANTS[variant]
-    config = transformers.AutoConfig.for_model(_MODEL_TYPES.get(arch, arch), **(TINY | extra))
+    base = NEOX if arch == "gptneox" else TINY
+    config = transformers.AutoConfig.for_model(_MODEL_TYPES.get(arch, arch), **(base | extra))
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # norms away from their init, so a missed +1 / permutation shows
@@ -189,13 +195,20 @@ def _write_gguf(path, arch, config, model):
     w.add_uint32(f"{arch}.embedding_length", c.hidden_size)
     w.add_uint32(f"{arch}.feed_forward_length", c.intermediate_size)
     w.add_uint32(f"{arch}.attention.head_count", c.num_attention_heads)
-    w.add_uint32(f"{arch}.attention.head_count_kv", c.num_key_value_heads)
-    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
     w.add_uint32(f"{arch}.vocab_size", c.vocab_size)
     rope = c.rope_parameters.get("full_attention", c.rope_parameters)
     w.add_float32(f"{arch}.rope.freq_base", rope["rope_theta"])
-    w.add_uint32(f"{arch}.attention.key_length", c.head_dim)
-    w.add_uint32(f"{arch}.attention.value_length", c.head_dim)
+    if arch == "gptneox":
+        head_dim = c.hidden_size // c.num_attention_heads
+        w.add_uint32(f"{arch}.rope.dimension_count",
+                     int(rope["partial_rotary_factor"] * head_dim))
+        w.add_bool(f"{arch}.use_parallel_residual", c.use_parallel_residual)
+        w.add_float32(f"{arch}.attention.layer_norm_epsilon", c.layer_norm_eps)
+    else:
+        w.add_uint32(f"{arch}.attention.head_count_kv", c.num_key_value_heads)
+        w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+        w.add_uint32(f"{arch}.attention.key_length", c.head_dim)
+        w.add_uint32(f"{arch}.attention.value_length", c.head_dim)
     if arch.startswith("gemma"):
         w.add_uint32(f"{arch}.attention.sliding_window", c.sliding_window)
     if arch == "gemma2":
@@ -215,6 +228,9 @@ def _write_gguf(path, arch, config, model):
             t = _permute(t, c.num_attention_heads if "attn_q" in name else c.num_key_value_heads)
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             t = t + 1
+        if arch == "gptneox" and ".attn_qkv." in name:  # per-head (q, k, v) -> all q, k, v
+            h = c.num_attention_heads
+            t = t.reshape(h, 3, -1, *t.shape[1:]).swapaxes(0, 1).reshape(t.shape)
         w.add_tensor(name, t)
     if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", _llama3_factors(rope, rope["rope_theta"], c.head_dim))
@@ -348,7 +364,7 @@ def test_unknown_architecture_is_named(tmp_path, capsys):
     path = _tiny_gguf(str(tmp_path / "a.gguf"), arch="mamba")
     assert convert.main([path, str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "'mamba' is not one saejax converts" in err and "gemma3, llama" in err
+    assert "'mamba' is not one saejax converts" in err and "gemma3" in err and "llama" in err
 
 
 def test_not_a_gguf_file(tmp_path):

@@ -92,6 +92,11 @@ def convert(path: str, out_dir: str, *, tokenizer: bool = True, log=print) -> st
 def _check_shapes(config: dict, tensors: dict) -> None:
     """The tensors' shapes against the config, so a mis-read file fails here, not in a model."""
     d, v = config["hidden_size"], config["vocab_size"]
+    if config["model_type"] == "gpt_neox":
+        expected = {"gpt_neox.embed_in.weight": (v, d)}
+        expected.update({f"gpt_neox.layers.{i}.attention.query_key_value.weight": (3 * d, d)
+                         for i in range(config["num_hidden_layers"])})
+        return _compare_shapes(expected, tensors)
     q = config["num_attention_heads"] * config["head_dim"]
     kv = config["num_key_value_heads"] * config["head_dim"]
     expected = {"model.embed_tokens.weight": (v, d)}
@@ -101,6 +106,10 @@ def _check_shapes(config: dict, tensors: dict) -> None:
             p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
             p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
             p + "mlp.down_proj.weight": (d, config["intermediate_size"])})
+    _compare_shapes(expected, tensors)
+
+
+def _compare_shapes(expected: dict, tensors: dict) -> None:
     for name, shape in expected.items():
         if name not in tensors:
             raise GGUFError(f"the GGUF file has no tensor for {name}")

@@ -3,9 +3,10 @@
 `open_gguf` reads a file with the `gguf` package's reader; `hf_config` turns its metadata into a
 transformers-compatible `config.json` dict; `hf_tensors` dequantises its tensors (the `gguf`
 package's dequantiser) and yields them under Hugging Face's names and layout, undoing what
-llama.cpp's converter did: the q/k row permutation of rotary Llama models and the +1 it folds
-into Gemma's (1 + w) RMSNorm weights. Mistral files are llama-architecture files in GGUF and
-convert to `llama` (the same network). `saejax.models.convert` writes the directory.
+llama.cpp's converter did: the q/k row permutation of rotary Llama models, the +1 it folds into
+Gemma's (1 + w) RMSNorm weights and the reordering of GPT-NeoX's fused qkv rows. Mistral files
+are llama-architecture files in GGUF and convert to `llama` (the same network).
+`saejax.models.convert` writes the directory.
 """
 
 import json
@@ -22,6 +23,7 @@ ARCHITECTURES = {
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
     "gemma2": ("gemma2", "Gemma2ForCausalLM"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+    "gptneox": ("gpt_neox", "GPTNeoXForCausalLM"),
 }
 _GEMMA = ("gemma2", "gemma3")
 
@@ -45,6 +47,12 @@ _GEMMA_BLOCK_NAMES = dict(_BLOCK_NAMES, ffn_norm="pre_feedforward_layernorm",
                           post_ffw_norm="post_feedforward_layernorm")
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                  "output": "lm_head"}
+# GPT-NeoX (Pythia): its own names, one fused qkv projection, LayerNorms with biases.
+_NEOX_BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                     "attn_qkv": "attention.query_key_value", "attn_output": "attention.dense",
+                     "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}
+_NEOX_GLOBAL_NAMES = {"token_embd": "gpt_neox.embed_in", "output_norm": "gpt_neox.final_layer_norm",
+                      "output": "embed_out"}
 
 
 class GGUFError(ValueError):
@@ -137,6 +145,8 @@ def hf_config(reader) -> dict:
     names = {t.name for t in reader.tensors}
     heads = get("attention.head_count")
     hidden = get("embedding_length")
+    if arch == "gptneox":
+        return _gptneox_config(reader, get, names, hf_class)
     q_rows = int(_tensor(reader, "blk.0.attn_q.weight").shape[1])
     head_dim = get("attention.key_length", None) or get("rope.dimension_count", None)
     if head_dim is None or head_dim * heads != q_rows:
@@ -171,6 +181,31 @@ def hf_config(reader) -> dict:
         config["rope_parameters"] = _rope_parameters(reader, get, theta, head_dim)
         if arch == "llama":
             config["mlp_bias"] = False
+    return config
+
+
+def _gptneox_config(reader, get, names, hf_class) -> dict:
+    heads, hidden = get("attention.head_count"), get("embedding_length")
+    head_dim = hidden // heads
+    config = {
+        "architectures": [hf_class], "model_type": "gpt_neox",
+        "vocab_size": get("vocab_size", None) or len(field(reader, "tokenizer.ggml.tokens")),
+        "hidden_size": hidden, "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": get("block_count"), "num_attention_heads": heads,
+        "max_position_embeddings": get("context_length"), "hidden_act": "gelu",
+        "layer_norm_eps": get("attention.layer_norm_epsilon"),
+        "use_parallel_residual": bool(get("use_parallel_residual", True)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_qkv.bias" in names,
+        "rope_parameters": {"rope_type": "default",
+                            "rope_theta": float(get("rope.freq_base", 10000.0)),
+                            "partial_rotary_factor": get("rope.dimension_count") / head_dim},
+        "dtype": "float32",
+    }
+    for name, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
+        value = field(reader, f"tokenizer.ggml.{key}", None)
+        if value is not None:
+            config[name] = value
     return config
 
 
@@ -300,11 +335,14 @@ def hf_name(arch: str, gguf_name: str) -> str | None:
         return None  # folded into rope_parameters
     stem, _, suffix = gguf_name.rpartition(".")
     parts = stem.split(".")
-    if len(parts) == 1 and parts[0] in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[parts[0]]}.{suffix}"
-    table = _GEMMA_BLOCK_NAMES if arch in _GEMMA else _BLOCK_NAMES
+    neox = arch == "gptneox"
+    globals_ = _NEOX_GLOBAL_NAMES if neox else _GLOBAL_NAMES
+    if len(parts) == 1 and parts[0] in globals_:
+        return f"{globals_[parts[0]]}.{suffix}"
+    table = _NEOX_BLOCK_NAMES if neox else _GEMMA_BLOCK_NAMES if arch in _GEMMA else _BLOCK_NAMES
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in table:
-        return f"model.layers.{parts[1]}.{table[parts[2]]}.{suffix}"
+        prefix = "gpt_neox.layers" if neox else "model.layers"
+        return f"{prefix}.{parts[1]}.{table[parts[2]]}.{suffix}"
     raise GGUFError(f"GGUF tensor {gguf_name!r} has no place in saejax's {arch} layout "
                     "(a variant of the architecture saejax does not convert)")
 
@@ -324,6 +362,8 @@ def hf_tensors(reader, config: dict) -> Iterator[tuple[str, np.ndarray]]:
             w = _unpermute(w, heads)
         if arch in _GEMMA and t.name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norm weights as 1 + w
+        if arch == "gptneox" and ".attn_qkv." in t.name:
+            w = _unfuse_order(w, config["num_attention_heads"])
         yield name, np.ascontiguousarray(w)
 
 
@@ -332,6 +372,12 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     (its rope pairs dimension i with i + 1, Hugging Face's with i + head_dim / 2)."""
     half = w.shape[0] // heads // 2
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unfuse_order(w: np.ndarray, heads: int) -> np.ndarray:
+    """NeoX's fused qkv rows back to per head (q, k, v): llama.cpp stores all q, then all k,
+    then all v (GPT-2's order)."""
+    return w.reshape(3, heads, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
 
 
 def describe(reader) -> str:
