@@ -27,11 +27,14 @@ setup(
         "safetensors>=0.4",   # Hugging Face format checkpoints (saejax/models)
         "tokenizers>=0.15",   # the checkpoint's own tokenizer.json
         "jinja2>=3.1",        # the dashboard's HTML templates (saejax/analysis/templates)
+        "gguf>=0.17",         # GGUF checkpoints: reader and dequantiser (saejax.models.convert)
     ],
     extras_require={
-        # torch (CPU build, pinned) and transformers only for the parity test against the
-        # reference GPT-2; never a runtime dependency.
-        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=4.40"],
+        # torch (CPU build, pinned) and transformers only for the parity tests against the
+        # reference models (accelerate for transformers' own GGUF loading; 5.x reads the
+        # rope_parameters that converted configs hold); never a runtime dependency.
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=5.0",
+                 "accelerate>=1.0"],
         # Workdirs and activation stores in gs:// buckets (etils.epath's GCS backend).
         "gcs": ["gcsfs"],
     },
