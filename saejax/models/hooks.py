@@ -35,7 +35,7 @@ def hook_error(config, name: str) -> str | None:
         return (f"{name!r}: this {config.model_type} model has no {hook!r}; its blocks have "
                 f"{list(config.block_hooks)}.")
     if layer >= config.n_layers:
-        return (f"{name!r}: this {config.model_type} model has {config.n_layers} layers, "
+        return (f"{name!r}: this {config.model_type} model ({config.n_layers} layers) has "
                 f"blocks.0 .. blocks.{config.n_layers - 1}.")
     return None
 
