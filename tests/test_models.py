@@ -234,3 +234,67 @@ def test_init_params_match_specs_for_every_family(checkpoints):
     gemma = models.init_params(jax.random.key(0), models.load(built["gemma3_text"][0]).config)
     np.testing.assert_array_equal(gemma["blocks"]["ln1"], 0.0)  # (1 + w) norms start at w = 0
     assert float(jnp.std(gemma["embed"])) == pytest.approx(0.02, rel=0.1)
+
+
+@pytest.mark.parametrize("case", ["gemma3_text", "gpt_neox"])
+def test_harvest_and_loss_recovered_read_every_family(checkpoints, case, tmp_path):
+    from saejax import harvest  # pylint: disable=import-outside-toplevel
+    from saejax.data import lm, store  # pylint: disable=import-outside-toplevel
+    tokens, built = checkpoints
+    path = built[case][0]
+    sequences = np.random.default_rng(1).integers(0, VOCAB, (6, SEQ)).astype(np.int32)
+    np.save(tmp_path / "tokens.npy", sequences)
+    hook = "blocks.1.ln2.hook_normalized"
+    result = harvest.harvest(path, str(tmp_path / "tokens.npy"), str(tmp_path / "stores"),
+                             hooks=[hook], context_length=SEQ, batch_sequences=2,
+                             chunk_rows=SEQ * 2, progress_every_s=1e9)
+    model = lm.from_checkpoint(path, hook)
+    expected = lm.activations_fn(model)(model.params, sequences)
+    np.testing.assert_allclose(store.open_store(result["stores"][hook]).read(0, 6 * SEQ).result(),
+                               np.asarray(expected).reshape(-1, 32), atol=1e-5)
+
+    # Splicing in a perfect reconstruction recovers all the loss, and the chunked CE is the CE
+    # of the full logits.
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    metrics, = lm.downstream_evaluation(model, sequences, batch_sequences=3, mesh=mesh,
+                                        reconstruct=lambda p, x: x * p, sae_params=[1.0])
+    logits, _ = models.make_forward(model.config)(model.params, sequences)
+    log_p = jax.nn.log_softmax(logits, -1)
+    ce = -jnp.take_along_axis(log_p[:, :-1], sequences[:, 1:, None], -1)[..., 0]
+    assert metrics["ce_clean"] == pytest.approx(float(jnp.mean(ce)), abs=1e-5)
+    assert metrics["ce_sae"] == pytest.approx(metrics["ce_clean"], abs=1e-6)
+    assert metrics["kl_sae"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["kl_zero_ablation"] > 1e-3
+    assert models.unembedding(model.params, model.config).shape == (32, VOCAB)
+
+
+def test_hub_configs_parse():
+    """config.json as the hub holds it (older transformers: rope_theta, rope_scaling,
+    rope_local_base_freq), for SmolLM2-135M and Gemma 3 270M."""
+    smollm2 = models.config_from_hf_dict({
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 576,
+        "initializer_range": 0.041666666666666664, "intermediate_size": 1536,
+        "is_llama_config": True, "max_position_embeddings": 8192, "mlp_bias": False,
+        "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30,
+        "num_key_value_heads": 3, "pad_token_id": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_interleaved": False, "rope_scaling": None, "rope_theta": 100000,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.42.3",
+        "use_cache": True, "vocab_size": 49152})
+    assert (smollm2.head_dim, smollm2.rope.theta, smollm2.bos_token_id) == (64, 100000.0, 1)
+    gemma3 = models.config_from_hf_dict({
+        "_sliding_window_pattern": 6, "architectures": ["Gemma3ForCausalLM"],
+        "attention_bias": False, "attn_logit_softcapping": None, "bos_token_id": 2,
+        "final_logit_softcapping": None, "head_dim": 256, "hidden_activation":
+        "gelu_pytorch_tanh", "hidden_size": 640, "intermediate_size": 2048,
+        "layer_types": ["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"] * 5
+        + ["full_attention"] + ["sliding_attention"] * 5 + ["full_attention"],
+        "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4,
+        "num_hidden_layers": 18, "num_key_value_heads": 1, "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000.0, "rope_scaling": None,
+        "rope_theta": 1000000.0, "sliding_window": 512, "use_bidirectional_attention": False,
+        "vocab_size": 262144})
+    assert gemma3.layer_windows[4:7] == (512, None, 512)
+    assert (gemma3.rope_global.theta, gemma3.rope_local.theta) == (1e6, 1e4)
+    with pytest.raises(ValueError, match="rope_interleaved=True"):
+        models.config_from_hf_dict({"model_type": "llama", "rope_interleaved": True})

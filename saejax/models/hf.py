@@ -28,7 +28,8 @@ COMMON_IGNORED = frozenset({
     "add_cross_attention", "pruned_heads", "max_length", "min_length", "do_sample",
     "early_stopping", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty",
     "length_penalty", "no_repeat_ngram_size", "num_return_sequences", "bad_words_ids",
-    "classifier_dropout", "quantization_config_ignored", "_attn_implementation_autoset",
+    "classifier_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob",
+    "_attn_implementation_autoset",
     "use_bfloat16", "tf_legacy_loss", "output_scores", "return_dict_in_generate",
     "pretraining_tp", "unsloth_fixed", "unsloth_version", "auto_map", "_from_model_config",
 })

@@ -73,9 +73,10 @@ class LlamaConfig(base.LMConfig):
         reads |= {"mlp_bias"} if model_type == "llama" else set()
         if qwen:
             reads |= {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
+        # SmolLM2's configs mark themselves with is_llama_config.
         hf.check_fields(d, family=model_type, reads=reads,
-                        ignores={"original_max_position_embeddings"} if model_type == "llama"
-                        else ())
+                        ignores={"original_max_position_embeddings", "is_llama_config"},
+                        assumes={"rope_interleaved": False})
         defaults = {"qwen3": 128}
         n_layers, n_heads = d.get("num_hidden_layers", 32), d.get("num_attention_heads", 32)
         hidden = d.get("hidden_size", 4096)
