@@ -6,7 +6,7 @@ TransformerLens's hook names. Nothing outside a family file branches on the fami
 A family is a module with `MODEL_TYPES`, a frozen config dataclass (`from_hf_dict`, and the
 `base.LMConfig` properties), `param_specs(config)`, `load_params(path, config)` and the pieces
 of its forward pass: `embed`, `context` (rotary tables for a sequence length), `block`,
-`final_norm` and `unembedding`.
+`final_norm` and `unembedding`. Params are stacked over layers (`base.py` says why).
 """
 
 from __future__ import annotations
