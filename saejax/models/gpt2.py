@@ -123,7 +123,7 @@ def block(p: dict, x: jax.Array, c: GPT2Config, layer: int, hook, ctx) -> jax.Ar
 
     def attn(h):
         h = norm(h, p["ln1"])
-        q, k, v = (layers.project(h, p["attn"], n) for n in ("q", "k", "v"))
+        q, k, v = layers.project_qkv(h, p["attn"])
         out = layers.attention(q, k, v, scale=(c.n_embd // c.n_head) ** -0.5)
         return layers.out_project(out, p["attn"])
 

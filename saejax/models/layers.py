@@ -187,6 +187,17 @@ def project(x: jax.Array, p: Mapping[str, jax.Array], name: str) -> jax.Array:
     return out if bias is None else out + bias.astype(x.dtype)
 
 
+def project_qkv(x: jax.Array, p: Mapping[str, jax.Array]) -> tuple[jax.Array, ...]:
+    """q, k, v from one matmul: the three weights concatenated along the head axis (a copy of
+    the weights, small beside the matmul once a batch holds more tokens than d_model)."""
+    h, kv = p["q"].shape[1], p["k"].shape[1]
+    w = jnp.concatenate([p["q"], p["k"], p["v"]], axis=1).astype(x.dtype)
+    out = jnp.tensordot(x, w, axes=1)
+    if "q_bias" in p:
+        out = out + jnp.concatenate([p["q_bias"], p["k_bias"], p["v_bias"]]).astype(x.dtype)
+    return out[..., :h, :], out[..., h:h + kv, :], out[..., h + kv:, :]
+
+
 def out_project(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
     """Heads [b, s, heads, head_dim] @ p["o"] [heads, head_dim, d] (+ o_bias)."""
     out = jnp.einsum("bshe,hed->bsd", x, p["o"].astype(x.dtype))

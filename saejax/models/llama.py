@@ -221,7 +221,7 @@ def attention_branch(p: dict, x: jax.Array, *, rope: tuple, eps: float, scale: f
                      window: int | None, qk_norm: bool, plus_one: bool = False,
                      softcap: float | None = None) -> jax.Array:
     """The attention of a Llama or Gemma block from its normalised input."""
-    q, k, v = (layers.project(x, p, n) for n in ("q", "k", "v"))
+    q, k, v = layers.project_qkv(x, p)
     if qk_norm:
         q = layers.rms_norm(q, p["q_norm"], eps, plus_one=plus_one)
         k = layers.rms_norm(k, p["k_norm"], eps, plus_one=plus_one)

@@ -158,7 +158,7 @@ def block(p: dict, x: jax.Array, c: NeoXConfig, layer: int, hook, rope) -> jax.A
 
     def attn(h):
         h = norm(h, p["ln1"])
-        q, k, v = (layers.project(h, p["attn"], n) for n in ("q", "k", "v"))
+        q, k, v = layers.project_qkv(h, p["attn"])
         q, k = layers.apply_rotary(q, *rope), layers.apply_rotary(k, *rope)
         out = layers.attention(q, k, v, scale=c.head_dim ** -0.5)
         return layers.out_project(out, p["attn"])
