@@ -141,11 +141,16 @@ class Tensors:
 
 
 def stack_layers(n_layers: int, layer_fn) -> dict:
-    """{name: [n_layers, ...]} from `layer_fn(i) -> {name: array}` (a nested dict)."""
-    layers = [layer_fn(i) for i in range(n_layers)]
-
-    def stack(*xs):
-        return np.stack(xs)
-
+    """{name: [n_layers, ...]} from `layer_fn(i) -> {name: array}` (a nested dict), filled in
+    place layer by layer so the host holds one copy of the weights, not two."""
     import jax  # pylint: disable=import-outside-toplevel
-    return jax.tree.map(stack, *layers)
+    first = layer_fn(0)
+    stacked = jax.tree.map(lambda a: np.empty((n_layers, *a.shape), np.float32), first)
+
+    def put(i, layer):
+        jax.tree.map(lambda out, a: out.__setitem__(i, a), stacked, layer)
+
+    put(0, first)
+    for i in range(1, n_layers):
+        put(i, layer_fn(i))
+    return stacked
