@@ -20,8 +20,8 @@ COMMON_IGNORED = frozenset({
     "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache", "model_type",
     "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
     "decoder_start_token_id", "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop",
-    "attn_pdrop", "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
-    "summary_first_dropout", "task_specific_params", "id2label", "label2id", "_name_or_path",
+    "attn_pdrop", "summary_type", "summary_use_proj", "summary_activation",
+    "summary_proj_to_labels", "summary_first_dropout", "task_specific_params", "id2label", "label2id", "_name_or_path",
     "name_or_path", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
     "problem_type", "tokenizer_class", "prefix", "finetuning_task", "chunk_size_feed_forward",
     "is_decoder", "is_encoder_decoder", "cross_attention_hidden_size", "tie_encoder_decoder",
@@ -29,8 +29,7 @@ COMMON_IGNORED = frozenset({
     "early_stopping", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty",
     "length_penalty", "no_repeat_ngram_size", "num_return_sequences", "bad_words_ids",
     "classifier_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob",
-    "_attn_implementation_autoset",
-    "use_bfloat16", "tf_legacy_loss", "output_scores", "return_dict_in_generate",
+    "_attn_implementation_autoset", "use_bfloat16", "tf_legacy_loss", "output_scores", "return_dict_in_generate",
     "pretraining_tp", "unsloth_fixed", "unsloth_version", "auto_map", "_from_model_config",
 })
 
