@@ -192,7 +192,9 @@ def test_interventions(tiny_params):
     hook = "blocks.0.hook_attn_out"
     logits, _ = models.make_forward(TINY)(tiny_params, tokens)
     same, _ = models.make_forward(TINY, interventions={hook: lambda x: x})(tiny_params, tokens)
-    np.testing.assert_array_equal(same, logits)
+    # Not bit-equal: without hooks the blocks run as one scanned body, which XLA fuses
+    # differently from the unrolled blocks around a hook.
+    np.testing.assert_allclose(same, logits, atol=1e-6, rtol=0)
     ablated, cache = models.make_forward(TINY, hooks=[hook, "blocks.0.hook_resid_mid",
                                                     "blocks.0.hook_resid_pre"],
                                        interventions={hook: jnp.zeros_like})(tiny_params, tokens)

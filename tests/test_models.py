@@ -126,6 +126,9 @@ def test_matches_transformers(checkpoints, case):
     for name in names:
         np.testing.assert_allclose(cache[name], captured[name], atol=1e-4, rtol=0, err_msg=name)
     np.testing.assert_allclose(ours, logits, atol=1e-4, rtol=0)
+    # Without hooks, alike blocks run as one scanned body.
+    scanned, _ = models.make_forward(lm.config)(lm.params, tokens)
+    np.testing.assert_allclose(scanned, logits, atol=1e-4, rtol=0)
 
 
 def test_families_read_what_sets_them_apart(checkpoints):

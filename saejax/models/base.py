@@ -67,6 +67,11 @@ class LMConfig:
     model_type: str
     block_hooks: tuple[str, ...]
 
+    def layer_kind(self, layer: int):
+        """What sets block `layer` apart from the others (its sliding window, and with it its
+        rope); blocks of one kind run the same code, so runs of them can be scanned."""
+        del layer
+
     def describe(self) -> str:
         return f"{self.model_type} ({self.n_layers} layers, d_model={self.d_model})"
 

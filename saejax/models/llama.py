@@ -54,6 +54,7 @@ class LlamaConfig(base.LMConfig):
                              f"{self.num_hidden_layers} layers.")
 
     n_layers = property(lambda self: self.num_hidden_layers)
+    layer_kind = lambda self, layer: self.layer_windows[layer]
     d_model = property(lambda self: self.hidden_size)
     max_positions = property(lambda self: self.max_position_embeddings)
 

@@ -150,10 +150,17 @@ def forward(params: dict, tokens: jax.Array, config, *, hooks: Sequence[str] = (
 
     x = fam.embed(params, tokens, config, dtype)
     ctx = fam.context(config, tokens.shape[1])
-    for i in range(config.n_layers if stop_at_layer is None else stop_at_layer):
-        layer_params = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
-        layer_hook = lambda name, a, i=i: hook(f"blocks.{i}.{name}", a)
-        x = fam.block(layer_params, x, config, i, layer_hook, ctx)
+    n = config.n_layers if stop_at_layer is None else stop_at_layer
+    touched = {hook_lib.hook_layer(name) for name in (*hooks, *interventions)}
+    for start, stop in _segments(config, n, touched):
+        if stop - start == 1:
+            layer_params = jax.tree.map(lambda a, i=start: a[i], params["blocks"])
+            layer_hook = lambda name, a, i=start: hook(f"blocks.{i}.{name}", a)
+            x = fam.block(layer_params, x, config, start, layer_hook, ctx)
+        else:  # a run of alike layers nothing reads: one scanned body, compiled once
+            body = lambda h, p, i=start: (fam.block(p, h, config, i, _no_hook, ctx), None)
+            x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a, i=start, j=stop: a[i:j],
+                                                      params["blocks"]))
     if stop_at_layer is not None:
         return None, cache
     x = fam.final_norm(params, x, config)
@@ -161,6 +168,27 @@ def forward(params: dict, tokens: jax.Array, config, *, hooks: Sequence[str] = (
         return x, cache
     logits = jnp.einsum("bsd,dv->bsv", x, fam.unembedding(params, config).astype(x.dtype))
     return layers.soft_cap(logits.astype(jnp.float32), config.final_logit_softcapping), cache
+
+
+def _no_hook(name: str, x: jax.Array) -> jax.Array:
+    del name
+    return x
+
+
+def _segments(config, n_layers: int, touched: set[int]) -> list[tuple[int, int]]:
+    """Blocks 0 .. n_layers - 1 as [start, stop) runs: a block with a hook or an intervention
+    alone, and each run of untouched blocks of one `layer_kind` (same window and rope) together,
+    so the forward scans it: compile time no longer grows with the model's depth."""
+    runs, i = [], 0
+    while i < n_layers:
+        j = i + 1
+        if i not in touched:
+            kind = config.layer_kind(i)
+            while j < n_layers and j not in touched and config.layer_kind(j) == kind:
+                j += 1
+        runs.append((i, j))
+        i = j
+    return runs
 
 
 def make_forward(config, *, hooks: Sequence[str] = (),
