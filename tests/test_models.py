@@ -304,3 +304,16 @@ def test_hub_configs_parse():
     assert (gemma3.rope_global.theta, gemma3.rope_local.theta) == (1e6, 1e4)
     with pytest.raises(ValueError, match="rope_interleaved=True"):
         models.config_from_hf_dict({"model_type": "llama", "rope_interleaved": True})
+
+
+def test_bfloat16_activations(checkpoints):
+    tokens, built = checkpoints
+    lm = models.load(built["gemma3_text"][0])
+    hook = "blocks.1.hook_resid_post"
+    logits, cache = models.make_forward(lm.config, hooks=[hook])(lm.params, tokens)
+    logits16, cache16 = models.make_forward(lm.config, hooks=[hook], dtype=jnp.bfloat16)(
+        lm.params, tokens)
+    assert cache16[hook].dtype == jnp.bfloat16 and logits16.dtype == jnp.float32
+    scale = float(jnp.max(jnp.abs(cache[hook])))
+    np.testing.assert_allclose(cache16[hook].astype(jnp.float32), cache[hook], atol=0.03 * scale)
+    np.testing.assert_allclose(logits16, logits, atol=0.05)

@@ -6,8 +6,9 @@ axis (params["blocks"]["attn"]["q"] is [n_layers, d_model, heads, head_dim]). On
 kind of weight gives one logical-axes entry per kind for the sharding rules (issue 17: `heads`
 and `mlp` over the mesh's model axis, `layers` unsharded or over a pipeline axis), the same
 shapes every layer for `jax.lax.scan`, and checkpoints of a handful of arrays instead of
-thousands. The forward pass slices layer i out of the stack (free under jit), so per-layer
-differences (Gemma's sliding/global pattern, its two rope bases) stay static Python.
+thousands. The forward pass scans each run of alike blocks that no hook reads (compile time
+independent of depth) and slices out a block a hook reads, so per-layer differences (Gemma's
+sliding/global pattern, its two rope bases: `layer_kind`) stay static Python.
 """
 
 from __future__ import annotations
