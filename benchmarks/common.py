@@ -137,8 +137,8 @@ def write_random_gpt2(directory: str, *, vocab_size: int, n_embd: int, n_layer: 
                                      n_head=n_head, n_positions=n_positions)
     params = models.init_params(jax.random.PRNGKey(0), model_config)
     checkpoint = models.save_pretrained(os.path.join(directory, "model"), model_config, params)
-    params_used = sum(int(x.size) for i in range(used_layers)
-                      for x in jax.tree.leaves(params[f"h_{i}"]))
+    # Block params are stacked over layers: each leaf's first axis is the layer.
+    params_used = sum(int(x[:used_layers].size) for x in jax.tree.leaves(params["blocks"]))
     return checkpoint, params_used
 
 

@@ -167,7 +167,8 @@ def loss_recovered(ce_clean, ce_sae, ce_zero_ablation):
     return (ce_zero_ablation - ce_sae) / (ce_zero_ablation - ce_clean)
 
 
-def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstructs) -> list[dict]:
+def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstructs, *,
+                    ce_fn=None, kl_fn=None) -> list[dict]:
     """Summed next-token losses and KL of the clean LM, the LM with the activation at `hook`
     replaced by each SAE's reconstruction, and with it zero-ablated, over one token batch.
 
@@ -177,23 +178,29 @@ def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstructs) -> l
       hook: the hook point the SAEs were trained on, e.g. "blocks.8.hook_resid_post".
       reconstructs: per SAE, activation `[batch, seq, d]` -> its reconstruction. The clean and
         zero-ablated passes are shared by all of them (a group's members).
+      ce_fn, kl_fn: `(output, tokens) -> [batch, seq - 1]` and `(clean output, output) ->
+        [batch, seq]` when `lm_forward` returns something other than logits (the final
+        residual, for losses computed over the vocabulary in chunks); default
+        `next_token_losses` and `kl_divergences` of logits.
 
     Returns one dict per SAE. Sums (not means) so batches add up; `positions` counts the
     predicted tokens.
     """
+    next_token_losses_ = ce_fn or next_token_losses
+    kl_divergences_ = kl_fn or kl_divergences
     clean = lm_forward(tokens, None)
     ablated = lm_forward(tokens, {hook: jnp.zeros_like})
     shared = {
-        "ce_clean": jnp.sum(next_token_losses(clean, tokens)),
-        "ce_zero_ablation": jnp.sum(next_token_losses(ablated, tokens)),
-        "kl_zero_ablation": jnp.sum(kl_divergences(clean, ablated)[:, :-1]),
+        "ce_clean": jnp.sum(next_token_losses_(clean, tokens)),
+        "ce_zero_ablation": jnp.sum(next_token_losses_(ablated, tokens)),
+        "kl_zero_ablation": jnp.sum(kl_divergences_(clean, ablated)[:, :-1]),
         "positions": jnp.asarray(tokens.shape[0] * (tokens.shape[1] - 1), jnp.float32),
     }
     sums = []
     for reconstruct in reconstructs:
         spliced = lm_forward(tokens, {hook: reconstruct})
-        sums.append({**shared, "ce_sae": jnp.sum(next_token_losses(spliced, tokens)),
-                     "kl_sae": jnp.sum(kl_divergences(clean, spliced)[:, :-1])})
+        sums.append({**shared, "ce_sae": jnp.sum(next_token_losses_(spliced, tokens)),
+                     "kl_sae": jnp.sum(kl_divergences_(clean, spliced)[:, :-1])})
     return sums
 
 

@@ -3,7 +3,8 @@
     python -m saejax.harvest --checkpoint=DIR --tokens=FILE --out=STORES \
         --hooks=blocks.8.hook_resid_post --context_length=128
 
-`--checkpoint` is a local Hugging Face format GPT-2 directory (config.json, model.safetensors,
+`--checkpoint` is a local Hugging Face format directory of any family saejax reads (GPT-2,
+Llama, Mistral, Qwen, Gemma 2/3, GPT-NeoX; config.json, model.safetensors or a sharded index,
 and tokenizer.json for text); `--tokens` a .npy of token ids or a text file with one document
 per line. Each hook's store is `STORES/<hook>` (zarr v3 via tensorstore; see
 `saejax/data/store.py`). Interrupt it at any point and run the same command again: it resumes
@@ -31,14 +32,13 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
             shard_rows: int = 0, progress_every_s: float = 30.0) -> dict:
     """Runs the model over the token sequences and writes `out/<hook>` for every hook; returns
     {"stores": {hook: path}, "tokens_per_s": ..., ...}. Resumes stores that exist."""
-    model_config, params = models.load_pretrained(checkpoint)
-    valid = models.hook_names(model_config)
+    model_config, params = models.load(checkpoint)
     for hook in hooks:
-        if hook not in valid:
-            raise ConfigError(f"--hooks: {hook!r} is not a hook point of {checkpoint} "
-                              f"({model_config.n_layer} layers); e.g. {valid[-1]!r}.")
+        models.check_hook(model_config, hook, f"--hooks: {hook!r} is not a hook point of "
+                          f"{checkpoint}", ConfigError)
     sequences = models.load_sequences(tokens, context_length, tokenizer_path=checkpoint,
-                                      vocab_size=model_config.vocab_size)
+                                      vocab_size=model_config.vocab_size,
+                                      bos_token_id=model_config.bos_token_id)
     n = len(sequences) - holdout_sequences
     if max_sequences:
         n = min(n, max_sequences)
@@ -65,7 +65,7 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
 
     writers = {
         hook: store.ActivationStoreWriter.create_or_open(
-            paths.join(out, hook), d=model_config.n_embd, dtype=dtype,
+            paths.join(out, hook), d=model_config.d_model, dtype=dtype,
             context_length=context_length, n_tokens=n * context_length, chunk_rows=chunk_rows,
             shard_rows=shard_rows or None,
             metadata={"model": os.path.abspath(checkpoint), "hook": hook,
@@ -91,7 +91,7 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
 # Command line (saejax/cli.py).
 # ------------------------------------------------------------------------------------------
 def _define_flags() -> None:
-    flags.DEFINE_string("checkpoint", None, "Local HF-format GPT-2 directory.")
+    flags.DEFINE_string("checkpoint", None, "Local HF-format model directory.")
     flags.DEFINE_string("tokens", None, ".npy of token ids, or a text file (one document per "
                         "line, tokenised with the checkpoint's tokenizer.json).")
     flags.DEFINE_string("out", None, "Directory for the stores, one per hook: OUT/<hook>.")

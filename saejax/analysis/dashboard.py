@@ -136,10 +136,10 @@ def run(path: str, *, latents: str | Sequence[int] | None = "all",
         tokenizer=tokenizer)
     unembedding = None
     if checkpoint:
-        model_config, params = models.load_pretrained(checkpoint)
-        loading.check_width(loaded, model_config.n_embd, f"the model at {checkpoint}",
+        model_config, params = models.load(checkpoint)
+        loading.check_width(loaded, model_config.d_model, f"the model at {checkpoint}",
                             "Pass the checkpoint the SAE was trained on (--checkpoint).")
-        unembedding = np.asarray(params["wte"]["embedding"], np.float32).T  # tied: W_U = wte.T
+        unembedding = np.asarray(models.unembedding(params, model_config), np.float32)
     out = out or os.path.join(loaded.source, "dashboard")
     return write_dashboard(top, out, loaded=loaded, latents=chosen, tokenizer=tokenizer,
                            unembedding=unembedding)

@@ -191,21 +191,17 @@ def load_language_model(loaded: LoadedSAE, *, checkpoint: str | None = None,
     hook = hook or loaded.hook
     if not checkpoint:
         raise AnalysisError(f"{describe(loaded)} does not record a language model checkpoint; "
-                            "pass --checkpoint=DIR (a local Hugging Face format GPT-2 "
+                            "pass --checkpoint=DIR (a local Hugging Face format model "
                             "directory).")
     if not hook:
         raise AnalysisError(f"{describe(loaded)} does not record its hook point; pass "
                             "--hook=blocks.<layer>.hook_resid_post (or the hook it was trained "
                             "at).")
-    config, params = models.load_pretrained(checkpoint)
-    if hook not in models.hook_names(config):
-        raise AnalysisError(f"hook {hook!r} is not a hook point of {checkpoint} "
-                            f"({config.n_layer} layers); e.g. "
-                            f"'blocks.{config.n_layer - 1}.hook_resid_post'.")
-    check_width(loaded, config.n_embd, f"{hook} of {checkpoint}",
+    model = lm.from_checkpoint(checkpoint, hook, what="hook", error=AnalysisError)
+    check_width(loaded, model.config.d_model, f"{hook} of {checkpoint}",
                 "The SAE was trained on another model (or hook); pass the checkpoint it was "
                 "trained on with --checkpoint, or an SAE trained at this model's hook.")
-    return lm.LanguageModel(config, params, hook, models.hook_layer(hook))
+    return model
 
 
 def load_tokenizer(loaded: LoadedSAE, checkpoint: str | None = None):

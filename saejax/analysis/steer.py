@@ -1,5 +1,5 @@
-"""Steering and ablation: the Flax LM run with one SAE latent clamped, added or ablated at the
-SAE's hook point, with greedy generations and the change in the next-token distribution.
+"""Steering and ablation: the LM (any family) run with one SAE latent clamped, added or ablated
+at the SAE's hook point, with greedy generations and the change in the next-token distribution.
 
     python -m saejax.analysis.steer DIR --latent=I --mode=add --value=5 --prompt="..."
 
@@ -82,7 +82,7 @@ def latent_activation_fn(loaded: LoadedSAE) -> Callable:
 
 
 @functools.lru_cache(maxsize=8)
-def _programs(config: models.GPT2Config, hook: str, loaded_ref: "_Ref"):
+def _programs(config, hook: str, loaded_ref: "_Ref"):
     """The jitted logits and generation programs for one model, hook and SAE (every mode)."""
     loaded = loaded_ref()
     apply = make_intervention(loaded)
@@ -135,7 +135,7 @@ def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float
                             f"{'add' if mode == 'add' else 'clamp it to'}); got {value!r}.")
     value = float(value)
     config, hook = model.config, model.hook
-    loading.check_width(loaded, config.n_embd, f"{hook} of the model (n_embd={config.n_embd})",
+    loading.check_width(loaded, config.d_model, f"{hook} of the model (d_model={config.d_model})",
                         "Use the model (checkpoint and hook) this SAE was trained on.")
     if loaded.hook and hook != loaded.hook:
         logging.warning("The SAE was trained at %s but is applied at %s.", loaded.hook, hook)
@@ -149,9 +149,9 @@ def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float
         raise AnalysisError(f"token ids must lie in [0, {config.vocab_size}); got "
                             f"[{tokens.min()}, {tokens.max()}].")
     total = tokens.shape[1] + int(n_new_tokens)
-    if total > config.n_positions:
+    if total > config.max_positions:
         raise AnalysisError(f"{tokens.shape[1]} prompt tokens + {n_new_tokens} new ones exceed "
-                            f"the model's n_positions={config.n_positions}; shorten one.")
+                            f"the model's {config.max_positions} positions; shorten one.")
     tokens = tokens.astype(np.int32)
 
     logits_fn, generate_fn = _programs(config, hook, _Ref(loaded))
@@ -195,11 +195,16 @@ class _Ref:
         return isinstance(other, _Ref) and other._loaded is self._loaded
 
 
-def encode_prompt(tokenizer, prompt: str, *, prepend_bos: bool = True) -> np.ndarray:
-    """The prompt's token ids, after `<|endoftext|>` (the separator saejax's training sequences
-    put before every document) when `prepend_bos` and the tokenizer has it."""
+def encode_prompt(tokenizer, prompt: str, *, prepend_bos: bool = True,
+                  bos_token_id: int | None = None) -> np.ndarray:
+    """The prompt's token ids, after the separator saejax's training sequences put before every
+    document when `prepend_bos`: the model's `bos_token_id`, else the tokenizer's
+    `<|endoftext|>` when it has one."""
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    bos = tokenizer.token_to_id(models.END_OF_TEXT) if prepend_bos else None
+    bos = None
+    if prepend_bos:
+        bos = (bos_token_id if bos_token_id is not None
+               else tokenizer.token_to_id(models.END_OF_TEXT))
     ids = ([bos] if bos is not None else []) + list(ids)
     if not ids:
         raise AnalysisError("the prompt gives no tokens.")
@@ -241,7 +246,8 @@ def steer_run(path: str, *, latent: int, prompt: str, mode: str = "add",
     if tokenizer is None:
         raise AnalysisError("the prompt needs the checkpoint's tokenizer.json; pass "
                             "--checkpoint=DIR holding one.")
-    tokens = encode_prompt(tokenizer, prompt, prepend_bos=prepend_bos)
+    tokens = encode_prompt(tokenizer, prompt, prepend_bos=prepend_bos,
+                           bos_token_id=model.config.bos_token_id)
     result = steer(model, loaded, tokens, latent, mode, value, n_new_tokens=new_tokens, top=top)
     return report(result, tokenizer, prompt=prompt)
 
@@ -260,7 +266,8 @@ def _define_flags() -> None:
                         "lm.checkpoint).")
     flags.DEFINE_string("hook", None, "Hook point (default: the SAE's).")
     flags.DEFINE_integer("top", 10, "Tokens shown per direction of change.")
-    flags.DEFINE_bool("prepend_bos", True, "Start the prompt with <|endoftext|>.")
+    flags.DEFINE_bool("prepend_bos", True, "Start the prompt with the model's BOS token "
+                      "(<|endoftext|> for GPT-2).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 
 

@@ -22,8 +22,13 @@ class TokenText:
                 text = f"<{token_id}>"
             else:
                 text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+                piece = self.tokenizer.id_to_token(token_id) or ""
+                if piece.startswith("\u2581") and not text.startswith(" "):
+                    # A SentencePiece word start, whose space a Strip decoder (Llama 2's)
+                    # removes from a lone token.
+                    text = " " + text
                 if not text:
-                    text = self.tokenizer.id_to_token(token_id) or f"<{token_id}>"
+                    text = piece or f"<{token_id}>"
             self._cache[token_id] = text
         return self._cache[token_id]
 

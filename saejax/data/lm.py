@@ -19,36 +19,43 @@ from saejax.sharding import ConfigError
 
 
 class LanguageModel(NamedTuple):
-    config: models.GPT2Config
+    config: models.base.LMConfig  # any family's config
     params: dict
     hook: str
     layer: int
 
 
+def from_checkpoint(path: str, hook: str, *, what: str = "lm.hook", error=ConfigError
+                    ) -> LanguageModel:
+    """The model at `path` (any family, `models.load`) with `hook` checked to be one of its
+    hook points; `what` names the setting in the error."""
+    loaded = models.load(path)
+    models.check_hook(loaded.config, hook, f"{what}={hook!r} is not a hook point of {path}",
+                      error)
+    return LanguageModel(loaded.config, loaded.params, hook, models.hook_layer(hook))
+
+
 def load(lm_config, *, d: int | None = None) -> LanguageModel:
     """The checkpoint at `lm.checkpoint`, checked against `lm.hook` and the SAE width `d`."""
     path = str(lm_config.checkpoint)
-    model_config, params = models.load_pretrained(path)
-    hook = str(lm_config.hook)
-    if hook not in models.hook_names(model_config):
-        raise ConfigError(f"lm.hook={hook!r} is not a hook point of {path} ({model_config.n_layer} "
-                          f"layers); use blocks.<0..{model_config.n_layer - 1}>.hook_<one of "
-                          f"{', '.join(h[5:] for h in models.HOOKS)}>.")
-    if d is not None and model_config.n_embd != d:
-        raise ConfigError(f"lm.checkpoint={path!r} has width n_embd={model_config.n_embd} but "
-                          f"data.d={d}; set --config.data.d={model_config.n_embd}.")
-    if int(lm_config.context_length) > model_config.n_positions:
+    model = from_checkpoint(path, str(lm_config.hook))
+    width = model.config.d_model
+    if d is not None and width != d:
+        raise ConfigError(f"lm.checkpoint={path!r} has width n_embd={width} but "
+                          f"data.d={d}; set --config.data.d={width}.")
+    if int(lm_config.context_length) > model.config.max_positions:
         raise ConfigError(f"lm.context_length={lm_config.context_length} exceeds the model's "
-                          f"n_positions={model_config.n_positions}; lower it.")
-    return LanguageModel(model_config, params, hook, models.hook_layer(hook))
+                          f"{model.config.max_positions} positions; lower it.")
+    return model
 
 
 def sequences(lm_config, model: LanguageModel) -> np.ndarray:
     """All token sequences of `lm.tokens` [n, lm.context_length] (text is tokenised with the
-    checkpoint's tokenizer.json)."""
+    checkpoint's tokenizer.json, each document after the model's BOS)."""
     return models.load_sequences(str(lm_config.tokens), int(lm_config.context_length),
                                  tokenizer_path=str(lm_config.checkpoint),
-                                 vocab_size=model.config.vocab_size)
+                                 vocab_size=model.config.vocab_size,
+                                 bos_token_id=model.config.bos_token_id)
 
 
 def split(lm_config, model: LanguageModel, n_held_out: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,16 +87,23 @@ def downstream_evaluation(model: LanguageModel, tokens: np.ndarray, *, batch_seq
     its input scale) to raw activations; it runs inside the same jitted program as the LM.
     """
 
+    config = model.config
+
     @jax.jit
     def sums(lm_params, sae_params, tokens):
+        # The final residual, not the logits: the losses run over the vocabulary in chunks.
         def lm_forward(t, interventions):
-            return models.forward(lm_params, t, model.config, interventions=interventions)[0]
+            return models.forward(lm_params, t, config, interventions=interventions,
+                                  unembed=False)[0]
 
         def splice(params):
             return lambda x: reconstruct(params, x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
-        return evals.downstream_sums(lm_forward, tokens, model.hook,
-                                     [splice(p) for p in sae_params])
+        w_u, cap = models.unembedding(lm_params, config), config.final_logit_softcapping
+        return evals.downstream_sums(
+            lm_forward, tokens, model.hook, [splice(p) for p in sae_params],
+            ce_fn=lambda h, t: models.vocab.next_token_losses(h, t, w_u, softcap=cap),
+            kl_fn=lambda h, g: models.vocab.kl_divergences(h, g, w_u, softcap=cap))
 
     lm_params = jax.device_put(model.params, jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
@@ -113,7 +127,7 @@ class LMRows:
         self.tokens = np.asarray(tokens, np.int32)
         self.context_length = self.tokens.shape[1]
         self.n_rows = self.tokens.size
-        self.d = model.config.n_embd
+        self.d = model.config.d_model
         self.dtype = np.dtype(np.float32)
         self.batch_sequences = int(batch_sequences)
         self.chunk_rows = self.batch_sequences * self.context_length

@@ -1,12 +1,6 @@
-"""GPT-2 family language models (GPT-2, distilgpt2) in Flax, with named hook points.
-
-The model owns the activations an SAE is trained on: every block exposes
-`blocks.{i}.hook_resid_pre`, `hook_attn_out`, `hook_resid_mid`, `hook_mlp_out` and
-`hook_resid_post`, named as in TransformerLens/SAELens so that SAEs and configs carry over.
-`forward` is a pure function of a plain dict of params; it can read any hook (the cache) and
-replace any hook's activation (interventions: splicing an SAE in, ablation, steering).
-Checkpoints are read and written in the Hugging Face layout from a local directory only.
-"""
+"""The GPT-2 family (GPT-2, distilgpt2): learned positions, pre-LayerNorm blocks, a fused
+Conv1D query/key/value projection, a gelu MLP, the unembedding tied to the token embedding.
+Checkpoints are read and written in the Hugging Face layout from a local directory."""
 
 from __future__ import annotations
 
@@ -15,23 +9,21 @@ import json
 import math
 import os
 import re
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
-# HF's names for the two gelus; "gelu" is the exact (erf) one, the others the tanh approximation.
-ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True, "gelu": False}
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+from saejax.models import base, hf, layers
+
+MODEL_TYPES = ("gpt2",)
+# HF's names for GPT-2's gelus; "gelu" is the exact (erf) one, the others the tanh approximation.
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(base.LMConfig):
     """The architecture; field names and defaults are Hugging Face's (GPT-2 small)."""
 
     vocab_size: int = 50257
@@ -42,13 +34,21 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "gelu_new"
     n_inner: int | None = None  # MLP width; None means 4 * n_embd.
+    model_type = "gpt2"
+    block_hooks = layers.SEQUENTIAL_HOOKS
+    bos_token_id = None  # documents are separated by the tokenizer's <|endoftext|>
+    final_logit_softcapping = None
 
     def __post_init__(self):
         if self.activation_function not in ACTIVATIONS:
             raise ValueError(f"activation_function={self.activation_function!r} is not supported; "
-                             f"choose one of {sorted(ACTIVATIONS)}.")
+                             f"choose one of {list(ACTIVATIONS)}.")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}.")
+
+    n_layers = property(lambda self: self.n_layer)
+    d_model = property(lambda self: self.n_embd)
+    max_positions = property(lambda self: self.n_positions)
 
     @property
     def d_mlp(self) -> int:
@@ -58,22 +58,18 @@ class GPT2Config:
     def from_hf_dict(cls, d: Mapping[str, Any]) -> GPT2Config:
         """Reads a Hugging Face config.json dict; a setting this model does not implement is an
         error naming the field, never silently ignored. Missing fields take HF's defaults."""
-        unsupported = {
-            # field: (the value this implementation assumes, HF's default when absent)
-            "model_type": ("gpt2", "gpt2"),
-            "scale_attn_weights": (True, True),
-            "scale_attn_by_inverse_layer_idx": (False, False),
-            "add_cross_attention": (False, False),
-            "tie_word_embeddings": (True, True),
-        }
-        for field, (supported, default) in unsupported.items():
-            if d.get(field, default) != supported:
-                raise ValueError(f"config.json sets {field}={d[field]!r}; this GPT-2 implementation "
-                                 f"supports only {field}={supported!r}.")
+        if d.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"model_type={d['model_type']!r} is not GPT-2.")
+        hf.check_fields(
+            d, family="gpt2",
+            reads={f.name for f in dataclasses.fields(cls)} | {"n_ctx"},
+            assumes={"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                     "add_cross_attention": False, "tie_word_embeddings": True,
+                     "reorder_and_upcast_attn": False})
         activation = d.get("activation_function", cls.activation_function)
         if activation not in ACTIVATIONS:
             raise ValueError(f"config.json sets activation_function={activation!r}; supported: "
-                             f"{sorted(ACTIVATIONS)}.")
+                             f"{list(ACTIVATIONS)}.")
         kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if d.get(f.name) is not None}
         if "n_positions" not in kwargs and d.get("n_ctx") is not None:  # very old configs
             kwargs["n_positions"] = d["n_ctx"]
@@ -86,209 +82,64 @@ class GPT2Config:
                 "add_cross_attention": False, "tie_word_embeddings": True}
 
 
-# ------------------------------------------------------------------------------------------------
-# Hook names
-# ------------------------------------------------------------------------------------------------
-
-def hook_names(config: GPT2Config) -> list[str]:
-    """Every valid hook name, in the order the forward pass reaches them."""
-    return [f"blocks.{i}.{hook}" for i in range(config.n_layer) for hook in HOOKS]
-
-
-def hook_layer(name: str) -> int:
-    """The block index of a hook name: `hook_layer("blocks.6.hook_resid_post") == 6`."""
-    match = re.fullmatch(r"blocks\.(\d+)\.(\w+)", name)
-    if match is None or match.group(2) not in HOOKS:
-        raise ValueError(f"{name!r} is not a hook name; hook names look like "
-                         f"'blocks.<layer>.<hook>' with <hook> one of {list(HOOKS)}.")
-    return int(match.group(1))
-
-
-def _check_hooks(config: GPT2Config, hooks: Sequence[str], interventions: Mapping[str, Any],
-                 stop_at_layer: int | None) -> None:
-    valid = set(hook_names(config))
-    for kind, names in (("hooks", hooks), ("interventions", interventions)):
-        unknown = [n for n in names if n not in valid]
-        if unknown:
-            raise ValueError(f"unknown hook name(s) in {kind}: {unknown}. This {config.n_layer}-layer "
-                             f"model has: {hook_names(config)}")
-    if stop_at_layer is None:
-        return
-    if not 1 <= stop_at_layer <= config.n_layer:
-        raise ValueError(f"stop_at_layer={stop_at_layer} must lie in [1, {config.n_layer}]: "
-                         f"the forward pass runs blocks 0 .. stop_at_layer - 1.")
-    late = [n for n in (*hooks, *interventions) if hook_layer(n) >= stop_at_layer]
-    if late:
-        raise ValueError(f"{late} lie at or after stop_at_layer={stop_at_layer} and would never be "
-                         f"reached; raise stop_at_layer to {max(map(hook_layer, late)) + 1}.")
+def param_specs(c: GPT2Config) -> dict:
+    """GPT-2's initialisation: normal(0.02), the residual projections (attention out, MLP down)
+    shrunk by 1/sqrt(2 n_layer) so the stream's variance does not grow with depth (Radford et
+    al. 2019, as in HF's _init_weights); LayerNorms at (1, 0)."""
+    d, h, f = c.n_embd, c.n_head, c.d_mlp
+    e, std, proj = d // h, 0.02, 0.02 / math.sqrt(2 * c.n_layer)
+    norm = {"scale": base.Spec((d,), ("embed",), value=1.0), "bias": base.Spec((d,), ("embed",))}
+    attn = {n: base.Spec((d, h, e), ("embed", "heads", "head_dim"), std) for n in "qkv"}
+    attn |= {f"{n}_bias": base.Spec((h, e), ("heads", "head_dim")) for n in "qkv"}
+    attn |= {"o": base.Spec((h, e, d), ("heads", "head_dim", "embed"), proj),
+             "o_bias": base.Spec((d,), ("embed",))}
+    block = {"ln1": norm, "attn": attn, "ln2": norm,
+             "mlp": {"up": base.Spec((d, f), ("embed", "mlp"), std),
+                     "up_bias": base.Spec((f,), ("mlp",)),
+                     "down": base.Spec((f, d), ("mlp", "embed"), proj),
+                     "down_bias": base.Spec((d,), ("embed",))}}
+    return {"embed": base.Spec((c.vocab_size, d), ("vocab", "embed"), std),
+            "pos_embed": base.Spec((c.n_positions, d), ("positions", "embed"), std),
+            "blocks": base.layered(c.n_layer, block), "final_norm": norm}
 
 
 # ------------------------------------------------------------------------------------------------
-# The model
+# Forward
 # ------------------------------------------------------------------------------------------------
 
-Hook = Callable[[str, jax.Array], jax.Array]
+def embed(params: dict, tokens: jax.Array, c: GPT2Config, dtype) -> jax.Array:
+    x = jnp.take(params["embed"], tokens, axis=0) + params["pos_embed"][:tokens.shape[1]]
+    return x.astype(dtype)
 
 
-def _no_hook(name: str, x: jax.Array) -> jax.Array:
-    del name
-    return x
+def context(c: GPT2Config, seq: int) -> None:
+    del c, seq
 
 
-def _dense(features: int, name: str, std: float, dtype) -> nn.Dense:
-    # Hugging Face's Conv1D stores its weight as [in, out], which is exactly Dense's kernel.
-    return nn.Dense(features, name=name, dtype=dtype, kernel_init=nn.initializers.normal(std))
+def block(p: dict, x: jax.Array, c: GPT2Config, layer: int, hook, ctx) -> jax.Array:
+    del layer, ctx
+    eps = c.layer_norm_epsilon
+    norm = lambda h, n: layers.layer_norm(h, n["scale"], n["bias"], eps)
+
+    def attn(h):
+        h = norm(h, p["ln1"])
+        q, k, v = layers.project_qkv(h, p["attn"])
+        out = layers.attention(q, k, v, scale=(c.n_embd // c.n_head) ** -0.5)
+        return layers.out_project(out, p["attn"])
+
+    return layers.sequential_block(x, hook, attn=attn, norm2=lambda h: norm(h, p["ln2"]),
+                                   mlp_fn=lambda h: layers.mlp(h, p["mlp"],
+                                                               c.activation_function))
 
 
-def _proj_std(config: GPT2Config) -> float:
-    # GPT-2's scaled init: each residual write is shrunk so the stream's variance does not grow
-    # with depth (Radford et al. 2019, as in HF's _init_weights).
-    return 0.02 / math.sqrt(2 * config.n_layer)
+def final_norm(params: dict, x: jax.Array, c: GPT2Config) -> jax.Array:
+    n = params["final_norm"]
+    return layers.layer_norm(x, n["scale"], n["bias"], c.layer_norm_epsilon)
 
 
-class Attention(nn.Module):
-    config: GPT2Config
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        batch, seq, d = x.shape
-        n_head = self.config.n_head
-        qkv = _dense(3 * d, "c_attn", 0.02, self.dtype)(x)
-        q, k, v = jnp.unstack(qkv.reshape(batch, seq, 3, n_head, d // n_head), axis=2)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head_dim)
-        return _dense(d, "c_proj", _proj_std(self.config), self.dtype)(out.reshape(batch, seq, d))
-
-
-class MLP(nn.Module):
-    config: GPT2Config
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = _dense(self.config.d_mlp, "c_fc", 0.02, self.dtype)(x)
-        h = jax.nn.gelu(h, approximate=ACTIVATIONS[self.config.activation_function])
-        return _dense(x.shape[-1], "c_proj", _proj_std(self.config), self.dtype)(h)
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm block; `hook(name, x)` sees (and may replace) each named activation."""
-
-    config: GPT2Config
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, hook: Hook) -> jax.Array:
-        eps = self.config.layer_norm_epsilon
-        x = hook("hook_resid_pre", x)
-        attn_out = Attention(self.config, self.dtype, name="attn")(
-            nn.LayerNorm(eps, dtype=self.dtype, name="ln_1")(x))
-        x = hook("hook_resid_mid", x + hook("hook_attn_out", attn_out))
-        mlp_out = MLP(self.config, self.dtype, name="mlp")(
-            nn.LayerNorm(eps, dtype=self.dtype, name="ln_2")(x))
-        return hook("hook_resid_post", x + hook("hook_mlp_out", mlp_out))
-
-
-class GPT2(nn.Module):
-    """Token ids [batch, seq] -> logits [batch, seq, vocab] (None when stopped early)."""
-
-    config: GPT2Config
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, tokens: jax.Array, hook: Hook = _no_hook,
-                 stop_at_layer: int | None = None) -> jax.Array | None:
-        config = self.config
-        init = nn.initializers.normal(0.02)
-        wte = nn.Embed(config.vocab_size, config.n_embd, dtype=self.dtype, embedding_init=init,
-                       name="wte")
-        wpe = nn.Embed(config.n_positions, config.n_embd, dtype=self.dtype, embedding_init=init,
-                       name="wpe")
-        x = wte(tokens) + wpe(jnp.arange(tokens.shape[1]))
-        for i in range(config.n_layer if stop_at_layer is None else stop_at_layer):
-            layer_hook = lambda name, a, i=i: hook(f"blocks.{i}.{name}", a)
-            x = Block(config, self.dtype, name=f"h_{i}")(x, layer_hook)
-        if stop_at_layer is not None:
-            return None
-        x = nn.LayerNorm(config.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
-        return wte.attend(x).astype(jnp.float32)  # the unembedding is tied to wte
-
-
-def init_params(key: jax.Array, config: GPT2Config) -> dict:
-    """GPT-2's initialisation (normal, std 0.02; residual projections scaled by depth)."""
-    model = GPT2(config)
-    return jax.jit(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32))["params"])(key)
-
-
-def forward(params: dict, tokens: jax.Array, config: GPT2Config, *, hooks: Sequence[str] = (),
-            interventions: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
-            stop_at_layer: int | None = None, dtype=jnp.float32,
-            ) -> tuple[jax.Array | None, dict[str, jax.Array]]:
-    """Runs the model, reading and optionally replacing named activations.
-
-    Args:
-      params: the nested dict from `init_params` or `load_pretrained`.
-      tokens: int token ids [batch, seq], seq <= config.n_positions.
-      config: the architecture.
-      hooks: names (see `hook_names`) whose activations [batch, seq, n_embd] go in the cache.
-      interventions: hook name -> fn(activation) -> activation of the same shape, which replaces
-        the activation from there on (SAE splicing, zero-ablation, steering). A cached hook
-        holds the value after its intervention, i.e. what the rest of the model sees.
-      stop_at_layer: run blocks 0 .. stop_at_layer - 1 only and return logits=None, so
-        harvesting a middle layer does not pay for the rest of the model.
-      dtype: the activation dtype (e.g. jnp.bfloat16); params stay as given, logits are float32.
-
-    Returns:
-      (logits [batch, seq, vocab] float32 or None, {hook name: activation}).
-
-    To jit, keep `config`, `hooks`, `interventions`, `stop_at_layer` and `dtype` out of the
-    traced arguments: use `make_forward`, or close over them in your own jitted function
-    (which is how an intervention can use traced values, e.g. an SAE's params):
-
-        @jax.jit
-        def spliced_logits(params, sae_params, tokens):
-            splice = {"blocks.6.hook_resid_post": lambda x: sae_reconstruct(sae_params, x)}
-            return forward(params, tokens, config, interventions=splice)[0]
-    """
-    hooks, interventions = tuple(hooks), dict(interventions or {})
-    _check_hooks(config, hooks, interventions, stop_at_layer)
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens must be integer ids [batch, seq]; got {tokens.dtype} "
-                         f"{tokens.shape}.")
-    if tokens.shape[1] > config.n_positions:
-        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's n_positions="
-                         f"{config.n_positions}.")
-    cache = {}
-
-    def hook(name: str, x: jax.Array) -> jax.Array:
-        if name in interventions:
-            replaced = interventions[name](x)
-            if replaced.shape != x.shape:
-                raise ValueError(f"the intervention at {name} returned shape {replaced.shape}; "
-                                 f"it must keep the activation's shape {x.shape}.")
-            x = replaced.astype(x.dtype)
-        if name in hooks:
-            cache[name] = x
-        return x
-
-    logits = GPT2(config, dtype).apply({"params": params}, tokens, hook, stop_at_layer)
-    return logits, cache
-
-
-def make_forward(config: GPT2Config, *, hooks: Sequence[str] = (),
-                 interventions: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
-                 stop_at_layer: int | None = None, dtype=jnp.float32,
-                 ) -> Callable[[dict, jax.Array], tuple[jax.Array | None, dict[str, jax.Array]]]:
-    """`jax.jit`ted `forward(params, tokens)` with everything else fixed; bad hook names fail
-    here rather than at the first call."""
-    hooks, interventions = tuple(hooks), dict(interventions or {})
-    _check_hooks(config, hooks, interventions, stop_at_layer)
-
-    def run(params: dict, tokens: jax.Array):
-        return forward(params, tokens, config, hooks=hooks, interventions=interventions,
-                       stop_at_layer=stop_at_layer, dtype=dtype)
-
-    return jax.jit(run)
+def unembedding(params: dict, c: GPT2Config) -> jax.Array:
+    del c
+    return params["embed"].T  # tied to the token embedding
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,117 +147,91 @@ def make_forward(config: GPT2Config, *, hooks: Sequence[str] = (),
 # ------------------------------------------------------------------------------------------------
 
 # Tensors a HF checkpoint may hold that carry nothing this model needs: the causal-mask buffers
-# of older transformers versions (the tied lm_head is checked separately).
+# of older transformers versions.
 _IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
 
-def _hf_layout(config: GPT2Config) -> Iterator[tuple[str, tuple[str, ...], tuple[int, ...]]]:
-    """(HF tensor name, path in params, shape) for every weight. No transposes are needed."""
-    d, d_mlp = config.n_embd, config.d_mlp
-    yield "wte.weight", ("wte", "embedding"), (config.vocab_size, d)
-    yield "wpe.weight", ("wpe", "embedding"), (config.n_positions, d)
-    for i in range(config.n_layer):
-        block, h = f"h_{i}", f"h.{i}"
-        for ln in ("ln_1", "ln_2"):
-            yield f"{h}.{ln}.weight", (block, ln, "scale"), (d,)
-            yield f"{h}.{ln}.bias", (block, ln, "bias"), (d,)
-        for module, layer, d_in, d_out in (("attn", "c_attn", d, 3 * d), ("attn", "c_proj", d, d),
-                                           ("mlp", "c_fc", d, d_mlp), ("mlp", "c_proj", d_mlp, d)):
-            yield f"{h}.{module}.{layer}.weight", (block, module, layer, "kernel"), (d_in, d_out)
-            yield f"{h}.{module}.{layer}.bias", (block, module, layer, "bias"), (d_out,)
-    yield "ln_f.weight", ("ln_f", "scale"), (d,)
-    yield "ln_f.bias", ("ln_f", "bias"), (d,)
+def _hf_layer(c: GPT2Config) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(HF tensor name within block i, shape) for one block; Conv1D weights are [in, out]."""
+    d, f = c.n_embd, c.d_mlp
+    for ln in ("ln_1", "ln_2"):
+        yield f"{ln}.weight", (d,)
+        yield f"{ln}.bias", (d,)
+    for name, d_in, d_out in (("attn.c_attn", d, 3 * d), ("attn.c_proj", d, d),
+                              ("mlp.c_fc", d, f), ("mlp.c_proj", f, d)):
+        yield f"{name}.weight", (d_in, d_out)
+        yield f"{name}.bias", (d_out,)
 
 
-def _read_safetensors(file: str) -> dict[str, np.ndarray]:
-    from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
-    try:
-        return st_numpy.load_file(file)
-    except TypeError:
-        # NumPy has no bfloat16, so safetensors.numpy cannot read a bf16 checkpoint; its JAX
-        # reader can.
-        from safetensors import flax as st_flax  # pylint: disable=import-outside-toplevel
-        return {k: np.asarray(v.astype(jnp.float32)) for k, v in st_flax.load_file(file).items()}
+def _from_hf_layer(w: Mapping[str, np.ndarray], c: GPT2Config) -> dict:
+    d, h = c.n_embd, c.n_head
+    e = d // h
+    qkv = w["attn.c_attn.weight"].reshape(d, 3, h, e)
+    qkv_bias = w["attn.c_attn.bias"].reshape(3, h, e)
+    attn = {n: qkv[:, j] for j, n in enumerate("qkv")}
+    attn |= {f"{n}_bias": qkv_bias[j] for j, n in enumerate("qkv")}
+    attn |= {"o": w["attn.c_proj.weight"].reshape(h, e, d), "o_bias": w["attn.c_proj.bias"]}
+    norm = lambda ln: {"scale": w[f"{ln}.weight"], "bias": w[f"{ln}.bias"]}
+    return {"ln1": norm("ln_1"), "attn": attn, "ln2": norm("ln_2"),
+            "mlp": {"up": w["mlp.c_fc.weight"], "up_bias": w["mlp.c_fc.bias"],
+                    "down": w["mlp.c_proj.weight"], "down_bias": w["mlp.c_proj.bias"]}}
 
 
-def load_pretrained(path: str | os.PathLike) -> tuple[GPT2Config, dict]:
-    """Reads a local Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors,
-    or a sharded model.safetensors.index.json); never touches the hub.
+def _to_hf_layer(p: Mapping[str, Any], c: GPT2Config) -> dict[str, np.ndarray]:
+    d = c.n_embd
+    a, m = p["attn"], p["mlp"]
+    return {"ln_1.weight": p["ln1"]["scale"], "ln_1.bias": p["ln1"]["bias"],
+            "ln_2.weight": p["ln2"]["scale"], "ln_2.bias": p["ln2"]["bias"],
+            "attn.c_attn.weight": np.stack([a["q"], a["k"], a["v"]], 1).reshape(d, 3 * d),
+            "attn.c_attn.bias": np.stack([a["q_bias"], a["k_bias"], a["v_bias"]]).reshape(-1),
+            "attn.c_proj.weight": np.asarray(a["o"]).reshape(d, d), "attn.c_proj.bias": a["o_bias"],
+            "mlp.c_fc.weight": m["up"], "mlp.c_fc.bias": m["up_bias"],
+            "mlp.c_proj.weight": m["down"], "mlp.c_proj.bias": m["down_bias"]}
 
-    Returns (config, params) with params as float32 jax arrays on the default device.
-    """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint directory at {path!r} (checkpoints are read from "
-                                f"local directories only; download one with "
-                                f"`huggingface-cli download gpt2 --local-dir DIR`).")
-    config_file = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{config_file} is missing: a checkpoint directory needs "
-                                f"{CONFIG_FILE} and {WEIGHTS_FILE}.")
-    with open(config_file) as f:
-        config = GPT2Config.from_hf_dict(json.load(f))
 
-    index_file = os.path.join(path, WEIGHTS_INDEX_FILE)
-    if os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
-        files = [WEIGHTS_FILE]
-    elif os.path.isfile(index_file):
-        with open(index_file) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        found = sorted(os.listdir(path))
-        raise FileNotFoundError(f"{os.path.join(path, WEIGHTS_FILE)} is missing (found {found}). "
-                                f"Only safetensors weights are read; convert a pytorch_model.bin "
-                                f"by loading it in transformers and calling "
-                                f"save_pretrained(dir, safe_serialization=True).")
-    tensors = {}
-    for file in files:
-        for name, value in _read_safetensors(os.path.join(path, file)).items():
-            # GPT2LMHeadModel prefixes its weights with `transformer.`; GPT2Model does not.
-            tensors[name.removeprefix("transformer.")] = value
+def load_params(path: str, c: GPT2Config) -> dict:
+    # GPT2LMHeadModel prefixes its weights with `transformer.`; GPT2Model does not.
+    t = hf.Tensors(path, strip=("transformer.",))
+    d = c.n_embd
 
-    params = {}
-    for name, where, shape in _hf_layout(config):
-        if name not in tensors:
-            raise KeyError(f"tensor {name!r} is missing from the checkpoint in {path} (for a "
-                           f"{config.n_layer}-layer GPT-2 per its config.json).")
-        value = tensors.pop(name)
-        if value.shape != shape:
-            raise ValueError(f"tensor {name!r} in {path} has shape {value.shape}, but config.json "
-                             f"implies {shape}.")
-        node = params
-        for key in where[:-1]:
-            node = node.setdefault(key, {})
-        node[where[-1]] = np.asarray(value, np.float32)
+    def layer(i):
+        return _from_hf_layer({n: t.take(f"h.{i}.{n}", s) for n, s in _hf_layer(c)}, c)
 
-    lm_head = tensors.pop("lm_head.weight", None)
-    if lm_head is not None and not np.array_equal(lm_head, tensors.get("wte.weight", lm_head)):
+    params = {"embed": t.take("wte.weight", (c.vocab_size, d)),
+              "pos_embed": t.take("wpe.weight", (c.n_positions, d)),
+              "blocks": hf.stack_layers(c.n_layer, layer),
+              "final_norm": {"scale": t.take("ln_f.weight", (d,)),
+                             "bias": t.take("ln_f.bias", (d,))}}
+    lm_head = t.maybe("lm_head.weight", (c.vocab_size, d))
+    if lm_head is not None and not np.array_equal(lm_head, params["embed"]):
         raise ValueError(f"lm_head.weight in {path} differs from wte.weight; this implementation "
                          f"ties the unembedding to the token embedding.")
-    unexpected = sorted(n for n in tensors if not _IGNORED.fullmatch(n))
-    if unexpected:
-        raise ValueError(f"the checkpoint in {path} holds tensors a {config.n_layer}-layer GPT-2 "
-                         f"does not have: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-    return config, jax.device_put(params)
+    t.check_all_read(lambda n: _IGNORED.fullmatch(n) is not None)
+    return params
 
 
 def save_pretrained(path: str | os.PathLike, config: GPT2Config, params: dict) -> str:
     """Writes config.json and model.safetensors as Hugging Face's GPT2LMHeadModel does, so that
-    `load_pretrained` and `transformers.GPT2LMHeadModel.from_pretrained` both read it."""
+    saejax and `transformers.GPT2LMHeadModel.from_pretrained` both read it."""
     from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    tensors = {}
-    for name, where, shape in _hf_layout(config):
-        value = params
-        for key in where:
-            value = value[key]
-        if value.shape != shape:
-            raise ValueError(f"params{''.join(f'[{k!r}]' for k in where)} has shape {value.shape}, "
-                             f"but the config implies {shape} (HF tensor {name!r}).")
-        tensors[f"transformer.{name}"] = np.ascontiguousarray(np.asarray(value, np.float32))
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
+    expected = jax.tree.map(lambda s: s.shape, param_specs(config),
+                            is_leaf=lambda x: isinstance(x, base.Spec))
+    got = jax.tree.map(lambda x: x.shape, params)
+    if got != expected:
+        raise ValueError(f"params do not match the config: shapes {got} but the config implies "
+                         f"{expected}.")
+    tensors = {"wte.weight": params["embed"], "wpe.weight": params["pos_embed"],
+               "ln_f.weight": params["final_norm"]["scale"],
+               "ln_f.bias": params["final_norm"]["bias"]}
+    for i in range(config.n_layer):
+        layer = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+        tensors |= {f"h.{i}.{n}": v for n, v in _to_hf_layer(layer, config).items()}
+    tensors = {f"transformer.{n}": np.ascontiguousarray(v, np.float32) for n, v in tensors.items()}
+    with open(os.path.join(path, hf.CONFIG_FILE), "w") as f:
         json.dump(config.to_hf_dict(), f, indent=2)
     # transformers refuses safetensors files whose metadata does not name a known framework.
-    st_numpy.save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+    st_numpy.save_file(tensors, os.path.join(path, hf.WEIGHTS_FILE), metadata={"format": "pt"})
     return path

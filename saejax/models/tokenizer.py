@@ -98,10 +98,12 @@ def load_token_ids(path: str | os.PathLike, context_length: int, *,
 
 def load_sequences(path: str | os.PathLike, context_length: int, *,
                    tokenizer_path: str | os.PathLike | None = None,
-                   vocab_size: int | None = None) -> np.ndarray:
+                   vocab_size: int | None = None,
+                   bos_token_id: int | None = None) -> np.ndarray:
     """Token sequences int32 [n_sequences, context_length] from what a user brings: a `.npy`
     of token ids (see `load_token_ids`), or a text file with one document per line, tokenised
-    with the `tokenizer.json` in `tokenizer_path` (the model's checkpoint directory)."""
+    with the `tokenizer.json` in `tokenizer_path` (the model's checkpoint directory), each
+    document after `bos_token_id` (the model's BOS; default the tokenizer's <|endoftext|>)."""
     path = os.fspath(path)
     if path.endswith(".npy"):
         return load_token_ids(path, context_length, vocab_size=vocab_size)
@@ -110,7 +112,8 @@ def load_sequences(path: str | os.PathLike, context_length: int, *,
                          f"needs the checkpoint's tokenizer.json (tokenizer_path).")
     with open(path, encoding="utf-8") as f:
         documents = [line.rstrip("\n") for line in f if line.strip()]
-    sequences = tokenize_texts(load_tokenizer(tokenizer_path), documents, context_length)
+    sequences = tokenize_texts(load_tokenizer(tokenizer_path), documents, context_length,
+                               bos_token_id=bos_token_id)
     if vocab_size is not None and sequences.max() >= vocab_size:
         raise ValueError(f"{path!r}: the tokenizer at {tokenizer_path!r} produces id "
                          f"{int(sequences.max())}, outside the model's vocab_size={vocab_size}.")

@@ -1,0 +1,207 @@
+"""One interface over every LM family: `load(checkpoint_dir)` reads a Hugging Face directory
+(config.json's `model_type` picks the family), and `forward(params, tokens, config, hooks=,
+interventions=, stop_at_layer=)` runs any of them, reading and replacing activations at
+TransformerLens's hook names. Nothing outside a family file branches on the family.
+
+A family is a module with `MODEL_TYPES`, a frozen config dataclass (`from_hf_dict`, and the
+`base.LMConfig` properties), `param_specs(config)`, `load_params(path, config)` and the pieces
+of its forward pass: `embed`, `context` (rotary tables for a sequence length), `block`,
+`final_norm` and `unembedding`. Params are stacked over layers (`base.py` says why).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from saejax.models import base, gemma, gpt2, hf, hooks as hook_lib, layers, llama, neox
+
+FAMILIES = (gpt2, llama, gemma, neox)
+_BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.MODEL_TYPES}
+_CONFIG_CLASSES = {gpt2: gpt2.GPT2Config, llama: llama.LlamaConfig, gemma: gemma.GemmaConfig,
+                   neox: neox.NeoXConfig}
+_BY_CONFIG = {cls: f for f, cls in _CONFIG_CLASSES.items()}
+MODEL_TYPES = tuple(sorted(_BY_MODEL_TYPE))
+
+
+def family(config):
+    """The family module of a config."""
+    try:
+        return _BY_CONFIG[type(config)]
+    except KeyError:
+        raise TypeError(f"{type(config).__name__} is not an LM config of saejax "
+                        f"({[c.__name__ for c in _BY_CONFIG]}).") from None
+
+
+def config_from_hf_dict(d: Mapping) -> base.LMConfig:
+    """The config of config.json's `model_type`; an unknown one is an error naming it."""
+    model_type = d.get("model_type")
+    if model_type not in _BY_MODEL_TYPE:
+        raise ValueError(f"config.json has model_type={model_type!r}; saejax reads "
+                         f"{list(MODEL_TYPES)}.")
+    return _CONFIG_CLASSES[_BY_MODEL_TYPE[model_type]].from_hf_dict(d)
+
+
+class LM(NamedTuple):
+    """A loaded model: its config and params (float32 jax arrays, stacked over layers)."""
+    config: base.LMConfig
+    params: dict
+
+
+def load(path: str | os.PathLike) -> LM:
+    """The model in a local Hugging Face checkpoint directory (config.json + model.safetensors
+    or a sharded model.safetensors.index.json); never touches the hub."""
+    path = os.fspath(path)
+    config = config_from_hf_dict(hf.read_config(path))
+    params = family(config).load_params(path, config)
+    return LM(config, jax.device_put(params))
+
+
+def load_pretrained(path: str | os.PathLike):
+    """(config, params) of `load(path)`."""
+    return tuple(load(path))
+
+
+def param_specs(config) -> dict:
+    return family(config).param_specs(config)
+
+
+def param_axes(config) -> dict:
+    """The logical axis names of every param (vocab, embed, heads, kv_heads, head_dim, mlp,
+    layers, positions), a pytree matching the params: what the sharding rules map to a mesh."""
+    return base.axes_of(param_specs(config))
+
+
+def init_params(key: jax.Array, config) -> dict:
+    """Random params of the family's initialisation (GPT-2's for GPT-2; normal(0.02) weights
+    and unit norms elsewhere)."""
+    specs = param_specs(config)
+    return jax.jit(lambda k: base.init_from_specs(k, specs))(key)
+
+
+def hook_names(config) -> list[str]:
+    return hook_lib.hook_names(config)
+
+
+def unembedding(params: dict, config) -> jax.Array:
+    """W_U [d_model, vocab]: the final residual (after the final norm) @ W_U = the logits
+    (before any soft-capping)."""
+    return family(config).unembedding(params, config)
+
+
+# ------------------------------------------------------------------------------------------------
+# The forward pass
+# ------------------------------------------------------------------------------------------------
+
+Intervention = Callable[[jax.Array], jax.Array]
+
+
+def forward(params: dict, tokens: jax.Array, config, *, hooks: Sequence[str] = (),
+            interventions: Mapping[str, Intervention] | None = None,
+            stop_at_layer: int | None = None, dtype=jnp.float32, unembed: bool = True,
+            ) -> tuple[jax.Array | None, dict[str, jax.Array]]:
+    """Runs the model, reading and optionally replacing named activations.
+
+    Args:
+      params: from `load`, `load_pretrained` or `init_params`.
+      tokens: int token ids [batch, seq], seq <= config.max_positions.
+      config: the architecture (any family's config).
+      hooks: names (see `hook_names`) whose activations [batch, seq, d_model] go in the cache.
+      interventions: hook name -> fn(activation) -> activation of the same shape, which replaces
+        the activation from there on (SAE splicing, zero-ablation, steering). A cached hook
+        holds the value after its intervention, i.e. what the rest of the model sees.
+      stop_at_layer: run blocks 0 .. stop_at_layer - 1 only and return None for the logits,
+        so harvesting a middle layer does not pay for the rest of the model.
+      dtype: the activation dtype (e.g. jnp.bfloat16); params stay as given, logits float32.
+      unembed: False returns the final normalised residual [batch, seq, d_model] in place of
+        the logits, for losses computed over the vocabulary in chunks (`vocab.py`).
+
+    Returns:
+      (logits [batch, seq, vocab] float32 or None, {hook name: activation}).
+
+    To jit, keep everything but params and tokens out of the traced arguments: use
+    `make_forward`, or close over them in your own jitted function (which is how an
+    intervention can use traced values, e.g. an SAE's params).
+    """
+    hooks, interventions = tuple(hooks), dict(interventions or {})
+    hook_lib.check_hooks(config, hooks, interventions, stop_at_layer)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids [batch, seq]; got {tokens.dtype} "
+                         f"{tokens.shape}.")
+    if tokens.shape[1] > config.max_positions:
+        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's "
+                         f"{config.max_positions} positions.")
+    fam = family(config)
+    cache = {}
+
+    def hook(name: str, x: jax.Array) -> jax.Array:
+        if name in interventions:
+            replaced = interventions[name](x)
+            if replaced.shape != x.shape:
+                raise ValueError(f"the intervention at {name} returned shape {replaced.shape}; "
+                                 f"it must keep the activation's shape {x.shape}.")
+            x = replaced.astype(x.dtype)
+        if name in hooks:
+            cache[name] = x
+        return x
+
+    x = fam.embed(params, tokens, config, dtype)
+    ctx = fam.context(config, tokens.shape[1])
+    n = config.n_layers if stop_at_layer is None else stop_at_layer
+    touched = {hook_lib.hook_layer(name) for name in (*hooks, *interventions)}
+    for start, stop in _segments(config, n, touched):
+        if stop - start == 1:
+            layer_params = jax.tree.map(lambda a, i=start: a[i], params["blocks"])
+            layer_hook = lambda name, a, i=start: hook(f"blocks.{i}.{name}", a)
+            x = fam.block(layer_params, x, config, start, layer_hook, ctx)
+        else:  # a run of alike layers nothing reads: one scanned body, compiled once
+            body = lambda h, p, i=start: (fam.block(p, h, config, i, _no_hook, ctx), None)
+            x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a, i=start, j=stop: a[i:j],
+                                                      params["blocks"]))
+    if stop_at_layer is not None:
+        return None, cache
+    x = fam.final_norm(params, x, config)
+    if not unembed:
+        return x, cache
+    logits = jnp.einsum("bsd,dv->bsv", x, fam.unembedding(params, config).astype(x.dtype))
+    return layers.soft_cap(logits.astype(jnp.float32), config.final_logit_softcapping), cache
+
+
+def _no_hook(name: str, x: jax.Array) -> jax.Array:
+    del name
+    return x
+
+
+def _segments(config, n_layers: int, touched: set[int]) -> list[tuple[int, int]]:
+    """Blocks 0 .. n_layers - 1 as [start, stop) runs: a block with a hook or an intervention
+    alone, and each run of untouched blocks of one `layer_kind` (same window and rope) together,
+    so the forward scans it: compile time no longer grows with the model's depth."""
+    runs, i = [], 0
+    while i < n_layers:
+        j = i + 1
+        if i not in touched:
+            kind = config.layer_kind(i)
+            while j < n_layers and j not in touched and config.layer_kind(j) == kind:
+                j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
+def make_forward(config, *, hooks: Sequence[str] = (),
+                 interventions: Mapping[str, Intervention] | None = None,
+                 stop_at_layer: int | None = None, dtype=jnp.float32, unembed: bool = True,
+                 ) -> Callable[[dict, jax.Array], tuple[jax.Array | None, dict[str, jax.Array]]]:
+    """`jax.jit`ted `forward(params, tokens)` with everything else fixed; bad hook names fail
+    here rather than at the first call."""
+    hooks, interventions = tuple(hooks), dict(interventions or {})
+    hook_lib.check_hooks(config, hooks, interventions, stop_at_layer)
+
+    def run(params: dict, tokens: jax.Array):
+        return forward(params, tokens, config, hooks=hooks, interventions=interventions,
+                       stop_at_layer=stop_at_layer, dtype=dtype, unembed=unembed)
+
+    return jax.jit(run)
