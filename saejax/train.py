@@ -141,11 +141,9 @@ def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
         "learning_rate": lr_schedule(step) * optim.rewarm_factor(state["opt_state"]),
         "finite": jnp.isfinite(loss) & _all_finite(params),
     }
-    for name in ("auxk_loss", "auxiliary_loss", "balance_loss", "dropped_fraction"):
-        if name in aux:
-            metrics[name] = aux[name]
+    for name in architecture.metrics:  # the architecture's own scalars (AuxK, ...)
+        metrics[name] = aux[name]
     if architecture.sparsity_coefficient:
-        metrics["sparsity_loss"] = aux["sparsity_loss"]
         metrics[architecture.sparsity_coefficient] = sparsity_coefficient
     new_state = dict(state, step=step + 1, params=params, opt_state=opt_state,
                      tokens_since_fired=tokens_since_fired, density=density)
@@ -154,16 +152,21 @@ def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
 
 def resample_step(state: dict, batches: tuple[jax.Array, ...], *,
                   architecture: sae.Architecture, tx: optax.GradientTransformation, sae_config,
-                  dead_window_tokens: int, encoder_scale: float) -> tuple[dict, jax.Array]:
-    """Resamples the dead latents from `batches`; returns the state and how many were dead."""
+                  dead_window_tokens: int, encoder_scale: float, d: int,
+                  n_latents: int) -> tuple[dict, jax.Array]:
+    """Resamples the dead latents from `batches` by the architecture's rules (entries reset to
+    their initial values come from a fresh `init`); returns the state and how many were
+    dead."""
     x = jnp.concatenate(batches, axis=0) * state["input_scale"]
     params = state["params"]
     x_hat = architecture.decode(params, architecture.encode(params, x, sae_config))
     dead = state["tokens_since_fired"] >= dead_window_tokens
     key = jax.random.fold_in(state["rng"], state["step"])
+    initial = (architecture.init(jax.random.fold_in(key, 1), d, n_latents, sae_config)
+               if "init" in architecture.resample.values() else None)
     params, opt_state = optim.resample_dead_latents(
         key, params, state["opt_state"], x, x_hat, dead, tx=tx, encoder_scale=encoder_scale,
-        param_axes=architecture.param_axes)
+        param_axes=architecture.param_axes, rules=architecture.resample, initial=initial)
     tokens_since_fired = jnp.where(dead, 0, state["tokens_since_fired"])
     return (dict(state, params=params, opt_state=opt_state,
                  tokens_since_fired=tokens_since_fired), jnp.sum(dead))
@@ -282,7 +285,8 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
         compute_dtype=jnp.dtype(config.train.compute_dtype))
     resample = functools.partial(resample_step, architecture=architecture, tx=tx,
                                  sae_config=config.sae, dead_window_tokens=dead_window_tokens,
-                                 encoder_scale=float(config.resample.encoder_scale))
+                                 encoder_scale=float(config.resample.encoder_scale), d=d,
+                                 n_latents=n_latents)
     from_data = functools.partial(init_from_data,
                                   normalize_inputs=bool(config.data.normalize_inputs),
                                   b_dec_init=str(config.sae.b_dec_init))
@@ -704,8 +708,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 summary[architecture.sparsity_coefficient] = (
                     group_coefficients(config)[i] if members
                     else float(config.sae[architecture.sparsity_coefficient]))
-            else:
-                summary["k"] = int(config.sae.k)
+            elif architecture.level_field:
+                summary[architecture.level_field] = config.sae[architecture.level_field]
             if mmcs is not None:
                 summary["mmcs"] = float(pick(mmcs))
             summary.update(downstream[i])
