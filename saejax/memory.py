@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import sharding, train
+from saejax import data, sharding, train
 
 # ------------------------------------------------------------------------------------------
 # Memory.
@@ -135,8 +135,8 @@ def compile_train_step(config, mesh, *, d: int, compiler_options=None):
         mesh, sharding.logical_to_spec(("batch", "embed"), config.sharding_rules))
     with sharding.activate(mesh, config.sharding_rules):
         trainer = train.make_trainer(config, mesh, d=d, batch_sharding=batch_sharding)
-        batch = jax.ShapeDtypeStruct((int(config.train.batch_size), d), jnp.float32,
-                                     sharding=batch_sharding)
+        batch = {data.hook_name(config): jax.ShapeDtypeStruct(
+            (int(config.train.batch_size), d), jnp.float32, sharding=batch_sharding)}
         return trainer, trainer.train_step.lower(trainer.abstract_state, batch).compile(
             compiler_options)
 

@@ -36,11 +36,12 @@ def encode(params, x, sae_config=None):
     return jax.nn.relu(base.pre_activations(params, x)) * jnp.exp(params["log_gain"])
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
     del dead, step
-    latents = encode(params, x, sae_config)
+    shape = base.SINGLE_HOOK  # what it reads and reconstructs from the batch dict
+    latents = encode(params, shape.input(batch), sae_config)
     x_hat = base.decode(params, latents)
-    mse = ops.mse(x, x_hat)
+    mse = ops.mse(shape.target(batch), x_hat)
     penalty = jnp.mean(jnp.tanh(latents * jnp.linalg.norm(params["W_dec"], axis=-1)))
     return mse + sparsity_coefficient * penalty, {
         "mse": mse, "sparsity_loss": penalty, "latents": latents, "x_hat": x_hat,

@@ -85,6 +85,49 @@ def dense_tensors(params: dict) -> dict:
     return {k: params[k] for k in ("W_enc", "W_dec", "b_dec")}
 
 
+class Entry(NamedTuple):
+    """One entry of a batch a dictionary reads or writes: `[batch, width]` at a hook."""
+
+    hook: str
+    width: int
+    axes: tuple[str, ...] = ("batch", "embed")
+
+
+class SingleHook(NamedTuple):
+    """The dictionary's shape for every architecture here: it encodes the batch's one entry
+    and reconstructs that same entry. A batch is `{hook: [batch, d]}` (saejax.data); a bare
+    array is taken as a batch of one entry, so that the losses can be called on an array.
+
+    A shape says what a dictionary reads and what it writes. Another shape (a transcoder:
+    hook A in, hook B out; a crosscoder: several hooks in and out) is another value with the
+    same methods, not another architecture file.
+    """
+
+    name: str = "single_hook"
+
+    def entries(self, widths: dict[str, int]) -> tuple[tuple[Entry, ...], tuple[Entry, ...]]:
+        """(what it encodes, what it reconstructs) given the batch's {hook: width}."""
+        if len(widths) != 1:
+            raise ConfigError(f"a single-hook SAE reads a batch of one hook; the data has "
+                              f"{sorted(widths)}.")
+        (entry,) = (Entry(hook, int(width)) for hook, width in widths.items())
+        return (entry,), (entry,)
+
+    def input(self, batch) -> jax.Array:
+        """The `[batch, d]` activations the encoder reads."""
+        if isinstance(batch, dict):
+            (x,) = batch.values()
+            return x
+        return batch
+
+    def target(self, batch) -> jax.Array:
+        """The `[batch, d]` activations the decoder reconstructs (metrics compare with it)."""
+        return self.input(batch)
+
+
+SINGLE_HOOK = SingleHook()
+
+
 def _no_checks(config, n_latents: int) -> None:
     del config, n_latents
 
@@ -109,7 +152,8 @@ class Architecture(NamedTuple):
     init(key, d, n_latents, sae_config) -> params
     encode(params, x, sae_config) -> latents [batch, n_latents]
     decode(params, latents) -> x_hat [batch, d]
-    loss(params, x, sae_config, sparsity_coefficient, dead, step=None) -> (loss, aux) where
+    loss(params, batch, sae_config, sparsity_coefficient, dead, step=None) -> (loss, aux) where
+        `batch` is `{hook: [batch, width]}`, read through `shape` (its input and target),
         `dead` [n_latents] marks latents that have not fired within the dead window, `step` is
         the training step (schedules inside the loss: TopK's k annealing), and aux holds at
         least `mse`, `x_hat`, the `latents` [batch, n_latents] (or, for a step that never forms
@@ -132,6 +176,7 @@ class Architecture(NamedTuple):
     level_field: the `sae.<field>` that sets sparsity when there is no coefficient (TopK's k):
         recorded in summaries and sweep tables.
     saelens: its SAELens conversion, or None when SAELens has no counterpart.
+    shape: which batch entries it encodes and which it reconstructs (`SingleHook`).
     """
 
     name: str
@@ -150,6 +195,7 @@ class Architecture(NamedTuple):
     sparsity_mean_over_latents: bool = False
     level_field: str | None = None
     saelens: SaeLens | None = None
+    shape: SingleHook = SINGLE_HOOK
 
 
 def require(condition: bool, message: str) -> None:

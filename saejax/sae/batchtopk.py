@@ -28,7 +28,8 @@ def encode(params, x, sae_config=None):
     return pre * (pre > params["threshold"])
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
+    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
     del sparsity_coefficient
     pre = base.pre_activations(params, x)
     active = jax.nn.relu(pre)
@@ -45,8 +46,8 @@ def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
             mask = topk_family.top_k_mask(active, k, kept)
         latents = active * mask
         x_hat = base.decode(params, latents)
-        mse = ops.mse(x, x_hat)
-        auxk = topk_family.auxk_loss(params, x, x_hat, pre, dead, sae_config.k_aux)
+        mse = ops.mse(target, x_hat)
+        auxk = topk_family.auxk_loss(params, x, target, x_hat, pre, dead, sae_config.k_aux)
         smallest_kept = jnp.min(jnp.where(latents > 0, latents, jnp.inf))
         smallest_kept = jnp.where(jnp.isfinite(smallest_kept), smallest_kept,
                                   params["threshold"])

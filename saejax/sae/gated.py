@@ -35,17 +35,18 @@ def encode(params, x, sae_config=None):
     return (pi_gate > 0) * jax.nn.relu(pi_mag)
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
+    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
     del dead
     del sae_config
     pi_gate, pi_mag = _paths(params, x)
     latents = (pi_gate > 0) * jax.nn.relu(pi_mag)
     x_hat = base.decode(params, latents)
-    mse = ops.mse(x, x_hat)
+    mse = ops.mse(target, x_hat)
     gate = jax.nn.relu(pi_gate)
     l1 = jnp.mean(gate * jnp.linalg.norm(params["W_dec"], axis=-1))
     frozen = jax.lax.stop_gradient({"W_dec": params["W_dec"], "b_dec": params["b_dec"]})
-    auxiliary = ops.mse(x, base.decode(frozen, gate))
+    auxiliary = ops.mse(target, base.decode(frozen, gate))
     return (mse + sparsity_coefficient * l1 + auxiliary,
             {"mse": mse, "sparsity_loss": l1, "auxiliary_loss": auxiliary, "latents": latents,
              "x_hat": x_hat})

@@ -75,14 +75,15 @@ def encode(params, x, sae_config):
                     float(sae_config.jumprelu_bandwidth))
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
+    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
     del dead
     bandwidth = float(sae_config.jumprelu_bandwidth)
     pre = base.pre_activations(params, x)
     threshold = jnp.exp(params["log_threshold"])
     latents = jumprelu(pre, threshold, bandwidth)
     x_hat = base.decode(params, latents)
-    mse = ops.mse(x, x_hat)
+    mse = ops.mse(target, x_hat)
     l0 = jnp.mean(jnp.sum(heaviside(pre, threshold, bandwidth), axis=-1))
     return mse + sparsity_coefficient * l0, {"mse": mse, "sparsity_loss": l0,
                                              "latents": latents, "x_hat": x_hat}

@@ -16,11 +16,12 @@ def encode(params, x, sae_config=None):
     return jax.nn.relu(base.pre_activations(params, x))
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
+    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
     del dead
     latents = encode(params, x, sae_config)
     x_hat = base.decode(params, latents)
-    mse = ops.mse(x, x_hat)
+    mse = ops.mse(target, x_hat)
     decoder_norms = jnp.linalg.norm(params["W_dec"], axis=-1)
     # mean(latents * decoder_norms), summed per latent first: one pass over the latents serves
     # the value and the decoder norms' gradient.

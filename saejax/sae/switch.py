@@ -96,13 +96,14 @@ def encode(params, x, sae_config):
     return _forward(params, x, sae_config, training=False)[0]
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
+    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
     del sparsity_coefficient, dead
 
     def loss_at_k(k, kept):
         counts, x_hat, balance, dropped = _forward(params, x, sae_config, training=True, k=k,
                                                    kept=kept)
-        mse = ops.mse(x, x_hat)
+        mse = ops.mse(target, x_hat)
         total = mse + float(sae_config.switch_balance_coefficient) * balance
         return total, {"mse": mse, "fire_counts": counts, "x_hat": x_hat,
                        "balance_loss": balance, "dropped_fraction": dropped}

@@ -62,15 +62,16 @@ def _sparse_loss(params, x, k, kept):
     return pre, x_hat, {"fire_counts": sparse.fire_counts(indices, values, pre.shape[-1])}
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
+    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
     del sparsity_coefficient
     use_sparse = sparse_decode(sae_config, params["W_dec"].shape[-2])
 
     def loss_at_k(k, kept):
         pre, x_hat, aux = (_sparse_loss if use_sparse else _dense_loss)(params, x, k, kept)
-        auxk = topk_family.auxk_loss(params, x, x_hat, pre, dead, sae_config.k_aux,
+        auxk = topk_family.auxk_loss(params, x, target, x_hat, pre, dead, sae_config.k_aux,
                               sparse_decode=use_sparse)
-        mse = ops.mse(x, x_hat)
+        mse = ops.mse(target, x_hat)
         return mse + float(sae_config.auxk_coefficient) * auxk, {
             "mse": mse, "auxk_loss": auxk, "x_hat": x_hat, **aux}
 

@@ -56,17 +56,18 @@ def validate_auxk(config, n_latents: int) -> None:
     require_non_negative(config.sae, "auxk_coefficient")
 
 
-def auxk_loss(params: dict, x: jax.Array, x_hat: jax.Array, pre: jax.Array, dead: jax.Array,
-              k_aux: int, *, sparse_decode: bool = False) -> jax.Array:
+def auxk_loss(params: dict, x: jax.Array, target: jax.Array, x_hat: jax.Array, pre: jax.Array,
+              dead: jax.Array, k_aux: int, *, sparse_decode: bool = False) -> jax.Array:
     """AuxK (Gao et al. 2024): the k_aux largest dead latents reconstruct the residual.
 
-    Returns the residual's reconstruction error normalised by the residual's energy, 0 when no
+    `x` is the encoder's input, `target` what the SAE reconstructs. Returns the residual's
+    reconstruction error normalised by the residual's energy, 0 when no
     latent is dead; it trains dead latents back to life with gradients they would not get.
     Skipped (a `lax.cond`) while no latent is dead. With `sparse_decode` the selected dead
     latents are encoded and decoded from their own k_aux rows (``sparse``) instead of a
     masked [batch, n_latents] matmul.
     """
-    residual = jax.lax.stop_gradient(x - x_hat)
+    residual = jax.lax.stop_gradient(target - x_hat)
     k_aux = min(int(k_aux), pre.shape[-1])
     candidates = jnp.where(dead, jax.lax.stop_gradient(pre) if sparse_decode else pre, -jnp.inf)
 
