@@ -10,6 +10,12 @@ import ml_collections
 from saejax import sae
 
 
+# Renamed fields: {old name: new name}. The old name stays a field (an ml_collections
+# FieldReference to the new one), and a workdir's config.json written before the rename
+# resumes (train.config_changes reads the old name's value for the new one).
+ALIASES = {"optim.l1_warmup_steps": "optim.sparsity_warmup_steps"}
+
+
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -63,7 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 100
     config.optim.decay = "linear"
     config.optim.decay_fraction = 0.2
-    config.optim.l1_warmup_steps = 0
+    # The sparsity coefficient (sae.l1_coefficient, sae.l0_coefficient, ...) ramps linearly
+    # from 0 over this many steps. `l1_warmup_steps` is its old name, kept as an alias: the
+    # same value, whichever is set.
+    config.optim.sparsity_warmup_steps = 0
+    config.optim.l1_warmup_steps = config.optim.get_ref("sparsity_warmup_steps")
     config.optim.b1 = 0.9
     config.optim.b2 = 0.999
     config.optim.eps = 1e-8

@@ -297,7 +297,8 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
         init = lambda key: init_one(key, default)
     step = functools.partial(
         train_step, architecture=architecture, tx=tx, sae_config=config.sae,
-        sparsity_warmup=optim.l1_coefficient_schedule(1.0, config.optim.l1_warmup_steps),
+        sparsity_warmup=optim.l1_coefficient_schedule(1.0,
+                                                      config.optim.sparsity_warmup_steps),
         lr_schedule=optim.learning_rate_schedule(config.optim, total_steps),
         dead_window_tokens=dead_window_tokens,
         density_window_tokens=int(config.evals.density_window_tokens),
@@ -367,6 +368,9 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], dict, dict]:
     no longer has: nothing reads it."""
     from saejax import configs  # pylint: disable=import-outside-toplevel
     old_flat, new_flat = flatten_config(old), flatten_config(new)
+    for old_name, new_name in configs.ALIASES.items():  # written before a rename
+        if new_name not in old_flat and old_name in old_flat:
+            old_flat[new_name] = old_flat[old_name]
     defaults = flatten_config(json.loads(configs.base_config().to_json_best_effort()))
     changed = sorted(k for k in set(old_flat) | set(new_flat)
                      if old_flat.get(k) != new_flat.get(k)

@@ -51,7 +51,7 @@ def validate(config, n_devices: int) -> None:
         _require(int(value) == value and value > 0,
                  f"{field}={value!r} must be a positive integer.")
     for field, value in (("optim.warmup_steps", config.optim.warmup_steps),
-                         ("optim.l1_warmup_steps", config.optim.l1_warmup_steps),
+                         ("optim.sparsity_warmup_steps", config.optim.sparsity_warmup_steps),
                          ("optim.grad_clip_norm", config.optim.grad_clip_norm),
                          ("resample.every_steps", config.resample.every_steps),
                          ("resample.until_step", config.resample.until_step),

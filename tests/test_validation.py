@@ -1,5 +1,6 @@
 """A config that cannot work fails at start, naming the field and the fix."""
 
+import json
 import re
 
 import pytest
@@ -57,3 +58,22 @@ def test_resuming_with_another_config_is_refused_and_keeps_the_run(tmp_path):
         train.train_and_evaluate(toy_config(**{"train.steps": 2, "sae.l1_coefficient": 0.5}),
                                  workdir)
     assert open(f"{workdir}/config.json").read() == before
+
+
+def test_l1_warmup_steps_is_an_alias_and_an_old_workdir_with_it_resumes(tmp_path):
+    config = toy_config(**{"optim.l1_warmup_steps": 2})
+    assert config.optim.sparsity_warmup_steps == 2
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(toy_config(**{"train.steps": 2, "optim.l1_warmup_steps": 2}),
+                             workdir)
+    # A config.json written before the rename has only the old name.
+    path = f"{workdir}/config.json"
+    old = json.load(open(path))
+    del old["optim"]["sparsity_warmup_steps"]
+    json.dump(old, open(path, "w"))
+    summary = train.train_and_evaluate(
+        toy_config(**{"train.steps": 3, "optim.sparsity_warmup_steps": 2}), workdir)
+    assert summary["step"] == 3
+    with pytest.raises(ConfigError, match=r"optim.sparsity_warmup_steps=2 there, 3 now"):
+        train.train_and_evaluate(toy_config(**{"train.steps": 3,
+                                               "optim.l1_warmup_steps": 3}), workdir)
