@@ -4,7 +4,9 @@ other file knowing its name.
 
 It is a ReLU SAE with a learned per-latent gain (latents = relu(pre) * exp(log_gain)), an extra
 param with its own resampling rule, and a tanh penalty in place of L1, weighted by a config
-field of its own (`sae.tanh_coefficient`), with an extra metric (`mean_gain`).
+field of its own (`sae.tanh_coefficient`), with an extra metric (`mean_gain`). A variant with a
+transcoder-like shape (entry "in" encoded, entry "out" reconstructed) checks that the step's
+metrics compare the reconstruction with the target, not the input.
 """
 
 import json
@@ -171,3 +173,55 @@ def test_memory_report_counts_its_temporaries():
     assert report.activation_bytes == 4 * (4 * rows * latents + memory.EMBED_ARRAYS * rows * 16)
     # Its extra param is in the state: W_enc, W_dec split over `model`, biases and gain too.
     assert report.params_bytes == 4 * (2 * 16 * 64 // 4 + 2 * 64 // 4 + 16)
+
+
+class _InToOut(base.SingleHook):
+    """A transcoder-like shape, for this test: encodes entry "in", reconstructs entry "out"."""
+
+    def entries(self, widths):
+        return ((base.Entry("in", widths["in"]),), (base.Entry("out", widths["out"]),))
+
+    def input(self, batch):
+        return batch["in"]
+
+    def target(self, batch):
+        return batch["out"]
+
+
+def test_the_step_reads_its_input_and_compares_the_reconstruction_with_its_target():
+    shape = _InToOut("in_to_out")
+
+    def transcoder_loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
+        del dead, step
+        latents = encode(params, shape.input(batch), sae_config)
+        x_hat = base.decode(params, latents)
+        mse = ops.mse(shape.target(batch), x_hat)
+        return mse + sparsity_coefficient * 0.0, {
+            "mse": mse, "sparsity_loss": jnp.zeros(()), "latents": latents, "x_hat": x_hat,
+            "mean_gain": jnp.mean(jnp.exp(params["log_gain"]))}
+
+    sae.register(ARCHITECTURE._replace(name="gained_transcoder", loss=transcoder_loss,
+                                       shape=shape))
+    try:
+        config = _config(**{"sae.architecture": "gained_transcoder", "mesh.model": 1})
+        mesh = sharding.make_mesh(config.mesh)
+        rules = config.sharding_rules
+        with sharding.activate(mesh, rules):
+            batch_sharding = jax.sharding.NamedSharding(
+                mesh, sharding.logical_to_spec(("batch", "embed"), rules))
+            trainer = train.make_trainer(config, mesh, d=16, batch_sharding=batch_sharding)
+            state = trainer.init(jax.random.PRNGKey(0))
+            x = jax.random.normal(jax.random.PRNGKey(1), (64, 16))
+            # The target is the input negated: what an SAE of "in" would get right, this one
+            # (it reconstructs "out") gets wrong, and its metrics say so.
+            batch = jax.device_put({"in": x, "out": -x}, batch_sharding)
+            params = jax.tree.map(np.asarray, state["params"])
+            x_hat = np.asarray(base.decode(params, encode(params, x)))
+            _, metrics = trainer.train_step(state, batch)
+    finally:
+        sae.unregister("gained_transcoder")
+    expected_mse = np.mean((x_hat + np.asarray(x)) ** 2)
+    np.testing.assert_allclose(metrics["mse"], expected_mse, rtol=1e-5)
+    target = -np.asarray(x)
+    fvu = np.sum((target - x_hat) ** 2) / np.sum((target - target.mean(0)) ** 2)
+    np.testing.assert_allclose(metrics["fvu"], fvu, rtol=1e-5)
