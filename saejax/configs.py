@@ -7,7 +7,14 @@ field that is not declared here is a misspelling, reported as an error.
 
 import ml_collections
 
+from saejax import sae
 from saejax.errors import ConfigError
+
+
+# Renamed fields: {old name: new name}. The old name stays a field (an ml_collections
+# FieldReference to the new one), and a workdir's config.json written before the rename
+# resumes (workdir.config_changes reads the old name's value for the new one).
+ALIASES = {"optim.l1_warmup_steps": "optim.sparsity_warmup_steps"}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -47,35 +54,27 @@ def base_config() -> ml_collections.ConfigDict:
     config.lm.context_length = 128
     config.lm.batch_sequences = 32        # sequences per LM forward pass
 
+    # The dictionary. The fields every architecture shares are here; each architecture
+    # declares its own (saejax/sae/<name>.py, `config_fields`, with a comment each), and every
+    # registered architecture's fields are added when the config is built, so that
+    # --config.sae.k=32 is a field whatever sae.architecture is.
     config.sae = ml_collections.ConfigDict()
-    config.sae.architecture = "relu"
+    config.sae.architecture = "relu"      # a name of saejax.sae.ARCHITECTURES
     config.sae.expansion_factor = 4       # n_latents = expansion_factor x data.d
-    config.sae.l1_coefficient = 0.6
     config.sae.b_dec_init = "zeros"       # or "geometric_median" (Towards Monosemanticity), "mean"
-    config.sae.k = 32                     # topk, batchtopk: latents per token
-    config.sae.k_aux = 128                # topk, batchtopk: dead latents in the AuxK loss
-    config.sae.auxk_coefficient = 1 / 32  # topk, batchtopk (Gao et al. 2024)
-    # topk, batchtopk, switch: k falls linearly from k_anneal_start to k over the first
-    # k_anneal_steps steps (0: no annealing), so every latent takes part while directions form.
-    config.sae.k_anneal_steps = 0
-    config.sae.k_anneal_start = 64
-    # topk: "sparse" decodes only the k selected latents per token (k decoder rows gathered,
-    # their gradients scattered: O(k d), not O(n_latents d)); "dense" multiplies the masked
-    # latents by the whole decoder; "auto" is sparse when n_latents >= 32 (k + k_aux).
-    config.sae.topk_decoder = "auto"
-    config.sae.switch_experts = 4         # switch: experts (each n_latents / E latents, TopK k)
-    config.sae.switch_capacity_factor = 1.25
-    config.sae.switch_balance_coefficient = 0.01
-    config.sae.l0_coefficient = 1e-4      # jumprelu: weight of the L0 penalty
-    config.sae.jumprelu_bandwidth = 1e-3  # jumprelu: width of the threshold's pseudo-gradient
-    config.sae.jumprelu_init_threshold = 1e-3
+    for name, field in sae.config_fields().items():
+        config.sae[name] = field.default
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 3e-3
     config.optim.warmup_steps = 100
     config.optim.decay = "linear"
     config.optim.decay_fraction = 0.2
-    config.optim.l1_warmup_steps = 0
+    # The sparsity coefficient (sae.l1_coefficient, sae.l0_coefficient, ...) ramps linearly
+    # from 0 over this many steps. `l1_warmup_steps` is its old name, kept as an alias: the
+    # same value, whichever is set.
+    config.optim.sparsity_warmup_steps = 0
+    config.optim.l1_warmup_steps = config.optim.get_ref("sparsity_warmup_steps")
     config.optim.b1 = 0.9
     config.optim.b2 = 0.999
     config.optim.eps = 1e-8

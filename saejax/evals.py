@@ -13,11 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def mse(x: jax.Array, x_hat: jax.Array) -> jax.Array:
-    """Element-mean squared error, the reconstruction term of every SAE loss (reduced in
-    float32 when the step computes in bfloat16)."""
-    return jnp.mean(jnp.square(x_hat - x), dtype=jnp.float32)
+from saejax.sae.ops import batch_sum, fire_counts, mse  # noqa: F401  (one definition each)
 
 
 def fvu(x: jax.Array, x_hat: jax.Array) -> jax.Array:
@@ -30,37 +26,6 @@ def fvu(x: jax.Array, x_hat: jax.Array) -> jax.Array:
 def l0(latents: jax.Array) -> jax.Array:
     """Mean number of non-zero latents per token."""
     return jnp.mean(jnp.sum(latents != 0, axis=-1).astype(jnp.float32))
-
-
-def batch_sum(a: jax.Array) -> jax.Array:
-    """The sum over the batch of `a [tokens, n]`, in float32, as a product with a ones vector.
-
-    The same sum as `jnp.sum(a, axis=0)`, but XLA's CPU backend reduces a [tokens, n_latents]
-    array over its leading axis in a loop that ran 4x slower than Eigen's matrix-vector product
-    at 8192 latents and 64x slower at 65536 (benchmarks/batch_sum.py); on GPU and TPU both are
-    one pass over `a`. Every
-    per-latent sum over a batch in the step goes through here: the L1 term, the encoder bias's
-    gradient and the firing counts.
-    """
-    ones = jnp.ones((a.shape[-2],), a.dtype)
-    return jnp.matmul(ones, a, preferred_element_type=jnp.float32)
-
-
-# Its derivative is a plain sum, whose transpose (the gradient) is a broadcast that XLA fuses
-# into the next elementwise op; the product's own transpose is an outer product with the ones
-# vector, written out as a whole [tokens, n] array.
-batch_sum = jax.custom_jvp(batch_sum)
-batch_sum.defjvp(lambda primals, tangents: (
-    batch_sum(primals[0]), jnp.sum(tangents[0], axis=-2, dtype=jnp.float32)))
-
-
-def fire_counts(latents: jax.Array) -> jax.Array:
-    """Per latent, on how many tokens of the batch `[tokens, n_latents]` it fired (non-zero):
-    one pass over the latents that feeds L0, the dead-latent clock and the density.
-
-    Summed in float32, exact up to 2**24 tokens a batch (an integer sum made XLA's CPU backend
-    write an int32 copy of the whole comparison first)."""
-    return batch_sum((latents != 0).astype(latents.dtype)).astype(jnp.int32)
 
 
 def l0_of_counts(counts: jax.Array, n_tokens: int) -> jax.Array:

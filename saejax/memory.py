@@ -22,55 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import sae, sharding, train
+from saejax import data, sharding, train
 
 # ------------------------------------------------------------------------------------------
 # Memory.
 # ------------------------------------------------------------------------------------------
-class Temporaries(NamedTuple):
-    """What one architecture's step keeps live at its peak, besides the state and the batch."""
-
-    latent_arrays: int            # [batch, n_latents] arrays, split like the dictionary
-    selected_row_arrays: int = 0  # [batch, k + k_aux, d] arrays of gathered dictionary rows
-    param_copies: int = 1         # param-sized arrays: the gradients, ...
-
-
-# Counted from what each step computes and checked against XLA's CPU buffer assignment
-# (`compiled_memory(...)["temp_bytes"]`; tests/test_memory.py), rounded:
-#   relu, gated: the pre-activations (gated's two paths share one matmul), the latents, and
-#     the gradient flowing back through them;
-#   jumprelu: those, plus the residuals and kernel-density terms of its two straight-through
-#     estimators (the JumpReLU and the L0 step);
-#   batchtopk, and topk with the dense decode: the activations, the top-k mask, the latents,
-#     AuxK's candidates and mask, and the gradient;
-#   topk with the sparse decoder (sae.topk_decoder): the pre-activations (which the top-k reads; no gradient
-#     flows through them) and AuxK's candidates (the dead latents' pre-activations), no dense
-#     latents, but per selected latent (k, and k_aux for AuxK) a gathered decoder row, its
-#     gradient, and the encoder column's gradient before the scatter-add: when
-#     (k + k_aux) d > n_latents these outweigh the dense latents. Each device handles every
-#     selection of its batch (zeros where another device holds the row), so these do not
-#     shrink with the model axis (XLA keeps about 3 such arrays on one device, 1 with the
-#     dictionary split: 2 is counted). Param-sized: the gradients and the encoder gradient's
-#     transpose;
-#   switch: the dispatched [experts, capacity, width] blocks, the per-token scatter back to
-#     [batch, n_latents] and their gradients (with the experts split over the model axis XLA
-#     reshards the dispatch, which this does not model).
-TEMPORARIES = {
-    "relu": Temporaries(3),
-    "gated": Temporaries(3),
-    "jumprelu": Temporaries(6),
-    "batchtopk": Temporaries(6),
-    "topk": Temporaries(6),
-    "topk_sparse": Temporaries(2, selected_row_arrays=2, param_copies=2),
-    "switch": Temporaries(7),
-}
 # [batch, d] arrays: the scaled batch, x - b_dec, x_hat, the residual and its gradient.
 EMBED_ARRAYS = 4
 
 
 class MemoryReport(NamedTuple):
     """Bytes per device of one train step. The state (params, optimizer, other) and the batch
-    are exact; gradients and activations are estimates (see TEMPORARIES)."""
+    are exact; gradients and activations are estimates (each architecture's `temporaries`)."""
 
     params_bytes: int
     optimizer_bytes: int     # Adam's moments and the optimizer's counters
@@ -125,7 +88,8 @@ def memory_report(config, mesh, *, d: int) -> MemoryReport:
     """Bytes per device of `config`'s train step on `mesh` (a `Mesh` or an `AbstractMesh`).
 
     Builds the trainer (`jax.eval_shape` only: nothing is compiled or allocated) and reads the
-    state's shard shapes; the temporaries are counted from the shapes (module constants).
+    state's shard shapes; the temporaries are counted from the shapes (the architecture's
+    `temporaries`).
     """
     rules = config.sharding_rules
     batch_size = int(config.train.batch_size)
@@ -147,14 +111,12 @@ def memory_report(config, mesh, *, d: int) -> MemoryReport:
     batch_rows = batch_sharding.shard_shape((batch_size, d))[0]
     batch_bytes = batch_rows * d * itemsize
 
-    name = trainer.architecture.name
-    sparse_topk = name == "topk" and sae.topk.sparse_decode(config.sae, trainer.n_latents)
-    counts = TEMPORARIES["topk_sparse" if sparse_topk else name]
     n_latents = trainer.n_latents
-    selected = (int(config.sae.k) + min(int(config.sae.k_aux), n_latents)) if sparse_topk else 0
+    # What the architecture's step keeps live (its `temporaries`, saejax/sae/<name>.py).
+    counts = trainer.architecture.temporaries(config.sae, n_latents)
     activation_elements = (counts.latent_arrays * batch_block * latent_block
                            + EMBED_ARRAYS * batch_rows * d
-                           + counts.selected_row_arrays * batch_rows * selected * d)
+                           + counts.selected_row_arrays * batch_rows * counts.selected_rows * d)
     # A batch split over devices adds a copy: the gradients' all-reduce writes a new buffer.
     batch_split = batch_size // batch_rows > 1
     gradient_bytes = (counts.param_copies + int(batch_split)) * params_bytes
@@ -173,8 +135,8 @@ def compile_train_step(config, mesh, *, d: int, compiler_options=None):
         mesh, sharding.logical_to_spec(("batch", "embed"), config.sharding_rules))
     with sharding.activate(mesh, config.sharding_rules):
         trainer = train.make_trainer(config, mesh, d=d, batch_sharding=batch_sharding)
-        batch = jax.ShapeDtypeStruct((int(config.train.batch_size), d), jnp.float32,
-                                     sharding=batch_sharding)
+        batch = {data.hook_name(config): jax.ShapeDtypeStruct(
+            (int(config.train.batch_size), d), jnp.float32, sharding=batch_sharding)}
         return trainer, trainer.train_step.lower(trainer.abstract_state, batch).compile(
             compiler_options)
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 DECODER = "W_dec"
+RESAMPLE_RULES = ("decoder", "encoder", "zero", "init")
 
 
 def _unit_rows(w: jax.Array) -> jax.Array:
@@ -106,13 +107,16 @@ def rewarm_factor(opt_state) -> jax.Array:
 def resample_dead_latents(key: jax.Array, params: dict, opt_state, x: jax.Array,
                           x_hat: jax.Array, dead: jax.Array, *,
                           tx: optax.GradientTransformation, encoder_scale: float,
-                          param_axes: dict[str, tuple]):
+                          param_axes: dict[str, tuple], rules: dict[str, str],
+                          initial: dict | None = None):
     """Dead-latent resampling (Anthropic, "Towards Monosemanticity").
 
     Each dead latent gets an input drawn with probability proportional to its squared
-    reconstruction loss: the decoder row becomes that input, normalised; the encoder column the
-    same direction scaled to `encoder_scale` times the mean norm of the alive encoder columns;
-    its encoder bias and its Adam moments are zeroed, and the learning-rate re-warm restarts.
+    reconstruction loss. What happens to its entries of each param is the architecture's
+    `rules` (`saejax.sae.base.RESAMPLE`): "decoder", the row becomes that input, normalised;
+    "encoder", the column the same direction scaled to `encoder_scale` times the mean norm of
+    the alive encoder columns; "zero", the entries are zeroed (the encoder bias); "init", they
+    return to `initial`'s (a JumpReLU threshold). Its Adam moments are zeroed, and the learning-rate re-warm restarts.
 
     Args:
       key: randomness for the draw.
@@ -122,6 +126,8 @@ def resample_dead_latents(key: jax.Array, params: dict, opt_state, x: jax.Array,
       tx: the optimizer whose state this is.
       encoder_scale: encoder columns' norm relative to the mean alive norm.
       param_axes: logical axes of each param; moments along `latent` are reset.
+      rules: {param name: one of RESAMPLE_RULES}; params not named keep their values.
+      initial: params as initialised, for the "init" rule.
     Returns:
       (params, opt_state).
     """
@@ -132,20 +138,26 @@ def resample_dead_latents(key: jax.Array, params: dict, opt_state, x: jax.Array,
     # One draw per latent keeps shapes static; only the dead latents use theirs.
     chosen = jax.random.choice(key, x.shape[0], (n_latents,), p=probabilities)
     directions = _unit_rows(x[chosen])                                  # [n_latents, d]
-    encoder_norms = jnp.linalg.norm(params["W_enc"], axis=0)           # [n_latents]
-    alive = ~dead
-    mean_alive_norm = jnp.sum(encoder_norms * alive) / jnp.maximum(jnp.sum(alive), 1)
-    mean_alive_norm = jnp.where(jnp.any(alive), mean_alive_norm, 1.0)
-
     params = dict(params)
-    params["W_dec"] = jnp.where(dead[:, None], directions, params["W_dec"])
-    params["W_enc"] = jnp.where(dead[None, :], directions.T * encoder_scale * mean_alive_norm,
-                                params["W_enc"])
-    # Per-latent biases and gains start again from their initial values (all zero here:
-    # b_enc, and the gated SAE's magnitude path r_mag, b_mag).
-    for name in ("b_enc", "r_mag", "b_mag"):
-        if name in params:
-            params[name] = jnp.where(dead, 0.0, params[name])
+    for name, rule in rules.items():
+        if rule == "decoder":    # [n_latents, d]
+            params[name] = jnp.where(dead[:, None], directions, params[name])
+        elif rule == "encoder":  # [d, n_latents]
+            encoder_norms = jnp.linalg.norm(params[name], axis=0)       # [n_latents]
+            alive = ~dead
+            mean_alive_norm = jnp.sum(encoder_norms * alive) / jnp.maximum(jnp.sum(alive), 1)
+            mean_alive_norm = jnp.where(jnp.any(alive), mean_alive_norm, 1.0)
+            params[name] = jnp.where(dead[None, :],
+                                     directions.T * encoder_scale * mean_alive_norm,
+                                     params[name])
+        elif rule in ("zero", "init"):
+            axes = param_axes[name]
+            mask = jnp.expand_dims(dead, [i for i, a in enumerate(axes) if a != "latent"])
+            params[name] = jnp.where(mask, 0.0 if rule == "zero" else initial[name],
+                                     params[name])
+        else:
+            raise ValueError(f"resampling rule {rule!r} for {name} is not one of "
+                             f"{RESAMPLE_RULES}.")
 
     # Adam moments of every per-latent parameter of a dead latent are zeroed.
     keep = {name: None for name in params}

@@ -55,10 +55,6 @@ from saejax.workdir import format_value, run_name  # noqa: F401
 
 GROUPS_DIR = "groups"
 
-# Architectures whose sparsity term is a mean over latents (relu.py, gated.py): the penalty per
-# latent falls as 1/n_latents, so coefficient / expansion_factor is what stays comparable
-# across dictionary sizes (the coefficient of Anthropic's summed L1).
-_MEAN_OVER_LATENTS = ("relu", "gated")
 
 
 class Point(NamedTuple):
@@ -129,15 +125,17 @@ def expand(config: ml_collections.ConfigDict, sweep: Sequence[dict[str, Any]]) -
 def sparsity_level(config) -> tuple[str, float]:
     """The setting that holds sparsity fixed across dictionary sizes, and its name.
 
-    k for TopK-like architectures; for relu and gated, whose L1 term is a mean over latents,
-    l1_coefficient / expansion_factor; otherwise the architecture's coefficient itself.
+    The architecture's `level_field` (TopK's k) when it has no sparsity coefficient; the
+    coefficient divided by the expansion factor when its sparsity term is a mean over latents
+    (relu's and gated's L1: the penalty per latent falls as 1/n_latents, so coefficient /
+    expansion_factor stays comparable across dictionary sizes); otherwise the coefficient.
     """
     architecture = sae.get(config.sae.architecture)
     name = architecture.sparsity_coefficient
     if name is None:
-        return "k", float(config.sae.k)
+        return architecture.level_field, float(config.sae[architecture.level_field])
     value = float(config.sae[name])
-    if architecture.name in _MEAN_OVER_LATENTS:
+    if architecture.sparsity_mean_over_latents:
         return f"{name} / expansion_factor", value / float(config.sae.expansion_factor)
     return name, value
 
@@ -153,8 +151,8 @@ def describe(point: Point) -> dict[str, Any]:
            "sparsity_level_name": level_name, "sparsity_level": level}
     if architecture.sparsity_coefficient:
         row[architecture.sparsity_coefficient] = float(config.sae[architecture.sparsity_coefficient])
-    else:
-        row["k"] = int(config.sae.k)
+    elif architecture.level_field:
+        row[architecture.level_field] = config.sae[architecture.level_field]
     row.update({
         "n_features": (int(config.data.n_features) if config.data.source == "synthetic"
                        else None),

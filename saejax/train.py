@@ -92,25 +92,39 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
+def _scaled(batch: dict, scale: jax.Array) -> dict:
+    """Every entry of a batch `{hook: [batch, d_hook]}` times the input scale (a bare array
+    is a batch of one entry, `data.DEFAULT_HOOK`)."""
+    return {hook: x * scale for hook, x in data.as_batch(batch).items()}
+
+
+def _concatenated(batches: tuple[dict, ...]) -> dict:
+    batches = [data.as_batch(b) for b in batches]
+    return {hook: jnp.concatenate([b[hook] for b in batches], axis=0) for hook in batches[0]}
+
+
+def train_step(state: dict, batch: dict, *, architecture: sae.Architecture,
                tx: optax.GradientTransformation, sae_config, sparsity_warmup: optax.Schedule,
                lr_schedule: optax.Schedule, dead_window_tokens: int, density_window_tokens: int,
                dense_threshold: float, compute_dtype=jnp.float32) -> tuple[dict, dict]:
-    """One optimisation step: `state, metrics = train_step(state, batch)`.
+    """One optimisation step: `state, metrics = train_step(state, batch)`, `batch` a dict
+    `{hook: [batch, d_hook]}` (saejax.data) that the architecture's shape reads.
 
     The loss runs in `compute_dtype` (mixed precision: a bfloat16 copy of the float32 params
     and batch, so the matmuls and the [batch, n_latents] activations are bfloat16); its
     gradients come back through the cast as float32, for the float32 optimizer state.
     """
     step = state["step"]
-    batch = batch * state["input_scale"]
+    batch = _scaled(batch, state["input_scale"])
+    target = architecture.shape.target(batch)
     sparsity_coefficient = state["sparsity_coefficient"] * sparsity_warmup(step)
 
     dead = state["tokens_since_fired"] >= dead_window_tokens
 
     def loss_fn(params):
         params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-        return architecture.loss(params, batch.astype(compute_dtype), sae_config,
+        return architecture.loss(params, jax.tree.map(lambda x: x.astype(compute_dtype), batch),
+                                 sae_config,
                                  sparsity_coefficient, dead, step=step)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -121,14 +135,14 @@ def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
                            for name, value in aux.get("buffers", {}).items()}}
     # Architectures that never form the dense latents (sparse TopK) count firings themselves.
     counts = aux["fire_counts"] if "fire_counts" in aux else evals.fire_counts(aux["latents"])
-    n_tokens = batch.shape[0]
+    n_tokens = target.shape[0]
     tokens_since_fired = evals.update_tokens_since_fired(state["tokens_since_fired"], counts,
                                                          n_tokens)
     density = evals.update_density(state["density"], counts, n_tokens, density_window_tokens)
     metrics = {
         "loss": loss,
         "mse": aux["mse"],
-        "fvu": evals.fvu(batch, aux["x_hat"]),
+        "fvu": evals.fvu(target, aux["x_hat"]),
         "l0": evals.l0_of_counts(counts, n_tokens),
         "dead_fraction": evals.dead_fraction(tokens_since_fired, dead_window_tokens),
         "dense_fraction": evals.dense_fraction(density.density, dense_threshold),
@@ -137,43 +151,51 @@ def train_step(state: dict, batch: jax.Array, *, architecture: sae.Architecture,
         "learning_rate": lr_schedule(step) * optim.rewarm_factor(state["opt_state"]),
         "finite": jnp.isfinite(loss) & _all_finite(params),
     }
-    for name in ("auxk_loss", "auxiliary_loss", "balance_loss", "dropped_fraction"):
-        if name in aux:
-            metrics[name] = aux[name]
+    for name in architecture.metrics:  # the architecture's own scalars (AuxK, ...)
+        metrics[name] = aux[name]
     if architecture.sparsity_coefficient:
-        metrics["sparsity_loss"] = aux["sparsity_loss"]
         metrics[architecture.sparsity_coefficient] = sparsity_coefficient
     new_state = dict(state, step=step + 1, params=params, opt_state=opt_state,
                      tokens_since_fired=tokens_since_fired, density=density)
     return new_state, metrics
 
 
-def resample_step(state: dict, batches: tuple[jax.Array, ...], *,
+def resample_step(state: dict, batches: tuple[dict, ...], *,
                   architecture: sae.Architecture, tx: optax.GradientTransformation, sae_config,
-                  dead_window_tokens: int, encoder_scale: float) -> tuple[dict, jax.Array]:
-    """Resamples the dead latents from `batches`; returns the state and how many were dead."""
-    x = jnp.concatenate(batches, axis=0) * state["input_scale"]
+                  dead_window_tokens: int, encoder_scale: float, d: int,
+                  n_latents: int) -> tuple[dict, jax.Array]:
+    """Resamples the dead latents from `batches` by the architecture's rules (entries reset to
+    their initial values come from a fresh `init`); returns the state and how many were
+    dead."""
+    batch = _scaled(_concatenated(batches), state["input_scale"])
     params = state["params"]
-    x_hat = architecture.decode(params, architecture.encode(params, x, sae_config))
+    x_hat = architecture.decode(params, architecture.encode(
+        params, architecture.shape.input(batch), sae_config))
+    # Dead latents point at the targets the SAE reconstructs worst.
+    x = architecture.shape.target(batch)
     dead = state["tokens_since_fired"] >= dead_window_tokens
     key = jax.random.fold_in(state["rng"], state["step"])
+    initial = (architecture.init(jax.random.fold_in(key, 1), d, n_latents, sae_config)
+               if "init" in architecture.resample.values() else None)
     params, opt_state = optim.resample_dead_latents(
         key, params, state["opt_state"], x, x_hat, dead, tx=tx, encoder_scale=encoder_scale,
-        param_axes=architecture.param_axes)
+        param_axes=architecture.param_axes, rules=architecture.resample, initial=initial)
     tokens_since_fired = jnp.where(dead, 0, state["tokens_since_fired"])
     return (dict(state, params=params, opt_state=opt_state,
                  tokens_since_fired=tokens_since_fired), jnp.sum(dead))
 
 
-def init_from_data(state: dict, batches: tuple[jax.Array, ...], *, normalize_inputs: bool,
-                   b_dec_init: str) -> dict:
+def init_from_data(state: dict, batches: tuple[dict, ...], *, architecture: sae.Architecture,
+                   normalize_inputs: bool, b_dec_init: str) -> dict:
     """Data-dependent initialisation on a fresh run: the input scale that gives unit mean squared
     norm (kept in the state, so a saved SAE applies it to raw activations) and `b_dec` at the
-    geometric median (Towards Monosemanticity) or mean of the scaled inputs."""
-    x = jnp.concatenate(batches, axis=0)
+    geometric median (Towards Monosemanticity) or mean of the scaled targets (what the decoder
+    writes)."""
+    batch = _concatenated(batches)
+    x = architecture.shape.input(batch)
     scale = (jax.lax.rsqrt(jnp.mean(jnp.sum(jnp.square(x), axis=-1))) if normalize_inputs
              else state["input_scale"])
-    x = x * scale
+    x = architecture.shape.target(batch) * scale
     params = dict(state["params"])
     if b_dec_init == "geometric_median":
         params["b_dec"] = sae.base.geometric_median(x)
@@ -182,12 +204,13 @@ def init_from_data(state: dict, batches: tuple[jax.Array, ...], *, normalize_inp
     return dict(state, params=params, input_scale=scale.astype(jnp.float32))
 
 
-def eval_step(params: dict, input_scale: jax.Array, batch: jax.Array, *,
+def eval_step(params: dict, input_scale: jax.Array, batch: dict, *,
               architecture: sae.Architecture, sae_config) -> dict:
-    batch = batch * input_scale
-    latents = architecture.encode(params, batch, sae_config)
+    batch = _scaled(batch, input_scale)
+    latents = architecture.encode(params, architecture.shape.input(batch), sae_config)
     x_hat = architecture.decode(params, latents)
-    return {"mse": evals.mse(batch, x_hat), "fvu": evals.fvu(batch, x_hat),
+    target = architecture.shape.target(batch)
+    return {"mse": evals.mse(target, x_hat), "fvu": evals.fvu(target, x_hat),
             "l0": evals.l0(latents)}
 
 
@@ -201,10 +224,10 @@ class Trainer(NamedTuple):
     state_shardings: Any
     abstract_state: Any           # ShapeDtypeStructs carrying their shardings
     init: Callable[[jax.Array], dict]  # key -> state, created already sharded
-    train_step: Callable[[dict, jax.Array], tuple[dict, dict]]
+    train_step: Callable[[dict, dict], tuple[dict, dict]]  # state, {hook: batch}
     resample_step: Callable[[dict, tuple], tuple[dict, jax.Array]]
     init_from_data: Callable[[dict, tuple], dict]
-    eval_step: Callable[[dict, jax.Array, jax.Array], dict]  # params, input_scale, batch
+    eval_step: Callable[[dict, jax.Array, dict], dict]  # params, input_scale, batch
 
 
 def _vectorize_group(config) -> bool:
@@ -270,7 +293,8 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
         init = lambda key: init_one(key, default)
     step = functools.partial(
         train_step, architecture=architecture, tx=tx, sae_config=config.sae,
-        sparsity_warmup=optim.l1_coefficient_schedule(1.0, config.optim.l1_warmup_steps),
+        sparsity_warmup=optim.l1_coefficient_schedule(1.0,
+                                                      config.optim.sparsity_warmup_steps),
         lr_schedule=optim.learning_rate_schedule(config.optim, total_steps),
         dead_window_tokens=dead_window_tokens,
         density_window_tokens=int(config.evals.density_window_tokens),
@@ -278,8 +302,9 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
         compute_dtype=jnp.dtype(config.train.compute_dtype))
     resample = functools.partial(resample_step, architecture=architecture, tx=tx,
                                  sae_config=config.sae, dead_window_tokens=dead_window_tokens,
-                                 encoder_scale=float(config.resample.encoder_scale))
-    from_data = functools.partial(init_from_data,
+                                 encoder_scale=float(config.resample.encoder_scale), d=d,
+                                 n_latents=n_latents)
+    from_data = functools.partial(init_from_data, architecture=architecture,
                                   normalize_inputs=bool(config.data.normalize_inputs),
                                   b_dec_init=str(config.sae.b_dec_init))
     evaluate = functools.partial(eval_step, architecture=architecture, sae_config=config.sae)
@@ -460,6 +485,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         # Model, optimizer, shardings and the update step ------------------------------------
         trainer = make_trainer(config, mesh, d=d, batch_sharding=source.sharding)
         architecture, n_latents = trainer.architecture, trainer.n_latents
+        architecture.shape.entries(source.widths)  # the batch has what the SAE reads
         logging.info("SAE %s: d=%d, n_latents=%d (x%d), %.3g FLOPs per token.",
                      architecture.name, d, n_latents, config.sae.expansion_factor,
                      trainer.flops_per_token)
@@ -606,8 +632,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 summary[architecture.sparsity_coefficient] = (
                     group_coefficients(config)[i] if members
                     else float(config.sae[architecture.sparsity_coefficient]))
-            else:
-                summary["k"] = int(config.sae.k)
+            elif architecture.level_field:
+                summary[architecture.level_field] = config.sae[architecture.level_field]
             if mmcs is not None:
                 summary["mmcs"] = float(pick(mmcs))
             summary.update(downstream[i])

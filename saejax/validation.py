@@ -50,11 +50,8 @@ def validate(config, n_devices: int) -> None:
                          ("lm.batch_sequences", config.lm.batch_sequences)):
         _require(int(value) == value and value > 0,
                  f"{field}={value!r} must be a positive integer.")
-    for field, value in (("sae.l1_coefficient", config.sae.l1_coefficient),
-                         ("sae.l0_coefficient", config.sae.l0_coefficient),
-                         ("sae.auxk_coefficient", config.sae.auxk_coefficient),
-                         ("optim.warmup_steps", config.optim.warmup_steps),
-                         ("optim.l1_warmup_steps", config.optim.l1_warmup_steps),
+    for field, value in (("optim.warmup_steps", config.optim.warmup_steps),
+                         ("optim.sparsity_warmup_steps", config.optim.sparsity_warmup_steps),
                          ("optim.grad_clip_norm", config.optim.grad_clip_norm),
                          ("resample.every_steps", config.resample.every_steps),
                          ("resample.until_step", config.resample.until_step),
@@ -87,10 +84,11 @@ def validate(config, n_devices: int) -> None:
              f"group.vectorize={config.group.vectorize!r} must be 'auto', 'vmap' or 'map'.")
     coefficients = tuple(config.group.sparsity_coefficients)
     if coefficients:
+        groupable = [a.name for a in sae.ARCHITECTURES.values() if a.sparsity_coefficient]
         _require(architecture.sparsity_coefficient is not None,
                  f"group.sparsity_coefficients={coefficients} needs an architecture with a "
                  f"sparsity coefficient; sae.architecture={architecture.name!r} has none. Use "
-                 f"one of relu, gated, jumprelu, or an empty group.")
+                 f"one of {', '.join(groupable)}, or an empty group.")
         workdirs = tuple(config.group.member_workdirs)
         _require(not workdirs or (len(workdirs) == len(coefficients)
                                   and len(set(workdirs)) == len(workdirs)),
@@ -103,42 +101,7 @@ def validate(config, n_devices: int) -> None:
                  f"significant digits (they name the members' folders).")
 
     n = n_latents(config)
-    if architecture.name == "jumprelu":
-        for field in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
-            _require(config.sae[field] > 0, f"sae.{field}={config.sae[field]!r} must be > 0.")
-    if architecture.name == "switch":
-        experts = int(config.sae.switch_experts)
-        _require(experts >= 1 and n % experts == 0,
-                 f"sae.switch_experts={experts} must divide n_latents={n} (each expert owns an "
-                 f"equal block of latents).")
-        _require(1 <= int(config.sae.k) <= n // experts,
-                 f"sae.k={config.sae.k} must be between 1 and the {n // experts} latents of one "
-                 f"expert (n_latents / sae.switch_experts); lower sae.k or use fewer experts.")
-        _require(config.sae.switch_capacity_factor >= 1.0,
-                 f"sae.switch_capacity_factor={config.sae.switch_capacity_factor} must be >= 1.")
-    if architecture.name in ("topk", "batchtopk"):
-        _require(int(config.sae.k_aux) >= 1,
-                 f"sae.k_aux={config.sae.k_aux} must be >= 1 (Gao et al. use about d / 2; "
-                 f"set sae.auxk_coefficient=0 to turn AuxK off).")
-        _require(1 <= int(config.sae.k) <= n,
-                 f"sae.k={config.sae.k} must be between 1 and n_latents={n} "
-                 f"(sae.expansion_factor={config.sae.expansion_factor} x data.d={config.data.d}); "
-                 f"lower sae.k or raise sae.expansion_factor.")
-    anneal_steps = int(config.sae.k_anneal_steps)
-    _require(anneal_steps >= 0, f"sae.k_anneal_steps={anneal_steps} must be >= 0 (0: off).")
-    if anneal_steps:
-        _require(architecture.name in ("topk", "batchtopk", "switch"),
-                 f"sae.k_anneal_steps={anneal_steps} anneals a TopK-family k; "
-                 f"sae.architecture={architecture.name!r} has none: set it to 0.")
-        start = int(config.sae.k_anneal_start)
-        width = n // int(config.sae.switch_experts) if architecture.name == "switch" else n
-        _require(int(config.sae.k) < start <= width,
-                 f"sae.k_anneal_start={start} must be above sae.k={config.sae.k} and at most "
-                 f"the {width} latents a token chooses from: the anneal runs from it down to "
-                 f"sae.k.")
-    _require(config.sae.topk_decoder in sae.topk.DECODERS,
-             f"sae.topk_decoder={config.sae.topk_decoder!r} is not known; choose one of "
-             f"{', '.join(sae.topk.DECODERS)}.")
+    _check_architecture(config, architecture, n)
     _require(config.train.compute_dtype in COMPUTE_DTYPES,
              f"train.compute_dtype={config.train.compute_dtype!r} is not supported; choose one "
              f"of {', '.join(COMPUTE_DTYPES)}.")
@@ -158,6 +121,18 @@ def validate(config, n_devices: int) -> None:
              f"train.batch_size={config.train.batch_size} is not divisible by mesh.data="
              f"{n_data}: the batch is split evenly across the data axis. Use a multiple of "
              f"{n_data} or change mesh.data.")
+
+
+def _check_architecture(config, architecture: sae.Architecture, n: int) -> None:
+    """The architecture's own checks, and no field of another one set: it would be ignored."""
+    for field, spec in sae.config_fields().items():
+        if (spec.exclusive and field not in architecture.config_fields
+                and config.sae[field] != spec.default):
+            _require(False, f"sae.{field}={config.sae[field]!r} is read by "
+                     f"{', '.join(sae.owners(field))} ({spec.doc}); "
+                     f"sae.architecture={architecture.name!r} has none: set it to "
+                     f"{spec.default!r}.")
+    architecture.validate(config, n)
 
 
 def _check_data_paths(config) -> None:

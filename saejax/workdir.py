@@ -51,6 +51,9 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], dict, dict]:
     no longer has: nothing reads it."""
     from saejax import configs  # pylint: disable=import-outside-toplevel
     old_flat, new_flat = flatten_config(old), flatten_config(new)
+    for old_name, new_name in configs.ALIASES.items():  # written before a rename
+        if new_name not in old_flat and old_name in old_flat:
+            old_flat[new_name] = old_flat[old_name]
     defaults = flatten_config(json.loads(configs.base_config().to_json_best_effort()))
     changed = sorted(k for k in set(old_flat) | set(new_flat)
                      if old_flat.get(k) != new_flat.get(k)

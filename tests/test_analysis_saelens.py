@@ -107,6 +107,10 @@ EXPECTED = {"relu": ("standard", {"b_enc"}), "topk": ("topk", {"b_enc"}),
             "gated": ("gated", {"b_gate", "r_mag", "b_mag"})}
 
 
+def test_every_architecture_with_a_saelens_form_is_checked_here():
+    assert sorted(EXPECTED) == saelens.exportable()
+
+
 @pytest.mark.parametrize("architecture", sorted(EXPECTED))
 def test_export_matches_the_format_and_saelens_formulas_on_raw_activations(architecture,
                                                                            tmp_path):

@@ -16,7 +16,7 @@ import jax
 import pytest
 
 from conftest import toy_config
-from saejax import memory, sharding
+from saejax import memory, sae, sharding
 
 D, EXPANSION_FACTOR, BATCH, K, K_AUX = 64, 256, 32, 8, 16
 N_LATENTS = D * EXPANSION_FACTOR
@@ -27,7 +27,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 CASES = [
     *[pytest.param(a, data, model, id=f"{a}-data{data}-model{model}")
-      for a in ("relu", "topk", "batchtopk", "jumprelu", "gated")
+      for a in sorted(sae.ARCHITECTURES) if a != "switch"
       for data, model in ((1, 8), (2, 4))],
     # Data parallelism alone: only the gradients' all-reduce is parameter-sized.
     pytest.param("relu", 8, 1, id="relu-data8-model1"),

@@ -10,7 +10,7 @@ import pytest
 from conftest import toy_config
 from saejax import evals, optim, sae
 from saejax.data import synthetic
-from saejax.sae import base
+from saejax.sae import base, topk_family
 
 
 def test_decoder_constraint_keeps_rows_unit_norm_and_drops_parallel_gradient():
@@ -144,7 +144,7 @@ def test_k_annealing_keeps_k_anneal_start_latents_at_first_and_k_from_its_end(na
 
     # 24 at step 0, linearly down to 4 at step 10 (14 at step 5), 4 after, and 4 in evaluation.
     assert [l0_at(step) for step in (0, 5, 10, 50)] == [24.0, 14.0, 4.0, 4.0]
-    assert float(base.annealed_k(config.sae, 5)) == 14
+    assert float(topk_family.annealed_k(config.sae, 5)) == 14
     _, aux = architecture.loss(params, x, config.sae, 0.0, dead)
     counts = aux["fire_counts"] if "fire_counts" in aux else evals.fire_counts(aux["latents"])
     assert float(evals.l0_of_counts(counts, 32)) == 4.0
@@ -225,6 +225,7 @@ def test_resampling_resets_dead_latents_moments_and_rewarms():
     from saejax.sae import gated  # pylint: disable=import-outside-toplevel
     config = toy_config()
     params = gated.init(jax.random.PRNGKey(0), 8, 16)
+    initial = dict(params)
     params["r_mag"] = params["r_mag"] + 0.5
     tx = optim.make_optimizer(config.optim, total_steps=100, rewarm_steps=10)
     state = tx.init(params)
@@ -238,7 +239,7 @@ def test_resampling_resets_dead_latents_moments_and_rewarms():
 
     new_params, new_state = optim.resample_dead_latents(
         jax.random.PRNGKey(2), params, state, x, x * 0.5, dead, tx=tx, encoder_scale=0.2,
-        param_axes=gated.PARAM_AXES)
+        param_axes=gated.PARAM_AXES, rules=gated.ARCHITECTURE.resample, initial=initial)
     adam = new_state[1][0]
     for name, axis in (("W_enc", 1), ("W_dec", 0), ("b_enc", 0), ("r_mag", 0)):
         dead_part = np.take(np.asarray(adam.mu[name]), np.arange(4), axis=axis)
@@ -252,8 +253,26 @@ def test_resampling_resets_dead_latents_moments_and_rewarms():
 
     _, unchanged = optim.resample_dead_latents(
         jax.random.PRNGKey(2), params, state, x, x * 0.5, jnp.zeros(16, bool), tx=tx,
-        encoder_scale=0.2, param_axes=gated.PARAM_AXES)
+        encoder_scale=0.2, param_axes=gated.PARAM_AXES, rules=gated.ARCHITECTURE.resample,
+        initial=initial)
     assert float(optim.rewarm_factor(unchanged)) == 1.0   # nothing dead: no re-warm
+
+
+def test_resampling_resets_a_dead_jumprelu_threshold_to_its_initial_value():
+    from saejax.sae import jumprelu  # pylint: disable=import-outside-toplevel
+    config = toy_config(**{"sae.architecture": "jumprelu"})
+    initial = jumprelu.init(jax.random.PRNGKey(0), 8, 16, config.sae)
+    params = {**initial, "log_threshold": initial["log_threshold"] + 2.0}
+    tx = optim.make_optimizer(config.optim, total_steps=100)
+    x = jax.random.normal(jax.random.PRNGKey(1), (64, 8))
+    dead = jnp.arange(16) < 4
+    new_params, _ = optim.resample_dead_latents(
+        jax.random.PRNGKey(2), params, tx.init(params), x, x * 0.5, dead, tx=tx,
+        encoder_scale=0.2, param_axes=jumprelu.PARAM_AXES,
+        rules=jumprelu.ARCHITECTURE.resample, initial=initial)
+    np.testing.assert_allclose(np.exp(new_params["log_threshold"][:4]),
+                               config.sae.jumprelu_init_threshold, rtol=1e-6)
+    np.testing.assert_array_equal(new_params["log_threshold"][4:], params["log_threshold"][4:])
 
 
 def test_switch_routes_each_token_to_one_expert():

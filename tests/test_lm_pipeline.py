@@ -138,10 +138,13 @@ def test_on_the_fly_lm_source_gives_the_stores_batches(tiny, tmp_path):
                                 mesh=mesh, rules=_tiny_config(tiny).sharding_rules)
                for source in ("lm", "store")]
     for _ in range(3):
-        a, b = (np.asarray(s.next_batch()) for s in sources)
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(sources[0].eval_batch(1)),
-                               np.asarray(sources[1].eval_batch(1)), rtol=1e-5, atol=1e-5)
+        a, b = (s.next_batch() for s in sources)
+        # Both name their batch's one entry by the hook: lm.hook, and the store's metadata.
+        assert list(a) == list(b) == [HOOK]
+        np.testing.assert_allclose(np.asarray(a[HOOK]), np.asarray(b[HOOK]), rtol=1e-5,
+                                   atol=1e-5)
+    np.testing.assert_allclose(np.asarray(sources[0].eval_batch(1)[HOOK]),
+                               np.asarray(sources[1].eval_batch(1)[HOOK]), rtol=1e-5, atol=1e-5)
     for source in sources:
         source.close()
 

@@ -1,9 +1,12 @@
 """A config that cannot work fails at start, naming the field and the fix."""
 
+import json
+import re
+
 import pytest
 
 from conftest import toy_config
-from saejax import train
+from saejax import sae, train
 from saejax.sharding import ConfigError
 
 CASES = [
@@ -21,7 +24,7 @@ CASES = [
     ({"sae.k_anneal_steps": 100}, r"sae.architecture='relu' has none: set it to 0"),
     ({"sae.architecture": "transcoder"},
      r"sae.architecture='transcoder' is not known; choose one of "
-     r"\['batchtopk', 'gated', 'jumprelu', 'relu', 'switch', 'topk'\]"),
+     + re.escape(str(sorted(sae.ARCHITECTURES)))),
     ({"sae.architecture": "jumprelu", "sae.jumprelu_bandwidth": 0.0},
      r"sae.jumprelu_bandwidth=0.0 must be > 0"),
     ({"mesh.data": 3, "mesh.model": 2}, r"mesh.data=3 x mesh.model=2 needs 6 devices but 8"),
@@ -55,3 +58,22 @@ def test_resuming_with_another_config_is_refused_and_keeps_the_run(tmp_path):
         train.train_and_evaluate(toy_config(**{"train.steps": 2, "sae.l1_coefficient": 0.5}),
                                  workdir)
     assert open(f"{workdir}/config.json").read() == before
+
+
+def test_l1_warmup_steps_is_an_alias_and_an_old_workdir_with_it_resumes(tmp_path):
+    config = toy_config(**{"optim.l1_warmup_steps": 2})
+    assert config.optim.sparsity_warmup_steps == 2
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(toy_config(**{"train.steps": 2, "optim.l1_warmup_steps": 2}),
+                             workdir)
+    # A config.json written before the rename has only the old name.
+    path = f"{workdir}/config.json"
+    old = json.load(open(path))
+    del old["optim"]["sparsity_warmup_steps"]
+    json.dump(old, open(path, "w"))
+    summary = train.train_and_evaluate(
+        toy_config(**{"train.steps": 3, "optim.sparsity_warmup_steps": 2}), workdir)
+    assert summary["step"] == 3
+    with pytest.raises(ConfigError, match=r"optim.sparsity_warmup_steps=2 there, 3 now"):
+        train.train_and_evaluate(toy_config(**{"train.steps": 3,
+                                               "optim.l1_warmup_steps": 3}), workdir)

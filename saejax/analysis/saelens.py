@@ -50,14 +50,18 @@ PRE_6_RENAMES = {"hook_point": "hook_name", "hook_point_layer": "hook_layer",
                  "hook_point_head_index": "hook_head_index",
                  "activation_fn_str": "activation_fn"}
 
-# saejax architecture -> SAELens architecture of the exported inference SAE.
-EXPORTS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
-           # SAELens saves a trained BatchTopK SAE as a JumpReLU SAE with the batch threshold
-           # on every latent (BatchTopKTrainingSAE.process_state_dict_for_saving_inference);
-           # relu(pre) * (pre > t) is exactly saejax's BatchTopK inference for t >= 0.
-           "batchtopk": "jumprelu"}
-IMPORTS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
-           "batchtopk": "batchtopk"}
+
+
+def exportable() -> list[str]:
+    """The registered architectures with a SAELens counterpart (`Architecture.saelens`)."""
+    return sorted(a.name for a in sae.ARCHITECTURES.values()
+                  if a.saelens and a.saelens.to_saelens)
+
+
+def importable() -> list[str]:
+    """The SAELens architectures some registered architecture reads."""
+    return sorted({n for a in sae.ARCHITECTURES.values() if a.saelens
+                   for n in a.saelens.imports})
 
 
 # ------------------------------------------------------------------------------------------
@@ -67,25 +71,15 @@ def to_saelens(loaded: LoadedSAE, *, model_name: str | None = None,
                dataset_path: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(tensors, cfg) of `loaded` as a SAELens inference SAE that reads raw activations."""
     name = loaded.architecture.name
-    if name not in EXPORTS:
-        raise AnalysisError(f"a {name!r} SAE has no SAELens counterpart (SAELens has "
-                            f"{sorted(set(EXPORTS.values()))}); only {sorted(EXPORTS)} SAEs "
-                            "export.")
+    conversion = loaded.architecture.saelens
+    if conversion is None or conversion.to_saelens is None:
+        raise AnalysisError(f"a {name!r} SAE has no SAELens counterpart; only "
+                            f"{exportable()} SAEs export.")
     p = {k: np.asarray(v, np.float32) for k, v in loaded.params.items()}
     s = np.float32(loaded.input_scale)
-    tensors = {"W_enc": p["W_enc"] * s, "W_dec": p["W_dec"] / s, "b_dec": p["b_dec"] / s}
-    architecture = EXPORTS[name]
-    extra: dict[str, Any] = {}
-    if name == "gated":
-        tensors.update(b_gate=p["b_enc"], r_mag=p["r_mag"], b_mag=p["b_mag"])
-    else:
-        tensors["b_enc"] = p["b_enc"]
-    if name == "jumprelu":
-        tensors["threshold"] = np.exp(p["log_threshold"])
-    elif name == "batchtopk":
-        tensors["threshold"] = np.full((loaded.n_latents,), p["threshold"], np.float32)
-    elif name == "topk":
-        extra = {"k": int(loaded.sae_config.k), "rescale_acts_by_decoder_norm": False}
+    architecture, tensors, extra = conversion.to_saelens(p, loaded.sae_config)
+    tensors = {**tensors, "W_enc": tensors["W_enc"] * s, "W_dec": tensors["W_dec"] / s,
+               "b_dec": tensors["b_dec"] / s}
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
 
     hook = loaded.hook
@@ -212,9 +206,9 @@ def import_saelens(path: str, *, norm_scaling_factor: float | None = None
     flat = _flat_config(cfg)
     tensors = {k: np.asarray(v, np.float32) for k, v in _read_safetensors(weights_path).items()}
     architecture = flat.get("architecture") or "standard"
-    if architecture not in IMPORTS:
+    if architecture not in importable():
         raise AnalysisError(f"{cfg_path}: architecture={architecture!r} has no saejax "
-                            f"counterpart; supported: {sorted(IMPORTS)}.")
+                            f"counterpart; supported: {importable()}.")
     activation_fn = flat.get("activation_fn")
     if activation_fn not in (None, "relu", "topk"):
         raise AnalysisError(f"{cfg_path}: activation_fn={activation_fn!r}; saejax reads SAEs "
@@ -243,13 +237,9 @@ def import_saelens(path: str, *, norm_scaling_factor: float | None = None
                             "and 'expected_average_only_in' are supported.")
 
     d_in, d_sae = int(flat["d_in"]), int(flat["d_sae"])
-    required = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    required.update({"b_gate": (d_sae,), "r_mag": (d_sae,), "b_mag": (d_sae,)}
-                    if architecture == "gated" else {"b_enc": (d_sae,)})
-    if architecture == "jumprelu" or (architecture == "batchtopk" and "threshold" in tensors):
-        required["threshold"] = (d_sae,)
-    elif architecture == "batchtopk":
-        required["topk_threshold"] = ()
+    conversion = sae.saelens_importer(architecture).saelens
+    required = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
+                **conversion.required(architecture, d_sae, tensors)}
     for name, shape in required.items():
         if name not in tensors:
             raise AnalysisError(f"{weights_path}: tensor {name!r} is missing; a SAELens "
@@ -258,53 +248,26 @@ def import_saelens(path: str, *, norm_scaling_factor: float | None = None
             raise AnalysisError(f"{weights_path}: {name} has shape {tensors[name].shape}, but "
                                 f"cfg.json's d_in={d_in}, d_sae={d_sae} imply {shape}.")
 
-    W_enc, W_dec, b_dec = tensors["W_enc"], tensors["W_dec"], tensors["b_dec"]
     folded = []
     scaling = tensors.get("finetuning_scaling_factor", tensors.get("scaling_factor"))
     if scaling is not None and not np.allclose(scaling, 1.0):
-        W_dec = W_dec * scaling[:, None]  # decode: (f * scaling) @ W_dec
+        # decode: (f * scaling) @ W_dec
+        tensors = {**tensors, "W_dec": tensors["W_dec"] * scaling[:, None]}
         folded.append("finetuning_scaling_factor into W_dec")
-    k = None
-    if architecture in ("topk", "batchtopk"):
-        k = flat.get("k", (flat.get("activation_fn_kwargs") or {}).get("k"))
-        if k is None:
-            raise AnalysisError(f"{cfg_path}: a {architecture} SAE needs k (cfg 'k', or "
-                                "'activation_fn_kwargs': {'k': ...} before SAELens 6).")
-        if flat.get("rescale_acts_by_decoder_norm"):
-            # hidden_pre * ||W_dec_i|| then decode f / ||W_dec_i||: fold the norms in, as
-            # SAELens' _fold_norm_topk does when it saves an inference SAE.
-            norms = np.linalg.norm(W_dec, axis=-1)
-            tensors["b_enc"] = tensors["b_enc"] * norms
-            W_enc, W_dec = W_enc * norms[None, :], W_dec / norms[:, None]
-            folded.append("rescale_acts_by_decoder_norm into W_enc, b_enc, W_dec")
-
-    if architecture == "gated":
-        b_enc, r_mag, b_mag = tensors["b_gate"], tensors["r_mag"], tensors["b_mag"]
-    else:
-        b_enc = tensors["b_enc"]
+    try:
+        saejax_architecture, params, fields, own_folds = conversion.from_saelens(
+            architecture, tensors, flat)
+    except ConfigError as e:
+        raise AnalysisError(f"{cfg_path}: {e}") from None
+    folded += own_folds
     if flat.get("apply_b_dec_to_input") is False:
         # SAELens encodes x @ W_enc + b_enc; saejax subtracts b_dec first, so add it back.
-        shift = b_dec @ W_enc
-        b_enc = b_enc + shift
-        if architecture == "gated":
-            b_mag = b_mag + shift * np.exp(r_mag)
+        shift = params["b_dec"] @ params["W_enc"]
+        params = (conversion.fold_input_shift(params, shift) if conversion.fold_input_shift
+                  else {**params, "b_enc": params["b_enc"] + shift})
         folded.append("apply_b_dec_to_input=false into b_enc")
-
-    params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-    if architecture == "gated":
-        params.update(r_mag=r_mag, b_mag=b_mag)
-        saejax_architecture = "gated"
-    elif architecture in ("jumprelu", "batchtopk") and "threshold" in tensors:
-        # relu(pre) * (pre > t) == pre * (pre > max(t, 0)): a negative threshold acts as 0.
-        with np.errstate(divide="ignore"):
-            params["log_threshold"] = np.log(np.maximum(tensors["threshold"], 0.0))
-        saejax_architecture = "jumprelu"
-    elif architecture == "batchtopk":
-        params["threshold"] = np.asarray(tensors["topk_threshold"], np.float32).reshape(())
-        saejax_architecture = "batchtopk"
-    else:
-        saejax_architecture = IMPORTS[architecture]
     params = {key: np.ascontiguousarray(v, np.float32) for key, v in params.items()}
+    k = fields.get("k")
     provenance = cfg.get("saejax") if isinstance(cfg.get("saejax"), dict) else {}
     metadata = {
         "architecture": saejax_architecture,
@@ -312,6 +275,7 @@ def import_saelens(path: str, *, norm_scaling_factor: float | None = None
         "d": d_in,
         "n_latents": d_sae,
         "k": None if k is None else int(k),
+        "sae_fields": fields,                # the `sae.<field>`s it needs besides its params
         "input_scale": input_scale,
         "hook": flat.get("hook_name"),
         "layer": flat.get("hook_layer"),
@@ -330,8 +294,7 @@ def import_saelens(path: str, *, norm_scaling_factor: float | None = None
 def load(path: str, *, norm_scaling_factor: float | None = None) -> LoadedSAE:
     """A SAELens directory as a `LoadedSAE`, usable by every analysis tool."""
     params, metadata = import_saelens(path, norm_scaling_factor=norm_scaling_factor)
-    fields = {"k": metadata["k"]} if metadata["k"] is not None else {}
-    sae_config = loading.sae_config_for(metadata["architecture"], **fields)
+    sae_config = loading.sae_config_for(metadata["architecture"], **metadata["sae_fields"])
     provenance = metadata["saejax"]
     # A directory saejax exported remembers its model and store; use them when still there.
     existing = lambda p: p if p and os.path.exists(p) else None

@@ -4,21 +4,70 @@ A source yields batches already sharded on the mesh (`next_batch`), held-out bat
 (`eval_batch`), and a JSON-able position (`state` / `restore`) saved with every checkpoint.
 `synthetic` generates known ground truth; `store` and `npy` read activations from disk
 (`data/store/`); `lm` runs the language model on the fly (`data/lm.py`).
+
+Every batch is a dict keyed by hook name, `{hook: [batch, d_hook]}` (one entry for a single
+source); `hook_name` is the one place that decides the name: a store's harvest metadata hook,
+`lm.hook` for the LM, and `DEFAULT_HOOK` for synthetic data and a user's .npy array.
 """
+
+from __future__ import annotations
 
 from saejax.data import lm
 from saejax.data.store import ArraySource
 from saejax.data.synthetic import SyntheticSource
 
 SOURCES = ("synthetic", "store", "npy", "lm")
+# The hook name of activations that come from no LM hook (synthetic ground truth, a .npy file).
+DEFAULT_HOOK = "activations"
 
 
-def make_source(config, *, mesh, rules):
+def hook_name(config, source=None) -> str:
+    """The key of `config`'s source's activations in every batch."""
+    if config.data.source == "lm":
+        return str(config.lm.hook)
+    if config.data.source == "store" and source is not None:
+        metadata = getattr(getattr(source, "rows", None), "metadata", None) or {}
+        return str(metadata.get("hook") or DEFAULT_HOOK)
+    return DEFAULT_HOOK
+
+
+def as_batch(batch) -> dict:
+    """`batch` as `{hook: [batch, d]}`: a dict as it is, a bare array as `DEFAULT_HOOK`'s."""
+    return batch if isinstance(batch, dict) else {DEFAULT_HOOK: batch}
+
+
+class KeyedSource:
+    """A source whose batches are `{hook: batch}`; everything else is the wrapped source's."""
+
+    def __init__(self, source, hook: str):
+        self.source = source
+        self.hook = hook
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """{hook: d_hook} of every entry of a batch."""
+        return {self.hook: int(self.source.d)}
+
+    def next_batch(self) -> dict:
+        return {self.hook: self.source.next_batch()}
+
+    def eval_batch(self, index: int) -> dict:
+        return {self.hook: self.source.eval_batch(index)}
+
+    def __getattr__(self, name):
+        if name == "source":  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+
+def make_source(config, *, mesh, rules) -> KeyedSource:
     batch_size = int(config.train.batch_size)
     eval_batches = int(config.evals.eval_batches)
     if config.data.source == "synthetic":
-        return SyntheticSource(config.data, batch_size=batch_size, mesh=mesh, rules=rules)
-    if config.data.source == "lm":
-        return lm.make_source(config, mesh=mesh, rules=rules, eval_batches=eval_batches)
-    return ArraySource(config.data, batch_size=batch_size, mesh=mesh, rules=rules,
-                       eval_batches=eval_batches)
+        source = SyntheticSource(config.data, batch_size=batch_size, mesh=mesh, rules=rules)
+    elif config.data.source == "lm":
+        source = lm.make_source(config, mesh=mesh, rules=rules, eval_batches=eval_batches)
+    else:
+        source = ArraySource(config.data, batch_size=batch_size, mesh=mesh, rules=rules,
+                             eval_batches=eval_batches)
+    return KeyedSource(source, hook_name(config, source))

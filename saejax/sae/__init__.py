@@ -1,10 +1,46 @@
-"""SAE architectures by name. Each module defines one `ARCHITECTURE` (see `base.Architecture`)."""
+"""SAE architectures by name. Each module defines one `ARCHITECTURE` (see `base.Architecture`);
+`register` adds another (a file of its own, or a test's) without any other file knowing it."""
 
-from saejax.sae import batchtopk, gated, jumprelu, relu, switch, topk
-from saejax.sae.base import Architecture
+from __future__ import annotations
 
-ARCHITECTURES: dict[str, Architecture] = {
-    m.ARCHITECTURE.name: m.ARCHITECTURE for m in (relu, topk, batchtopk, jumprelu, gated, switch)}
+from saejax.sae import base, batchtopk, gated, jumprelu, relu, switch, topk
+from saejax.sae.base import Architecture, ConfigField
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(architecture: Architecture, *, replace: bool = False) -> Architecture:
+    """Adds `architecture` to the registry under its name (`sae.architecture=<name>`).
+
+    Its config fields join `config.sae` in every `configs.base_config()` built afterwards; a
+    field another architecture declares too must have the same default. With `replace`, an
+    architecture of the same name is replaced (a test's variant of a built-in one).
+    """
+    if architecture.name in ARCHITECTURES and not replace:
+        raise ValueError(f"an architecture named {architecture.name!r} is already registered; "
+                         "pass replace=True to replace it.")
+    if not (architecture.sparsity_coefficient or architecture.level_field):
+        raise ValueError(f"architecture {architecture.name!r} names neither a "
+                         "sparsity_coefficient nor a level_field: one sets its sparsity.")
+    for name, field in architecture.config_fields.items():
+        for other in ARCHITECTURES.values():
+            theirs = other.config_fields.get(name)
+            if other.name != architecture.name and theirs is not None and (
+                    theirs.default != field.default):
+                raise ValueError(f"sae.{name}: {architecture.name!r} declares default "
+                                 f"{field.default!r}, {other.name!r} {theirs.default!r}; a "
+                                 "shared field has one default.")
+    ARCHITECTURES[architecture.name] = architecture
+    return architecture
+
+
+def unregister(name: str) -> None:
+    """Removes an architecture `register` added (a test cleaning up after itself)."""
+    ARCHITECTURES.pop(name, None)
+
+
+for _module in (relu, topk, batchtopk, jumprelu, gated, switch):
+    register(_module.ARCHITECTURE)
 
 
 def get(name: str) -> Architecture:
@@ -13,3 +49,25 @@ def get(name: str) -> Architecture:
     except KeyError:
         raise KeyError(f"sae.architecture={name!r} is not known; choose one of "
                        f"{sorted(ARCHITECTURES)}.") from None
+
+
+def config_fields() -> dict[str, ConfigField]:
+    """Every registered architecture's `config.sae` fields, each once."""
+    fields: dict[str, ConfigField] = {}
+    for architecture in ARCHITECTURES.values():
+        for name, field in architecture.config_fields.items():
+            fields.setdefault(name, field)
+    return fields
+
+
+def owners(field: str) -> list[str]:
+    """The registered architectures that read `sae.<field>`."""
+    return [a.name for a in ARCHITECTURES.values() if field in a.config_fields]
+
+
+def saelens_importer(saelens_architecture: str) -> Architecture | None:
+    """The registered architecture that reads SAELens' `saelens_architecture`, if any."""
+    for architecture in ARCHITECTURES.values():
+        if architecture.saelens and saelens_architecture in architecture.saelens.imports:
+            return architecture
+    return None

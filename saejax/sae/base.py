@@ -1,6 +1,13 @@
-"""What every SAE architecture provides, and the parameter layout they share.
+"""What every SAE architecture provides, and the parameter layout most of them share.
 
-Params are a plain dict pytree: `W_enc [d, n_latents]`, `b_enc [n_latents]`,
+An architecture is one `Architecture` value in one file of this package (or a test's), added to
+the registry with `saejax.sae.register`. It carries everything the rest of saejax needs to know
+about it: its config fields, their checks, its params' logical axes, init, encode / decode /
+loss, the metrics its loss reports, FLOP and memory counts, what dead-latent resampling
+re-initialises, whether its sparsity coefficient is a mean over latents, and its SAELens
+conversion. Nothing outside `saejax/sae/` branches on an architecture's name.
+
+The dense layout: params are a plain dict pytree, `W_enc [d, n_latents]`, `b_enc [n_latents]`,
 `W_dec [n_latents, d]`, `b_dec [d]`. Every function here is pure and jit-able.
 """
 
@@ -11,8 +18,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from saejax import evals, sharding
-from saejax.sae import sparse
+from saejax.sae import ops
+from saejax.sharding import ConfigError
 
 PARAM_AXES = {
     "W_enc": ("embed", "latent"),
@@ -22,20 +29,154 @@ PARAM_AXES = {
 }
 
 
+class ConfigField(NamedTuple):
+    """One `config.sae.<name>` field an architecture reads: its default and a one-line doc.
+
+    A field several architectures read (the TopK family's `k`) is declared once, in a shared
+    piece, and listed by each. With `exclusive`, a value other than the default is refused
+    when the chosen architecture does not read the field (it would be silently ignored).
+    """
+
+    default: Any
+    doc: str
+    exclusive: bool = False
+
+
+class Temporaries(NamedTuple):
+    """What one architecture's step keeps live at its peak, besides the state and the batch
+    (`saejax.memory.memory_report`), counted from what the step computes and checked against
+    XLA's buffer assignment (tests/test_memory.py)."""
+
+    latent_arrays: int            # [batch, n_latents] arrays, split like the dictionary
+    selected_row_arrays: int = 0  # [batch, selected_rows, d] arrays of gathered dictionary rows
+    param_copies: int = 1         # param-sized arrays: the gradients, ...
+    selected_rows: int = 0        # dictionary rows a token gathers (sparse TopK: k + k_aux)
+
+
+class SaeLens(NamedTuple):
+    """An architecture's conversion to and from SAELens' format (`saejax.analysis.saelens`
+    does the file format, the input-scale fold and the checks every SAE shares).
+
+    to_saelens(params, sae_config) -> (SAELens architecture, tensors, cfg fields): `params`
+        are float32 NumPy; `tensors` are every tensor of the SAELens file for inputs at
+        saejax's scale (the caller folds the input scale into W_enc, W_dec and b_dec;
+        thresholds and encoder biases compare with unscaled pre-activations, so they need no
+        fold).
+    imports: the SAELens architectures `from_saelens` reads.
+    required(saelens_architecture, d_sae, tensors) -> {tensor name: shape} it needs besides
+        W_enc, W_dec, b_dec.
+    from_saelens(saelens_architecture, tensors, cfg) -> (saejax architecture name, params,
+        sae fields such as {"k": 32}, folds applied): `tensors` hold W_enc, W_dec, b_dec
+        already in saejax's layout; `cfg` is cfg.json in one flat namespace.
+    fold_input_shift(params, shift) -> params: SAELens' `apply_b_dec_to_input=false` encodes
+        `x @ W_enc + b_enc`; saejax subtracts b_dec first, so `shift = b_dec @ W_enc` is added
+        back to every encoder bias (default: `b_enc`).
+    """
+
+    to_saelens: Callable[..., tuple[str, dict, dict]] | None = None
+    imports: tuple[str, ...] = ()
+    required: Callable[..., dict] | None = None
+    from_saelens: Callable[..., tuple[str, dict, dict, list]] | None = None
+    fold_input_shift: Callable[[dict, Any], dict] | None = None
+
+
+def dense_tensors(params: dict) -> dict:
+    """The SAELens tensors every dense-layout SAE shares: W_enc, W_dec, b_dec."""
+    return {k: params[k] for k in ("W_enc", "W_dec", "b_dec")}
+
+
+class Entry(NamedTuple):
+    """One entry of a batch a dictionary reads or writes: `[batch, width]` at a hook."""
+
+    hook: str
+    width: int
+    axes: tuple[str, ...] = ("batch", "embed")
+
+
+class SingleHook(NamedTuple):
+    """The dictionary's shape for every architecture here: it encodes the batch's one entry
+    and reconstructs that same entry. A batch is `{hook: [batch, d]}` (saejax.data); a bare
+    array is taken as a batch of one entry, so that the losses can be called on an array.
+
+    A shape says what a dictionary reads and what it writes. Another shape (a transcoder:
+    hook A in, hook B out; a crosscoder: several hooks in and out) is another value with the
+    same methods, not another architecture file.
+    """
+
+    name: str = "single_hook"
+
+    def entries(self, widths: dict[str, int]) -> tuple[tuple[Entry, ...], tuple[Entry, ...]]:
+        """(what it encodes, what it reconstructs) given the batch's {hook: width}."""
+        if len(widths) != 1:
+            raise ConfigError(f"a single-hook SAE reads a batch of one hook; the data has "
+                              f"{sorted(widths)}.")
+        (entry,) = (Entry(hook, int(width)) for hook, width in widths.items())
+        return (entry,), (entry,)
+
+    def input(self, batch) -> jax.Array:
+        """The `[batch, d]` activations the encoder reads."""
+        if isinstance(batch, dict):
+            (x,) = batch.values()
+            return x
+        return batch
+
+    def target(self, batch) -> jax.Array:
+        """The `[batch, d]` activations the decoder reconstructs (metrics compare with it)."""
+        return self.input(batch)
+
+
+SINGLE_HOOK = SingleHook()
+
+
+def _no_checks(config, n_latents: int) -> None:
+    del config, n_latents
+
+
+def _dense_temporaries(sae_config, n_latents: int) -> Temporaries:
+    """The pre-activations, the latents, and the gradient flowing back through them."""
+    del sae_config, n_latents
+    return Temporaries(3)
+
+
+# What resampling does to a dead latent's entries of each param (optim.resample_dead_latents):
+# "decoder": its row becomes the drawn input's direction; "encoder": its column, that direction
+# scaled to `resample.encoder_scale` times the alive columns' mean norm; "zero": its entries are
+# zeroed; "init": they return to their values in a fresh `init` (a learned threshold). Params
+# not listed keep their values (their Adam moments along `latent` are reset all the same).
+RESAMPLE = {"W_enc": "encoder", "W_dec": "decoder", "b_enc": "zero"}
+
+
 class Architecture(NamedTuple):
-    """One SAE variant.
+    """One kind of SAE.
 
     init(key, d, n_latents, sae_config) -> params
     encode(params, x, sae_config) -> latents [batch, n_latents]
-    loss(params, x, sae_config, sparsity_coefficient, dead, step=None) -> (loss, aux) where
+    decode(params, latents) -> x_hat [batch, d]
+    loss(params, batch, sae_config, sparsity_coefficient, dead, step=None) -> (loss, aux) where
+        `batch` is `{hook: [batch, width]}`, read through `shape` (its input and target),
         `dead` [n_latents] marks latents that have not fired within the dead window, `step` is
         the training step (schedules inside the loss: TopK's k annealing), and aux holds at
         least `mse`, `x_hat`, the `latents` [batch, n_latents] (or, for a step that never forms
-        them, their `evals.fire_counts` as `fire_counts`), and `sparsity_loss` when the loss has
-        one.
+        them, their `ops.fire_counts` as `fire_counts`), every name of `metrics`, and
+        optionally `buffers`: non-gradient params to overwrite after the update.
     flops_per_token(d, n_latents, sae_config) -> training FLOPs (forward + backward) per token.
+    param_axes: each param's logical axes.
     sparsity_coefficient: the `sae.<field>` that weights the sparsity term (warmed up by
-        `optim.l1_warmup_steps`), or None when sparsity is structural (TopK).
+        `optim.sparsity_warmup_steps`; a group's members differ in it), or None when sparsity
+        is structural (TopK).
+    config_fields: the `sae.<field>`s it reads, {name: ConfigField}; `configs.base_config()`
+        declares every registered architecture's fields.
+    validate(config, n_latents): raises ConfigError naming a field of its own that cannot work.
+    metrics: the scalars of the loss's aux logged every step, in this order.
+    temporaries(sae_config, n_latents) -> Temporaries, for the memory report.
+    resample: {param: rule} for dead-latent resampling (see RESAMPLE).
+    sparsity_mean_over_latents: whether the sparsity term is a mean over latents, so that the
+        sweep's sparsity level (comparable across dictionary sizes) is the coefficient divided
+        by the expansion factor.
+    level_field: the `sae.<field>` that sets sparsity when there is no coefficient (TopK's k):
+        recorded in summaries and sweep tables.
+    saelens: its SAELens conversion, or None when SAELens has no counterpart.
+    shape: which batch entries it encodes and which it reconstructs (`SingleHook`).
     """
 
     name: str
@@ -46,6 +187,31 @@ class Architecture(NamedTuple):
     flops_per_token: Callable[..., int]
     param_axes: dict[str, tuple[str, ...]]
     sparsity_coefficient: str | None
+    config_fields: dict[str, ConfigField] = {}
+    validate: Callable[[Any, int], None] = _no_checks
+    metrics: tuple[str, ...] = ()
+    temporaries: Callable[[Any, int], Temporaries] = _dense_temporaries
+    resample: dict[str, str] = RESAMPLE
+    sparsity_mean_over_latents: bool = False
+    level_field: str | None = None
+    saelens: SaeLens | None = None
+    shape: SingleHook = SINGLE_HOOK
+
+
+def require(condition: bool, message: str) -> None:
+    """An architecture's `validate`: ConfigError(message) unless `condition`."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def require_non_negative(sae_config, *fields: str) -> None:
+    for field in fields:
+        require(sae_config[field] >= 0,
+                f"sae.{field}={sae_config[field]!r} is negative; it must be >= 0.")
+
+
+# The L1 penalty's weight, read by every architecture with an L1 term (relu, gated).
+L1_FIELDS = {"l1_coefficient": ConfigField(0.6, "weight of the L1 penalty (relu, gated)")}
 
 
 def init_params(key: jax.Array, d: int, n_latents: int, sae_config=None,
@@ -79,7 +245,7 @@ def pre_activations(params: dict, x: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
-    """`y [tokens, n] + bias [n]`, whose bias gradient is `evals.batch_sum` of y's: the sum
+    """`y [tokens, n] + bias [n]`, whose bias gradient is `ops.batch_sum` of y's: the sum
     autodiff writes for a broadcast is the slow column reduction on XLA's CPU backend."""
     return y + bias
 
@@ -89,7 +255,7 @@ def _add_bias_fwd(y, bias):
 
 
 def _add_bias_bwd(_, grad):
-    return grad, evals.batch_sum(grad).astype(grad.dtype)
+    return grad, ops.batch_sum(grad).astype(grad.dtype)
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
@@ -103,76 +269,6 @@ def dense_flops_per_token(d: int, n_latents: int, sae_config=None) -> int:
     """Encoder and decoder matmuls: 4 d n forward, 6 d n backward (no gradient to the input)."""
     del sae_config
     return 10 * d * n_latents
-
-
-def auxk_loss(params: dict, x: jax.Array, x_hat: jax.Array, pre: jax.Array, dead: jax.Array,
-              k_aux: int, *, sparse_decode: bool = False) -> jax.Array:
-    """AuxK (Gao et al. 2024): the k_aux largest dead latents reconstruct the residual.
-
-    Returns the residual's reconstruction error normalised by the residual's energy, 0 when no
-    latent is dead; it trains dead latents back to life with gradients they would not get.
-    Skipped (a `lax.cond`) while no latent is dead. With `sparse_decode` the selected dead
-    latents are encoded and decoded from their own k_aux rows (`sparse.py`) instead of a
-    masked [batch, n_latents] matmul.
-    """
-    residual = jax.lax.stop_gradient(x - x_hat)
-    k_aux = min(int(k_aux), pre.shape[-1])
-    candidates = jnp.where(dead, jax.lax.stop_gradient(pre) if sparse_decode else pre, -jnp.inf)
-
-    def error():
-        if sparse_decode:
-            top, indices = sharding.top_k(candidates, k_aux)
-            # Fewer than k_aux dead latents: the rest of the selection is live ones, at -inf.
-            selected = sparse.encode_selected(params, x, pre, indices)
-            values = jnp.where(jnp.isfinite(top), jax.nn.relu(selected), 0.0)
-            decoded = sparse.decode_selected(params["W_dec"], indices, values)
-        else:
-            latents = (jnp.where(dead, jax.nn.relu(pre), 0.0)
-                       * sharding.top_k_mask(candidates, k_aux))
-            decoded = latents @ params["W_dec"]
-        error = jnp.sum(jnp.square(decoded - residual))
-        return error / jnp.maximum(jnp.sum(jnp.square(residual)), 1e-12)
-
-    return jax.lax.cond(jnp.any(dead), error, lambda: jnp.zeros((), x.dtype))
-
-
-def top_k_mask(pre: jax.Array, k: int, kept: jax.Array | None = None) -> jax.Array:
-    """`sharding.top_k_mask` of each token's k largest pre-activations; with `kept` (a traced
-    count <= k, k annealing) only the `kept` largest of them."""
-    if kept is None:
-        return sharding.top_k_mask(pre, k)
-    values, _ = sharding.top_k(jax.lax.stop_gradient(pre), k)
-    kth = jnp.take(values, kept - 1, axis=-1)[..., None]
-    return jax.lax.stop_gradient((pre >= kth).astype(pre.dtype))
-
-
-def annealed_k(sae_config, step: jax.Array) -> jax.Array:
-    """The k of `step` under `sae.k_anneal_steps`: from `sae.k_anneal_start` down to `sae.k`,
-    linearly, rounded to an integer; `sae.k` from then on."""
-    start, k = int(sae_config.k_anneal_start), int(sae_config.k)
-    fraction = jnp.clip(step / int(sae_config.k_anneal_steps), 0.0, 1.0)
-    return jnp.round(start + (k - start) * fraction).astype(jnp.int32)
-
-
-def with_k_annealing(loss_at_k: Callable, sae_config, step: jax.Array | None):
-    """Runs a TopK-family loss with its k annealed (`sae.k_anneal_steps`, 0 for off).
-
-    `loss_at_k(k, kept)` selects k latents per token (a static k, the shapes' size) and, when
-    `kept` (a traced count <= k) is given, keeps only the `kept` largest of them. Annealing runs
-    the loss at `k_anneal_start` with `kept = annealed_k(step)`; once it is over (and for
-    evaluation, `step=None`) a `lax.cond` takes the plain branch at `sae.k`, so a finished
-    anneal costs nothing. Starting wide lets every latent take part while directions form:
-    at the final k from step 0, the latents that lose the first top-k contests die before the
-    rare features appear, and AuxK cannot revive a latent whose pre-activations are all negative
-    (benchmarks/RESULTS.md, TopK on the toy recipe).
-    """
-    k, steps = int(sae_config.k), int(sae_config.k_anneal_steps)
-    if step is None or steps == 0:
-        return loss_at_k(k, None)
-    return jax.lax.cond(
-        step < steps,
-        lambda: loss_at_k(int(sae_config.k_anneal_start), annealed_k(sae_config, step)),
-        lambda: loss_at_k(k, None))
 
 
 def geometric_median(points: jax.Array, iterations: int = 100, eps: float = 1e-8) -> jax.Array:

@@ -8,9 +8,10 @@ with it, so the saved SAE encodes one token at a time.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from saejax import evals, sharding
-from saejax.sae import base
+from saejax import sharding
+from saejax.sae import base, jumprelu, ops, topk_family
 
 PARAM_AXES = {**base.PARAM_AXES, "threshold": ()}
 THRESHOLD_DECAY = 0.99  # the running average's decay per step
@@ -27,7 +28,8 @@ def encode(params, x, sae_config=None):
     return pre * (pre > params["threshold"])
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
+    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
     del sparsity_coefficient
     pre = base.pre_activations(params, x)
     active = jax.nn.relu(pre)
@@ -41,11 +43,11 @@ def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
         if kept is None:
             mask = sharding.batch_top_k_mask(active, k * tokens)
         else:
-            mask = base.top_k_mask(active, k, kept)
+            mask = topk_family.top_k_mask(active, k, kept)
         latents = active * mask
         x_hat = base.decode(params, latents)
-        mse = evals.mse(x, x_hat)
-        auxk = base.auxk_loss(params, x, x_hat, pre, dead, sae_config.k_aux)
+        mse = ops.mse(target, x_hat)
+        auxk = topk_family.auxk_loss(params, x, target, x_hat, pre, dead, sae_config.k_aux)
         smallest_kept = jnp.min(jnp.where(latents > 0, latents, jnp.inf))
         smallest_kept = jnp.where(jnp.isfinite(smallest_kept), smallest_kept,
                                   params["threshold"])
@@ -56,7 +58,41 @@ def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
             "mse": mse, "auxk_loss": auxk, "latents": latents, "x_hat": x_hat,
             "buffers": {"threshold": jax.lax.stop_gradient(threshold)}}
 
-    return base.with_k_annealing(loss_at_k, sae_config, step)
+    return topk_family.with_k_annealing(loss_at_k, sae_config, step)
+
+
+def validate(config, n_latents):
+    topk_family.validate_auxk(config, n_latents)
+    topk_family.validate_k(config, n_latents)
+
+
+def to_saelens(params, sae_config):
+    """SAELens saves a trained BatchTopK SAE as a JumpReLU SAE with the batch threshold on
+    every latent (BatchTopKTrainingSAE.process_state_dict_for_saving_inference);
+    relu(pre) * (pre > t) is exactly this inference for t >= 0."""
+    del sae_config
+    n_latents = params["b_enc"].shape[0]
+    return "jumprelu", {**base.dense_tensors(params), "b_enc": params["b_enc"],
+                        "threshold": np.full((n_latents,), params["threshold"], np.float32)}, {}
+
+
+def required(saelens_architecture, d_sae, tensors):
+    del saelens_architecture
+    return {"b_enc": (d_sae,),
+            **({"threshold": (d_sae,)} if "threshold" in tensors else {"topk_threshold": ()})}
+
+
+def from_saelens(saelens_architecture, tensors, cfg):
+    """A per-latent threshold reads as the JumpReLU it is; the training form's single
+    `topk_threshold` as a BatchTopK SAE."""
+    k = topk_family.saelens_k(saelens_architecture, cfg)
+    folded = []
+    tensors = topk_family.fold_decoder_norms(tensors, cfg, folded)
+    if "threshold" in tensors:
+        return jumprelu.ARCHITECTURE.name, jumprelu.from_threshold(tensors), {"k": k}, folded
+    params = {n: tensors[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    params["threshold"] = np.asarray(tensors["topk_threshold"], np.float32).reshape(())
+    return "batchtopk", params, {"k": k}, folded
 
 
 ARCHITECTURE = base.Architecture(
@@ -68,4 +104,13 @@ ARCHITECTURE = base.Architecture(
     flops_per_token=base.dense_flops_per_token,
     param_axes=PARAM_AXES,
     sparsity_coefficient=None,
+    config_fields={**topk_family.K_FIELDS, **topk_family.AUXK_FIELDS},
+    validate=validate,
+    metrics=("auxk_loss",),
+    # Counted: the activations, the top-k mask, the latents, AuxK's candidates and mask, and
+    # the gradient.
+    temporaries=lambda sae_config, n_latents: base.Temporaries(6),
+    level_field="k",
+    saelens=base.SaeLens(to_saelens=to_saelens, imports=("batchtopk",), required=required,
+                         from_saelens=from_saelens),
 )

@@ -10,9 +10,9 @@ ReLU(pi_gate) through a frozen decoder trains the gate.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from saejax import evals
-from saejax.sae import base
+from saejax.sae import base, ops
 
 PARAM_AXES = {**base.PARAM_AXES, "r_mag": ("latent",), "b_mag": ("latent",)}
 
@@ -35,17 +35,18 @@ def encode(params, x, sae_config=None):
     return (pi_gate > 0) * jax.nn.relu(pi_mag)
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
+    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
     del dead
     del sae_config
     pi_gate, pi_mag = _paths(params, x)
     latents = (pi_gate > 0) * jax.nn.relu(pi_mag)
     x_hat = base.decode(params, latents)
-    mse = evals.mse(x, x_hat)
+    mse = ops.mse(target, x_hat)
     gate = jax.nn.relu(pi_gate)
     l1 = jnp.mean(gate * jnp.linalg.norm(params["W_dec"], axis=-1))
     frozen = jax.lax.stop_gradient({"W_dec": params["W_dec"], "b_dec": params["b_dec"]})
-    auxiliary = evals.mse(x, base.decode(frozen, gate))
+    auxiliary = ops.mse(target, base.decode(frozen, gate))
     return (mse + sparsity_coefficient * l1 + auxiliary,
             {"mse": mse, "sparsity_loss": l1, "auxiliary_loss": auxiliary, "latents": latents,
              "x_hat": x_hat})
@@ -54,6 +55,35 @@ def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
 def flops_per_token(d, n_latents, sae_config=None):
     """The dense step plus the auxiliary decode: 2 d n forward, 2 d n backward to the gate."""
     return base.dense_flops_per_token(d, n_latents) + 4 * d * n_latents
+
+
+def validate(config, n_latents):
+    del n_latents
+    base.require_non_negative(config.sae, "l1_coefficient")
+
+
+def to_saelens(params, sae_config):
+    del sae_config
+    return "gated", {**base.dense_tensors(params), "b_gate": params["b_enc"],
+                     "r_mag": params["r_mag"], "b_mag": params["b_mag"]}, {}
+
+
+def required(saelens_architecture, d_sae, tensors):
+    del saelens_architecture, tensors
+    return {"b_gate": (d_sae,), "r_mag": (d_sae,), "b_mag": (d_sae,)}
+
+
+def from_saelens(saelens_architecture, tensors, cfg):
+    del saelens_architecture, cfg
+    params = {k: tensors[k] for k in ("W_enc", "W_dec", "b_dec", "r_mag", "b_mag")}
+    return "gated", {**params, "b_enc": tensors["b_gate"]}, {}, []
+
+
+def fold_input_shift(params, shift):
+    """Both paths read `x @ W_enc`: the gate's bias takes the shift, the magnitude's its
+    rescaled copy."""
+    return {**params, "b_enc": params["b_enc"] + shift,
+            "b_mag": params["b_mag"] + shift * np.exp(params["r_mag"])}
 
 
 ARCHITECTURE = base.Architecture(
@@ -65,4 +95,15 @@ ARCHITECTURE = base.Architecture(
     flops_per_token=flops_per_token,
     param_axes=PARAM_AXES,
     sparsity_coefficient="l1_coefficient",
+    config_fields=base.L1_FIELDS,
+    validate=validate,
+    metrics=("auxiliary_loss", "sparsity_loss"),
+    # Counted: the pre-activations (the two paths share one matmul), the latents, and the
+    # gradient flowing back through them.
+    temporaries=lambda sae_config, n_latents: base.Temporaries(3),
+    # The magnitude path's per-latent gain and bias start again from zero, as at init.
+    resample={**base.RESAMPLE, "r_mag": "zero", "b_mag": "zero"},
+    sparsity_mean_over_latents=True,
+    saelens=base.SaeLens(to_saelens=to_saelens, imports=("gated",), required=required,
+                         from_saelens=from_saelens, fold_input_shift=fold_input_shift),
 )

@@ -11,9 +11,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from saejax import evals
-from saejax.sae import base
+from saejax.sae import base, ops
+from saejax.sae.base import ConfigField
 
 PARAM_AXES = {**base.PARAM_AXES, "log_threshold": ("latent",)}
 
@@ -74,17 +75,57 @@ def encode(params, x, sae_config):
                     float(sae_config.jumprelu_bandwidth))
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
+    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
     del dead
     bandwidth = float(sae_config.jumprelu_bandwidth)
     pre = base.pre_activations(params, x)
     threshold = jnp.exp(params["log_threshold"])
     latents = jumprelu(pre, threshold, bandwidth)
     x_hat = base.decode(params, latents)
-    mse = evals.mse(x, x_hat)
+    mse = ops.mse(target, x_hat)
     l0 = jnp.mean(jnp.sum(heaviside(pre, threshold, bandwidth), axis=-1))
     return mse + sparsity_coefficient * l0, {"mse": mse, "sparsity_loss": l0,
                                              "latents": latents, "x_hat": x_hat}
+
+
+CONFIG_FIELDS = {
+    "l0_coefficient": ConfigField(1e-4, "weight of the L0 penalty"),
+    "jumprelu_bandwidth": ConfigField(1e-3, "width of the threshold's pseudo-gradient"),
+    "jumprelu_init_threshold": ConfigField(1e-3, "every latent's threshold at init"),
+}
+
+
+def validate(config, n_latents):
+    del n_latents
+    base.require_non_negative(config.sae, "l0_coefficient")
+    for field in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
+        base.require(config.sae[field] > 0, f"sae.{field}={config.sae[field]!r} must be > 0.")
+
+
+def to_saelens(params, sae_config):
+    del sae_config
+    return "jumprelu", {**base.dense_tensors(params), "b_enc": params["b_enc"],
+                        "threshold": np.exp(params["log_threshold"])}, {}
+
+
+def required(saelens_architecture, d_sae, tensors):
+    del saelens_architecture, tensors
+    return {"b_enc": (d_sae,), "threshold": (d_sae,)}
+
+
+def from_threshold(tensors):
+    """A SAELens JumpReLU's params; relu(pre) * (pre > t) == pre * (pre > max(t, 0)), so a
+    negative threshold acts as 0 (SAELens saves a trained BatchTopK SAE this way too)."""
+    params = {k: tensors[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    with np.errstate(divide="ignore"):
+        params["log_threshold"] = np.log(np.maximum(tensors["threshold"], 0.0))
+    return params
+
+
+def from_saelens(saelens_architecture, tensors, cfg):
+    del saelens_architecture, cfg
+    return "jumprelu", from_threshold(tensors), {}, []
 
 
 ARCHITECTURE = base.Architecture(
@@ -96,4 +137,14 @@ ARCHITECTURE = base.Architecture(
     flops_per_token=base.dense_flops_per_token,
     param_axes=PARAM_AXES,
     sparsity_coefficient="l0_coefficient",
+    config_fields=CONFIG_FIELDS,
+    validate=validate,
+    metrics=("sparsity_loss",),
+    # Counted: the dense step's three, plus the residuals and kernel-density terms of its two
+    # straight-through estimators (the JumpReLU and the L0 step).
+    temporaries=lambda sae_config, n_latents: base.Temporaries(6),
+    # A dead latent's threshold returns to sae.jumprelu_init_threshold with its encoder.
+    resample={**base.RESAMPLE, "log_threshold": "init"},
+    saelens=base.SaeLens(to_saelens=to_saelens, imports=("jumprelu",), required=required,
+                         from_saelens=from_saelens),
 )

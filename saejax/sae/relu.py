@@ -8,8 +8,7 @@ divided by n_latents).
 import jax
 import jax.numpy as jnp
 
-from saejax import evals
-from saejax.sae import base
+from saejax.sae import base, ops
 
 
 def encode(params, x, sae_config=None):
@@ -17,18 +16,42 @@ def encode(params, x, sae_config=None):
     return jax.nn.relu(base.pre_activations(params, x))
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
+    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
     del dead
     latents = encode(params, x, sae_config)
     x_hat = base.decode(params, latents)
-    mse = evals.mse(x, x_hat)
+    mse = ops.mse(target, x_hat)
     decoder_norms = jnp.linalg.norm(params["W_dec"], axis=-1)
     # mean(latents * decoder_norms), summed per latent first: one pass over the latents serves
     # the value and the decoder norms' gradient.
-    l1 = jnp.sum(evals.batch_sum(latents) * decoder_norms) / latents.size
+    l1 = jnp.sum(ops.batch_sum(latents) * decoder_norms) / latents.size
     return mse + sparsity_coefficient * l1, {"mse": mse, "sparsity_loss": l1,
                                               "latents": latents, "x_hat": x_hat}
 
+
+def validate(config, n_latents):
+    del n_latents
+    base.require_non_negative(config.sae, "l1_coefficient")
+
+
+def to_saelens(params, sae_config):
+    del sae_config
+    return "standard", {**base.dense_tensors(params), "b_enc": params["b_enc"]}, {}
+
+
+def required(saelens_architecture, d_sae, tensors):
+    del saelens_architecture, tensors
+    return {"b_enc": (d_sae,)}
+
+
+def from_saelens(saelens_architecture, tensors, cfg):
+    del saelens_architecture, cfg
+    return "relu", {k: tensors[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}, {}, []
+
+
+SAELENS = base.SaeLens(to_saelens=to_saelens, imports=("standard",), required=required,
+                       from_saelens=from_saelens)
 
 ARCHITECTURE = base.Architecture(
     name="relu",
@@ -39,4 +62,11 @@ ARCHITECTURE = base.Architecture(
     flops_per_token=base.dense_flops_per_token,
     param_axes=base.PARAM_AXES,
     sparsity_coefficient="l1_coefficient",
+    config_fields=base.L1_FIELDS,
+    validate=validate,
+    metrics=("sparsity_loss",),
+    # Counted: the pre-activations, the latents, and the gradient flowing back through them.
+    temporaries=lambda sae_config, n_latents: base.Temporaries(3),
+    sparsity_mean_over_latents=True,
+    saelens=SAELENS,
 )

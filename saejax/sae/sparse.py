@@ -142,6 +142,6 @@ def decode_selected(W_dec: jax.Array, indices: jax.Array, values: jax.Array) -> 
 
 
 def fire_counts(indices: jax.Array, values: jax.Array, n_latents: int) -> jax.Array:
-    """`evals.fire_counts` of latents that are `values` at `indices` and zero elsewhere."""
+    """`ops.fire_counts` of latents that are `values` at `indices` and zero elsewhere."""
     fired = (values != 0).astype(jnp.float32)
     return _scatter_add(n_latents, indices, fired).astype(jnp.int32)

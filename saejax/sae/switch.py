@@ -19,8 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from saejax import evals
-from saejax.sae import base
+from saejax.sae import base, ops, topk_family
+from saejax.sae.base import ConfigField
 
 PARAM_AXES = {**base.PARAM_AXES, "W_router": ("embed", None)}
 
@@ -50,7 +50,7 @@ def _route(params, x, sae_config, capacity):
 
 def _forward(params, x, sae_config, *, training: bool, k=None, kept=None):
     """(latents [tokens, n_latents] scaled by the router weight, x_hat, balance, dropped);
-    while training, the latents' `evals.fire_counts` [n_latents] in place of the latents.
+    while training, the latents' `ops.fire_counts` [n_latents] in place of the latents.
 
     Training dispatches with the configured capacity; encoding for use (`encode`) gives every
     expert room for all tokens, so no token is dropped and each is encoded on its own.
@@ -67,7 +67,7 @@ def _forward(params, x, sae_config, *, training: bool, k=None, kept=None):
     W_enc = params["W_enc"].reshape(d, experts, width)
     b_enc = params["b_enc"].reshape(experts, width)
     pre = jnp.einsum("ecd,dew->ecw", slots, W_enc) + b_enc[:, None, :]
-    latents = jax.nn.relu(pre) * base.top_k_mask(pre, int(k or sae_config.k), kept)
+    latents = jax.nn.relu(pre) * topk_family.top_k_mask(pre, int(k or sae_config.k), kept)
     decoded = jnp.einsum("ecw,ewd->ecd", latents, params["W_dec"].reshape(experts, width, d))
     # Back to tokens; a dropped token gathers nothing (fill 0). Scaling by the router weight
     # (x_hat = p_e * W_dec,e f + b_dec) is what trains the router.
@@ -81,7 +81,7 @@ def _forward(params, x, sae_config, *, training: bool, k=None, kept=None):
         # gather of them over the model axis.
         occupied = jnp.zeros((experts * capacity,), jnp.float32).at[slot].set(
             1.0, mode="drop").reshape(experts, capacity, 1)
-        counts = evals.batch_sum((latents != 0) * occupied).reshape(n_latents)
+        counts = ops.batch_sum((latents != 0) * occupied).reshape(n_latents)
         return counts.astype(jnp.int32), x_hat, balance, 1.0 - jnp.mean(fits.astype(x.dtype))
     # Per-token latents in the flat [tokens, n_latents] layout (L0, density, dead counts), with
     # the router weight folded in so that plain `decode` reproduces x_hat.
@@ -96,18 +96,19 @@ def encode(params, x, sae_config):
     return _forward(params, x, sae_config, training=False)[0]
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
+    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
     del sparsity_coefficient, dead
 
     def loss_at_k(k, kept):
         counts, x_hat, balance, dropped = _forward(params, x, sae_config, training=True, k=k,
                                                    kept=kept)
-        mse = evals.mse(x, x_hat)
+        mse = ops.mse(target, x_hat)
         total = mse + float(sae_config.switch_balance_coefficient) * balance
         return total, {"mse": mse, "fire_counts": counts, "x_hat": x_hat,
                        "balance_loss": balance, "dropped_fraction": dropped}
 
-    return base.with_k_annealing(loss_at_k, sae_config, step)
+    return topk_family.with_k_annealing(loss_at_k, sae_config, step)
 
 
 def flops_per_token(d, n_latents, sae_config):
@@ -116,6 +117,29 @@ def flops_per_token(d, n_latents, sae_config):
     experts = int(sae_config.switch_experts)
     padding = float(sae_config.switch_capacity_factor)
     return int(10 * d * n_latents / experts * padding + 6 * d * experts)
+
+
+CONFIG_FIELDS = {
+    **topk_family.K_FIELDS,
+    "switch_experts": ConfigField(4, "experts (each n_latents / E latents, TopK k)"),
+    "switch_capacity_factor": ConfigField(1.25, "an expert's slots per token routed evenly"),
+    "switch_balance_coefficient": ConfigField(0.01, "weight of the load-balancing loss"),
+}
+
+
+def validate(config, n_latents):
+    sae_config = config.sae
+    experts = int(sae_config.switch_experts)
+    base.require(experts >= 1 and n_latents % experts == 0,
+                 f"sae.switch_experts={experts} must divide n_latents={n_latents} (each expert "
+                 f"owns an equal block of latents).")
+    width = n_latents // experts
+    base.require(1 <= int(sae_config.k) <= width,
+                 f"sae.k={sae_config.k} must be between 1 and the {width} latents of one "
+                 f"expert (n_latents / sae.switch_experts); lower sae.k or use fewer experts.")
+    base.require(sae_config.switch_capacity_factor >= 1.0,
+                 f"sae.switch_capacity_factor={sae_config.switch_capacity_factor} must be >= 1.")
+    topk_family.validate_k(config, n_latents, width=width)
 
 
 ARCHITECTURE = base.Architecture(
@@ -127,4 +151,12 @@ ARCHITECTURE = base.Architecture(
     flops_per_token=flops_per_token,
     param_axes=PARAM_AXES,
     sparsity_coefficient=None,
+    config_fields=CONFIG_FIELDS,
+    validate=validate,
+    metrics=("balance_loss", "dropped_fraction"),
+    # Counted: the dispatched [experts, capacity, width] blocks, the per-token scatter back to
+    # [batch, n_latents] and their gradients (with the experts split over the model axis XLA
+    # reshards the dispatch, which this does not model).
+    temporaries=lambda sae_config, n_latents: base.Temporaries(7),
+    level_field="k",
 )

@@ -18,8 +18,9 @@ d 512, k 32, k_aux 128, a ratio of 51; 4x slower at 1024 latents, k 6, k_aux 128
 import jax
 import jax.numpy as jnp
 
-from saejax import evals, sharding
-from saejax.sae import base, sparse
+from saejax import sharding
+from saejax.sae import base, ops, sparse, topk_family
+from saejax.sae.base import ConfigField
 
 SPARSE_RATIO = 32
 DECODERS = ("auto", "sparse", "dense")
@@ -35,7 +36,7 @@ def sparse_decode(sae_config, n_latents: int) -> bool:
 
 def _encode(params, x, k, kept=None):
     pre = base.pre_activations(params, x)
-    return pre, jax.nn.relu(pre) * base.top_k_mask(pre, k, kept)
+    return pre, jax.nn.relu(pre) * topk_family.top_k_mask(pre, k, kept)
 
 
 def encode(params, x, sae_config):
@@ -61,19 +62,20 @@ def _sparse_loss(params, x, k, kept):
     return pre, x_hat, {"fire_counts": sparse.fire_counts(indices, values, pre.shape[-1])}
 
 
-def loss(params, x, sae_config, sparsity_coefficient, dead, step=None):
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
+    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
     del sparsity_coefficient
     use_sparse = sparse_decode(sae_config, params["W_dec"].shape[-2])
 
     def loss_at_k(k, kept):
         pre, x_hat, aux = (_sparse_loss if use_sparse else _dense_loss)(params, x, k, kept)
-        auxk = base.auxk_loss(params, x, x_hat, pre, dead, sae_config.k_aux,
+        auxk = topk_family.auxk_loss(params, x, target, x_hat, pre, dead, sae_config.k_aux,
                               sparse_decode=use_sparse)
-        mse = evals.mse(x, x_hat)
+        mse = ops.mse(target, x_hat)
         return mse + float(sae_config.auxk_coefficient) * auxk, {
             "mse": mse, "auxk_loss": auxk, "x_hat": x_hat, **aux}
 
-    return base.with_k_annealing(loss_at_k, sae_config, step)
+    return topk_family.with_k_annealing(loss_at_k, sae_config, step)
 
 
 def flops_per_token(d, n_latents, sae_config):
@@ -86,6 +88,56 @@ def flops_per_token(d, n_latents, sae_config):
     return 2 * d * n_latents + 12 * d * selected
 
 
+CONFIG_FIELDS = {
+    **topk_family.K_FIELDS, **topk_family.AUXK_FIELDS,
+    # "sparse" decodes only the k selected latents per token (k decoder rows gathered, their
+    # gradients scattered: O(k d), not O(n_latents d)); "dense" multiplies the masked latents
+    # by the whole decoder; "auto" is sparse when n_latents >= SPARSE_RATIO (k + k_aux).
+    "topk_decoder": ConfigField("auto", "the step's decoder: auto, sparse or dense"),
+}
+
+
+def validate(config, n_latents):
+    topk_family.validate_auxk(config, n_latents)
+    topk_family.validate_k(config, n_latents)
+    base.require(config.sae.topk_decoder in DECODERS,
+                 f"sae.topk_decoder={config.sae.topk_decoder!r} is not known; choose one of "
+                 f"{', '.join(DECODERS)}.")
+
+
+def temporaries(sae_config, n_latents):
+    """Dense decode: the activations, the top-k mask, the latents, AuxK's candidates and mask,
+    and the gradient. Sparse decode: the pre-activations (which the top-k reads; no gradient
+    flows through them) and AuxK's candidates, no dense latents, but per selected latent (k,
+    and k_aux for AuxK) a gathered decoder row, its gradient, and the encoder column's gradient
+    before the scatter-add: when (k + k_aux) d > n_latents these outweigh the dense latents.
+    Each device handles every selection of its batch (zeros where another device holds the
+    row), so these do not shrink with the model axis (XLA keeps about 3 such arrays on one
+    device, 1 with the dictionary split: 2 is counted). Param-sized: the gradients and the
+    encoder gradient's transpose."""
+    if not sparse_decode(sae_config, n_latents):
+        return base.Temporaries(6)
+    selected = int(sae_config.k) + min(int(sae_config.k_aux), n_latents)
+    return base.Temporaries(2, selected_row_arrays=2, param_copies=2, selected_rows=selected)
+
+
+def to_saelens(params, sae_config):
+    tensors = {**base.dense_tensors(params), "b_enc": params["b_enc"]}
+    return "topk", tensors, {"k": int(sae_config.k), "rescale_acts_by_decoder_norm": False}
+
+
+def required(saelens_architecture, d_sae, tensors):
+    del saelens_architecture, tensors
+    return {"b_enc": (d_sae,)}
+
+
+def from_saelens(saelens_architecture, tensors, cfg):
+    k = topk_family.saelens_k(saelens_architecture, cfg)
+    folded = []
+    tensors = topk_family.fold_decoder_norms(tensors, cfg, folded)
+    return "topk", {n: tensors[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}, {"k": k}, folded
+
+
 ARCHITECTURE = base.Architecture(
     name="topk",
     init=base.init_params,
@@ -95,4 +147,11 @@ ARCHITECTURE = base.Architecture(
     flops_per_token=flops_per_token,
     param_axes=base.PARAM_AXES,
     sparsity_coefficient=None,
+    config_fields=CONFIG_FIELDS,
+    validate=validate,
+    metrics=("auxk_loss",),
+    temporaries=temporaries,
+    level_field="k",
+    saelens=base.SaeLens(to_saelens=to_saelens, imports=("topk",), required=required,
+                         from_saelens=from_saelens),
 )
