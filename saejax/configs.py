@@ -5,6 +5,8 @@ Flax's examples derive configs from a default). The config is locked on the comm
 field that is not declared here is a misspelling, reported as an error.
 """
 
+import copy
+
 import ml_collections
 
 from saejax import sae
@@ -136,7 +138,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict,
                     *, source: str = "An override") -> ml_collections.ConfigDict:
     """A copy of `config` with dotted-key overrides (`{"sae.k": 4}`) applied; a key that is not
     a field is a ConfigError naming it (`source` says who set it: "The sweep")."""
-    config = config.copy_and_resolve_references()
+    # A deep copy keeps field references (the aliases) linked; resolving them would cut an
+    # alias from the field it names.
+    config = copy.deepcopy(config)
     for key, value in overrides.items():
         node = config
         *path, leaf = key.split(".")
