@@ -16,7 +16,8 @@ import numpy as np
 
 def time_fn(fn, *args, warmup: int = 2, iters: int = 10) -> float:
     # Each call is waited for: on CPU with several devices, overlapping programs with
-    # collectives can deadlock (see train.py), and the median of waited calls is what we report.
+    # collectives can deadlock (see saejax/loop.py), and the median of waited calls is what we
+    # report.
     """Median seconds per call of an already-jitted `fn(*args)`."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))

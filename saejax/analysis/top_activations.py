@@ -208,7 +208,7 @@ def _stream(loaded: LoadedSAE, plan: _Plan, mesh, rules, counters: _HostCounters
                 mesh, {k: loaded.architecture.param_axes[k] for k in loaded.params}, rules))
         scale = jax.device_put(np.float32(loaded.input_scale), sharding.replicated(mesh))
         # Several fake CPU devices share a few cores: finish each step before the next (see
-        # train.py); accelerators keep the asynchronous pipeline.
+        # saejax/loop.py); accelerators keep the asynchronous pipeline.
         serialize = jax.default_backend() == "cpu" and mesh.size > 1
         t0 = last_log = time.perf_counter()
         done = 0
