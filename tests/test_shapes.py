@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import toy_config
-from saejax import configs, data, sae, sharding, train, validation
+from jax.sharding import AbstractMesh, AxisType
+
+from saejax import configs, data, memory, sae, sharding, train, validation
+from saejax.analysis import loading
 from saejax.data import synthetic
 from saejax.sae import shapes
 from saejax.sharding import ConfigError
@@ -152,7 +155,19 @@ def test_transcoder_trains_checkpoints_and_resumes(case, tmp_path):
     shutil.copytree(workdir, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "40"))
     assert train.train_and_evaluate(_config(case, **overrides), resumed)["step"] == 40
+    loaded = loading.load_sae(workdir)  # read back as the transcoder it is
+    assert loaded.architecture.shape == shapes.Transcoder(IN, OUT, case == "topk_skip")
     straight, again = train.load_params(workdir), train.load_params(resumed)
     for name in straight:
         np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(straight[name]),
                                       err_msg=name)
+
+
+def test_memory_report_counts_both_entries_and_the_skip():
+    config = _config("topk_skip", **{"train.batch_size": 256, "mesh.data": 2, "mesh.model": 4})
+    mesh = AbstractMesh((2, 4), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+    report = memory.memory_report(config, mesh, d=16)
+    rows = 256 // 2
+    assert report.batch_bytes == 4 * rows * 2 * 16  # activations_in and activations_out
+    # W_enc, W_dec split over `model`; b_enc too; b_dec and the [d_in, d_out] skip whole.
+    assert report.params_bytes == 4 * (2 * 16 * 64 // 4 + 64 // 4 + 16 + 16 * 16)
