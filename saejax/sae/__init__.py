@@ -58,15 +58,15 @@ def get(name: str) -> Architecture:
 
 def from_config(sae_config) -> Architecture:
     """The architecture `sae.architecture` names with the shape `sae.shape` picks: the
-    registered one itself for the single-hook shape, else its mechanism composed with the
+    registered one itself for the default `single_hook`, else its mechanism composed with the
     shape. ConfigError when either is unknown or the pair cannot be composed."""
     try:
         architecture = get(sae_config.architecture)
     except KeyError as e:
         raise ConfigError(e.args[0]) from None
+    if sae_config.get("shape", shapes.SINGLE_HOOK.name) == shapes.SINGLE_HOOK.name:
+        return architecture  # as registered (an architecture written whole keeps its shape)
     shape = shapes.from_config(sae_config)
-    if shape == architecture.shape:
-        return architecture
     if architecture.mechanism is None:
         raise ConfigError(f"sae.architecture={architecture.name!r} is written for the "
                           f"{architecture.shape.name} shape only (no mechanism to compose with "
