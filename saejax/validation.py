@@ -136,7 +136,7 @@ def _check_architecture(config, architecture: sae.Architecture, n: int) -> None:
 def _check_shape(config, architecture: sae.Architecture) -> None:
     """The data's batches hold what the shape reads and reconstructs."""
     hooks = data.MULTI_HOOK_SOURCES.get(config.data.source)
-    if architecture.shape.name == "single_hook":
+    if config.sae.shape == "single_hook":
         _require(hooks is None,
                  f"data.source={config.data.source!r} writes the hooks {list(hooks or ())}; a "
                  f"single-hook SAE reads one: set sae.shape='transcoder' with sae.input_hook "
