@@ -109,12 +109,11 @@ def decode(params: dict, latents: jax.Array, x: jax.Array | None = None) -> jax.
     return latents @ params["W_dec"] + params["b_dec"]
 
 
-def _one_width(d, hook: str | None = None) -> int:
+def _one_width(d) -> int:
+    """The width of a single-hook batch: `d`, or its one value of {hook: width}."""
     if isinstance(d, dict):
-        if hook is None:
-            (width,) = d.values()
-            return int(width)
-        return int(d[hook])
+        (width,) = d.values()
+        return int(width)
     return int(d)
 
 
@@ -125,10 +124,10 @@ class SingleHook(NamedTuple):
 
     name: str = "single_hook"
 
-    # Each param's logical axes; the decoder constraint keeps `decoder`'s rows unit-norm.
+    # Each param's logical axes, and what resampling does to a dead latent's entries. The
+    # decoder constraint (saejax.optim) keeps the rows of every shape's `W_dec` unit-norm.
     param_axes: dict = PARAM_AXES
     resample: dict = RESAMPLE
-    decoder: str = "W_dec"
 
     def entries(self, widths: dict[str, int]) -> tuple[tuple[Entry, ...], tuple[Entry, ...]]:
         """(what it encodes, what it reconstructs) given the batch's {hook: width}."""
@@ -194,7 +193,6 @@ class Transcoder(NamedTuple):
     target_hook: str
     skip_connection: bool = False
     name: str = "transcoder"
-    decoder: str = "W_dec"
     resample: dict = RESAMPLE
 
     @property
@@ -212,6 +210,12 @@ class Transcoder(NamedTuple):
                 (Entry(self.target_hook, int(widths[self.target_hook]),
                        ("batch", "embed_out")),))
 
+    def widths(self, d) -> tuple[int, int]:
+        """(d_in, d_out) of `d`: an int for both, or {hook: width}."""
+        if isinstance(d, dict):
+            return int(d[self.input_hook]), int(d[self.target_hook])
+        return int(d), int(d)
+
     def input(self, batch: dict) -> jax.Array:
         return batch[self.input_hook]
 
@@ -220,8 +224,7 @@ class Transcoder(NamedTuple):
 
     def init_layout(self, key: jax.Array, d, n_latents: int, dtype=jnp.float32) -> dict:
         """Unit-norm random decoder rows; the encoder random too (the two sides differ)."""
-        d_in, d_out = _one_width(d, self.input_hook if isinstance(d, dict) else None), (
-            _one_width(d, self.target_hook if isinstance(d, dict) else None))
+        d_in, d_out = self.widths(d)
         dec_key, enc_key = jax.random.split(key)
         W_dec = jax.random.normal(dec_key, (n_latents, d_out), dtype)
         W_dec = W_dec / jnp.linalg.norm(W_dec, axis=-1, keepdims=True)
@@ -255,10 +258,8 @@ class Transcoder(NamedTuple):
         """The skip's matmul, 2 d_in d_out forward and 4 backward (its weight and none to the
         input); the dense count takes d_in = d_out = d."""
         del n_latents
-        if not self.skip_connection:
-            return 0
-        return 6 * _one_width(d, self.input_hook if isinstance(d, dict) else None) * (
-            _one_width(d, self.target_hook if isinstance(d, dict) else None))
+        d_in, d_out = self.widths(d)
+        return 6 * d_in * d_out if self.skip_connection else 0
 
 
 SHAPES = ("single_hook", "transcoder")
