@@ -115,9 +115,10 @@ def resample_dead_latents(key: jax.Array, params: dict, opt_state, x: jax.Array,
     reconstruction loss. What happens to its entries of each param is the architecture's
     `rules` (`saejax.sae.shapes.RESAMPLE`): "decoder", the row becomes that token's target,
     normalised; "encoder", the column that token's input direction (the same one for a
-    single-hook SAE, whose input is its target) scaled to `encoder_scale` times the mean norm of
-    the alive encoder columns; "zero", the entries are zeroed (the encoder bias); "init", they
-    return to `initial`'s (a JumpReLU threshold). Its Adam moments are zeroed, and the learning-rate re-warm restarts.
+    single-hook SAE, whose input is its target) scaled to `encoder_scale` times the mean norm
+    of the alive encoder columns; "zero", the entries are zeroed (the encoder bias); "init",
+    they return to `initial`'s (a JumpReLU threshold). Its Adam moments are zeroed, and the
+    learning-rate re-warm restarts.
 
     Args:
       key: randomness for the draw.
