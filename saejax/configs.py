@@ -64,6 +64,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.sae.architecture = "relu"      # a name of saejax.sae.ARCHITECTURES
     config.sae.expansion_factor = 4       # n_latents = expansion_factor x data.d
     config.sae.b_dec_init = "zeros"       # or "geometric_median" (Towards Monosemanticity), "mean"
+    # The dictionary's shape (saejax/sae/shapes.py): "single_hook" encodes and reconstructs the
+    # batch's one entry; "transcoder" reads sae.input_hook and reconstructs sae.target_hook,
+    # with a linear skip W_skip when sae.skip_connection (Paulo et al. 2025).
+    config.sae.shape = "single_hook"
+    config.sae.input_hook = ""
+    config.sae.target_hook = ""
+    config.sae.skip_connection = False
     for name, field in sae.config_fields().items():
         config.sae[name] = field.default
 

@@ -27,7 +27,8 @@ from saejax import data, sharding, train
 # ------------------------------------------------------------------------------------------
 # Memory.
 # ------------------------------------------------------------------------------------------
-# [batch, d] arrays: the scaled batch, x - b_dec, x_hat, the residual and its gradient.
+# [batch, d] arrays: the scaled batch, x - b_dec, x_hat, the residual and its gradient (with
+# several entries, the scaled batch counts each; the rest are as wide as the target).
 EMBED_ARRAYS = 4
 
 
@@ -109,13 +110,18 @@ def memory_report(config, mesh, *, d: int) -> MemoryReport:
         mesh, sharding.logical_to_spec(("batch", "latent"), rules))
     batch_block, latent_block = latents_sharding.shard_shape((batch_size, trainer.n_latents))
     batch_rows = batch_sharding.shard_shape((batch_size, d))[0]
-    batch_bytes = batch_rows * d * itemsize
+    # Every entry of the batch, whatever the shape reads of it.
+    hooks = data.MULTI_HOOK_SOURCES.get(config.data.source, (data.DEFAULT_HOOK,))
+    _, targets = trainer.architecture.shape.entries({hook: d for hook in hooks})
+    batch_width = d * len(hooks)
+    target_width = sum(entry.width for entry in targets)
+    batch_bytes = batch_rows * batch_width * itemsize
 
     n_latents = trainer.n_latents
     # What the architecture's step keeps live (its `temporaries`, saejax/sae/<name>.py).
     counts = trainer.architecture.temporaries(config.sae, n_latents)
     activation_elements = (counts.latent_arrays * batch_block * latent_block
-                           + EMBED_ARRAYS * batch_rows * d
+                           + batch_rows * (batch_width + (EMBED_ARRAYS - 1) * target_width)
                            + counts.selected_row_arrays * batch_rows * counts.selected_rows * d)
     # A batch split over devices adds a copy: the gradients' all-reduce writes a new buffer.
     batch_split = batch_size // batch_rows > 1

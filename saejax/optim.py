@@ -108,26 +108,29 @@ def resample_dead_latents(key: jax.Array, params: dict, opt_state, x: jax.Array,
                           x_hat: jax.Array, dead: jax.Array, *,
                           tx: optax.GradientTransformation, encoder_scale: float,
                           param_axes: dict[str, tuple], rules: dict[str, str],
-                          initial: dict | None = None):
+                          initial: dict | None = None, inputs: jax.Array | None = None):
     """Dead-latent resampling (Anthropic, "Towards Monosemanticity").
 
     Each dead latent gets an input drawn with probability proportional to its squared
     reconstruction loss. What happens to its entries of each param is the architecture's
-    `rules` (`saejax.sae.base.RESAMPLE`): "decoder", the row becomes that input, normalised;
-    "encoder", the column the same direction scaled to `encoder_scale` times the mean norm of
-    the alive encoder columns; "zero", the entries are zeroed (the encoder bias); "init", they
-    return to `initial`'s (a JumpReLU threshold). Its Adam moments are zeroed, and the learning-rate re-warm restarts.
+    `rules` (`saejax.sae.shapes.RESAMPLE`): "decoder", the row becomes that token's target,
+    normalised; "encoder", the column that token's input direction (the same one for a
+    single-hook SAE, whose input is its target) scaled to `encoder_scale` times the mean norm
+    of the alive encoder columns; "zero", the entries are zeroed (the encoder bias); "init",
+    they return to `initial`'s (a JumpReLU threshold). Its Adam moments are zeroed, and the
+    learning-rate re-warm restarts.
 
     Args:
       key: randomness for the draw.
       params, opt_state: the SAE and its optimizer state (from `make_optimizer`).
-      x, x_hat: inputs `[tokens, d]` and their reconstructions.
+      x, x_hat: targets `[tokens, d]` and their reconstructions.
       dead: `[n_latents]` bool.
       tx: the optimizer whose state this is.
       encoder_scale: encoder columns' norm relative to the mean alive norm.
       param_axes: logical axes of each param; moments along `latent` are reset.
       rules: {param name: one of RESAMPLE_RULES}; params not named keep their values.
       initial: params as initialised, for the "init" rule.
+      inputs: the encoder's inputs `[tokens, d_in]` when they are not `x` (a transcoder).
     Returns:
       (params, opt_state).
     """
@@ -138,6 +141,9 @@ def resample_dead_latents(key: jax.Array, params: dict, opt_state, x: jax.Array,
     # One draw per latent keeps shapes static; only the dead latents use theirs.
     chosen = jax.random.choice(key, x.shape[0], (n_latents,), p=probabilities)
     directions = _unit_rows(x[chosen])                                  # [n_latents, d]
+    # A single-hook SAE's inputs are its targets (the same array): one set of directions.
+    input_directions = (directions if inputs is None or inputs is x
+                        else _unit_rows(inputs[chosen]))
     params = dict(params)
     for name, rule in rules.items():
         if rule == "decoder":    # [n_latents, d]
@@ -148,7 +154,7 @@ def resample_dead_latents(key: jax.Array, params: dict, opt_state, x: jax.Array,
             mean_alive_norm = jnp.sum(encoder_norms * alive) / jnp.maximum(jnp.sum(alive), 1)
             mean_alive_norm = jnp.where(jnp.any(alive), mean_alive_norm, 1.0)
             params[name] = jnp.where(dead[None, :],
-                                     directions.T * encoder_scale * mean_alive_norm,
+                                     input_directions.T * encoder_scale * mean_alive_norm,
                                      params[name])
         elif rule in ("zero", "init"):
             axes = param_axes[name]

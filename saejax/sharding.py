@@ -2,7 +2,9 @@
 
 Parallelism is data, not code (as in MaxText): every array carries logical axis names
 (`batch`, `embed`, `latent`), and one rules table in the config maps them to the mesh axes
-`data` and `model`. Splitting the dictionary means mapping `latent` to `model`.
+`data` and `model`. Splitting the dictionary means mapping `latent` to `model`. A dictionary
+whose two sides differ (a transcoder) names them `embed_in` and `embed_out`; a table without
+rules for them (every table written before they existed) maps them as it maps `embed`.
 
 Functions that need the mesh while tracing (the sharded top-k) read the ambient one set with
 `jax.set_mesh` and the ambient rules set with `flax.linen.logical_axis_rules`; `activate` sets
@@ -58,8 +60,22 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
+# Logical axes that follow another's rule when the table has none of their own.
+FALLBACKS = {"embed_in": "embed", "embed_out": "embed"}
+
+
+def full_rules(rules) -> tuple[tuple, ...]:
+    """`rules` as a tuple of pairs, plus a rule for each of `FALLBACKS` it lacks (the rule of
+    the axis it follows), so that an old config's table shards every logical axis."""
+    rules = tuple(map(tuple, rules))
+    named = {name for name, _ in rules}
+    extra = tuple((axis, mesh_axis) for axis, follows in FALLBACKS.items() if axis not in named
+                  for name, mesh_axis in rules if name == follows)
+    return rules + extra
+
+
 def logical_to_spec(logical_axes: Sequence[str | None], rules) -> P:
-    return nn.logical_to_mesh_axes(tuple(logical_axes), tuple(map(tuple, rules)))
+    return nn.logical_to_mesh_axes(tuple(logical_axes), full_rules(rules))
 
 
 def is_axes(x) -> bool:
@@ -80,7 +96,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules):
     """Makes `mesh` and `rules` the ambient ones while tracing and running sharded code."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(map(tuple, rules))):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(full_rules(rules)):
         yield
 
 

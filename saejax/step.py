@@ -146,8 +146,8 @@ def resample_step(state: dict, batches: tuple[dict, ...], *,
     dead."""
     batch = _scaled(_concatenated(batches), state["input_scale"])
     params = state["params"]
-    x_hat = architecture.decode(params, architecture.encode(
-        params, architecture.shape.input(batch), sae_config))
+    inputs = architecture.shape.input(batch)
+    x_hat = architecture.decode(params, architecture.encode(params, inputs, sae_config), inputs)
     # Dead latents point at the targets the SAE reconstructs worst.
     x = architecture.shape.target(batch)
     dead = state["tokens_since_fired"] >= dead_window_tokens
@@ -156,7 +156,8 @@ def resample_step(state: dict, batches: tuple[dict, ...], *,
                if "init" in architecture.resample.values() else None)
     params, opt_state = optim.resample_dead_latents(
         key, params, state["opt_state"], x, x_hat, dead, tx=tx, encoder_scale=encoder_scale,
-        param_axes=architecture.param_axes, rules=architecture.resample, initial=initial)
+        param_axes=architecture.param_axes, rules=architecture.resample, initial=initial,
+        inputs=inputs)
     tokens_since_fired = jnp.where(dead, 0, state["tokens_since_fired"])
     return (dict(state, params=params, opt_state=opt_state,
                  tokens_since_fired=tokens_since_fired), jnp.sum(dead))
@@ -184,8 +185,9 @@ def init_from_data(state: dict, batches: tuple[dict, ...], *, architecture: sae.
 def eval_step(params: dict, input_scale: jax.Array, batch: dict, *,
               architecture: sae.Architecture, sae_config) -> dict:
     batch = _scaled(batch, input_scale)
-    latents = architecture.encode(params, architecture.shape.input(batch), sae_config)
-    x_hat = architecture.decode(params, latents)
+    x = architecture.shape.input(batch)
+    latents = architecture.encode(params, x, sae_config)
+    x_hat = architecture.decode(params, latents, x)
     target = architecture.shape.target(batch)
     return {"mse": evals.mse(target, x_hat), "fvu": evals.fvu(target, x_hat),
             "l0": evals.l0(latents)}

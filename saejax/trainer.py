@@ -40,7 +40,7 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
     coefficient, stacked on a leading member axis and vmapped, all reading the same batch.
     Call inside `sharding.activate(mesh, rules)`: the sharded top-k reads the ambient mesh.
     """
-    architecture = sae.get(config.sae.architecture)
+    architecture = sae.from_config(config.sae)
     n_latents = validation.n_latents(config)
     tx = optim.make_optimizer(config.optim, int(config.train.steps),
                               rewarm_steps=int(config.resample.rewarm_steps))

@@ -24,13 +24,11 @@ def n_latents(config) -> int:
 
 def validate(config, n_devices: int) -> None:
     """Raises ConfigError naming the first field that cannot work with `n_devices` devices."""
-    try:
-        architecture = sae.get(config.sae.architecture)
-    except KeyError as e:
-        raise ConfigError(e.args[0]) from None
+    architecture = sae.from_config(config.sae)  # ConfigError for an unknown name or shape
     _require(config.data.source in data.SOURCES,
              f"data.source={config.data.source!r} is not known; choose one of "
              f"{sorted(data.SOURCES)}.")
+    _check_shape(config, architecture)
     for field, value in (("data.d", config.data.d), ("sae.expansion_factor",
                                                      config.sae.expansion_factor),
                          ("train.batch_size", config.train.batch_size),
@@ -106,7 +104,7 @@ def validate(config, n_devices: int) -> None:
              f"train.compute_dtype={config.train.compute_dtype!r} is not supported; choose one "
              f"of {', '.join(COMPUTE_DTYPES)}.")
     _check_data_paths(config)
-    if config.data.source == "synthetic":
+    if config.data.source in ("synthetic", "synthetic_transcoder"):
         _require(0 < config.data.features_per_sample <= config.data.n_features,
                  f"data.features_per_sample={config.data.features_per_sample} must be in "
                  f"(0, data.n_features={config.data.n_features}].")
@@ -133,6 +131,26 @@ def _check_architecture(config, architecture: sae.Architecture, n: int) -> None:
                      f"sae.architecture={architecture.name!r} has none: set it to "
                      f"{spec.default!r}.")
     architecture.validate(config, n)
+
+
+def _check_shape(config, architecture: sae.Architecture) -> None:
+    """The data's batches hold what the shape reads and reconstructs."""
+    hooks = data.MULTI_HOOK_SOURCES.get(config.data.source)
+    if config.sae.shape == "single_hook":
+        _require(hooks is None,
+                 f"data.source={config.data.source!r} writes the hooks {list(hooks or ())}; a "
+                 f"single-hook SAE reads one: set sae.shape='transcoder' with sae.input_hook "
+                 f"and sae.target_hook among them.")
+        return
+    _require(hooks is not None,
+             f"sae.shape={architecture.shape.name!r} reads several hooks; "
+             f"data.source={config.data.source!r} writes one (stores and the LM with several "
+             f"hooks come with issue 16): use data.source='synthetic_transcoder'.")
+    architecture.shape.entries({hook: int(config.data.d) for hook in hooks})
+    _require(config.evals.loss_recovered_sequences == 0,
+             f"evals.loss_recovered_sequences={config.evals.loss_recovered_sequences} splices "
+             f"a single-hook SAE into the LM; with sae.shape={architecture.shape.name!r} set "
+             "it to 0.")
 
 
 def _check_data_paths(config) -> None:

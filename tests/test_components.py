@@ -153,7 +153,7 @@ def test_k_annealing_keeps_k_anneal_start_latents_at_first_and_k_from_its_end(na
 def test_auxk_gives_dead_latents_a_gradient():
     from saejax.sae import topk  # pylint: disable=import-outside-toplevel
     config = toy_config(**{"data.d": 16, "sae.k": 2, "sae.k_aux": 4})
-    params = topk.ARCHITECTURE.init(jax.random.PRNGKey(0), 16, 64, config.sae)
+    params = sae.get("topk").init(jax.random.PRNGKey(0), 16, 64, config.sae)
     x = jax.random.normal(jax.random.PRNGKey(1), (32, 16))
     pre = np.asarray(x @ params["W_enc"])
     never_selected = np.ones(64, bool)
@@ -161,14 +161,14 @@ def test_auxk_gives_dead_latents_a_gradient():
     assert never_selected.sum() > 8
 
     def grad_of(dead):
-        grad_fn = jax.grad(lambda p: topk.loss(p, x, config.sae, 0.0, dead)[0])
+        grad_fn = jax.grad(lambda p: sae.get("topk").loss(p, x, config.sae, 0.0, dead)[0])
         return np.asarray(grad_fn(params)["W_enc"])
 
     alive = grad_of(jnp.zeros(64, bool))
     np.testing.assert_array_equal(alive[:, never_selected], 0.0)
     revived = grad_of(jnp.asarray(never_selected))
     assert np.abs(revived[:, never_selected]).sum(0).astype(bool).sum() >= 4
-    _, aux = topk.loss(params, x, config.sae, 0.0, jnp.asarray(never_selected))
+    _, aux = sae.get("topk").loss(params, x, config.sae, 0.0, jnp.asarray(never_selected))
     assert 0.0 < float(aux["auxk_loss"]) <= 2.0
 
 
@@ -224,7 +224,7 @@ def test_normalized_inputs_and_geometric_median_init(tmp_path):
 def test_resampling_resets_dead_latents_moments_and_rewarms():
     from saejax.sae import gated  # pylint: disable=import-outside-toplevel
     config = toy_config()
-    params = gated.init(jax.random.PRNGKey(0), 8, 16)
+    params = sae.get("gated").init(jax.random.PRNGKey(0), 8, 16)
     initial = dict(params)
     params["r_mag"] = params["r_mag"] + 0.5
     tx = optim.make_optimizer(config.optim, total_steps=100, rewarm_steps=10)
@@ -239,7 +239,7 @@ def test_resampling_resets_dead_latents_moments_and_rewarms():
 
     new_params, new_state = optim.resample_dead_latents(
         jax.random.PRNGKey(2), params, state, x, x * 0.5, dead, tx=tx, encoder_scale=0.2,
-        param_axes=gated.PARAM_AXES, rules=gated.ARCHITECTURE.resample, initial=initial)
+        param_axes=sae.get("gated").param_axes, rules=sae.get("gated").resample, initial=initial)
     adam = new_state[1][0]
     for name, axis in (("W_enc", 1), ("W_dec", 0), ("b_enc", 0), ("r_mag", 0)):
         dead_part = np.take(np.asarray(adam.mu[name]), np.arange(4), axis=axis)
@@ -253,7 +253,7 @@ def test_resampling_resets_dead_latents_moments_and_rewarms():
 
     _, unchanged = optim.resample_dead_latents(
         jax.random.PRNGKey(2), params, state, x, x * 0.5, jnp.zeros(16, bool), tx=tx,
-        encoder_scale=0.2, param_axes=gated.PARAM_AXES, rules=gated.ARCHITECTURE.resample,
+        encoder_scale=0.2, param_axes=sae.get("gated").param_axes, rules=sae.get("gated").resample,
         initial=initial)
     assert float(optim.rewarm_factor(unchanged)) == 1.0   # nothing dead: no re-warm
 
@@ -261,15 +261,15 @@ def test_resampling_resets_dead_latents_moments_and_rewarms():
 def test_resampling_resets_a_dead_jumprelu_threshold_to_its_initial_value():
     from saejax.sae import jumprelu  # pylint: disable=import-outside-toplevel
     config = toy_config(**{"sae.architecture": "jumprelu"})
-    initial = jumprelu.init(jax.random.PRNGKey(0), 8, 16, config.sae)
+    initial = sae.get("jumprelu").init(jax.random.PRNGKey(0), 8, 16, config.sae)
     params = {**initial, "log_threshold": initial["log_threshold"] + 2.0}
     tx = optim.make_optimizer(config.optim, total_steps=100)
     x = jax.random.normal(jax.random.PRNGKey(1), (64, 8))
     dead = jnp.arange(16) < 4
     new_params, _ = optim.resample_dead_latents(
         jax.random.PRNGKey(2), params, tx.init(params), x, x * 0.5, dead, tx=tx,
-        encoder_scale=0.2, param_axes=jumprelu.PARAM_AXES,
-        rules=jumprelu.ARCHITECTURE.resample, initial=initial)
+        encoder_scale=0.2, param_axes=sae.get("jumprelu").param_axes,
+        rules=sae.get("jumprelu").resample, initial=initial)
     np.testing.assert_allclose(np.exp(new_params["log_threshold"][:4]),
                                config.sae.jumprelu_init_threshold, rtol=1e-6)
     np.testing.assert_array_equal(new_params["log_threshold"][4:], params["log_threshold"][4:])
@@ -279,24 +279,24 @@ def test_switch_routes_each_token_to_one_expert():
     from saejax.sae import switch  # pylint: disable=import-outside-toplevel
     # Capacity for every token in every expert: nothing is dropped.
     config = toy_config(**{"sae.switch_experts": 4, "sae.k": 3, "sae.switch_capacity_factor": 4.0})
-    params = switch.init(jax.random.PRNGKey(0), 16, 64, config.sae)
+    params = sae.get("switch").init(jax.random.PRNGKey(0), 16, 64, config.sae)
     x = jax.random.normal(jax.random.PRNGKey(1), (40, 16))
-    latents = np.asarray(switch.encode(params, x, config.sae))
+    latents = np.asarray(sae.get("switch").encode(params, x, config.sae))
     active_experts = (latents.reshape(40, 4, 16) != 0).any(-1).sum(-1)
     np.testing.assert_array_equal(active_experts, 1)          # one expert per token
     assert ((latents != 0).sum(-1) <= 3).all()                 # TopK inside the expert
     # Encoding is per token: the same latents alone as in a batch.
-    np.testing.assert_allclose(np.asarray(switch.encode(params, x[7:8], config.sae))[0],
+    np.testing.assert_allclose(np.asarray(sae.get("switch").encode(params, x[7:8], config.sae))[0],
                                latents[7], rtol=1e-5, atol=1e-6)
     # The training loss reconstructs through the router weight exactly as decode(encode(x)).
-    _, aux = switch.loss(params, x, config.sae, 0.0, jnp.zeros(64, bool))
+    _, aux = sae.get("switch").loss(params, x, config.sae, 0.0, jnp.zeros(64, bool))
     assert float(aux["dropped_fraction"]) == 0.0
     np.testing.assert_allclose(aux["x_hat"], latents @ params["W_dec"] + params["b_dec"],
                                rtol=1e-5, atol=1e-5)
     assert 0.99 <= float(aux["balance_loss"]) <= 4.0
     dense = base.dense_flops_per_token(16, 64)
     default = toy_config(**{"sae.switch_experts": 4}).sae  # capacity factor 1.25
-    assert switch.flops_per_token(16, 64, default) < dense / 2
+    assert sae.get("switch").flops_per_token(16, 64, default) < dense / 2
 
 
 def test_topk_decoder_auto_is_sparse_only_for_large_dictionaries():
@@ -310,4 +310,4 @@ def test_topk_decoder_auto_is_sparse_only_for_large_dictionaries():
     assert topk.sparse_decode(config.sae, 1024)
     config.sae.topk_decoder = "dense"
     assert not topk.sparse_decode(config.sae, 512 * 128)
-    assert topk.flops_per_token(512, 512 * 128, config.sae) == 10 * 512 * 512 * 128
+    assert sae.get("topk").flops_per_token(512, 512 * 128, config.sae) == 10 * 512 * 512 * 128

@@ -59,7 +59,8 @@ class LoadedSAE(NamedTuple):
     def reconstruct(self, activations) -> jax.Array:
         """The SAE's reconstruction of raw activations, in raw units."""
         latents = self.encode(activations)
-        return self.architecture.decode(self.params, latents) / self.input_scale
+        x = jnp.asarray(activations, jnp.float32) * self.input_scale  # a skip connection's input
+        return self.architecture.decode(self.params, latents, x) / self.input_scale
 
     def decoder_directions(self) -> np.ndarray:
         """W_dec [n, d] in raw activation units: what one unit of each latent adds at the hook."""
@@ -123,7 +124,7 @@ def _load_run(workdir: str, step: int | None) -> LoadedSAE:
             + (f": one of {folders}." if folders else f": {workdir}/members/<name>."))
     sae_config = configs.base_config().sae
     sae_config.update(config.get("sae", {}))
-    architecture = sae.get(str(sae_config.architecture))
+    architecture = sae.from_config(sae_config)  # the mechanism with its shape (sae.shape)
     try:
         state = checkpoint.load_params(workdir, step)
     except FileNotFoundError as e:

@@ -8,15 +8,19 @@ A source yields batches already sharded on the mesh (`next_batch`), held-out bat
 Every batch is a dict keyed by hook name, `{hook: [batch, d_hook]}` (one entry for a single
 source); `hook_name` is the one place that decides the name: a store's harvest metadata hook,
 `lm.hook` for the LM, and `DEFAULT_HOOK` for synthetic data and a user's .npy array.
+`synthetic_transcoder` emits two entries in lockstep (`synthetic.TRANSCODER_HOOKS`); stores and
+the LM with several hooks come with issue 16.
 """
 
 from __future__ import annotations
 
 from saejax.data import lm
 from saejax.data.store import ArraySource
-from saejax.data.synthetic import SyntheticSource
+from saejax.data.synthetic import TRANSCODER_HOOKS, SyntheticSource, SyntheticTranscoderSource
 
-SOURCES = ("synthetic", "store", "npy", "lm")
+SOURCES = ("synthetic", "store", "npy", "lm", "synthetic_transcoder")
+# The sources whose batches hold several hooks, and those hooks.
+MULTI_HOOK_SOURCES = {"synthetic_transcoder": TRANSCODER_HOOKS}
 # The hook name of activations that come from no LM hook (synthetic ground truth, a .npy file).
 DEFAULT_HOOK = "activations"
 
@@ -60,9 +64,12 @@ class KeyedSource:
         return getattr(self.source, name)
 
 
-def make_source(config, *, mesh, rules) -> KeyedSource:
+def make_source(config, *, mesh, rules):
     batch_size = int(config.train.batch_size)
     eval_batches = int(config.evals.eval_batches)
+    if config.data.source == "synthetic_transcoder":  # keyed already: two hooks
+        return SyntheticTranscoderSource(config.data, batch_size=batch_size, mesh=mesh,
+                                         rules=rules)
     if config.data.source == "synthetic":
         source = SyntheticSource(config.data, batch_size=batch_size, mesh=mesh, rules=rules)
     elif config.data.source == "lm":

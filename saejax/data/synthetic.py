@@ -8,6 +8,11 @@ feature index; each active feature gets a U[0, 1) coefficient; x = codes @ featu
 The ground truth is fixed by `data.seed` (built on the host with NumPy, so it is the same on
 any mesh); batch i is a pure function of (seed, i), generated on the devices already sharded, so
 the data position is just the batch index.
+
+`SyntheticTranscoderSource` (`data.source="synthetic_transcoder"`) is the same sparse code
+written twice, through the features into hook `activations_in` and through a second set of
+unit directions into hook `activations_out`: a transcoder's ground truth is the second set (its
+decoder's rows), reached from the first.
 """
 
 from __future__ import annotations
@@ -91,11 +96,16 @@ class SyntheticSource:
                                             sharding.replicated(mesh))
 
         def generate(ground_truth, key, index):
-            x, _ = sample(GroundTruth(*ground_truth), jax.random.fold_in(key, index),
-                          self.batch_size, float(data_config.features_per_sample))
-            return x
+            x, codes = sample(GroundTruth(*ground_truth), jax.random.fold_in(key, index),
+                              self.batch_size, float(data_config.features_per_sample))
+            return self._entries(x, codes)
 
         self._generate = jax.jit(generate, out_shardings=self.sharding)
+
+    def _entries(self, x, codes):
+        """What a batch holds: the activations (a subclass adds entries made from `codes`)."""
+        del codes
+        return x
 
     def next_batch(self) -> jax.Array:
         batch = self._generate(self._ground_truth, self._train_key, self.position)
@@ -111,3 +121,32 @@ class SyntheticSource:
 
     def restore(self, state: dict) -> None:
         self.position = int(state["position"])
+
+
+# The hooks of a synthetic transcoder batch: what it reads, what it reconstructs.
+TRANSCODER_HOOKS = ("activations_in", "activations_out")
+
+
+class SyntheticTranscoderSource(SyntheticSource):
+    """Batches `{activations_in: codes @ features, activations_out: codes @ output_features}`:
+    one sparse code through two sets of directions (the second drawn from `data.seed + 1`),
+    both `data.d` wide. `true_features` are the output directions, which a transcoder's
+    decoder recovers."""
+
+    def __init__(self, data_config, *, batch_size: int, mesh, rules):
+        output = make_ground_truth(
+            seed=int(data_config.seed) + 1, d=int(data_config.d),
+            n_features=int(data_config.n_features), correlated=False, frequency_decay=1.0)
+        self.input_features = None
+        self._output_features = jax.device_put(output.features, sharding.replicated(mesh))
+        super().__init__(data_config, batch_size=batch_size, mesh=mesh, rules=rules)
+        self.input_features = self.ground_truth.features
+        self.true_features = output.features
+        self.hooks = TRANSCODER_HOOKS
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {hook: self.d for hook in TRANSCODER_HOOKS}
+
+    def _entries(self, x, codes):
+        return {TRANSCODER_HOOKS[0]: x, TRANSCODER_HOOKS[1]: codes @ self._output_features}

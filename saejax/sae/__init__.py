@@ -1,10 +1,15 @@
-"""SAE architectures by name. Each module defines one `ARCHITECTURE` (see `base.Architecture`);
-`register` adds another (a file of its own, or a test's) without any other file knowing it."""
+"""SAE architectures by name. Each built-in module defines one sparsity `MECHANISM`
+(`base.Mechanism`), registered composed with the single-hook shape under its name
+(`sae.architecture=topk`); `from_config` composes the named one with the shape `sae.shape`
+picks (`shapes.py`: a transcoder), so a (mechanism, shape) pair has no file of its own.
+`register` adds another architecture (a file of its own, or a test's) without any other file
+knowing it."""
 
 from __future__ import annotations
 
-from saejax.sae import base, batchtopk, gated, jumprelu, relu, switch, topk
-from saejax.sae.base import Architecture, ConfigField
+from saejax.errors import ConfigError
+from saejax.sae import base, batchtopk, gated, jumprelu, relu, shapes, switch, topk
+from saejax.sae.base import Architecture, ConfigField, Mechanism, compose
 
 ARCHITECTURES: dict[str, Architecture] = {}
 
@@ -40,7 +45,7 @@ def unregister(name: str) -> None:
 
 
 for _module in (relu, topk, batchtopk, jumprelu, gated, switch):
-    register(_module.ARCHITECTURE)
+    register(compose(_module.MECHANISM, shapes.SINGLE_HOOK))
 
 
 def get(name: str) -> Architecture:
@@ -49,6 +54,24 @@ def get(name: str) -> Architecture:
     except KeyError:
         raise KeyError(f"sae.architecture={name!r} is not known; choose one of "
                        f"{sorted(ARCHITECTURES)}.") from None
+
+
+def from_config(sae_config) -> Architecture:
+    """The architecture `sae.architecture` names with the shape `sae.shape` picks: the
+    registered one itself for the default `single_hook`, else its mechanism composed with the
+    shape. ConfigError when either is unknown or the pair cannot be composed."""
+    try:
+        architecture = get(sae_config.architecture)
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
+    if sae_config.get("shape", shapes.SINGLE_HOOK.name) == shapes.SINGLE_HOOK.name:
+        return architecture  # as registered (an architecture written whole keeps its shape)
+    shape = shapes.from_config(sae_config)
+    if architecture.mechanism is None:
+        raise ConfigError(f"sae.architecture={architecture.name!r} is written for the "
+                          f"{architecture.shape.name} shape only (no mechanism to compose with "
+                          f"sae.shape={shape.name!r}).")
+    return compose(architecture.mechanism, shape)
 
 
 def config_fields() -> dict[str, ConfigField]:

@@ -1,33 +1,29 @@
-"""What every SAE architecture provides, and the parameter layout most of them share.
+"""What every SAE architecture provides: an `Architecture` is a sparsity `Mechanism` (ReLU + L1,
+TopK, JumpReLU, ...: the activation, its penalty, its extra per-latent params) composed with a
+`shapes` shape (what the dictionary reads and reconstructs, and its layout) by `compose`.
 
-An architecture is one `Architecture` value in one file of this package (or a test's), added to
-the registry with `saejax.sae.register`. It carries everything the rest of saejax needs to know
-about it: its config fields, their checks, its params' logical axes, init, encode / decode /
-loss, the metrics its loss reports, FLOP and memory counts, what dead-latent resampling
-re-initialises, whether its sparsity coefficient is a mean over latents, and its SAELens
-conversion. Nothing outside `saejax/sae/` branches on an architecture's name.
-
-The dense layout: params are a plain dict pytree, `W_enc [d, n_latents]`, `b_enc [n_latents]`,
-`W_dec [n_latents, d]`, `b_dec [d]`. Every function here is pure and jit-able.
+A mechanism is one file of this package (or a test's); `saejax.sae` registers each built-in one
+composed with `SingleHook` under its name, and `sae.shape` picks another shape at run time
+(`sae.from_config`). An architecture carries everything the rest of saejax needs to know: its
+config fields, their checks, its params' logical axes, init, encode / decode / loss, the
+metrics its loss reports, FLOP and memory counts, what dead-latent resampling re-initialises,
+whether its sparsity coefficient is a mean over latents, and its SAELens conversion. Nothing
+outside `saejax/sae/` branches on an architecture's name. Every function here is pure and
+jit-able.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from saejax.sae import ops
-from saejax.sharding import ConfigError
-
-PARAM_AXES = {
-    "W_enc": ("embed", "latent"),
-    "b_enc": ("latent",),
-    "W_dec": ("latent", "embed"),
-    "b_dec": ("embed",),
-}
-
+from saejax.errors import ConfigError
+from saejax.sae import ops  # noqa: F401  (the mechanisms' reductions)
+from saejax.sae.shapes import (PARAM_AXES, RESAMPLE, SINGLE_HOOK, Entry,  # noqa: F401
+                               SingleHook, add_bias, decode, init_params, pre_activations)
 
 class ConfigField(NamedTuple):
     """One `config.sae.<name>` field an architecture reads: its default and a one-line doc.
@@ -85,49 +81,6 @@ def dense_tensors(params: dict) -> dict:
     return {k: params[k] for k in ("W_enc", "W_dec", "b_dec")}
 
 
-class Entry(NamedTuple):
-    """One entry of a batch a dictionary reads or writes: `[batch, width]` at a hook."""
-
-    hook: str
-    width: int
-    axes: tuple[str, ...] = ("batch", "embed")
-
-
-class SingleHook(NamedTuple):
-    """The dictionary's shape for every architecture here: it encodes the batch's one entry
-    and reconstructs that same entry. A batch is `{hook: [batch, d]}` (saejax.data); a bare
-    array is taken as a batch of one entry, so that the losses can be called on an array.
-
-    A shape says what a dictionary reads and what it writes. Another shape (a transcoder:
-    hook A in, hook B out; a crosscoder: several hooks in and out) is another value with the
-    same methods, not another architecture file.
-    """
-
-    name: str = "single_hook"
-
-    def entries(self, widths: dict[str, int]) -> tuple[tuple[Entry, ...], tuple[Entry, ...]]:
-        """(what it encodes, what it reconstructs) given the batch's {hook: width}."""
-        if len(widths) != 1:
-            raise ConfigError(f"a single-hook SAE reads a batch of one hook; the data has "
-                              f"{sorted(widths)}.")
-        (entry,) = (Entry(hook, int(width)) for hook, width in widths.items())
-        return (entry,), (entry,)
-
-    def input(self, batch) -> jax.Array:
-        """The `[batch, d]` activations the encoder reads."""
-        if isinstance(batch, dict):
-            (x,) = batch.values()
-            return x
-        return batch
-
-    def target(self, batch) -> jax.Array:
-        """The `[batch, d]` activations the decoder reconstructs (metrics compare with it)."""
-        return self.input(batch)
-
-
-SINGLE_HOOK = SingleHook()
-
-
 def _no_checks(config, n_latents: int) -> None:
     del config, n_latents
 
@@ -138,20 +91,13 @@ def _dense_temporaries(sae_config, n_latents: int) -> Temporaries:
     return Temporaries(3)
 
 
-# What resampling does to a dead latent's entries of each param (optim.resample_dead_latents):
-# "decoder": its row becomes the drawn input's direction; "encoder": its column, that direction
-# scaled to `resample.encoder_scale` times the alive columns' mean norm; "zero": its entries are
-# zeroed; "init": they return to their values in a fresh `init` (a learned threshold). Params
-# not listed keep their values (their Adam moments along `latent` are reset all the same).
-RESAMPLE = {"W_enc": "encoder", "W_dec": "decoder", "b_enc": "zero"}
-
-
 class Architecture(NamedTuple):
     """One kind of SAE.
 
-    init(key, d, n_latents, sae_config) -> params
+    init(key, d, n_latents, sae_config) -> params (`d`: an int, or {hook: width})
     encode(params, x, sae_config) -> latents [batch, n_latents]
-    decode(params, latents) -> x_hat [batch, d]
+    decode(params, latents, x=None) -> x_hat [batch, d_target]; `x` is the encoder's input
+        (a transcoder's skip connection reads it)
     loss(params, batch, sae_config, sparsity_coefficient, dead, step=None) -> (loss, aux) where
         `batch` is `{hook: [batch, width]}`, read through `shape` (its input and target),
         `dead` [n_latents] marks latents that have not fired within the dead window, `step` is
@@ -176,7 +122,9 @@ class Architecture(NamedTuple):
     level_field: the `sae.<field>` that sets sparsity when there is no coefficient (TopK's k):
         recorded in summaries and sweep tables.
     saelens: its SAELens conversion, or None when SAELens has no counterpart.
-    shape: which batch entries it encodes and which it reconstructs (`SingleHook`).
+    shape: which batch entries it encodes and which it reconstructs (`shapes.SingleHook`).
+    mechanism: the `Mechanism` it was composed from (None for one written whole), so that
+        `sae.from_config` can compose it with another shape.
     """
 
     name: str
@@ -195,7 +143,8 @@ class Architecture(NamedTuple):
     sparsity_mean_over_latents: bool = False
     level_field: str | None = None
     saelens: SaeLens | None = None
-    shape: SingleHook = SINGLE_HOOK
+    shape: Any = SINGLE_HOOK
+    mechanism: Any = None
 
 
 def require(condition: bool, message: str) -> None:
@@ -214,61 +163,98 @@ def require_non_negative(sae_config, *fields: str) -> None:
 L1_FIELDS = {"l1_coefficient": ConfigField(0.6, "weight of the L1 penalty (relu, gated)")}
 
 
-def init_params(key: jax.Array, d: int, n_latents: int, sae_config=None,
-                dtype=jnp.float32) -> dict:
-    """Unit-norm random decoder rows; the encoder starts as the decoder's transpose."""
-    del sae_config
-    W_dec = jax.random.normal(key, (n_latents, d), dtype)
-    W_dec = W_dec / jnp.linalg.norm(W_dec, axis=-1, keepdims=True)
-    return {
-        "W_enc": W_dec.T,
-        "b_enc": jnp.zeros((n_latents,), dtype),
-        "W_dec": W_dec,
-        "b_dec": jnp.zeros((d,), dtype),
-    }
-
-
-def pre_activations(params: dict, x: jax.Array) -> jax.Array:
-    """Encoder pre-activations; the decoder bias is subtracted first (Towards Monosemanticity).
-
-    The value is `(x - b_dec) @ W_enc + b_enc`. The decoder bias's gradient through this path is
-    `-W_enc @ (sum over the batch of the pre-activations' gradient)`, a matrix-vector product;
-    written naively, XLA computes it as a [batch, n_latents] x [n_latents, d] matmul and then
-    sums, a sixth dictionary-sized matmul (20% more FLOPs than the step's 10 d n per token).
-    So `x - b_dec` is formed with the bias held constant, and its gradient is carried by a term
-    whose value is zero: the same forward numbers, the cheap gradient.
-    """
-    b_dec, W_enc = params["b_dec"], params["W_enc"]
-    frozen = jax.lax.stop_gradient(b_dec)
-    return add_bias((x - frozen) @ W_enc, params["b_enc"] - (b_dec - frozen) @ W_enc)
-
-
-@jax.custom_vjp
-def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
-    """`y [tokens, n] + bias [n]`, whose bias gradient is `ops.batch_sum` of y's: the sum
-    autodiff writes for a broadcast is the slow column reduction on XLA's CPU backend."""
-    return y + bias
-
-
-def _add_bias_fwd(y, bias):
-    return y + bias, None
-
-
-def _add_bias_bwd(_, grad):
-    return grad, ops.batch_sum(grad).astype(grad.dtype)
-
-
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
-
-
-def decode(params: dict, latents: jax.Array) -> jax.Array:
-    return latents @ params["W_dec"] + params["b_dec"]
-
-
 def dense_flops_per_token(d: int, n_latents: int, sae_config=None) -> int:
     """Encoder and decoder matmuls: 4 d n forward, 6 d n backward (no gradient to the input)."""
     del sae_config
-    return 10 * d * n_latents
+    return 10 * _width(d) * n_latents
+
+
+def _width(d) -> int:
+    return int(max(d.values())) if isinstance(d, dict) else int(d)
+
+
+# ------------------------------------------------------------------------------------------
+# Mechanisms, and their composition with a shape
+# ------------------------------------------------------------------------------------------
+def dense_init(key, d, n_latents, sae_config=None, *, shape):
+    """The shape's layout alone (a mechanism without params of its own)."""
+    del sae_config
+    return shape.init_layout(key, d, n_latents)
+
+
+def dense_flops(d, n_latents, sae_config=None, *, shape) -> int:
+    """`dense_flops_per_token` plus what the shape's layout adds (a transcoder's skip)."""
+    return dense_flops_per_token(d, n_latents, sae_config) + shape.flops_per_token(d, n_latents)
+
+
+def _no_mechanism_checks(config, n_latents: int, *, shape) -> None:
+    del config, n_latents, shape
+
+
+def _mechanism_temporaries(sae_config, n_latents: int, *, shape) -> Temporaries:
+    del sae_config, n_latents, shape
+    return Temporaries(3)
+
+
+class Mechanism(NamedTuple):
+    """A sparsity mechanism: the activation, its penalty, the per-latent params it adds.
+
+    Its functions are an `Architecture`'s, each with a keyword `shape` through which it reads
+    the batch (`shape.input`, `shape.target`) and the dictionary (`shape.pre_activations`,
+    `shape.raw`, `shape.decode`, `shape.decoder_norms`, `shape.init_layout`); `compose`
+    binds the shape. `param_axes` and `resample` list only its own params (the shape adds
+    the layout's); `shapes` names the shapes it supports (None: any), and `saelens` applies
+    to its single-hook form.
+    """
+
+    name: str
+    encode: Callable[..., jax.Array]
+    loss: Callable[..., tuple[jax.Array, dict[str, Any]]]
+    sparsity_coefficient: str | None
+    init: Callable[..., dict] = dense_init
+    flops_per_token: Callable[..., int] = dense_flops
+    param_axes: dict[str, tuple[str, ...]] = {}
+    config_fields: dict[str, ConfigField] = {}
+    validate: Callable[..., None] = _no_mechanism_checks
+    metrics: tuple[str, ...] = ()
+    temporaries: Callable[..., Temporaries] = _mechanism_temporaries
+    resample: dict[str, str] = {}
+    sparsity_mean_over_latents: bool = False
+    level_field: str | None = None
+    saelens: SaeLens | None = None
+    shapes: tuple[str, ...] | None = None
+
+
+def compose(mechanism: Mechanism, shape=SINGLE_HOOK) -> Architecture:
+    """The architecture `mechanism` x `shape`, named as the mechanism (`sae.architecture`)."""
+    if mechanism.shapes is not None and shape.name not in mechanism.shapes:
+        raise ConfigError(f"sae.architecture={mechanism.name!r} supports sae.shape in "
+                          f"{mechanism.shapes}, not {shape.name!r}; choose another "
+                          "architecture or shape.")
+
+    def bind(function):
+        return functools.partial(function, shape=shape)
+
+    return Architecture(
+        name=mechanism.name,
+        init=bind(mechanism.init),
+        encode=bind(mechanism.encode),
+        decode=shape.decode,
+        loss=bind(mechanism.loss),
+        flops_per_token=bind(mechanism.flops_per_token),
+        param_axes={**shape.param_axes, **mechanism.param_axes},
+        sparsity_coefficient=mechanism.sparsity_coefficient,
+        config_fields=mechanism.config_fields,
+        validate=bind(mechanism.validate),
+        metrics=mechanism.metrics,
+        temporaries=bind(mechanism.temporaries),
+        resample={**shape.resample, **mechanism.resample},
+        sparsity_mean_over_latents=mechanism.sparsity_mean_over_latents,
+        level_field=mechanism.level_field,
+        saelens=mechanism.saelens if shape.name == SINGLE_HOOK.name else None,
+        shape=shape,
+        mechanism=mechanism,
+    )
 
 
 def geometric_median(points: jax.Array, iterations: int = 100, eps: float = 1e-8) -> jax.Array:

@@ -3,7 +3,7 @@
 While training, the k * batch largest ReLU pre-activations across the whole batch are kept, so
 tokens share a sparsity budget. For inference the SAE keeps a threshold: a running average of
 the smallest activation the batch top-k kept; `encode` compares each token's pre-activations
-with it, so the saved SAE encodes one token at a time.
+with it, so the saved SAE encodes one token at a time. A mechanism: any shape (`shapes.py`).
 """
 
 import jax
@@ -13,25 +13,25 @@ import numpy as np
 from saejax import sharding
 from saejax.sae import base, jumprelu, ops, topk_family
 
-PARAM_AXES = {**base.PARAM_AXES, "threshold": ()}
+PARAM_AXES = {"threshold": ()}  # besides the shape's layout
 THRESHOLD_DECAY = 0.99  # the running average's decay per step
 
 
-def init(key, d, n_latents, sae_config=None):
-    return {**base.init_params(key, d, n_latents), "threshold": jnp.zeros((), jnp.float32)}
+def init(key, d, n_latents, sae_config=None, *, shape):
+    return {**shape.init_layout(key, d, n_latents), "threshold": jnp.zeros((), jnp.float32)}
 
 
-def encode(params, x, sae_config=None):
+def encode(params, x, sae_config=None, *, shape):
     """Inference: every pre-activation above the learned threshold."""
     del sae_config
-    pre = jax.nn.relu(base.pre_activations(params, x))
+    pre = jax.nn.relu(shape.pre_activations(params, x))
     return pre * (pre > params["threshold"])
 
 
-def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
-    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None, *, shape):
+    x, target = shape.input(batch), shape.target(batch)
     del sparsity_coefficient
-    pre = base.pre_activations(params, x)
+    pre = shape.pre_activations(params, x)
     active = jax.nn.relu(pre)
     tokens = x.shape[-2]
 
@@ -45,7 +45,7 @@ def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
         else:
             mask = topk_family.top_k_mask(active, k, kept)
         latents = active * mask
-        x_hat = base.decode(params, latents)
+        x_hat = shape.decode(params, latents, x)
         mse = ops.mse(target, x_hat)
         auxk = topk_family.auxk_loss(params, x, target, x_hat, pre, dead, sae_config.k_aux)
         smallest_kept = jnp.min(jnp.where(latents > 0, latents, jnp.inf))
@@ -61,7 +61,8 @@ def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
     return topk_family.with_k_annealing(loss_at_k, sae_config, step)
 
 
-def validate(config, n_latents):
+def validate(config, n_latents, *, shape):
+    del shape
     topk_family.validate_auxk(config, n_latents)
     topk_family.validate_k(config, n_latents)
 
@@ -89,19 +90,17 @@ def from_saelens(saelens_architecture, tensors, cfg):
     folded = []
     tensors = topk_family.fold_decoder_norms(tensors, cfg, folded)
     if "threshold" in tensors:
-        return jumprelu.ARCHITECTURE.name, jumprelu.from_threshold(tensors), {"k": k}, folded
+        return jumprelu.MECHANISM.name, jumprelu.from_threshold(tensors), {"k": k}, folded
     params = {n: tensors[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     params["threshold"] = np.asarray(tensors["topk_threshold"], np.float32).reshape(())
     return "batchtopk", params, {"k": k}, folded
 
 
-ARCHITECTURE = base.Architecture(
+MECHANISM = base.Mechanism(
     name="batchtopk",
     init=init,
     encode=encode,
-    decode=base.decode,
     loss=loss,
-    flops_per_token=base.dense_flops_per_token,
     param_axes=PARAM_AXES,
     sparsity_coefficient=None,
     config_fields={**topk_family.K_FIELDS, **topk_family.AUXK_FIELDS},
@@ -109,7 +108,7 @@ ARCHITECTURE = base.Architecture(
     metrics=("auxk_loss",),
     # Counted: the activations, the top-k mask, the latents, AuxK's candidates and mask, and
     # the gradient.
-    temporaries=lambda sae_config, n_latents: base.Temporaries(6),
+    temporaries=lambda sae_config, n_latents, *, shape: base.Temporaries(6),
     level_field="k",
     saelens=base.SaeLens(to_saelens=to_saelens, imports=("batchtopk",), required=required,
                          from_saelens=from_saelens),

@@ -5,7 +5,8 @@ A gate decides which latents fire, H(pi_gate > 0); a magnitude path sets how muc
 ReLU(pi_mag). Both share the encoder directions: pi_mag = raw * exp(r_mag) + b_mag with
 pi_gate = raw + b_enc, raw = (x - b_dec) @ W_enc, so one encoder matmul serves both. The L1
 penalty (weighted by decoder norms) acts on ReLU(pi_gate), and an auxiliary reconstruction from
-ReLU(pi_gate) through a frozen decoder trains the gate.
+ReLU(pi_gate) through a frozen decoder trains the gate. A mechanism: any shape (`raw` is the
+shape's encoder matmul without its bias: for a transcoder, `x @ W_enc`).
 """
 
 import jax
@@ -14,51 +15,51 @@ import numpy as np
 
 from saejax.sae import base, ops
 
-PARAM_AXES = {**base.PARAM_AXES, "r_mag": ("latent",), "b_mag": ("latent",)}
+PARAM_AXES = {"r_mag": ("latent",), "b_mag": ("latent",)}  # besides the shape's layout
 
 
-def init(key, d, n_latents, sae_config=None):
-    params = base.init_params(key, d, n_latents)
+def init(key, d, n_latents, sae_config=None, *, shape):
+    params = shape.init_layout(key, d, n_latents)
     params["r_mag"] = jnp.zeros((n_latents,), jnp.float32)
     params["b_mag"] = jnp.zeros((n_latents,), jnp.float32)
     return params
 
 
-def _paths(params, x):
-    raw = (x - params["b_dec"]) @ params["W_enc"]
+def _paths(params, x, shape):
+    raw = shape.raw(params, x)
     return raw + params["b_enc"], raw * jnp.exp(params["r_mag"]) + params["b_mag"]
 
 
-def encode(params, x, sae_config=None):
+def encode(params, x, sae_config=None, *, shape):
     del sae_config
-    pi_gate, pi_mag = _paths(params, x)
+    pi_gate, pi_mag = _paths(params, x, shape)
     return (pi_gate > 0) * jax.nn.relu(pi_mag)
 
 
-def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
-    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None, *, shape):
+    x, target = shape.input(batch), shape.target(batch)
     del dead
     del sae_config
-    pi_gate, pi_mag = _paths(params, x)
+    pi_gate, pi_mag = _paths(params, x, shape)
     latents = (pi_gate > 0) * jax.nn.relu(pi_mag)
-    x_hat = base.decode(params, latents)
+    x_hat = shape.decode(params, latents, x)
     mse = ops.mse(target, x_hat)
     gate = jax.nn.relu(pi_gate)
-    l1 = jnp.mean(gate * jnp.linalg.norm(params["W_dec"], axis=-1))
-    frozen = jax.lax.stop_gradient({"W_dec": params["W_dec"], "b_dec": params["b_dec"]})
-    auxiliary = ops.mse(target, base.decode(frozen, gate))
+    l1 = jnp.mean(gate * shape.decoder_norms(params))
+    frozen = jax.lax.stop_gradient(params)  # the decoder, frozen: only the gate learns here
+    auxiliary = ops.mse(target, shape.decode(frozen, gate, x))
     return (mse + sparsity_coefficient * l1 + auxiliary,
             {"mse": mse, "sparsity_loss": l1, "auxiliary_loss": auxiliary, "latents": latents,
              "x_hat": x_hat})
 
 
-def flops_per_token(d, n_latents, sae_config=None):
+def flops_per_token(d, n_latents, sae_config=None, *, shape):
     """The dense step plus the auxiliary decode: 2 d n forward, 2 d n backward to the gate."""
-    return base.dense_flops_per_token(d, n_latents) + 4 * d * n_latents
+    return base.dense_flops(d, n_latents, shape=shape) + 4 * d * n_latents
 
 
-def validate(config, n_latents):
-    del n_latents
+def validate(config, n_latents, *, shape):
+    del n_latents, shape
     base.require_non_negative(config.sae, "l1_coefficient")
 
 
@@ -86,11 +87,10 @@ def fold_input_shift(params, shift):
             "b_mag": params["b_mag"] + shift * np.exp(params["r_mag"])}
 
 
-ARCHITECTURE = base.Architecture(
+MECHANISM = base.Mechanism(
     name="gated",
     init=init,
     encode=encode,
-    decode=base.decode,
     loss=loss,
     flops_per_token=flops_per_token,
     param_axes=PARAM_AXES,
@@ -98,11 +98,10 @@ ARCHITECTURE = base.Architecture(
     config_fields=base.L1_FIELDS,
     validate=validate,
     metrics=("auxiliary_loss", "sparsity_loss"),
-    # Counted: the pre-activations (the two paths share one matmul), the latents, and the
-    # gradient flowing back through them.
-    temporaries=lambda sae_config, n_latents: base.Temporaries(3),
+    # Counted (default): the pre-activations (the two paths share one matmul), the latents,
+    # and the gradient flowing back through them.
     # The magnitude path's per-latent gain and bias start again from zero, as at init.
-    resample={**base.RESAMPLE, "r_mag": "zero", "b_mag": "zero"},
+    resample={"r_mag": "zero", "b_mag": "zero"},
     sparsity_mean_over_latents=True,
     saelens=base.SaeLens(to_saelens=to_saelens, imports=("gated",), required=required,
                          from_saelens=from_saelens, fold_input_shift=fold_input_shift),

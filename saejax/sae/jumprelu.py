@@ -4,7 +4,7 @@ f_i = z_i * H(z_i - theta_i) with a learned per-latent threshold theta = exp(log
 The loss penalises L0 directly: `l0_coefficient * mean over tokens of ||f||_0`. H has no useful
 gradient, so both the JumpReLU and the L0 term use straight-through estimators whose gradient
 with respect to theta is a kernel-density estimate with a rectangle kernel of width
-`sae.jumprelu_bandwidth`.
+`sae.jumprelu_bandwidth`. A mechanism: any shape (`shapes.py`).
 """
 
 import functools
@@ -16,7 +16,7 @@ import numpy as np
 from saejax.sae import base, ops
 from saejax.sae.base import ConfigField
 
-PARAM_AXES = {**base.PARAM_AXES, "log_threshold": ("latent",)}
+PARAM_AXES = {"log_threshold": ("latent",)}  # besides the shape's layout
 
 
 def _rectangle(u):
@@ -63,26 +63,26 @@ def _heaviside_bwd(bandwidth, residuals, g):
 heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
 
 
-def init(key, d, n_latents, sae_config):
-    params = base.init_params(key, d, n_latents)
+def init(key, d, n_latents, sae_config, *, shape):
+    params = shape.init_layout(key, d, n_latents)
     params["log_threshold"] = jnp.full((n_latents,),
                                        jnp.log(float(sae_config.jumprelu_init_threshold)))
     return params
 
 
-def encode(params, x, sae_config):
-    return jumprelu(base.pre_activations(params, x), jnp.exp(params["log_threshold"]),
+def encode(params, x, sae_config, *, shape):
+    return jumprelu(shape.pre_activations(params, x), jnp.exp(params["log_threshold"]),
                     float(sae_config.jumprelu_bandwidth))
 
 
-def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
-    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None, *, shape):
+    x, target = shape.input(batch), shape.target(batch)
     del dead
     bandwidth = float(sae_config.jumprelu_bandwidth)
-    pre = base.pre_activations(params, x)
+    pre = shape.pre_activations(params, x)
     threshold = jnp.exp(params["log_threshold"])
     latents = jumprelu(pre, threshold, bandwidth)
-    x_hat = base.decode(params, latents)
+    x_hat = shape.decode(params, latents, x)
     mse = ops.mse(target, x_hat)
     l0 = jnp.mean(jnp.sum(heaviside(pre, threshold, bandwidth), axis=-1))
     return mse + sparsity_coefficient * l0, {"mse": mse, "sparsity_loss": l0,
@@ -96,8 +96,8 @@ CONFIG_FIELDS = {
 }
 
 
-def validate(config, n_latents):
-    del n_latents
+def validate(config, n_latents, *, shape):
+    del n_latents, shape
     base.require_non_negative(config.sae, "l0_coefficient")
     for field in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
         base.require(config.sae[field] > 0, f"sae.{field}={config.sae[field]!r} must be > 0.")
@@ -128,13 +128,11 @@ def from_saelens(saelens_architecture, tensors, cfg):
     return "jumprelu", from_threshold(tensors), {}, []
 
 
-ARCHITECTURE = base.Architecture(
+MECHANISM = base.Mechanism(
     name="jumprelu",
     init=init,
     encode=encode,
-    decode=base.decode,
     loss=loss,
-    flops_per_token=base.dense_flops_per_token,
     param_axes=PARAM_AXES,
     sparsity_coefficient="l0_coefficient",
     config_fields=CONFIG_FIELDS,
@@ -142,9 +140,9 @@ ARCHITECTURE = base.Architecture(
     metrics=("sparsity_loss",),
     # Counted: the dense step's three, plus the residuals and kernel-density terms of its two
     # straight-through estimators (the JumpReLU and the L0 step).
-    temporaries=lambda sae_config, n_latents: base.Temporaries(6),
+    temporaries=lambda sae_config, n_latents, *, shape: base.Temporaries(6),
     # A dead latent's threshold returns to sae.jumprelu_init_threshold with its encoder.
-    resample={**base.RESAMPLE, "log_threshold": "init"},
+    resample={"log_threshold": "init"},
     saelens=base.SaeLens(to_saelens=to_saelens, imports=("jumprelu",), required=required,
                          from_saelens=from_saelens),
 )

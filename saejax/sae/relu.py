@@ -2,7 +2,7 @@
 
 The sparsity term is `l1_coefficient * mean over tokens and latents of |f_i| * ||W_dec,i||`,
 added to the element-mean MSE (Sharkey et al. 2022's normalisation: the L1 norm per token
-divided by n_latents).
+divided by n_latents). A mechanism: any shape (`shapes.py`).
 """
 
 import jax
@@ -11,18 +11,18 @@ import jax.numpy as jnp
 from saejax.sae import base, ops
 
 
-def encode(params, x, sae_config=None):
+def encode(params, x, sae_config=None, *, shape):
     del sae_config
-    return jax.nn.relu(base.pre_activations(params, x))
+    return jax.nn.relu(shape.pre_activations(params, x))
 
 
-def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
-    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None, *, shape):
+    x, target = shape.input(batch), shape.target(batch)
     del dead
-    latents = encode(params, x, sae_config)
-    x_hat = base.decode(params, latents)
+    latents = encode(params, x, sae_config, shape=shape)
+    x_hat = shape.decode(params, latents, x)
     mse = ops.mse(target, x_hat)
-    decoder_norms = jnp.linalg.norm(params["W_dec"], axis=-1)
+    decoder_norms = shape.decoder_norms(params)
     # mean(latents * decoder_norms), summed per latent first: one pass over the latents serves
     # the value and the decoder norms' gradient.
     l1 = jnp.sum(ops.batch_sum(latents) * decoder_norms) / latents.size
@@ -30,8 +30,8 @@ def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
                                               "latents": latents, "x_hat": x_hat}
 
 
-def validate(config, n_latents):
-    del n_latents
+def validate(config, n_latents, *, shape):
+    del n_latents, shape
     base.require_non_negative(config.sae, "l1_coefficient")
 
 
@@ -53,20 +53,15 @@ def from_saelens(saelens_architecture, tensors, cfg):
 SAELENS = base.SaeLens(to_saelens=to_saelens, imports=("standard",), required=required,
                        from_saelens=from_saelens)
 
-ARCHITECTURE = base.Architecture(
+MECHANISM = base.Mechanism(
     name="relu",
-    init=base.init_params,
     encode=encode,
-    decode=base.decode,
     loss=loss,
-    flops_per_token=base.dense_flops_per_token,
-    param_axes=base.PARAM_AXES,
     sparsity_coefficient="l1_coefficient",
     config_fields=base.L1_FIELDS,
     validate=validate,
     metrics=("sparsity_loss",),
-    # Counted: the pre-activations, the latents, and the gradient flowing back through them.
-    temporaries=lambda sae_config, n_latents: base.Temporaries(3),
+    # Counted (default): the pre-activations, the latents, and the gradient through them.
     sparsity_mean_over_latents=True,
     saelens=SAELENS,
 )

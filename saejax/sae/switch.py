@@ -12,6 +12,9 @@ as in Switch Transformers) so every shape is static; a token beyond its expert's
 dropped (reconstructed by b_dec alone) and counted in `dropped_fraction`. The reconstruction is
 scaled by the router probability of the chosen expert, which trains the router; a
 load-balancing loss (E * sum_e tokens_e * probability_e) keeps the experts in use.
+
+A mechanism for the single-hook shape only: the dispatch subtracts b_dec from the input and
+reads the single-hook layout directly.
 """
 
 import math
@@ -22,12 +25,12 @@ import jax.numpy as jnp
 from saejax.sae import base, ops, topk_family
 from saejax.sae.base import ConfigField
 
-PARAM_AXES = {**base.PARAM_AXES, "W_router": ("embed", None)}
+PARAM_AXES = {"W_router": ("embed", None)}  # besides the shape's layout
 
 
-def init(key, d, n_latents, sae_config):
+def init(key, d, n_latents, sae_config, *, shape):
     params_key, router_key = jax.random.split(key)
-    params = base.init_params(params_key, d, n_latents)
+    params = shape.init_layout(params_key, d, n_latents)
     experts = int(sae_config.switch_experts)
     params["W_router"] = jax.random.normal(router_key, (d, experts), jnp.float32) / math.sqrt(d)
     return params
@@ -92,12 +95,13 @@ def _forward(params, x, sae_config, *, training: bool, k=None, kept=None):
     return flat, x_hat, balance, 1.0 - jnp.mean(fits.astype(x.dtype))
 
 
-def encode(params, x, sae_config):
+def encode(params, x, sae_config, *, shape):
+    del shape
     return _forward(params, x, sae_config, training=False)[0]
 
 
-def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
-    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None, *, shape):
+    x, target = shape.input(batch), shape.target(batch)
     del sparsity_coefficient, dead
 
     def loss_at_k(k, kept):
@@ -111,9 +115,10 @@ def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
     return topk_family.with_k_annealing(loss_at_k, sae_config, step)
 
 
-def flops_per_token(d, n_latents, sae_config):
+def flops_per_token(d, n_latents, sae_config, *, shape):
     """One expert's encoder and decoder (10 d n / E, times the capacity factor's padding) plus
     the router (2 d E forward, 4 d E backward)."""
+    del shape
     experts = int(sae_config.switch_experts)
     padding = float(sae_config.switch_capacity_factor)
     return int(10 * d * n_latents / experts * padding + 6 * d * experts)
@@ -127,7 +132,8 @@ CONFIG_FIELDS = {
 }
 
 
-def validate(config, n_latents):
+def validate(config, n_latents, *, shape):
+    del shape
     sae_config = config.sae
     experts = int(sae_config.switch_experts)
     base.require(experts >= 1 and n_latents % experts == 0,
@@ -142,11 +148,10 @@ def validate(config, n_latents):
     topk_family.validate_k(config, n_latents, width=width)
 
 
-ARCHITECTURE = base.Architecture(
+MECHANISM = base.Mechanism(
     name="switch",
     init=init,
     encode=encode,
-    decode=base.decode,
     loss=loss,
     flops_per_token=flops_per_token,
     param_axes=PARAM_AXES,
@@ -157,6 +162,7 @@ ARCHITECTURE = base.Architecture(
     # Counted: the dispatched [experts, capacity, width] blocks, the per-token scatter back to
     # [batch, n_latents] and their gradients (with the experts split over the model axis XLA
     # reshards the dispatch, which this does not model).
-    temporaries=lambda sae_config, n_latents: base.Temporaries(7),
+    temporaries=lambda sae_config, n_latents, *, shape: base.Temporaries(7),
     level_field="k",
+    shapes=("single_hook",),
 )

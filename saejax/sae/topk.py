@@ -13,6 +13,9 @@ matmul); the two give the same losses, gradients and params within float32 round
 so "auto" decodes sparsely only when the dictionary is at least SPARSE_RATIO times the k + k_aux
 rows a token touches (measured on CPU-2, benchmarks/RESULTS.md: 1.2-1.3x faster at x16 with
 d 512, k 32, k_aux 128, a ratio of 51; 4x slower at 1024 latents, k 6, k_aux 128, a ratio of 8).
+
+A mechanism: any shape with the dense decoder; the sparse decoder reads the single-hook
+layout (`x - b_dec` in `sparse.py`), so other shapes decode densely.
 """
 
 import jax
@@ -26,30 +29,34 @@ SPARSE_RATIO = 32
 DECODERS = ("auto", "sparse", "dense")
 
 
-def sparse_decode(sae_config, n_latents: int) -> bool:
-    """Whether the step decodes only the selected rows (`sae.topk_decoder`)."""
+def sparse_decode(sae_config, n_latents: int, shape=base.SINGLE_HOOK) -> bool:
+    """Whether the step decodes only the selected rows (`sae.topk_decoder`; only a
+    single-hook SAE can)."""
+    if shape.name != base.SINGLE_HOOK.name:
+        return False
     if sae_config.topk_decoder != "auto":
         return sae_config.topk_decoder == "sparse"
     selected = int(sae_config.k) + min(int(sae_config.k_aux), n_latents)
     return n_latents >= SPARSE_RATIO * selected
 
 
-def _encode(params, x, k, kept=None):
-    pre = base.pre_activations(params, x)
+def _encode(params, x, k, kept=None, *, shape):
+    pre = shape.pre_activations(params, x)
     return pre, jax.nn.relu(pre) * topk_family.top_k_mask(pre, k, kept)
 
 
-def encode(params, x, sae_config):
-    return _encode(params, x, int(sae_config.k))[1]
+def encode(params, x, sae_config, *, shape):
+    return _encode(params, x, int(sae_config.k), shape=shape)[1]
 
 
-def _dense_loss(params, x, k, kept):
-    pre, latents = _encode(params, x, k, kept)
-    x_hat = base.decode(params, latents)
+def _dense_loss(params, x, k, kept, *, shape):
+    pre, latents = _encode(params, x, k, kept, shape=shape)
+    x_hat = shape.decode(params, latents, x)
     return pre, x_hat, {"latents": latents}
 
 
-def _sparse_loss(params, x, k, kept):
+def _sparse_loss(params, x, k, kept, *, shape):
+    del shape  # single-hook only (sparse_decode)
     # The selection needs every pre-activation but no gradient through them: the selected
     # latents' values are read from them, and their gradient reaches the encoder through k
     # columns per token (encode_selected's custom VJP).
@@ -62,13 +69,14 @@ def _sparse_loss(params, x, k, kept):
     return pre, x_hat, {"fire_counts": sparse.fire_counts(indices, values, pre.shape[-1])}
 
 
-def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
-    x, target = base.SINGLE_HOOK.input(batch), base.SINGLE_HOOK.target(batch)
+def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None, *, shape):
+    x, target = shape.input(batch), shape.target(batch)
     del sparsity_coefficient
-    use_sparse = sparse_decode(sae_config, params["W_dec"].shape[-2])
+    use_sparse = sparse_decode(sae_config, params["W_dec"].shape[-2], shape)
 
     def loss_at_k(k, kept):
-        pre, x_hat, aux = (_sparse_loss if use_sparse else _dense_loss)(params, x, k, kept)
+        pre, x_hat, aux = (_sparse_loss if use_sparse else _dense_loss)(params, x, k, kept,
+                                                                        shape=shape)
         auxk = topk_family.auxk_loss(params, x, target, x_hat, pre, dead, sae_config.k_aux,
                               sparse_decode=use_sparse)
         mse = ops.mse(target, x_hat)
@@ -78,12 +86,12 @@ def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
     return topk_family.with_k_annealing(loss_at_k, sae_config, step)
 
 
-def flops_per_token(d, n_latents, sae_config):
+def flops_per_token(d, n_latents, sae_config, *, shape):
     """Dense: `base.dense_flops_per_token`. Sparse: the selection's encoder matmul (2 d n),
     then per selected latent (k, and k_aux for AuxK) its encoder column and decoder row, each
     2 d forward and 4 d backward."""
-    if not sparse_decode(sae_config, n_latents):
-        return base.dense_flops_per_token(d, n_latents)
+    if not sparse_decode(sae_config, n_latents, shape):
+        return base.dense_flops(d, n_latents, shape=shape)
     selected = int(sae_config.k) + min(int(sae_config.k_aux), n_latents)
     return 2 * d * n_latents + 12 * d * selected
 
@@ -97,15 +105,18 @@ CONFIG_FIELDS = {
 }
 
 
-def validate(config, n_latents):
+def validate(config, n_latents, *, shape):
     topk_family.validate_auxk(config, n_latents)
     topk_family.validate_k(config, n_latents)
     base.require(config.sae.topk_decoder in DECODERS,
                  f"sae.topk_decoder={config.sae.topk_decoder!r} is not known; choose one of "
                  f"{', '.join(DECODERS)}.")
+    base.require(config.sae.topk_decoder != "sparse" or shape.name == base.SINGLE_HOOK.name,
+                 f"sae.topk_decoder='sparse' decodes a single-hook SAE only; with "
+                 f"sae.shape={shape.name!r} set sae.topk_decoder to 'dense' or 'auto'.")
 
 
-def temporaries(sae_config, n_latents):
+def temporaries(sae_config, n_latents, *, shape):
     """Dense decode: the activations, the top-k mask, the latents, AuxK's candidates and mask,
     and the gradient. Sparse decode: the pre-activations (which the top-k reads; no gradient
     flows through them) and AuxK's candidates, no dense latents, but per selected latent (k,
@@ -115,7 +126,7 @@ def temporaries(sae_config, n_latents):
     row), so these do not shrink with the model axis (XLA keeps about 3 such arrays on one
     device, 1 with the dictionary split: 2 is counted). Param-sized: the gradients and the
     encoder gradient's transpose."""
-    if not sparse_decode(sae_config, n_latents):
+    if not sparse_decode(sae_config, n_latents, shape):
         return base.Temporaries(6)
     selected = int(sae_config.k) + min(int(sae_config.k_aux), n_latents)
     return base.Temporaries(2, selected_row_arrays=2, param_copies=2, selected_rows=selected)
@@ -138,14 +149,11 @@ def from_saelens(saelens_architecture, tensors, cfg):
     return "topk", {n: tensors[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}, {"k": k}, folded
 
 
-ARCHITECTURE = base.Architecture(
+MECHANISM = base.Mechanism(
     name="topk",
-    init=base.init_params,
     encode=encode,
-    decode=base.decode,
     loss=loss,
     flops_per_token=flops_per_token,
-    param_axes=base.PARAM_AXES,
     sparsity_coefficient=None,
     config_fields=CONFIG_FIELDS,
     validate=validate,

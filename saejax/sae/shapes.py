@@ -1,0 +1,292 @@
+"""The dictionary's shape: what it reads from a batch, what it reconstructs, and the layout of
+the params that connect the two (encoder, decoder, their biases).
+
+A shape is one half of an architecture; the other is the sparsity mechanism (ReLU + L1, TopK,
+JumpReLU, ...; `base.Mechanism`). `saejax.sae.compose(mechanism, shape)` makes the pair an
+`Architecture`, so a transcoder with JumpReLU is a combination, not a file. A mechanism reads
+the dictionary only through its shape: `input` / `target` of the batch, `pre_activations`
+(and `raw`, without the encoder bias, for gated), `decode`, `decoder_norms`.
+
+Shapes here:
+- `SingleHook`: encodes a batch's one entry and reconstructs it (an SAE).
+- `Transcoder(input_hook, target_hook)`: reads one hook and reconstructs another (Dunefsky et
+  al. 2024), so nothing is subtracted from the input before the encoder (the encoder bias is
+  the input-side bias); with `skip_connection`, a linear skip `x @ W_skip` is added to the
+  reconstruction (Paulo et al. 2025, "Transcoders beat sparse autoencoders").
+A crosscoder (several hooks in and out: `embed_in`/`embed_out` gain a `layer` axis) and
+Matryoshka (nested prefixes of the latents, each reconstructing the target; a shape wrapping
+another) are further values with these methods.
+
+Params are a plain dict pytree; every function is pure and jit-able. Widths: `d` is an int
+(every entry that wide) or `{hook: width}`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from saejax.errors import ConfigError
+from saejax.sae import ops
+
+PARAM_AXES = {
+    "W_enc": ("embed", "latent"),
+    "b_enc": ("latent",),
+    "W_dec": ("latent", "embed"),
+    "b_dec": ("embed",),
+}
+
+# What resampling does to a dead latent's entries of each param (optim.resample_dead_latents):
+# "decoder": its row becomes the drawn target's direction; "encoder": its column, the drawn
+# input's direction scaled to `resample.encoder_scale` times the alive columns' mean norm;
+# "zero": its entries are zeroed; "init": they return to their values in a fresh `init` (a
+# learned threshold). Params not listed keep their values (their Adam moments along `latent`
+# are reset all the same).
+RESAMPLE = {"W_enc": "encoder", "W_dec": "decoder", "b_enc": "zero"}
+
+
+class Entry(NamedTuple):
+    """One entry of a batch a dictionary reads or writes: `[batch, width]` at a hook."""
+
+    hook: str
+    width: int
+    axes: tuple[str, ...] = ("batch", "embed")
+
+
+def init_params(key: jax.Array, d: int, n_latents: int, sae_config=None,
+                dtype=jnp.float32) -> dict:
+    """Unit-norm random decoder rows; the encoder starts as the decoder's transpose."""
+    del sae_config
+    W_dec = jax.random.normal(key, (n_latents, d), dtype)
+    W_dec = W_dec / jnp.linalg.norm(W_dec, axis=-1, keepdims=True)
+    return {
+        "W_enc": W_dec.T,
+        "b_enc": jnp.zeros((n_latents,), dtype),
+        "W_dec": W_dec,
+        "b_dec": jnp.zeros((d,), dtype),
+    }
+
+
+@jax.custom_vjp
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """`y [tokens, n] + bias [n]`, whose bias gradient is `ops.batch_sum` of y's: the sum
+    autodiff writes for a broadcast is the slow column reduction on XLA's CPU backend."""
+    return y + bias
+
+
+def _add_bias_fwd(y, bias):
+    return y + bias, None
+
+
+def _add_bias_bwd(_, grad):
+    return grad, ops.batch_sum(grad).astype(grad.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+def pre_activations(params: dict, x: jax.Array) -> jax.Array:
+    """Encoder pre-activations; the decoder bias is subtracted first (Towards Monosemanticity).
+
+    The value is `(x - b_dec) @ W_enc + b_enc`. The decoder bias's gradient through this path is
+    `-W_enc @ (sum over the batch of the pre-activations' gradient)`, a matrix-vector product;
+    written naively, XLA computes it as a [batch, n_latents] x [n_latents, d] matmul and then
+    sums, a sixth dictionary-sized matmul. So `x - b_dec` is formed with the bias held
+    constant, and its gradient is carried by a term whose value is zero: the same forward
+    numbers, the cheap gradient.
+    """
+    b_dec, W_enc = params["b_dec"], params["W_enc"]
+    frozen = jax.lax.stop_gradient(b_dec)
+    return add_bias((x - frozen) @ W_enc, params["b_enc"] - (b_dec - frozen) @ W_enc)
+
+
+def decode(params: dict, latents: jax.Array, x: jax.Array | None = None) -> jax.Array:
+    """The dense decoder; `x` (the encoder's input) is unused: every architecture's `decode`
+    takes it, for the shapes whose reconstruction reads the input."""
+    del x
+    return latents @ params["W_dec"] + params["b_dec"]
+
+
+def _one_width(d) -> int:
+    """The width of a single-hook batch: `d`, or its one value of {hook: width}."""
+    if isinstance(d, dict):
+        (width,) = d.values()
+        return int(width)
+    return int(d)
+
+
+class SingleHook(NamedTuple):
+    """Encodes the batch's one entry and reconstructs that same entry. A batch is
+    `{hook: [batch, d]}` (saejax.data); a bare array is taken as a batch of one entry, so that
+    the losses can be called on an array."""
+
+    name: str = "single_hook"
+
+    # Each param's logical axes, and what resampling does to a dead latent's entries. The
+    # decoder constraint (saejax.optim) keeps the rows of every shape's `W_dec` unit-norm.
+    param_axes: dict = PARAM_AXES
+    resample: dict = RESAMPLE
+
+    def entries(self, widths: dict[str, int]) -> tuple[tuple[Entry, ...], tuple[Entry, ...]]:
+        """(what it encodes, what it reconstructs) given the batch's {hook: width}."""
+        if len(widths) != 1:
+            raise ConfigError(f"a single-hook SAE reads a batch of one hook; the data has "
+                              f"{sorted(widths)}.")
+        (entry,) = (Entry(hook, int(width)) for hook, width in widths.items())
+        return (entry,), (entry,)
+
+    def input(self, batch) -> jax.Array:
+        """The `[batch, d]` activations the encoder reads."""
+        if isinstance(batch, dict):
+            (x,) = batch.values()
+            return x
+        return batch
+
+    def target(self, batch) -> jax.Array:
+        """The `[batch, d]` activations the decoder reconstructs (metrics compare with it)."""
+        return self.input(batch)
+
+    def init_layout(self, key: jax.Array, d, n_latents: int, dtype=jnp.float32) -> dict:
+        return init_params(key, _one_width(d), n_latents, dtype=dtype)
+
+    def raw(self, params: dict, x: jax.Array) -> jax.Array:
+        """The encoder's matmul without its bias: `(x - b_dec) @ W_enc`."""
+        return (x - params["b_dec"]) @ params["W_enc"]
+
+    def pre_activations(self, params: dict, x: jax.Array) -> jax.Array:
+        return pre_activations(params, x)
+
+    def decode(self, params: dict, latents: jax.Array, x: jax.Array | None = None):
+        del x
+        return decode(params, latents)
+
+    def decoder_norms(self, params: dict) -> jax.Array:
+        """Each latent's decoder norm `[n_latents]` (what the L1 penalties weight by)."""
+        return jnp.linalg.norm(params["W_dec"], axis=-1)
+
+    def flops_per_token(self, d, n_latents: int) -> int:
+        """FLOPs the layout adds to the mechanism's count (none: it is the dense layout)."""
+        del d, n_latents
+        return 0
+
+
+SINGLE_HOOK = SingleHook()
+
+TRANSCODER_AXES = {
+    "W_enc": ("embed_in", "latent"),
+    "b_enc": ("latent",),
+    "W_dec": ("latent", "embed_out"),
+    "b_dec": ("embed_out",),
+}
+
+
+class Transcoder(NamedTuple):
+    """Reads `input_hook`, reconstructs `target_hook`: `pre = x_in @ W_enc + b_enc`,
+    `x_hat = f @ W_dec + b_dec (+ x_in @ W_skip)`. `W_enc [d_in, n]`, `W_dec [n, d_out]`,
+    `b_dec [d_out]` (initialised by `sae.b_dec_init` from the target), `W_skip [d_in, d_out]`
+    starting at zero. Resampling points a dead latent's decoder row at a badly reconstructed
+    token's target and its encoder column at that token's input."""
+
+    input_hook: str
+    target_hook: str
+    skip_connection: bool = False
+    name: str = "transcoder"
+    resample: dict = RESAMPLE
+
+    @property
+    def param_axes(self) -> dict:
+        skip = {"W_skip": ("embed_in", "embed_out")} if self.skip_connection else {}
+        return {**TRANSCODER_AXES, **skip}
+
+    def entries(self, widths: dict[str, int]) -> tuple[tuple[Entry, ...], tuple[Entry, ...]]:
+        for field, hook in (("sae.input_hook", self.input_hook),
+                            ("sae.target_hook", self.target_hook)):
+            if hook not in widths:
+                raise ConfigError(f"{field}={hook!r} is not an entry of the data's batches "
+                                  f"({sorted(widths)}); set it to one of them.")
+        return ((Entry(self.input_hook, int(widths[self.input_hook]), ("batch", "embed_in")),),
+                (Entry(self.target_hook, int(widths[self.target_hook]),
+                       ("batch", "embed_out")),))
+
+    def widths(self, d) -> tuple[int, int]:
+        """(d_in, d_out) of `d`: an int for both, or {hook: width}."""
+        if isinstance(d, dict):
+            return int(d[self.input_hook]), int(d[self.target_hook])
+        return int(d), int(d)
+
+    def input(self, batch: dict) -> jax.Array:
+        return batch[self.input_hook]
+
+    def target(self, batch: dict) -> jax.Array:
+        return batch[self.target_hook]
+
+    def init_layout(self, key: jax.Array, d, n_latents: int, dtype=jnp.float32) -> dict:
+        """Unit-norm random decoder rows; the encoder random too (the two sides differ)."""
+        d_in, d_out = self.widths(d)
+        dec_key, enc_key = jax.random.split(key)
+        W_dec = jax.random.normal(dec_key, (n_latents, d_out), dtype)
+        W_dec = W_dec / jnp.linalg.norm(W_dec, axis=-1, keepdims=True)
+        W_enc = jax.random.normal(enc_key, (d_in, n_latents), dtype)
+        W_enc = W_enc / jnp.linalg.norm(W_enc, axis=0, keepdims=True)
+        params = {"W_enc": W_enc, "b_enc": jnp.zeros((n_latents,), dtype), "W_dec": W_dec,
+                  "b_dec": jnp.zeros((d_out,), dtype)}
+        if self.skip_connection:
+            params["W_skip"] = jnp.zeros((d_in, d_out), dtype)
+        return params
+
+    def raw(self, params: dict, x: jax.Array) -> jax.Array:
+        return x @ params["W_enc"]
+
+    def pre_activations(self, params: dict, x: jax.Array) -> jax.Array:
+        return add_bias(x @ params["W_enc"], params["b_enc"])
+
+    def decode(self, params: dict, latents: jax.Array, x: jax.Array | None = None):
+        x_hat = latents @ params["W_dec"] + params["b_dec"]
+        if self.skip_connection:
+            if x is None:
+                raise ValueError("a transcoder with a skip connection decodes with its input: "
+                                 "pass decode(params, latents, x).")
+            x_hat = x_hat + x @ params["W_skip"]
+        return x_hat
+
+    def decoder_norms(self, params: dict) -> jax.Array:
+        return jnp.linalg.norm(params["W_dec"], axis=-1)
+
+    def flops_per_token(self, d, n_latents: int) -> int:
+        """The skip's matmul, 2 d_in d_out forward and 4 backward (its weight and none to the
+        input); the dense count takes d_in = d_out = d."""
+        del n_latents
+        d_in, d_out = self.widths(d)
+        return 6 * d_in * d_out if self.skip_connection else 0
+
+
+SHAPES = ("single_hook", "transcoder")
+
+# The `config.sae` fields that choose and configure the shape (configs.py declares them).
+SHAPE_FIELDS = {
+    "shape": "single_hook",
+    "input_hook": "",
+    "target_hook": "",
+    "skip_connection": False,
+}
+
+
+def from_config(sae_config):
+    """The shape `sae.shape` names, with its fields (`sae.input_hook`, ...)."""
+    name = sae_config.get("shape", "single_hook")
+    if name == "single_hook":
+        return SINGLE_HOOK
+    if name == "transcoder":
+        for field in ("input_hook", "target_hook"):
+            if not sae_config.get(field):
+                raise ConfigError(f"sae.shape='transcoder' needs sae.{field}: the hook it "
+                                  f"{'reads' if field == 'input_hook' else 'reconstructs'}.")
+        if sae_config.input_hook == sae_config.target_hook:
+            raise ConfigError(f"sae.input_hook and sae.target_hook are both "
+                              f"{sae_config.input_hook!r}; a transcoder reconstructs another "
+                              "hook (use sae.shape='single_hook' for an SAE).")
+        return Transcoder(str(sae_config.input_hook), str(sae_config.target_hook),
+                          bool(sae_config.get("skip_connection", False)))
+    raise ConfigError(f"sae.shape={name!r} is not known; choose one of {SHAPES}.")
