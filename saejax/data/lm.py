@@ -65,16 +65,17 @@ def exclude_positions_of(value, context_length: int, *, what: str = "lm.exclude_
                          error=ConfigError) -> tuple[int, ...]:
     """The positions to leave out, checked to be inside a sequence: a sequence of ints or a
     comma-separated string ("0", "" for none)."""
+    given = value
     if isinstance(value, str):
         value = [v for v in value.replace(" ", "").split(",") if v]
     try:
         positions = tuple(sorted({int(v) for v in value}))
     except (TypeError, ValueError):
-        raise error(f"{what}={value!r}: give positions as integers, e.g. (0,), or () for "
+        raise error(f"{what}={given!r}: give positions as integers, e.g. (0,), or () for "
                     "none.") from None
     bad = [p for p in positions if not 0 <= p < context_length]
     if bad:
-        raise error(f"{what}={value!r}: position {bad[0]} is outside a sequence of "
+        raise error(f"{what}={given!r}: position {bad[0]} is outside a sequence of "
                     f"context_length={context_length}.")
     return positions
 
@@ -89,13 +90,14 @@ def exclude_token_ids_of(value, checkpoint: str, bos_token_id: int | None, *,
         if os.path.isfile(os.path.join(checkpoint, models.tokenizer.TOKENIZER_FILE)):
             ids |= set(models.tokenizer.special_token_ids(models.load_tokenizer(checkpoint)))
         return tuple(sorted(ids))
+    given = value
     if isinstance(value, str):
         value = [] if value.strip().lower() == "none" else [
             v for v in value.replace(" ", "").split(",") if v]
     try:
         return tuple(sorted({int(v) for v in value}))
     except (TypeError, ValueError):
-        raise error(f"{what}={value!r}: use {SPECIAL!r}, '' for none, or token ids like "
+        raise error(f"{what}={given!r}: use {SPECIAL!r}, '' for none, or token ids like "
                     "'0,1,2'.") from None
 
 

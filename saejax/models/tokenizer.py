@@ -155,7 +155,7 @@ def tokenize_documents(tokenizer, texts: Iterable[str], context_length: int, *,
     """The documents `texts` tokenised and packed into windows with their document ids.
 
     `bos_token_id` (default: the tokenizer's `<|endoftext|>`) separates documents, and starts
-    every window where the tokenizer adds it on encode (`window_bos_id`). Holds the whole stream
+    every window where the tokenizer puts it first on encode (`window_bos_id`). Holds the whole stream
     in memory: for large corpora, tokenise once and use `load_token_ids`.
     """
     if isinstance(texts, str):
@@ -165,7 +165,7 @@ def tokenize_documents(tokenizer, texts: Iterable[str], context_length: int, *,
     # second <bos>; a post-processor's CLS/SEP is not wanted).
     encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
     return pack_documents([e.ids for e in encodings], context_length, separator_id=separator,
-                          window_bos=window_bos_id(tokenizer, bos_token_id))
+                          window_bos=window_bos_id(tokenizer, separator))
 
 
 def tokenize_texts(tokenizer, texts: Iterable[str], context_length: int, *,
