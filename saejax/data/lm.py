@@ -20,6 +20,7 @@ from typing import NamedTuple
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from saejax import evals, models
@@ -145,21 +146,30 @@ def activations_fn(model: LanguageModel):
 
 
 def downstream_evaluation(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int,
-                          reconstruct, sae_params: list, mesh) -> list[dict]:
+                          reconstruct, sae_params: list, mesh,
+                          keep: np.ndarray | None = None) -> list[dict]:
     """Per SAE of `sae_params`: loss recovered and KL with it spliced in at the hook
     (`evals.downstream_metrics`), over `tokens` in batches of `batch_sequences`. The clean and
     zero-ablated forward passes run once per batch for all the SAEs.
 
     `reconstruct(sae_params, activation [n, d]) -> reconstruction [n, d]` applies the SAE (with
     its input scale) to raw activations; it runs inside the same jitted program as the LM.
+    `keep` (bool like `tokens`; default all): the tokens the SAE reads (`keep_mask`); at the
+    others (attention sinks it was not trained on) both the SAE and the zero ablation leave
+    the activation as it is.
     """
 
     config = model.config
 
     @jax.jit
-    def sums(lm_params, sae_params, tokens):
+    def sums(lm_params, sae_params, tokens, keep):
+        def only_kept(replace):
+            return lambda x: jnp.where(keep[..., None], replace(x), x)
+
         # The final residual, not the logits: the losses run over the vocabulary in chunks.
         def lm_forward(t, interventions):
+            if interventions:
+                interventions = {h: only_kept(f) for h, f in interventions.items()}
             return models.forward(lm_params, t, config, interventions=interventions,
                                   unembed=False)[0]
 
@@ -174,10 +184,12 @@ def downstream_evaluation(model: LanguageModel, tokens: np.ndarray, *, batch_seq
 
     lm_params = jax.device_put(model.params, jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
+    keep = np.ones(np.shape(tokens), bool) if keep is None else np.asarray(keep, bool)
     total = None
     for start in range(0, len(tokens), batch_sequences):
         chunk = np.asarray(tokens[start:start + batch_sequences], np.int32)
-        out = jax.device_get(sums(lm_params, list(sae_params), chunk))
+        out = jax.device_get(sums(lm_params, list(sae_params), chunk,
+                                  keep[start:start + batch_sequences]))
         total = out if total is None else jax.tree.map(np.add, total, out)
     return [{k: float(v) for k, v in evals.downstream_metrics(t).items()} for t in total]
 
