@@ -59,12 +59,8 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
                           f"{context_length} tokens; nothing is left to harvest after "
                           f"--holdout_sequences={holdout_sequences}.")
     sequences = sequences[:n]
-    exclude_positions = lm.exclude_positions_of(exclude_positions, context_length,
-                                                what="--exclude_positions", error=ConfigError)
-    exclude_token_ids = lm.exclude_token_ids_of(exclude_token_ids, checkpoint,
-                                                model_config.bos_token_id,
-                                                what="--exclude_token_ids", error=ConfigError)
-    keep = lm.keep_mask(sequences.tokens, exclude_positions, exclude_token_ids)
+    exclude_positions, exclude_token_ids, keep = _exclusion(
+        sequences.tokens, checkpoint, model_config, exclude_positions, exclude_token_ids)
     row_starts = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64)
     if row_starts[-1] == 0:
         raise ConfigError(f"--exclude_positions={list(exclude_positions)} and "
@@ -107,16 +103,34 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
                  n_devices, jax.default_backend())
     # Start at the batch holding the first uncommitted row: nothing before it is recomputed.
     first = done // batch_sequences * batch_sequences
-    traced = np.stack([sequences.documents, sequences.offsets], axis=-1)
-    where = np.stack(np.broadcast_arrays(np.arange(n, dtype=np.int32)[:, None],
-                                         np.arange(context_length, dtype=np.int32)), axis=-1)
-    batches = (store.TokenBatch(int(row_starts[s]), sequences.tokens[s:s + batch_sequences],
-                                keep[s:s + batch_sequences], where[s:s + batch_sequences],
-                                traced[s:s + batch_sequences])
-               for s in range(first, n, batch_sequences))
+    batches = _token_batches(sequences, keep, row_starts, first, batch_sequences)
     result = store.harvest_loop(activation_fn, batches, writers, log_every_s=progress_every_s)
     result["tokens_skipped"] += int(row_starts[first])
     return {"stores": {h: w.path for h, w in writers.items()}, **result}
+
+
+def _exclusion(tokens: np.ndarray, checkpoint: str, model_config, exclude_positions,
+               exclude_token_ids):
+    """(exclude_positions, exclude_token_ids, keep [n, context]) of the flags, checked."""
+    positions = lm.exclude_positions_of(exclude_positions, tokens.shape[1],
+                                        what="--exclude_positions", error=ConfigError)
+    token_ids = lm.exclude_token_ids_of(exclude_token_ids, checkpoint, model_config.bos_token_id,
+                                        what="--exclude_token_ids", error=ConfigError)
+    return positions, token_ids, lm.keep_mask(tokens, positions, token_ids)
+
+
+def _token_batches(sequences, keep: np.ndarray, row_starts: np.ndarray, first: int,
+                   batch_sequences: int):
+    """`store.TokenBatch`es of `batch_sequences` sequences from sequence `first` on, each token
+    with its (sequence, position) and (document, offset)."""
+    n, context_length = sequences.tokens.shape
+    traced = np.stack([sequences.documents, sequences.offsets], axis=-1)
+    where = np.stack(np.broadcast_arrays(np.arange(n, dtype=np.int32)[:, None],
+                                         np.arange(context_length, dtype=np.int32)), axis=-1)
+    for s in range(first, n, batch_sequences):
+        b = slice(s, s + batch_sequences)
+        yield store.TokenBatch(int(row_starts[s]), sequences.tokens[b], keep[b], where[b],
+                               traced[b])
 
 
 # ------------------------------------------------------------------------------------------
