@@ -102,7 +102,9 @@ def measure_harvest(args, workdir: str) -> dict:
     hook = f"blocks.{args.layer}.hook_resid_post"
     kwargs = dict(hooks=[hook], context_length=args.context_length,
                   batch_sequences=args.batch_sequences, dtype=args.dtype,
-                  chunk_rows=args.chunk_rows)
+                  chunk_rows=args.chunk_rows,
+                  # Every token a row, so the rate counts the tokens the model ran on.
+                  exclude_positions=(), exclude_token_ids="")
     warmup = harvest.harvest(checkpoint, tokens, os.path.join(workdir, "warmup"),
                              max_sequences=args.batch_sequences, **kwargs)
     result = harvest.harvest(checkpoint, tokens, os.path.join(workdir, "stores"), **kwargs)

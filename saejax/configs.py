@@ -50,11 +50,17 @@ def base_config() -> ml_collections.ConfigDict:
     config.lm = ml_collections.ConfigDict()
     config.lm.checkpoint = ""
     config.lm.hook = "blocks.8.hook_resid_post"
-    # Token ids: a .npy of ids ([sequences, context] or flat), or a .txt file tokenised with the
-    # checkpoint's tokenizer.json.
+    # Token ids: a .npy of ids ([sequences, context] or flat), or text tokenised with the
+    # checkpoint's tokenizer.json: a .txt (a document per line), a folder of .txt files (a
+    # document per file) or a .jsonl ({"text": ...} per line).
     config.lm.tokens = ""
     config.lm.context_length = 128
     config.lm.batch_sequences = 32        # sequences per LM forward pass
+    # Attention sinks, left out of the rows (data.source="lm"; harvest has the same flags): the
+    # positions of each sequence, and the token ids ("special": the tokenizer's special tokens
+    # and the model's BOS; "": none; or ids "0,1,2").
+    config.lm.exclude_positions = (0,)
+    config.lm.exclude_token_ids = "special"
 
     # The dictionary. The fields every architecture shares are here; each architecture
     # declares its own (saejax/sae/<name>.py, `config_fields`, with a comment each), and every

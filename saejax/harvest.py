@@ -5,10 +5,18 @@
 
 `--checkpoint` is a local Hugging Face format directory of any family saejax reads (GPT-2,
 Llama, Mistral, Qwen, Gemma 2/3, GPT-NeoX; config.json, model.safetensors or a sharded index,
-and tokenizer.json for text); `--tokens` a .npy of token ids or a text file with one document
-per line. Each hook's store is `STORES/<hook>` (zarr v3 via tensorstore; see
-`saejax/data/store.py`). Interrupt it at any point and run the same command again: it resumes
-after the last committed batch, writing no row twice and losing none.
+and tokenizer.json for text); `--tokens` a .npy of token ids, or text: a .txt file with one
+document per line, a folder of .txt files (a document per file) or a .jsonl of documents
+(`{"text": ...}` per line), packed into windows as `saejax/models/tokenizer.py` says (a BOS
+per window where the model expects one). Each hook's store is `STORES/<hook>` (zarr v3 via
+tensorstore; see `saejax/data/store/format.py`).
+
+Attention sinks are left out: no row is written for the positions in `--exclude_positions`
+(default 0) nor for the tokens in `--exclude_token_ids` (default `special`: the tokenizer's
+special tokens and the model's BOS). The store records both settings in its metadata and each
+row's (sequence, position) and (document, offset), which is what traces a row back to its text.
+Interrupt it at any point and run the same command again: it resumes after the last committed
+batch, writing no row twice and losing none.
 """
 
 from __future__ import annotations
@@ -22,23 +30,27 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from saejax import cli, models, paths
-from saejax.data import store
+from saejax.data import lm, store
 from saejax.errors import ConfigError
 
 
 def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
             context_length: int, batch_sequences: int = 32, holdout_sequences: int = 0,
             max_sequences: int = 0, dtype: str = "float32", chunk_rows: int = 4096,
-            shard_rows: int = 0, progress_every_s: float = 30.0) -> dict:
+            shard_rows: int = 0, exclude_positions=(0,), exclude_token_ids=lm.SPECIAL,
+            progress_every_s: float = 30.0) -> dict:
     """Runs the model over the token sequences and writes `out/<hook>` for every hook; returns
-    {"stores": {hook: path}, "tokens_per_s": ..., ...}. Resumes stores that exist."""
+    {"stores": {hook: path}, "tokens_per_s": ..., ...}. Resumes stores that exist.
+
+    `exclude_positions` (ints, or "0,1") and `exclude_token_ids` ("special", "" for none, or
+    ids) are the rows left out (`saejax.data.lm.keep_mask`)."""
     model_config, params = models.load(checkpoint)
     for hook in hooks:
         models.check_hook(model_config, hook, f"--hooks: {hook!r} is not a hook point of "
                           f"{checkpoint}", ConfigError)
-    sequences = models.load_sequences(tokens, context_length, tokenizer_path=checkpoint,
-                                      vocab_size=model_config.vocab_size,
-                                      bos_token_id=model_config.bos_token_id)
+    sequences = models.tokenizer.load_token_sequences(
+        tokens, context_length, tokenizer_path=checkpoint, vocab_size=model_config.vocab_size,
+        bos_token_id=model_config.bos_token_id)
     n = len(sequences) - holdout_sequences
     if max_sequences:
         n = min(n, max_sequences)
@@ -47,6 +59,12 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
                           f"{context_length} tokens; nothing is left to harvest after "
                           f"--holdout_sequences={holdout_sequences}.")
     sequences = sequences[:n]
+    exclude_positions, exclude_token_ids, keep = _exclusion(
+        sequences.tokens, checkpoint, model_config, exclude_positions, exclude_token_ids)
+    row_starts = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64)
+    if row_starts[-1] == 0:
+        raise ConfigError(f"--exclude_positions={list(exclude_positions)} and "
+                          f"--exclude_token_ids leave no token of --tokens={tokens!r} to store.")
 
     # The batch of sequences is split over every device; the model is replicated.
     devices = jax.devices()
@@ -66,25 +84,53 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
     writers = {
         hook: store.ActivationStoreWriter.create_or_open(
             paths.join(out, hook), d=model_config.d_model, dtype=dtype,
-            context_length=context_length, n_tokens=n * context_length, chunk_rows=chunk_rows,
-            shard_rows=shard_rows or None,
+            context_length=context_length, n_tokens=int(row_starts[-1]),
+            chunk_rows=chunk_rows, shard_rows=shard_rows or None, positions=True,
             metadata={"model": os.path.abspath(checkpoint), "hook": hook,
                       "layer": models.hook_layer(hook), "tokens": os.path.abspath(tokens),
-                      "holdout_sequences": holdout_sequences})
+                      "holdout_sequences": holdout_sequences,
+                      "exclude_positions": list(exclude_positions),
+                      "exclude_token_ids": list(exclude_token_ids)})
         for hook in hooks}
-    done = min(w.committed_rows for w in writers.values()) // context_length
+    # Sequences [0, done) are wholly committed in every store.
+    done = int(np.searchsorted(row_starts, min(w.committed_rows for w in writers.values()),
+                               "right")) - 1
     if done:
         logging.info("Resuming the harvest after %d of %d sequences.", done, n)
-    logging.info("Harvesting %s tokens (%d sequences x %d) at %s from %s on %d %s device(s).",
-                 f"{n * context_length:,}", n, context_length, ", ".join(hooks), checkpoint,
+    logging.info("Harvesting %s tokens (%d sequences x %d, %s excluded) at %s from %s on %d "
+                 "%s device(s).", f"{row_starts[-1]:,}", n, context_length,
+                 f"{n * context_length - row_starts[-1]:,}", ", ".join(hooks), checkpoint,
                  n_devices, jax.default_backend())
     # Start at the batch holding the first uncommitted row: nothing before it is recomputed.
     first = done // batch_sequences * batch_sequences
-    batches = ((s * context_length, sequences[s:s + batch_sequences])
-               for s in range(first, n, batch_sequences))
+    batches = _token_batches(sequences, keep, row_starts, first, batch_sequences)
     result = store.harvest_loop(activation_fn, batches, writers, log_every_s=progress_every_s)
-    result["tokens_skipped"] += first * context_length
+    result["tokens_skipped"] += int(row_starts[first])
     return {"stores": {h: w.path for h, w in writers.items()}, **result}
+
+
+def _exclusion(tokens: np.ndarray, checkpoint: str, model_config, exclude_positions,
+               exclude_token_ids):
+    """(exclude_positions, exclude_token_ids, keep [n, context]) of the flags, checked."""
+    positions = lm.exclude_positions_of(exclude_positions, tokens.shape[1],
+                                        what="--exclude_positions", error=ConfigError)
+    token_ids = lm.exclude_token_ids_of(exclude_token_ids, checkpoint, model_config.bos_token_id,
+                                        what="--exclude_token_ids", error=ConfigError)
+    return positions, token_ids, lm.keep_mask(tokens, positions, token_ids)
+
+
+def _token_batches(sequences, keep: np.ndarray, row_starts: np.ndarray, first: int,
+                   batch_sequences: int):
+    """`store.TokenBatch`es of `batch_sequences` sequences from sequence `first` on, each token
+    with its (sequence, position) and (document, offset)."""
+    n, context_length = sequences.tokens.shape
+    traced = np.stack([sequences.documents, sequences.offsets], axis=-1)
+    where = np.stack(np.broadcast_arrays(np.arange(n, dtype=np.int32)[:, None],
+                                         np.arange(context_length, dtype=np.int32)), axis=-1)
+    for s in range(first, n, batch_sequences):
+        b = slice(s, s + batch_sequences)
+        yield store.TokenBatch(int(row_starts[s]), sequences.tokens[b], keep[b], where[b],
+                               traced[b])
 
 
 # ------------------------------------------------------------------------------------------
@@ -92,8 +138,10 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
 # ------------------------------------------------------------------------------------------
 def _define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "Local HF-format model directory.")
-    flags.DEFINE_string("tokens", None, ".npy of token ids, or a text file (one document per "
-                        "line, tokenised with the checkpoint's tokenizer.json).")
+    flags.DEFINE_string("tokens", None, ".npy of token ids, or text tokenised with the "
+                        "checkpoint's tokenizer.json: a .txt (one document per line), a folder "
+                        "of .txt files (one document each) or a .jsonl ({\"text\": ...} per "
+                        "line).")
     flags.DEFINE_string("out", None, "Directory for the stores, one per hook: OUT/<hook>.")
     flags.DEFINE_list("hooks", ["blocks.8.hook_resid_post"], "Hook points to store.")
     flags.DEFINE_integer("context_length", 128, "Tokens per sequence.")
@@ -105,6 +153,11 @@ def _define_flags() -> None:
     flags.DEFINE_integer("chunk_rows", 4096, "Rows per chunk (the unit of shuffling).")
     flags.DEFINE_integer("shard_rows", 0, "Rows per shard file (zarr v3 sharding; 0: one file "
                          "per chunk).")
+    flags.DEFINE_list("exclude_positions", ["0"], "Positions of each sequence not stored "
+                      "(attention sinks); empty for none.")
+    flags.DEFINE_string("exclude_token_ids", lm.SPECIAL, "Token ids not stored: 'special' (the "
+                        "tokenizer's special tokens and the model's BOS), '' for none, or "
+                        "ids '0,1,2'.")
     cli.define_device_flags()
     flags.mark_flags_as_required(["checkpoint", "tokens", "out"])
 
@@ -119,7 +172,9 @@ def main(argv):
                      batch_sequences=values.batch_sequences,
                      holdout_sequences=values.holdout_sequences,
                      max_sequences=values.max_sequences, dtype=values.dtype,
-                     chunk_rows=values.chunk_rows, shard_rows=values.shard_rows)
+                     chunk_rows=values.chunk_rows, shard_rows=values.shard_rows,
+                     exclude_positions=values.exclude_positions,
+                     exclude_token_ids=values.exclude_token_ids)
     print(f"Harvested {result['tokens_written']:,} tokens at {result['tokens_per_s']:,.0f} "
           f"tok/s ({result['tokens_skipped']:,} already there).")
     for hook, path in result["stores"].items():

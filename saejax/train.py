@@ -148,7 +148,8 @@ def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: in
                else [state])
     results = lm.downstream_evaluation(
         model, tokens, batch_sequences=int(config.lm.batch_sequences), reconstruct=reconstruct,
-        sae_params=[(m["params"], m["input_scale"]) for m in members], mesh=mesh)
+        sae_params=[(m["params"], m["input_scale"]) for m in members], mesh=mesh,
+        keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)))
     for i, result in enumerate(results):
         logging.info("Loss recovered%s: %.4f (CE clean %.4f, with the SAE %.4f, zero-ablated "
                      "%.4f; KL %.4g)", f" ({i})" if n_saes > 1 else "",

@@ -33,7 +33,10 @@ def _build(root):
     checkpoint, text, _ = tiny_lm.make_tiny_lm(str(root), steps=60, n_documents=300)
     stores = harvest.harvest(checkpoint, text, str(root / "stores"), hooks=[HOOK],
                              context_length=tiny_lm.CONTEXT, batch_sequences=16,
-                             chunk_rows=256, progress_every_s=1e9)["stores"]
+                             chunk_rows=256, progress_every_s=1e9,
+                             # Every token a row, so row r is r // 32, r % 32 (the tests
+                             # below count on it; tests/test_text_input.py covers exclusion).
+                             exclude_positions=(), exclude_token_ids="")["stores"]
     from experiments import gpt2_small  # pylint: disable=import-outside-toplevel
     config = gpt2_small.get_config("tiny")
     config.lm.checkpoint, config.lm.tokens, config.lm.hook = checkpoint, text, HOOK
@@ -110,11 +113,19 @@ def test_top_activations_sharded_equal_single_device_and_brute_force(run):
         assert np.all(sharded.rows[i, len(order):] == -1)
     alive = np.flatnonzero(sharded.fired)
     assert len(alive) > 20
+    document = store.documents(0, n_rows)[:, 0]  # a context stops where its document does
     for i in alive[:20]:
         for example in sharded.examples(int(i)):
             sequence, position = divmod(example["row"], 32)
+            assert (example["sequence"], example["position"]) == (sequence, position)
+            same = document[sequence * 32:(sequence + 1) * 32] == document[example["row"]]
             lo = max(0, position - 5)
-            window = slice(sequence * 32 + lo, sequence * 32 + min(32, position + 3))
+            while not same[lo]:
+                lo += 1
+            hi = min(32, position + 3)
+            while not same[hi - 1]:
+                hi -= 1
+            window = slice(sequence * 32 + lo, sequence * 32 + hi)
             assert example["context_token_ids"] == token_ids[window].tolist()
             np.testing.assert_allclose(example["context_activations"], latents[window, i],
                                        rtol=1e-5, atol=1e-5)

@@ -50,21 +50,29 @@ def test_harvest_train_and_loss_recovered_from_the_cli(tiny, tmp_path):
         tiny, stores, f"--hooks={HOOK},blocks.0.hook_resid_mid", "--batch_sequences=16"))
     assert "tok/s" in out
     sequences = models.load_sequences(text, tiny_lm.CONTEXT, tokenizer_path=checkpoint)
-    n_rows = (len(sequences) - HOLDOUT) * tiny_lm.CONTEXT
+    harvested = sequences[:-HOLDOUT]
+    # By default the first position and the special tokens (<|endoftext|>, <unk>) are no rows.
+    keep = (np.arange(tiny_lm.CONTEXT) > 0) & ~np.isin(harvested, [0, 1])
+    n_rows = int(keep.sum())
+    assert 0 < n_rows < harvested.size
     for hook in (HOOK, "blocks.0.hook_resid_mid"):
         opened = store.open_store(str(stores / hook), expected_d=64)
         assert opened.n_rows == n_rows
         assert opened.metadata["hook"] == hook and opened.metadata["layer"] == int(hook[7])
+        assert opened.metadata["exclude_positions"] == [0]
+        assert opened.metadata["exclude_token_ids"] == [0, 1]
         # Every row traces back to its token and its place in its sequence.
-        np.testing.assert_array_equal(opened.token_ids(0, n_rows),
-                                      sequences[:-HOLDOUT].reshape(-1))
-        assert opened.sequence_position(100) == (100 // tiny_lm.CONTEXT, 100 % tiny_lm.CONTEXT)
-    # The stored activations are the model's.
+        np.testing.assert_array_equal(opened.token_ids(0, n_rows), harvested[keep])
+        np.testing.assert_array_equal(opened.positions(0, n_rows), np.argwhere(keep))
+        sequence, position = opened.sequence_position(100)
+        assert harvested[sequence, position] == opened.token_ids(100, 101)[0]
+    # The stored activations are the model's, at the kept tokens.
     model = lm.load(_tiny_config(tiny).lm, d=64)
-    expected = lm.activations_fn(model)(model.params, sequences[3:5])
+    expected = np.asarray(lm.activations_fn(model)(model.params, sequences[3:5]))[keep[3:5]]
+    first = int(keep[:3].sum())
     np.testing.assert_allclose(
-        store.open_store(str(stores / HOOK)).read(3 * 32, 5 * 32).result(),
-        np.asarray(expected).reshape(-1, 64), rtol=1e-5, atol=1e-5)
+        store.open_store(str(stores / HOOK)).read(first, first + len(expected)).result(),
+        expected, rtol=1e-5, atol=1e-5)
 
     workdir = tmp_path / "run"
     out = _run("saejax.main", "--config=experiments/gpt2_small.py:tiny", f"--workdir={workdir}",
@@ -102,12 +110,15 @@ def test_killed_harvest_resumes_without_repeating_or_losing_rows(tiny, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     partial = json.loads(progress.read_text())["committed_rows"]
-    assert 0 < partial < 600 * tiny_lm.CONTEXT, partial
+    whole_rows = store.open_store(str(tmp_path / "whole" / HOOK)).n_rows
+    assert 0 < partial < whole_rows < 600 * tiny_lm.CONTEXT, partial
 
     out = _run("saejax.harvest", *_harvest_flags(tiny, tmp_path / "killed", *flags))
     assert f"{partial:,} already there" in out.replace("skipped ", "")
     whole, resumed = (store.open_store(str(tmp_path / w / HOOK)) for w in ("whole", "killed"))
-    assert resumed.n_rows == whole.n_rows == 600 * tiny_lm.CONTEXT
+    assert resumed.n_rows == whole.n_rows == whole_rows
+    np.testing.assert_array_equal(resumed.positions(0, whole.n_rows),
+                                  whole.positions(0, whole.n_rows))
     np.testing.assert_array_equal(resumed.read(0, whole.n_rows).result(),
                                   whole.read(0, whole.n_rows).result())
     np.testing.assert_array_equal(resumed.token_ids(0, whole.n_rows),
@@ -124,12 +135,14 @@ def _tiny_config(tiny, **overrides):
 
 
 def test_on_the_fly_lm_source_gives_the_stores_batches(tiny, tmp_path):
-    """`data.source=lm` and a store harvested with the same chunking stream the same rows."""
+    """`data.source=lm` and a store harvested with the same chunking (and the same default
+    exclusion of the first position and the special tokens) stream the same rows."""
     stores = tmp_path / "stores"
     batch_sequences = 8
+    # The lm source's chunk: a forward batch of sequences less their first position.
     _run("saejax.harvest", *[f for f in _harvest_flags(tiny, stores) if "chunk_rows" not in f],
          f"--hooks={HOOK}", f"--batch_sequences={batch_sequences}",
-         f"--chunk_rows={batch_sequences * tiny_lm.CONTEXT}")
+         f"--chunk_rows={batch_sequences * (tiny_lm.CONTEXT - 1)}")
     mesh = jax.make_mesh((8, 1), ("data", "model"))
     common = {"lm.batch_sequences": batch_sequences, "evals.loss_recovered_sequences": HOLDOUT}
     from saejax import data  # pylint: disable=import-outside-toplevel
@@ -137,6 +150,10 @@ def test_on_the_fly_lm_source_gives_the_stores_batches(tiny, tmp_path):
                                                                 "data.path": str(stores / HOOK)}),
                                 mesh=mesh, rules=_tiny_config(tiny).sharding_rules)
                for source in ("lm", "store")]
+    assert sources[0].rows.n_rows == sources[1].rows.n_rows
+    assert sources[0].rows.chunk_rows == sources[1].rows.chunk_rows
+    np.testing.assert_allclose(sources[0].rows.read(97, 700).result(),
+                               sources[1].rows.read(97, 700).result(), rtol=1e-5, atol=1e-5)
     for _ in range(3):
         a, b = (s.next_batch() for s in sources)
         # Both name their batch's one entry by the hook: lm.hook, and the store's metadata.

@@ -363,3 +363,55 @@ def test_a_run_on_a_store_resumes_to_the_params_of_an_uninterrupted_run(tmp_path
         np.testing.assert_array_equal(again[name], whole[name], err_msg=name)
     gc.collect()  # a dropped source stops its prefetch thread
     assert not [t for t in threading.enumerate() if t.name == "saejax-store-prefetch"]
+
+
+def test_a_store_with_positions_leaves_rows_out_and_resumes(tmp_path):
+    """harvest_loop with a keep mask: only kept tokens are rows, each with its (sequence,
+    position) and (document, offset); a crash mid-way resumes to the same store."""
+    n_sequences, b = 20, 2
+    all_tokens = tokens(0, n_sequences * CTX).reshape(n_sequences, CTX)
+    keep = (np.arange(CTX) > 0) & (all_tokens % 5 != 0)   # position 0 and some "special" ids
+    row_starts = np.concatenate([[0], np.cumsum(keep.sum(1))])
+    where = np.stack(np.broadcast_arrays(np.arange(n_sequences)[:, None], np.arange(CTX)), -1)
+    documents = np.stack([where[..., 0] // 3, where[..., 1] + 100], -1)
+
+    def batches():
+        for s in range(0, n_sequences, b):
+            yield store.TokenBatch(int(row_starts[s]), all_tokens[s:s + b], keep[s:s + b],
+                                   where[s:s + b], documents[s:s + b])
+
+    def activation_fn(token_ids):
+        return {"resid": token_ids.astype(np.float32)[..., None] * np.ones(D, np.float32)}
+
+    def writer(name):
+        return store.ActivationStoreWriter.create_or_open(
+            tmp_path / name, d=D, dtype="float32", context_length=CTX,
+            n_tokens=int(row_starts[-1]), chunk_rows=CHUNK, positions=True)
+
+    store.harvest_loop(activation_fn, batches(), {"resid": writer("whole")}, progress=False)
+    crashed = writer("crashed")
+    store.harvest_loop(activation_fn, batches(), {"resid": crashed}, progress=False)
+    crashed._commit(int(row_starts[7]) + 3)   # a crash inside a batch
+    result = store.harvest_loop(activation_fn, batches(), {"resid": writer("crashed")},
+                                progress=False)
+    assert result["tokens_skipped"] == row_starts[6]
+    n = int(row_starts[-1])
+    for name in ("whole", "crashed"):
+        opened = store.open_store(tmp_path / name)
+        assert opened.has_positions and opened.n_rows == n < n_sequences * CTX
+        np.testing.assert_array_equal(opened.positions(0, n), np.argwhere(keep))
+        np.testing.assert_array_equal(opened.token_ids(0, n), all_tokens[keep])
+        np.testing.assert_array_equal(opened.read(0, n).result()[:, 0], all_tokens[keep])
+        np.testing.assert_array_equal(opened.documents(0, n), documents[keep])
+        np.testing.assert_array_equal(opened.sequence_positions([n - 1, 0]),
+                                      np.argwhere(keep)[[n - 1, 0]])
+    with pytest.raises(store.StoreError, match=r"keeps each row's positions; write expects "
+                                               r"positions \[rows, 2\]"):
+        writer("other").write(0, np.zeros((4, D)), np.zeros(4))
+    plain = store.ActivationStoreWriter.create_or_open(
+        tmp_path / "plain", d=D, dtype="float32", context_length=CTX, n_tokens=CTX,
+        chunk_rows=CHUNK)
+    with pytest.raises(store.StoreError, match="created without positions"):
+        plain.write(0, np.zeros((4, D)), np.zeros(4), np.zeros((4, 2)), np.zeros((4, 2)))
+    # A store without positions keeps the old metadata: no `positions` field at all.
+    assert "positions" not in json.loads((tmp_path / "plain" / "metadata.json").read_text())

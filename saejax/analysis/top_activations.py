@@ -80,18 +80,36 @@ def default_mesh(n_latents: int, devices: Sequence[jax.Device] | None = None, *,
     return sharding.make_mesh(SimpleNamespace(data=len(devices) // model, model=model), devices)
 
 
+def _sequence_starts(store, max_rows: int | None) -> np.ndarray:
+    """int64 [n_sequences + 1]: the first row of each whole sequence the pass reads (the
+    store's committed rows, at most `max_rows`), then the end. A store that leaves rows out
+    records each row's sequence; in one that does not, sequence s is rows [s*ctx, (s+1)*ctx)."""
+    context_length = store.context_length
+    if not store.has_positions:
+        n_rows = store.n_rows // context_length * context_length
+        if max_rows:
+            n_rows = min(n_rows, int(max_rows) // context_length * context_length)
+        return np.arange(0, n_rows + 1, context_length, dtype=np.int64)
+    # The harvest commits whole batches of sequences, so the committed rows end on a sequence.
+    sequence = store.positions(0, store.n_rows)[:, 0]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(sequence)) + 1, [store.n_rows]])
+    starts = np.unique(starts).astype(np.int64)
+    if max_rows:
+        starts = starts[starts <= int(max_rows)]
+    return starts
+
+
 def _rows_to_read(store, max_rows: int | None) -> int:
     """Whole sequences only: the store's committed rows (at most `max_rows`), rounded down."""
-    context_length = store.context_length
-    n_rows = store.n_rows // context_length * context_length
-    if max_rows:
-        n_rows = min(n_rows, int(max_rows) // context_length * context_length)
-    return n_rows
+    return int(_sequence_starts(store, max_rows)[-1])
 
 
 class _Plan(NamedTuple):
-    """How the pass reads the store: `n_batches` batches of `batch_sequences` whole sequences
-    (`batch_rows` rows), the device counters moved to the host every `flush_every` batches."""
+    """How the pass reads the store: `n_batches` batches of `batch_sequences` whole sequences,
+    each of `batch_rows` rows (padded), `data_size` blocks of `block_rows` (one per device of
+    the batch axis, each whole sequences); the device counters moved to the host every
+    `flush_every` batches. `block_starts [n_batches, data_size]`: each block's first store row.
+    """
 
     store: object
     n_rows: int
@@ -101,6 +119,12 @@ class _Plan(NamedTuple):
     n_batches: int
     data_size: int
     flush_every: int
+    sequence_starts: np.ndarray
+    block_starts: np.ndarray
+
+    @property
+    def block_rows(self) -> int:
+        return self.batch_rows // self.data_size
 
 
 def _plan(loaded: LoadedSAE, store_path: str, mesh, rules, *, top_n: int, context_before: int,
@@ -115,7 +139,8 @@ def _plan(loaded: LoadedSAE, store_path: str, mesh, rules, *, top_n: int, contex
     check_width(loaded, store.d, f"the activation store {store.path}",
                 "Use the store of the hook this SAE was trained at (--store).")
     context_length = store.context_length
-    n_rows = _rows_to_read(store, max_rows)
+    starts = _sequence_starts(store, max_rows)
+    n_rows = int(starts[-1])
     if n_rows <= 0:
         raise AnalysisError(f"{store.path} holds no whole sequence of {context_length} rows to "
                             f"read (committed rows {store.n_rows}, max_rows={max_rows}).")
@@ -135,10 +160,15 @@ def _plan(loaded: LoadedSAE, store_path: str, mesh, rules, *, top_n: int, contex
     batch_rows = batch_sequences * context_length
     # Device counters are int32: move them to the host before they could overflow.
     flush_every = flush_every or max(1, min(256, 2**30 // batch_rows))
+    n_sequences = len(starts) - 1
+    n_batches = -(-n_sequences // batch_sequences)
+    first = (np.arange(n_batches)[:, None] * batch_sequences
+             + np.arange(data_size)[None, :] * (batch_sequences // data_size))
     return _Plan(store=store, n_rows=n_rows, context_length=context_length,
                  batch_sequences=batch_sequences, batch_rows=batch_rows,
-                 n_batches=-(-n_rows // batch_rows), data_size=data_size,
-                 flush_every=flush_every)
+                 n_batches=n_batches, data_size=data_size, flush_every=flush_every,
+                 sequence_starts=starts,
+                 block_starts=starts[np.minimum(first, n_sequences)])
 
 
 class _HostCounters:
@@ -173,22 +203,44 @@ class _HostCounters:
                         ).astype(np.float32)
 
 
-def _batches(plan: _Plan) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-    """(batch index, valid rows, activations [batch_rows, d], token ids [batch_rows]) per batch;
-    the next batch's read is in flight while the caller steps on this one, and the last batch
-    is padded (its padding masked out by the step)."""
-    store, n_rows, batch_rows = plan.store, plan.n_rows, plan.batch_rows
-    pending = store.read(0, min(batch_rows, n_rows))
+def _segments(store, start: int, stop: int) -> np.ndarray:
+    """int32 [stop - start]: a number per run of rows of one sequence and one document, so
+    that a context never runs across either."""
+    sequence = store.positions(start, stop)[:, 0]
+    document = store.documents(start, stop)[:, 0]
+    change = np.concatenate([[0], (np.diff(sequence) != 0) | (np.diff(document) != 0)])
+    return np.cumsum(change).astype(np.int32)
+
+
+def _batches(plan: _Plan) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(batch index, valid rows, activations [batch_rows, d], token ids [batch_rows], segments
+    [batch_rows]) per batch: each device's block holds its whole sequences, then padding
+    (token -1, segment -1, masked out by the step). The next batch's read is in flight while
+    the caller steps on this one."""
+    store, starts, S = plan.store, plan.sequence_starts, plan.batch_sequences
+    n_sequences = len(starts) - 1
+
+    def span(b):
+        return int(starts[min(b * S, n_sequences)]), int(starts[min((b + 1) * S, n_sequences)])
+
+    pending = store.read(*span(0))
     for b in range(plan.n_batches):
-        start, stop = b * batch_rows, min((b + 1) * batch_rows, n_rows)
-        x = np.asarray(pending.result(), np.float32)
+        start, stop = span(b)
+        rows = np.asarray(pending.result(), np.float32)
         if b + 1 < plan.n_batches:
-            pending = store.read(stop, min(stop + batch_rows, n_rows))
-        tokens = store.token_ids(start, stop).astype(np.int32)
-        if stop - start < batch_rows:
-            x = np.concatenate([x, np.zeros((batch_rows - len(x), x.shape[1]), np.float32)])
-            tokens = np.concatenate([tokens, np.full(batch_rows - len(tokens), -1, np.int32)])
-        yield b, stop - start, x, tokens
+            pending = store.read(*span(b + 1))
+        tokens, segments = store.token_ids(start, stop).astype(np.int32), _segments(
+            store, start, stop)
+        x = np.zeros((plan.batch_rows, store.d), np.float32)
+        batch_tokens = np.full(plan.batch_rows, -1, np.int32)
+        batch_segments = np.full(plan.batch_rows, -1, np.int32)
+        block_stops = [*plan.block_starts[b, 1:], stop]
+        for j, (lo, hi) in enumerate(zip(plan.block_starts[b], block_stops)):
+            at, n = j * plan.block_rows, int(hi - lo)
+            x[at:at + n] = rows[lo - start:hi - start]
+            batch_tokens[at:at + n] = tokens[lo - start:hi - start]
+            batch_segments[at:at + n] = segments[lo - start:hi - start]
+        yield b, stop - start, x, batch_tokens, batch_segments
 
 
 def _stream(loaded: LoadedSAE, plan: _Plan, mesh, rules, counters: _HostCounters, *,
@@ -197,8 +249,8 @@ def _stream(loaded: LoadedSAE, plan: _Plan, mesh, rules, counters: _HostCounters
     """Runs the step over every batch; returns the final state on the host."""
     window = context_before + 1 + context_after
     with sharding.activate(mesh, rules):
-        step = make_step(loaded, mesh, rules, top_n=top_n, context_length=plan.context_length,
-                         before=context_before, after=context_after)
+        step = make_step(loaded, mesh, rules, top_n=top_n, before=context_before,
+                         after=context_after)
         state_shardings = sharding.named_shardings(mesh, STATE_AXES, rules)
         state = jax.jit(lambda: init_state(loaded.n_latents, top_n, window, plan.data_size),
                         out_shardings=state_shardings)()
@@ -212,8 +264,8 @@ def _stream(loaded: LoadedSAE, plan: _Plan, mesh, rules, counters: _HostCounters
         serialize = jax.default_backend() == "cpu" and mesh.size > 1
         t0 = last_log = time.perf_counter()
         done = 0
-        for b, n_valid, x, tokens in _batches(plan):
-            state = step(state, params, scale, x, tokens, np.int32(b), np.int32(n_valid))
+        for b, n_valid, x, tokens, segments in _batches(plan):
+            state = step(state, params, scale, x, tokens, segments, np.int32(b))
             if serialize:
                 jax.block_until_ready(state)
             if (b + 1) % plan.flush_every == 0:
@@ -261,9 +313,14 @@ def compute_top_activations(loaded: LoadedSAE, store_path: str, *, top_n: int = 
     logging.info("Top activations: %s rows in %.1f s (%.0f tok/s).", f"{plan.n_rows:,}",
                  seconds, info["tokens_per_s"])
     found = np.isfinite(state.values) & (state.values > 0)
+    batch, offset = np.where(found, state.batch, 0), np.where(found, state.offset, 0)
+    rows = np.where(found, plan.block_starts[batch, offset // plan.block_rows]
+                    + offset % plan.block_rows, -1)
+    positions = np.full(rows.shape + (2,), -1, np.int32)
+    positions[found] = plan.store.sequence_positions(rows[found])
     return TopActivations(
         values=np.where(found, state.values, 0.0).astype(np.float32),
-        rows=np.where(found, state.batch.astype(np.int64) * plan.batch_rows + state.offset, -1),
+        rows=rows, positions=positions,
         context_tokens=np.where(found[..., None], state.context_tokens, -1).astype(np.int32),
         context_activations=np.where(found[..., None], state.context_activations,
                                      0.0).astype(np.float32),

@@ -18,8 +18,8 @@ from saejax.analysis.loading import AnalysisError
 from saejax.analysis.token_text import TokenText
 
 FORMAT = "saejax.top_activations"
-FORMAT_VERSION = 1
-ARRAYS = ("values", "rows", "context_tokens", "context_activations", "fired",
+FORMAT_VERSION = 2
+ARRAYS = ("values", "rows", "positions", "context_tokens", "context_activations", "fired",
           "activation_sum", "histogram", "histogram_max")
 
 
@@ -36,6 +36,15 @@ class TopActivations:
     histogram: np.ndarray            # [n, bins] int64: equal bins over [0, histogram_max)
     histogram_max: np.ndarray        # [n] float32, a power of two; 0 if the latent never fired
     info: dict[str, Any]             # n_rows, context_length, context_before, ... provenance
+    # [n, top_n, 2] int32: each example's (sequence, position) as the store records it; -1
+    # where no example. None (results of format 1): row r is (r // context, r % context).
+    positions: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.positions is None:
+            rows, context_length = np.asarray(self.rows), int(self.info["context_length"])
+            self.positions = np.where(rows[..., None] >= 0, np.stack(
+                divmod(rows, context_length), axis=-1), -1).astype(np.int32)
 
     @property
     def n_latents(self) -> int:
@@ -62,11 +71,11 @@ class TopActivations:
     def examples(self, latent: int) -> list[dict[str, Any]]:
         """The latent's top examples: store row, sequence, position, activation, and the
         context window (token ids, the latent's activation on each, the example's index)."""
-        context_length, before = self.info["context_length"], self.info["context_before"]
+        before = self.info["context_before"]
         out = []
         for j in np.flatnonzero(self.rows[latent] >= 0):
             row = int(self.rows[latent, j])
-            sequence, position = divmod(row, context_length)
+            sequence, position = (int(v) for v in self.positions[latent, j])
             tokens = self.context_tokens[latent, j]
             inside = np.flatnonzero(tokens >= 0)
             lo, hi = int(inside[0]), int(inside[-1]) + 1
@@ -155,10 +164,11 @@ def read(directory: str) -> TopActivations:
         info = json.load(f)
     if info.get("format") != FORMAT or info.get("format_version", 0) > FORMAT_VERSION:
         raise AnalysisError(f"{directory}: not a top-activations result this saejax reads.")
+    names = [n for n in ARRAYS if os.path.isdir(os.path.join(directory, n))]
     arrays = [ts.open(_array_spec(os.path.join(directory, name)), read=True).result()
-              for name in ARRAYS]
-    values = [np.asarray(a.read().result()) for a in arrays]
-    return TopActivations(**dict(zip(ARRAYS, values)), info=info)
+              for name in names]
+    values = dict(zip(names, (np.asarray(a.read().result()) for a in arrays)))
+    return TopActivations(**values, info=info)  # format 1 has no positions: derived
 
 
 def matches(directory: str, wanted: dict) -> bool:

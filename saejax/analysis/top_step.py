@@ -1,7 +1,9 @@
 """The jitted, sharded step of the top-activations pass and its running state.
 
-The dictionary is split over the mesh's `model` axis, the batch over `data`. Each batch is whole
-sequences, so every token's context lies in the batch: for each latent, each device takes the
+The dictionary is split over the mesh's `model` axis, the batch over `data`. Each device's block
+of the batch is whole sequences (padded), and each row carries its segment (its run of one
+document in one sequence; -1: padding), so every token's context lies in the block and never
+runs across two sequences or documents: for each latent, each device takes the
 top-n tokens of its block of the batch (with the latent's activations and the token ids of the
 window around each), the candidates of the `data` devices are gathered (n per device, never the
 batch), and the top-n of [running top-n, candidates] is kept.
@@ -95,22 +97,22 @@ def _update_histogram(histogram, exponent, acts, batch_max):
     return histogram + counts.reshape(1, latents, bins), new_exponent
 
 
-def _merge_block(acts, tokens, values, batch, offset, context_tokens, context_activations,
-                 histogram, histogram_exponent, batch_max, batch_index, *, top_n: int,
-                 context_length: int, before: int, after: int, batch_axis):
+def _merge_block(acts, tokens, segments, values, batch, offset, context_tokens,
+                 context_activations, histogram, histogram_exponent, batch_max, batch_index, *,
+                 top_n: int, before: int, after: int, batch_axis):
     """One device's block of latents: its candidates from its rows of the batch, gathered over
     the batch axis and merged with the running top-n; and its rows' histogram counts.
-    acts [rows, latents] (this block)."""
+    acts [rows, latents] (this block), tokens and segments [rows]."""
     histogram, histogram_exponent = _update_histogram(histogram, histogram_exponent, acts,
                                                       batch_max)
     rows = acts.shape[0]
     a = acts.T                                            # [latents, rows]
     values_new, index = jax.lax.top_k(a, min(top_n, rows))
-    # The window around each candidate, clipped to its own sequence (rows are whole sequences).
+    # The window around each candidate, clipped to its own segment (the block holds whole ones).
     position = index[..., None] + jnp.arange(-before, after + 1)
-    inside = ((position >= 0) & (position < rows)
-              & (position // context_length == index[..., None] // context_length))
     clipped = jnp.clip(position, 0, rows - 1)
+    inside = ((position >= 0) & (position < rows)
+              & (segments[clipped] == segments[index][..., None]))
     tokens_new = jnp.where(inside, tokens[clipped], -1)
     acts_new = jnp.take_along_axis(a, clipped.reshape(a.shape[0], -1), axis=1)
     acts_new = jnp.where(inside, acts_new.reshape(clipped.shape), 0.0)
@@ -137,9 +139,10 @@ def _merge_block(acts, tokens, values, batch, offset, context_tokens, context_ac
             histogram, histogram_exponent)
 
 
-def make_step(loaded: LoadedSAE, mesh, rules, *, top_n: int, context_length: int,
-              before: int, after: int) -> Callable:
-    """`step(state, params, input_scale, x [B, d], tokens [B], batch_index, n_valid) -> state`,
+def make_step(loaded: LoadedSAE, mesh, rules, *, top_n: int, before: int,
+              after: int) -> Callable:
+    """`step(state, params, input_scale, x [B, d], tokens [B], segments [B], batch_index)
+    -> state` (segments: -1 on padding rows),
     jitted and sharded over `mesh` by `rules`. Call it inside `sharding.activate(mesh, rules)`
     (TopK's sharded top-k reads the ambient mesh)."""
     architecture, sae_config = loaded.architecture, loaded.sae_config
@@ -150,9 +153,10 @@ def make_step(loaded: LoadedSAE, mesh, rules, *, top_n: int, context_length: int
     specs = jax.tree.map(lambda axes: sharding.logical_to_spec(axes, rules), STATE_AXES,
                          is_leaf=sharding.is_axes)
     merge = jax.shard_map(
-        lambda *args: _merge_block(*args, top_n=top_n, context_length=context_length,
-                                   before=before, after=after, batch_axis=batch_axis),
-        in_specs=(P(act_spec[0], latent_axis), P(act_spec[0]), specs.values, specs.batch,
+        lambda *args: _merge_block(*args, top_n=top_n, before=before, after=after,
+                                   batch_axis=batch_axis),
+        in_specs=(P(act_spec[0], latent_axis), P(act_spec[0]), P(act_spec[0]), specs.values,
+                  specs.batch,
                   specs.offset, specs.context_tokens, specs.context_activations,
                   specs.histogram, specs.histogram_exponent, P(latent_axis), P()),
         out_specs=(specs.values, specs.batch, specs.offset, specs.context_tokens,
@@ -161,14 +165,14 @@ def make_step(loaded: LoadedSAE, mesh, rules, *, top_n: int, context_length: int
         # axis; check_vma cannot infer that through all_gather + top_k (as in sharding.top_k).
         check_vma=False)
 
-    def step(state: TopState, params, input_scale, x, tokens, batch_index, n_valid):
+    def step(state: TopState, params, input_scale, x, tokens, segments, batch_index):
         acts = architecture.encode(params, x * input_scale, sae_config)
-        valid = jnp.arange(x.shape[0]) < n_valid
+        valid = segments >= 0
         acts = jnp.where(valid[:, None], acts, 0.0).astype(jnp.float32)
         acts = jax.lax.with_sharding_constraint(acts, NamedSharding(mesh, act_spec))
         (values, batch, offset, context_tokens, context_activations, histogram,
          histogram_exponent) = merge(
-            acts, tokens, state.values, state.batch, state.offset, state.context_tokens,
+            acts, tokens, segments, state.values, state.batch, state.offset, state.context_tokens,
             state.context_activations, state.histogram, state.histogram_exponent,
             jnp.max(acts, axis=0), batch_index)
         return TopState(
@@ -185,5 +189,6 @@ def make_step(loaded: LoadedSAE, mesh, rules, *, top_n: int, context_length: int
     x_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", "embed"), rules))
     token_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch",), rules))
     return jax.jit(step, in_shardings=(state_shardings, param_shardings, replicated,
-                                       x_sharding, token_sharding, replicated, replicated),
+                                       x_sharding, token_sharding, token_sharding,
+                                       replicated),
                    out_shardings=state_shardings, donate_argnums=0)

@@ -4,13 +4,23 @@ its checks, and the downstream evaluation that splices an SAE back into the mode
 A config names the model by a local checkpoint directory and the activation by a hook point
 (`blocks.{layer}.hook_resid_post`, ...); this module turns that into a jitted forward pass that
 stops after the hook's layer, and token sequences split into training and held-out parts.
+
+Attention sinks: a real LM's first position (and its BOS tokens) carries activations of a norm
+many times the others', which an SAE would spend its capacity on. As SAELens'
+`exclude_special_tokens` does, those tokens are not rows: `keep_mask` drops the positions in
+`lm.exclude_positions` (default the first) and the tokens in `lm.exclude_token_ids` (default
+"special": the tokenizer's special tokens and the model's BOS), for the on-the-fly source here
+and for `python -m saejax.harvest` alike.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import os
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from saejax import evals, models
@@ -49,6 +59,64 @@ def load(lm_config, *, d: int | None = None) -> LanguageModel:
     return model
 
 
+SPECIAL = "special"   # exclude_token_ids: the tokenizer's special tokens and the model's BOS
+
+
+def exclude_positions_of(value, context_length: int, *, what: str = "lm.exclude_positions",
+                         error=ConfigError) -> tuple[int, ...]:
+    """The positions to leave out, checked to be inside a sequence: a sequence of ints or a
+    comma-separated string ("0", "" for none)."""
+    given = value
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
+    try:
+        positions = tuple(sorted({int(v) for v in value}))
+    except (TypeError, ValueError):
+        raise error(f"{what}={given!r}: give positions as integers, e.g. (0,), or () for "
+                    "none.") from None
+    bad = [p for p in positions if not 0 <= p < context_length]
+    if bad:
+        raise error(f"{what}={given!r}: position {bad[0]} is outside a sequence of "
+                    f"context_length={context_length}.")
+    return positions
+
+
+def exclude_token_ids_of(value, checkpoint: str, bos_token_id: int | None, *,
+                         what: str = "lm.exclude_token_ids", error=ConfigError
+                         ) -> tuple[int, ...]:
+    """The token ids to leave out: "special" (the special tokens of the checkpoint's
+    tokenizer.json, with the model's BOS), "" or "none" (none), or ids ("0,1,2" or ints)."""
+    if isinstance(value, str) and value.strip().lower() == SPECIAL:
+        ids = set() if bos_token_id is None else {int(bos_token_id)}
+        if os.path.isfile(os.path.join(checkpoint, models.tokenizer.TOKENIZER_FILE)):
+            ids |= set(models.tokenizer.special_token_ids(models.load_tokenizer(checkpoint)))
+        return tuple(sorted(ids))
+    given = value
+    if isinstance(value, str):
+        value = [] if value.strip().lower() == "none" else [
+            v for v in value.replace(" ", "").split(",") if v]
+    try:
+        return tuple(sorted({int(v) for v in value}))
+    except (TypeError, ValueError):
+        raise error(f"{what}={given!r}: use {SPECIAL!r}, '' for none, or token ids like "
+                    "'0,1,2'.") from None
+
+
+def keep_mask(tokens: np.ndarray, exclude_positions, exclude_token_ids) -> np.ndarray:
+    """bool [n, context]: the tokens that are rows (not at an excluded position, not an
+    excluded id)."""
+    keep = ~np.isin(tokens, np.asarray(list(exclude_token_ids), np.int64))
+    keep[:, list(exclude_positions)] = False
+    return keep
+
+
+def exclusion(lm_config, model: "LanguageModel") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(exclude_positions, exclude_token_ids) of `config.lm`, checked."""
+    return (exclude_positions_of(lm_config.exclude_positions, int(lm_config.context_length)),
+            exclude_token_ids_of(lm_config.exclude_token_ids, str(lm_config.checkpoint),
+                                 model.config.bos_token_id))
+
+
 def sequences(lm_config, model: LanguageModel) -> np.ndarray:
     """All token sequences of `lm.tokens` [n, lm.context_length] (text is tokenised with the
     checkpoint's tokenizer.json, each document after the model's BOS)."""
@@ -78,21 +146,30 @@ def activations_fn(model: LanguageModel):
 
 
 def downstream_evaluation(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int,
-                          reconstruct, sae_params: list, mesh) -> list[dict]:
+                          reconstruct, sae_params: list, mesh,
+                          keep: np.ndarray | None = None) -> list[dict]:
     """Per SAE of `sae_params`: loss recovered and KL with it spliced in at the hook
     (`evals.downstream_metrics`), over `tokens` in batches of `batch_sequences`. The clean and
     zero-ablated forward passes run once per batch for all the SAEs.
 
     `reconstruct(sae_params, activation [n, d]) -> reconstruction [n, d]` applies the SAE (with
     its input scale) to raw activations; it runs inside the same jitted program as the LM.
+    `keep` (bool like `tokens`; default all): the tokens the SAE reads (`keep_mask`); at the
+    others (attention sinks it was not trained on) both the SAE and the zero ablation leave
+    the activation as it is.
     """
 
     config = model.config
 
     @jax.jit
-    def sums(lm_params, sae_params, tokens):
+    def sums(lm_params, sae_params, tokens, keep):
+        def only_kept(replace):
+            return lambda x: jnp.where(keep[..., None], replace(x), x)
+
         # The final residual, not the logits: the losses run over the vocabulary in chunks.
         def lm_forward(t, interventions):
+            if interventions:
+                interventions = {h: only_kept(f) for h, f in interventions.items()}
             return models.forward(lm_params, t, config, interventions=interventions,
                                   unembed=False)[0]
 
@@ -107,10 +184,12 @@ def downstream_evaluation(model: LanguageModel, tokens: np.ndarray, *, batch_seq
 
     lm_params = jax.device_put(model.params, jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
+    keep = np.ones(np.shape(tokens), bool) if keep is None else np.asarray(keep, bool)
     total = None
     for start in range(0, len(tokens), batch_sequences):
         chunk = np.asarray(tokens[start:start + batch_sequences], np.int32)
-        out = jax.device_get(sums(lm_params, list(sae_params), chunk))
+        out = jax.device_get(sums(lm_params, list(sae_params), chunk,
+                                  keep[start:start + batch_sequences]))
         total = out if total is None else jax.tree.map(np.add, total, out)
     return [{k: float(v) for k, v in evals.downstream_metrics(t).items()} for t in total]
 
@@ -118,33 +197,39 @@ def downstream_evaluation(model: LanguageModel, tokens: np.ndarray, *, batch_seq
 class LMRows:
     """Activations at the hook computed on demand: the LM run on the fly as a `store.Rows`
     source (`data.source="lm"`), so shuffling, held-out rows, resuming and prefetching are the
-    activation store's. Row r is position r % context_length of sequence r // context_length;
-    a chunk is one forward batch of `lm.batch_sequences` sequences."""
+    activation store's. The rows are the tokens `keep` (bool [n, context]; default all) selects,
+    in order: the rows `python -m saejax.harvest` writes with the same exclusion. A chunk is
+    about one forward batch of `lm.batch_sequences` sequences."""
 
     def __init__(self, model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int,
-                 name: str):
+                 name: str, keep: np.ndarray | None = None):
         self.name = name
         self.tokens = np.asarray(tokens, np.int32)
         self.context_length = self.tokens.shape[1]
-        self.n_rows = self.tokens.size
+        self.keep = np.ones(self.tokens.shape, bool) if keep is None else np.asarray(keep, bool)
+        # Row row_starts[s] is the first of sequence s.
+        self.row_starts = np.concatenate([[0], np.cumsum(self.keep.sum(1))]).astype(np.int64)
+        self.n_rows = int(self.row_starts[-1])
         self.d = model.config.d_model
         self.dtype = np.dtype(np.float32)
         self.batch_sequences = int(batch_sequences)
-        self.chunk_rows = self.batch_sequences * self.context_length
+        self.chunk_rows = self.batch_sequences * int(self.keep.sum(1).max(initial=1) or 1)
         self._params = model.params
         self._activations = activations_fn(model)
 
     def read(self, start: int, stop: int, out: np.ndarray | None = None):
-        ctx, n = self.context_length, self.batch_sequences
-        first, last = start // ctx, -(-stop // ctx)
-        pieces = []
+        n = self.batch_sequences
+        first = int(np.searchsorted(self.row_starts, start, "right")) - 1
+        last = int(np.searchsorted(self.row_starts, stop, "left"))
+        pieces = [np.zeros((0, self.d), np.float32)]
         for s in range(first, last, n):
             batch = self.tokens[s:min(s + n, last)]
             # Always a full forward batch (padded by repeating), so one program serves all.
             padded = np.concatenate([batch, np.repeat(batch[-1:], n - len(batch), 0)])
             acts = np.asarray(self._activations(self._params, padded))[:len(batch)]
-            pieces.append(acts.reshape(-1, self.d))
-        rows = np.concatenate(pieces)[start - first * ctx:stop - first * ctx]
+            pieces.append(acts[self.keep[s:s + len(batch)]])
+        offset = int(self.row_starts[first])
+        rows = np.concatenate(pieces)[start - offset:stop - offset]
         if out is not None:
             np.copyto(out, rows)
             rows = out
@@ -153,10 +238,12 @@ class LMRows:
 
 def make_source(config, *, mesh, rules, eval_batches: int):
     """The trainer's source for `data.source="lm"`: the store's shuffled reader over `LMRows`,
-    leaving out the sequences the loss-recovered evaluation holds out."""
+    leaving out the sequences the loss-recovered evaluation holds out and the tokens
+    `lm.exclude_positions` / `lm.exclude_token_ids` name."""
     model = load(config.lm, d=int(config.data.d))
     seqs, _ = split(config.lm, model, int(config.evals.loss_recovered_sequences))
     rows = LMRows(model, seqs, batch_sequences=int(config.lm.batch_sequences),
-                  name=f"{config.lm.checkpoint} at {model.hook} over {config.lm.tokens}")
+                  name=f"{config.lm.checkpoint} at {model.hook} over {config.lm.tokens}",
+                  keep=keep_mask(seqs, *exclusion(config.lm, model)))
     return store.ArraySource(config.data, batch_size=int(config.train.batch_size), mesh=mesh,
                              rules=rules, eval_batches=eval_batches, rows=rows)

@@ -20,11 +20,11 @@ from saejax.data.store.rows import (NPY_CHUNK_ROWS, ActivationStore, Done, NpyRo
                                     open_rows, open_store, split_rows)
 from saejax.data.store.shuffle import ShuffledStream
 from saejax.data.store.source import ArraySource
-from saejax.data.store.writer import ActivationStoreWriter, harvest_loop
+from saejax.data.store.writer import ActivationStoreWriter, TokenBatch, harvest_loop
 
 __all__ = [
     "DTYPES", "FORMAT", "FORMAT_VERSION", "LAYOUT_FIELDS", "NPY_CHUNK_ROWS", "ActivationStore",
     "ActivationStoreWriter", "ArraySource", "BatchReader", "Done", "NpyRows", "Read", "Rows",
-    "ShuffledStream", "StoreError", "harvest_loop", "open_rows", "open_store", "process_rows",
+    "ShuffledStream", "StoreError", "TokenBatch", "harvest_loop", "open_rows", "open_store", "process_rows",
     "split_rows",
 ]

@@ -6,8 +6,13 @@ One directory holds one hook point's activations:
                           shard_rows, created_time, and the harvest's own fields (model, hook, ...)
     STORE/activations     zarr v3 (tensorstore) [n_tokens, d] float32 or bfloat16, chunk_rows rows
                           per chunk (with shard_rows: several chunks per file, zarr v3 sharding)
-    STORE/token_ids       zarr v3 int32 [n_tokens]: row r is sequence r // context_length,
+    STORE/token_ids       zarr v3 int32 [n_tokens]: the token of each row
+    STORE/positions       zarr v3 int32 [n_tokens, 2]: (sequence, position in it) of each row,
+                          in stores with `positions: true` (harvests that leave rows out, such
+                          as attention sinks); without it, row r is sequence r // context_length,
                           position r % context_length
+    STORE/documents       zarr v3 int32 [n_tokens, 2] beside positions: (document, index in the
+                          document's tokens) of each row; -1 where unknown or inserted (a BOS)
     STORE/progress.json   rows committed; replaced atomically only after their data is on disk
 """
 
@@ -26,7 +31,9 @@ FORMAT_VERSION = 1
 DTYPES = ("float32", "bfloat16")
 # The fields that define a store's layout; the harvest's own metadata may not reuse these names.
 LAYOUT_FIELDS = ("format", "format_version", "d", "dtype", "context_length", "n_tokens",
-                 "chunk_rows", "shard_rows", "checksum")
+                 "chunk_rows", "shard_rows", "checksum", "positions")
+# The per-row arrays a store with `positions: true` holds beside activations and token_ids.
+TRACE_ARRAYS = ("positions", "documents")
 
 
 class StoreError(ConfigError):
@@ -77,6 +84,12 @@ class StoreLayout:
     @property
     def chunk_rows(self) -> int:
         return self.metadata["chunk_rows"]
+
+    @property
+    def has_positions(self) -> bool:
+        """Whether each row's (sequence, position) is stored (else row r is r // context,
+        r % context)."""
+        return bool(self.metadata.get("positions", False))
 
 
 def utc_now() -> str:
@@ -129,13 +142,18 @@ def zarr_spec(path: str, *, shape: tuple[int, ...], dtype: str, chunk_rows: int,
     }
 
 
-def layout(*, d, dtype, context_length, n_tokens, chunk_rows, shard_rows, checksum) -> dict:
-    """The layout fields of metadata.json, in their order."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "d": int(d),
-            "dtype": store_dtype_name(dtype), "context_length": int(context_length),
-            "n_tokens": int(n_tokens), "chunk_rows": int(chunk_rows),
-            "shard_rows": None if shard_rows is None else int(shard_rows),
-            "checksum": bool(checksum)}
+def layout(*, d, dtype, context_length, n_tokens, chunk_rows, shard_rows, checksum,
+           positions: bool = False) -> dict:
+    """The layout fields of metadata.json, in their order. `positions` is written only when
+    true, so a store without it reads (and resumes) as the stores before it did."""
+    fields = {"format": FORMAT, "format_version": FORMAT_VERSION, "d": int(d),
+              "dtype": store_dtype_name(dtype), "context_length": int(context_length),
+              "n_tokens": int(n_tokens), "chunk_rows": int(chunk_rows),
+              "shard_rows": None if shard_rows is None else int(shard_rows),
+              "checksum": bool(checksum)}
+    if positions:
+        fields["positions"] = True
+    return fields
 
 
 def check_layout(path: str, layout_fields: dict) -> None:
@@ -146,7 +164,7 @@ def check_layout(path: str, layout_fields: dict) -> None:
                         ("chunk_rows", chunk)):
         if value <= 0:
             raise StoreError(f"{path}: {name}={value} must be positive.")
-    if n % ctx:
+    if n % ctx and not layout_fields.get("positions"):
         raise StoreError(f"{path}: n_tokens={n} is not a whole number of sequences of "
                          f"context_length={ctx}; use n_tokens={n // ctx * ctx} or "
                          f"{-(-n // ctx) * ctx}.")

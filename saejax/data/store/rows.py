@@ -72,6 +72,7 @@ class ActivationStore(store_format.StoreLayout):
     n_rows: int                  # committed rows (all of n_tokens for a complete store)
     activations: ts.TensorStore
     token_id_array: ts.TensorStore
+    trace_arrays: dict = dataclasses.field(default_factory=dict)  # positions, documents
 
     @property
     def name(self) -> str:
@@ -89,9 +90,39 @@ class ActivationStore(store_format.StoreLayout):
         return _StoreRead(self.token_id_array[start:stop].read(), self.path, start,
                           stop).result()
 
+    def _trace(self, name: str, start: int, stop: int) -> np.ndarray:
+        return _StoreRead(self.trace_arrays[name][start:stop].read(), self.path, start,
+                          stop).result()
+
+    def positions(self, start: int, stop: int) -> np.ndarray:
+        """int32 [stop - start, 2]: (sequence, position in it) of rows [start, stop); in a
+        store without positions (no row left out), row r is (r // context, r % context)."""
+        if self.has_positions:
+            return self._trace("positions", start, stop)
+        rows = np.arange(start, stop, dtype=np.int64)
+        return np.stack(divmod(rows, self.context_length), axis=1).astype(np.int32)
+
+    def documents(self, start: int, stop: int) -> np.ndarray:
+        """int32 [stop - start, 2]: (document, index in its tokens) of rows [start, stop);
+        -1 where unknown (a store without positions, token ids from a .npy) or inserted (BOS)."""
+        if self.has_positions:
+            return self._trace("documents", start, stop)
+        return np.full((max(stop - start, 0), 2), -1, np.int32)
+
     def sequence_position(self, row: int) -> tuple[int, int]:
         """(sequence, position in it) of `row`."""
-        return divmod(int(row), self.context_length)
+        sequence, position = self.positions(int(row), int(row) + 1)[0]
+        return int(sequence), int(position)
+
+    def sequence_positions(self, rows) -> np.ndarray:
+        """int32 [len(rows), 2]: (sequence, position) of each of `rows` (any order)."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if not self.has_positions:
+            return np.stack(divmod(rows, self.context_length), axis=1).astype(np.int32)
+        if rows.size == 0:
+            return np.zeros((0, 2), np.int32)
+        return _StoreRead(self.trace_arrays["positions"].oindex[rows].read(), self.path,
+                          int(rows.min()), int(rows.max()) + 1).result()
 
 
 def open_store(path: str, *, expected_d: int | None = None, expected_dtype=None,
@@ -127,16 +158,20 @@ def open_store(path: str, *, expected_d: int | None = None, expected_dtype=None,
         raise StoreError(f"{path}: incomplete store: {committed:,} of {metadata['n_tokens']:,} "
                          "rows committed. Finish the harvest (it resumes), or allow a partial "
                          "store (data.allow_partial=True) to train on the committed rows.")
+    names = ("activations", "token_ids",
+             *(store_format.TRACE_ARRAYS if metadata.get("positions") else ()))
     specs = [{**store_format.array_spec(paths.join(path, name)), "fill_missing_data_reads": False}
-             for name in ("activations", "token_ids")]
+             for name in names]
     try:
-        activations, token_ids = [f.result() for f in [ts.open(s, read=True) for s in specs]]
+        activations, token_ids, *trace = [f.result()
+                                          for f in [ts.open(s, read=True) for s in specs]]
     except ValueError as e:
         raise StoreError(f"{path}: cannot open the zarr arrays: {e}") from e
     if tuple(activations.shape) != (metadata["n_tokens"], metadata["d"]):
         raise StoreError(f"{path}: activations are {tuple(activations.shape)} but "
                          f"metadata.json says [{metadata['n_tokens']}, {metadata['d']}].")
-    return ActivationStore(path, metadata, committed, activations, token_ids)
+    return ActivationStore(path, metadata, committed, activations, token_ids,
+                           dict(zip(store_format.TRACE_ARRAYS, trace)))
 
 
 class NpyRows:
