@@ -126,3 +126,48 @@ def test_greedy_tokens_match_transformers_generate(real):
             want = real.ref.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS,
                                      do_sample=False, pad_token_id=0)
             assert tokens[i, :len(ids) + NEW_TOKENS].tolist() == want[0].tolist(), SENTENCES[i]
+
+
+def test_smollm2_tiny_experiment_harvests_and_trains_end_to_end(tmp_path):
+    """experiments/smollm2.py:tiny on the real SmolLM2: a few Shakespeare lines harvested at
+    blocks.15.hook_resid_post by saejax.harvest, a TopK SAE trained from the store, and its
+    summary's metrics (loss recovered and KL with the real model spliced) finite."""
+    import json  # pylint: disable=import-outside-toplevel
+    from experiments import smollm2  # pylint: disable=import-outside-toplevel
+    from saejax import harvest, train  # pylint: disable=import-outside-toplevel
+    root = os.environ.get("SAEJAX_ASSETS")
+    checkpoint = os.path.join(root or "", "smollm2")
+    if not root or not os.path.isdir(checkpoint):
+        why = f"SmolLM2 is not fetched (SAEJAX_ASSETS={root!r})"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    with open(os.path.join(root, "shakespeare", "hamlet.txt"), encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()][200:260]
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    config = smollm2.get_config("tiny")
+    holdout = config.evals.loss_recovered_sequences
+    result = harvest.harvest(checkpoint, str(text), str(tmp_path / "stores"),
+                             hooks=[smollm2.HOOK], context_length=config.lm.context_length,
+                             batch_sequences=config.lm.batch_sequences,
+                             holdout_sequences=holdout, chunk_rows=64)
+    assert result["tokens_written"] >= 8 * config.train.batch_size
+    config.data.path = result["stores"][smollm2.HOOK]
+    config.lm.checkpoint, config.lm.tokens = checkpoint, str(text)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["step"] == config.train.steps and summary["d"] == 576
+    for key in ("fvu", "l0", "loss_recovered", "kl_sae"):
+        assert np.isfinite(summary[key]), (key, summary)
+    assert 0 < summary["l0"] <= config.sae.k
+    assert summary["ce_clean"] < summary["ce_zero_ablation"]
+
+
+def test_smollm2_sweep_is_topk_and_relu_at_expansion_8_and_32():
+    from experiments import smollm2  # pylint: disable=import-outside-toplevel
+    sweep = smollm2.get_sweep()
+    assert sorted((p["sae.architecture"], p["sae.expansion_factor"]) for p in sweep) == [
+        ("relu", 8), ("relu", 32), ("topk", 8), ("topk", 32)]
+    assert all(p["sae.k"] == 32 for p in sweep if p["sae.architecture"] == "topk")
