@@ -1,6 +1,7 @@
 """saejax's own forward on the real SmolLM2-135M and Gemma 3 270M (their GGUFs converted by
 `python -m saejax.models.fetch`) against transformers' own loading of the same GGUF files, on
 real sentences: token ids, logits (1e-3), greedy tokens and a middle layer's residual stream.
+The tiny variant of experiments/smollm2.py runs end to end on the real SmolLM2.
 
 The assets come from SAEJAX_ASSETS (see tests/test_gguf.py): without it these tests skip, and
 under CI=true they fail. Each model and its reference load once for the module.
@@ -51,7 +52,10 @@ class Real:
             self.dir = convert.convert(path, str(tmp_path / name))
         self.config, self.params = models.load(self.dir)
         folder = os.path.dirname(path)
-        self.ref_tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        # transformers' tokenizer of the converted directory: tests/test_gguf.py checks that it
+        # gives the ids of transformers' tokenizer rebuilt from the GGUF (slow for
+        # Gemma's 262k pieces, so paid there only).
+        self.ref_tokenizer = transformers.AutoTokenizer.from_pretrained(self.dir)
         self.ref = transformers.AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=file, dtype=torch.float32).eval()
         self.hook = f"blocks.{self.layer}.hook_resid_post"
@@ -80,7 +84,7 @@ def real(request, tmp_path_factory):
 
 
 def test_token_ids_match_transformers_tokenizer(real):
-    """saejax's tokenizer (models.load_tokenizer) gives the GGUF tokenizer's ids, and the
+    """saejax's tokenizer (models.load_tokenizer) gives transformers' tokenizer's ids, and the
     harvest's text path (models.tokenize_texts: the model's BOS, then the text) the same ids
     after one BOS."""
     tokenizer = models.load_tokenizer(real.dir)
