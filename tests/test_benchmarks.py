@@ -48,3 +48,32 @@ def test_group_step_benchmark_with_the_lm_as_input():
 def test_batch_sum_benchmark_times_both_sums():
     result = _last_json("batch_sum.py", "--batch_size=64", "--n_latents=128", "--iters=2")
     assert result["jnp.sum(a, axis=0)"] > 0 and result["evals.batch_sum(a)"] > 0
+
+
+def test_harvest_benchmark_ratio_is_the_quotient_of_its_two_rates(tmp_path):
+    # A tiny random Llama saved by transformers: both forwards run its first 2 of 3 blocks.
+    import re  # pylint: disable=import-outside-toplevel
+    import pytest  # pylint: disable=import-outside-toplevel
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "llama")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, os.path.join("benchmarks", "harvest.py"),
+                          f"--checkpoint={tmp_path / 'llama'}", "--text=random", "--layer=1",
+                          "--context_length=16", "--batch_sequences=2", "--iters=2",
+                          "--peak_size=128"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["hook"] == "blocks.1.hook_resid_post" and result["model_type"] == "llama"
+    saejax, reference = result["saejax_tokens_per_s"], result["transformers_tokens_per_s"]
+    assert saejax > 0 and reference > 0 and result["store_write_tokens_per_s"] > 0
+    assert abs(result["ratio"] - saejax / reference) <= 1e-9 * result["ratio"]
+    printed = re.search(r"saejax / transformers: ([0-9.]+)x", out).group(1)
+    assert printed == f"{saejax / reference:.2f}"
+    # 2 blocks of 4 matrices (q, k, v, o) and 3 MLP matrices, and their two norms.
+    assert result["params_used"] == 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32)
+    assert 0 < result["saejax_flops_per_s"] < 10 * result["matmul_flops_per_s"]
