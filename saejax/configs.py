@@ -18,6 +18,11 @@ from saejax.errors import ConfigError
 # resumes (workdir.config_changes reads the old name's value for the new one).
 ALIASES = {"optim.l1_warmup_steps": "optim.sparsity_warmup_steps"}
 
+# Fields whose default trains differently from the code before they existed: a workdir whose
+# config.json lacks one ran as this value, and resumes with it (workdir.write_config) unless
+# the user sets the field. The attention-sink exclusion was added on by default.
+BEFORE_FIELD_EXISTED = {"lm.exclude_positions": (), "lm.exclude_token_ids": ""}
+
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()

@@ -54,6 +54,8 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], dict, dict]:
     for old_name, new_name in configs.ALIASES.items():  # written before a rename
         if new_name not in old_flat and old_name in old_flat:
             old_flat[new_name] = old_flat[old_name]
+    for key, before in configs.BEFORE_FIELD_EXISTED.items():  # ran as `before` back then
+        old_flat.setdefault(key, json.loads(json.dumps(before)))
     defaults = flatten_config(json.loads(configs.base_config().to_json_best_effort()))
     changed = sorted(k for k in set(old_flat) | set(new_flat)
                      if old_flat.get(k) != new_flat.get(k)
@@ -81,8 +83,27 @@ def check_resumable(workdir: str, config) -> None:
             + ". Use a new --workdir, or pass the original values to resume.")
 
 
+def adopt_older_behaviour(config, workdir: str) -> None:
+    """A workdir written before a field of `configs.BEFORE_FIELD_EXISTED` existed keeps
+    training as it did: the field, left at today's default, takes the value the old run had."""
+    from saejax import configs  # pylint: disable=import-outside-toplevel
+    stored = read_json(paths.join(workdir, CONFIG_FILE))
+    if stored is None:
+        return
+    old_flat = flatten_config(stored)
+    defaults = configs.base_config()
+    for key, before in configs.BEFORE_FIELD_EXISTED.items():
+        section, leaf = key.split(".")
+        if key in old_flat or config[section][leaf] != defaults[section][leaf]:
+            continue
+        logging.warning("%s predates %s; resuming with %s=%r, as it was trained.", workdir,
+                        key, key, before)
+        config[section][leaf] = before
+
+
 def write_config(config, workdir: str) -> None:
     """Writes the resolved config, after `check_resumable`."""
+    adopt_older_behaviour(config, workdir)
     check_resumable(workdir, config)
     write_json(paths.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()),
                sort_keys=True)

@@ -79,3 +79,20 @@ def test_an_old_workdir_loads_and_resumes(tmp_path):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [3, 6, 9]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int)[-1] == "9"
+
+
+def test_an_old_lm_workdir_keeps_every_position_and_token():
+    """A workdir written before the attention-sink exclusion existed resumes as it trained
+    (no position or token excluded); a new one excludes position 0 and special tokens."""
+    from saejax import configs, workdir
+    import tempfile
+    old = tempfile.mkdtemp()
+    shutil.copy(os.path.join(FIXTURE, "workdir", "config.json"), old)
+    config = config_for(WORKDIR_CASE, **{"train.steps": 9})
+    workdir.write_config(config, old)
+    assert tuple(config.lm.exclude_positions) == () and config.lm.exclude_token_ids == ""
+    with open(os.path.join(old, "config.json")) as f:
+        assert json.load(f)["lm"]["exclude_positions"] == []
+    fresh = config_for(WORKDIR_CASE)
+    workdir.write_config(fresh, tempfile.mkdtemp())
+    assert tuple(fresh.lm.exclude_positions) == configs.base_config().lm.exclude_positions
