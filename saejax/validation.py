@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from saejax import data, paths, sae, sharding
-from saejax.sharding import ConfigError
+from saejax.errors import ConfigError
 
 DECAYS = ("linear", "cosine", "none")
 B_DEC_INITS = ("zeros", "geometric_median", "mean")

@@ -147,7 +147,7 @@ def test_smollm2_tiny_experiment_harvests_and_trains_end_to_end(tmp_path):
             pytest.fail(why)
         pytest.skip(why)
     with open(os.path.join(root, "shakespeare", "hamlet.txt"), encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()][200:260]
+        lines = [line.strip() for line in f if line.strip()][200:300]
     text = tmp_path / "lines.txt"
     text.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from saejax import checkpoint, configs, models, sae
-from saejax.sharding import ConfigError
+from saejax.errors import ConfigError
 
 
 class AnalysisError(ConfigError):

@@ -25,7 +25,7 @@ import numpy as np
 
 from saejax import evals, models
 from saejax.data import store
-from saejax.sharding import ConfigError
+from saejax.errors import ConfigError
 
 
 class LanguageModel(NamedTuple):

@@ -11,8 +11,8 @@ costs O(d n_latents) per token. The dense decoder is the reference (mask, then a
 matmul); the two give the same losses, gradients and params within float32 rounding
 (tests/test_sharding.py). Gathers and scatter-adds run far below a matmul's FLOP rate on a CPU,
 so "auto" decodes sparsely only when the dictionary is at least SPARSE_RATIO times the k + k_aux
-rows a token touches (measured on CPU-2, benchmarks/RESULTS.md: 1.2-1.3x faster at x16 with
-d 512, k 32, k_aux 128, a ratio of 51; 4x slower at 1024 latents, k 6, k_aux 128, a ratio of 8).
+rows a token touches (benchmarks/RESULTS.md, "TopK: the sparse decoder against the dense
+one", has the measurements behind the threshold).
 
 A mechanism: any shape with the dense decoder; the sparse decoder reads the single-hook
 layout (`x - b_dec` in `sparse.py`), so other shapes decode densely.

@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from saejax import paths
-from saejax.sharding import ConfigError
+from saejax.errors import ConfigError
 
 FORMAT = "saejax.activation_store"
 FORMAT_VERSION = 1

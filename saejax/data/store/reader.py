@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 
 from saejax.data.store.rows import Rows, split_rows
 from saejax.data.store.shuffle import PendingWindow, ShuffledStream, Window, WindowLoader
-from saejax.sharding import ConfigError
+from saejax.errors import ConfigError
 
 
 class _BatchCutter:

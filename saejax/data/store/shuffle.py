@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 
 from saejax.data.store.rows import Rows
-from saejax.sharding import ConfigError
+from saejax.errors import ConfigError
 
 
 class ShuffledStream:
