@@ -79,7 +79,10 @@ def main():
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    root = os.environ.get("SAEJAX_ASSETS", "/work/assets/real")
+    root = os.environ.get("SAEJAX_ASSETS")
+    if not root:
+        parser.error("set SAEJAX_ASSETS to the folder `python -m saejax.models.fetch --out=DIR` "
+                     "wrote")
     checkpoint, text = os.path.join(root, args.model), os.path.join(root, "shakespeare")
     print(args.model, args.hook, norms(checkpoint, text, args.hook, args.sequences), flush=True)
     if not args.fvu_sequences:

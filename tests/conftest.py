@@ -26,3 +26,18 @@ def toy_config(arg="smoke", **overrides):
     from experiments import toy  # pylint: disable=import-outside-toplevel
     from saejax import configs  # pylint: disable=import-outside-toplevel
     return configs.apply_overrides(toy.get_config(arg), overrides)
+
+
+def asset(*parts: str, what: str) -> str:
+    """The path of a fetched real model or text under `SAEJAX_ASSETS` (`python -m
+    saejax.models.fetch --out=DIR`). Missing, the test is skipped locally and fails in CI
+    (CI=true), where .ci/run fetches them."""
+    root = os.environ.get("SAEJAX_ASSETS")
+    path = os.path.join(root or "", *parts)
+    if not root or not os.path.exists(path):
+        why = (f"{what} is not fetched (SAEJAX_ASSETS={root!r}); run "
+               "`python -m saejax.models.fetch --out=DIR` and set SAEJAX_ASSETS=DIR")
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return path

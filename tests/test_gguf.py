@@ -15,6 +15,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
+from conftest import asset  # noqa: E402
 from saejax.models import convert, fetch  # noqa: E402
 from saejax.models import gguf as gguf_lib  # noqa: E402
 from saejax.models.gguf import GGUFError  # noqa: E402
@@ -33,15 +34,8 @@ REAL = {"smollm2": fetch.SMOLLM2_GGUF, "gemma3": fetch.GEMMA3_GGUF}
 
 def _assets(name: str, tmp_path) -> tuple[str, str]:
     """(GGUF path, converted directory) of a fetched model; skip (fail under CI) if absent."""
-    root = os.environ.get("SAEJAX_ASSETS")
-    path = os.path.join(root or "", "gguf", REAL[name])
-    if not root or not os.path.exists(path):
-        why = (f"{name}'s GGUF is not fetched (SAEJAX_ASSETS={root!r}); run "
-               "`python -m saejax.models.fetch --out=DIR` and set SAEJAX_ASSETS=DIR")
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    out = os.path.join(root, name)
+    path = asset("gguf", REAL[name], what=f"{name}'s GGUF")
+    out = os.path.join(os.environ["SAEJAX_ASSETS"], name)
     # The fetch converted it; a converter changed since then converts again (into the test's
     # own folder, so parallel workers never write the same one).
     if not convert.is_converted(path, out):
@@ -107,12 +101,7 @@ def test_real_model_matches_transformers_gguf_loading(name, tmp_path, _fast_refe
 
 
 def test_fetched_text_is_one_document_per_work_without_gutenberg_wrapping():
-    root = os.environ.get("SAEJAX_ASSETS")
-    folder = os.path.join(root or "", "shakespeare")
-    if not root or not os.path.isdir(folder):
-        if os.environ.get("CI"):
-            pytest.fail(f"no fetched text under SAEJAX_ASSETS={root!r}")
-        pytest.skip("the text is not fetched (set SAEJAX_ASSETS)")
+    folder = asset("shakespeare", what="the Shakespeare text")
     files = sorted(os.listdir(folder))
     assert len(files) == 42 and all(f.endswith(".txt") for f in files)
     with open(os.path.join(folder, "hamlet.txt"), encoding="utf-8") as f:

@@ -19,6 +19,7 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import asset  # noqa: E402
 from saejax import models  # noqa: E402
 from saejax.models import convert, fetch  # noqa: E402
 
@@ -38,16 +39,9 @@ class Real:
     padding), so saejax compiles one program for every test."""
 
     def __init__(self, name, tmp_path):
-        root = os.environ.get("SAEJAX_ASSETS")
         file, self.layer = REAL[name]
-        path = os.path.join(root or "", "gguf", file)
-        if not root or not os.path.exists(path):
-            why = (f"{name}'s GGUF is not fetched (SAEJAX_ASSETS={root!r}); run "
-                   "`python -m saejax.models.fetch --out=DIR` and set SAEJAX_ASSETS=DIR")
-            if os.environ.get("CI"):
-                pytest.fail(why)
-            pytest.skip(why)
-        self.dir = os.path.join(root, name)
+        path = asset("gguf", file, what=f"{name}'s GGUF")
+        self.dir = os.path.join(os.environ["SAEJAX_ASSETS"], name)
         if not convert.is_converted(path, self.dir):  # converted by an older converter
             self.dir = convert.convert(path, str(tmp_path / name))
         self.config, self.params = models.load(self.dir)
@@ -139,13 +133,8 @@ def test_smollm2_tiny_experiment_harvests_and_trains_end_to_end(tmp_path):
     import json  # pylint: disable=import-outside-toplevel
     from experiments import smollm2  # pylint: disable=import-outside-toplevel
     from saejax import harvest, train  # pylint: disable=import-outside-toplevel
-    root = os.environ.get("SAEJAX_ASSETS")
-    checkpoint = os.path.join(root or "", "smollm2")
-    if not root or not os.path.isdir(checkpoint):
-        why = f"SmolLM2 is not fetched (SAEJAX_ASSETS={root!r})"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
+    checkpoint = asset("smollm2", what="SmolLM2")
+    root = os.environ["SAEJAX_ASSETS"]
     with open(os.path.join(root, "shakespeare", "hamlet.txt"), encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()][200:300]
     text = tmp_path / "lines.txt"
