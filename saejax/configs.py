@@ -19,7 +19,7 @@ from saejax.errors import ConfigError
 ALIASES = {"optim.l1_warmup_steps": "optim.sparsity_warmup_steps"}
 
 # Fields whose default trains differently from the code before they existed: a workdir whose
-# config.json lacks one ran as this value, and resumes with it (workdir.write_config) unless
+# config.json lacks one ran as this value, and resumes with it (workdir.check_resumable) unless
 # the user sets the field. The attention-sink exclusion was added on by default.
 BEFORE_FIELD_EXISTED = {"lm.exclude_positions": (), "lm.exclude_token_ids": ""}
 

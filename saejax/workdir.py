@@ -70,10 +70,13 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], dict, dict]:
 
 def check_resumable(workdir: str, config) -> None:
     """Refuses a workdir that holds a run started with another config (one that changes what
-    is trained); a workdir without config.json is new and passes."""
+    is trained); a workdir without config.json is new and passes. A workdir written before a
+    field of `configs.BEFORE_FIELD_EXISTED` existed resumes as it trained: that field, left at
+    today's default in `config`, takes the value the old run had."""
     stored = read_json(paths.join(workdir, CONFIG_FILE))
     if stored is None:
         return
+    _adopt_older_behaviour(config, stored, workdir)
     fixed, old_flat, new_flat = config_changes(stored, json.loads(config.to_json_best_effort()))
     if fixed:
         raise ConfigError(
@@ -83,13 +86,8 @@ def check_resumable(workdir: str, config) -> None:
             + ". Use a new --workdir, or pass the original values to resume.")
 
 
-def adopt_older_behaviour(config, workdir: str) -> None:
-    """A workdir written before a field of `configs.BEFORE_FIELD_EXISTED` existed keeps
-    training as it did: the field, left at today's default, takes the value the old run had."""
+def _adopt_older_behaviour(config, stored: dict, workdir: str) -> None:
     from saejax import configs  # pylint: disable=import-outside-toplevel
-    stored = read_json(paths.join(workdir, CONFIG_FILE))
-    if stored is None:
-        return
     old_flat = flatten_config(stored)
     defaults = configs.base_config()
     for key, before in configs.BEFORE_FIELD_EXISTED.items():
@@ -103,7 +101,6 @@ def adopt_older_behaviour(config, workdir: str) -> None:
 
 def write_config(config, workdir: str) -> None:
     """Writes the resolved config, after `check_resumable`."""
-    adopt_older_behaviour(config, workdir)
     check_resumable(workdir, config)
     write_json(paths.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()),
                sort_keys=True)

@@ -93,6 +93,12 @@ def test_an_old_lm_workdir_keeps_every_position_and_token():
     assert tuple(config.lm.exclude_positions) == () and config.lm.exclude_token_ids == ""
     with open(os.path.join(old, "config.json")) as f:
         assert json.load(f)["lm"]["exclude_positions"] == []
+    # The sweep checks a point's folder the same way before it trains there.
+    point = tempfile.mkdtemp()
+    shutil.copy(os.path.join(FIXTURE, "workdir", "config.json"), point)
+    swept = config_for(WORKDIR_CASE)
+    workdir.check_resumable(point, swept)
+    assert tuple(swept.lm.exclude_positions) == () and swept.lm.exclude_token_ids == ""
     fresh = config_for(WORKDIR_CASE)
     workdir.write_config(fresh, tempfile.mkdtemp())
     assert tuple(fresh.lm.exclude_positions) == configs.base_config().lm.exclude_positions
