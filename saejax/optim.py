@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-DECODER = "W_dec"
+# The params whose rows the constraint keeps unit-norm unless a shape names others
+# (`shape.unit_norm_params`; a crosscoder's decoder norms are free, so it names none).
+DECODERS = ("W_dec",)
 RESAMPLE_RULES = ("decoder", "encoder", "zero", "init")
 
 
@@ -22,8 +24,10 @@ def _unit_rows(w: jax.Array) -> jax.Array:
     return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
 
 
-def _rewrite_decoder_update(rewrite, name: str, param_name: str) -> optax.GradientTransformation:
-    """A stateless transformation replacing `updates[param_name]` by `rewrite(update, param)`."""
+def _rewrite_decoder_update(rewrite, name: str,
+                            param_names: tuple[str, ...]) -> optax.GradientTransformation:
+    """A stateless transformation replacing `updates[p]` by `rewrite(update, param)` for each
+    `p` of `param_names`."""
 
     def init_fn(params):
         del params
@@ -33,37 +37,41 @@ def _rewrite_decoder_update(rewrite, name: str, param_name: str) -> optax.Gradie
         if params is None:
             raise ValueError(f"{name} needs params in update().")
         updates = dict(updates)
-        updates[param_name] = rewrite(updates[param_name], params[param_name])
+        for p in param_names:
+            updates[p] = rewrite(updates[p], params[p])
         return updates, state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def remove_parallel_decoder_grad(*, param_name: str = DECODER) -> optax.GradientTransformation:
-    """Removes from each row of `updates[param_name]` its component along the current row.
+def remove_parallel_decoder_grad(*, param_names: tuple[str, ...] = DECODERS
+                                 ) -> optax.GradientTransformation:
+    """Removes from each row of `updates[p]` (p in `param_names`) its component along the
+    current row.
 
     Args:
-      param_name: key of the decoder matrix `[..., n_latents, d]` in the params dict.
+      param_names: keys of the decoder matrices `[..., n_latents, d]` in the params dict.
     """
 
     def rewrite(g, w):
         w = _unit_rows(w)
         return g - jnp.sum(g * w, axis=-1, keepdims=True) * w
 
-    return _rewrite_decoder_update(rewrite, "remove_parallel_decoder_grad", param_name)
+    return _rewrite_decoder_update(rewrite, "remove_parallel_decoder_grad", tuple(param_names))
 
 
-def project_decoder_rows(*, param_name: str = DECODER) -> optax.GradientTransformation:
+def project_decoder_rows(*, param_names: tuple[str, ...] = DECODERS
+                         ) -> optax.GradientTransformation:
     """Rewrites the update so that each row of `params + updates` has unit norm.
 
     Place it last in the chain: it sees the final update and returns
     `unit_rows(params + updates) - params`.
 
     Args:
-      param_name: key of the decoder matrix `[..., n_latents, d]` in the params dict.
+      param_names: keys of the decoder matrices `[..., n_latents, d]` in the params dict.
     """
     return _rewrite_decoder_update(lambda u, w: _unit_rows(w + u) - w, "project_decoder_rows",
-                                   param_name)
+                                   tuple(param_names))
 
 
 class RewarmState(NamedTuple):
@@ -209,11 +217,11 @@ def l1_coefficient_schedule(l1_coefficient: float, warmup_steps: int) -> optax.S
     return optax.linear_schedule(0.0, float(l1_coefficient), int(warmup_steps))
 
 
-def make_optimizer(optim_config, total_steps: int, *,
-                   rewarm_steps: int = 1) -> optax.GradientTransformation:
+def make_optimizer(optim_config, total_steps: int, *, rewarm_steps: int = 1,
+                   unit_norm_params: tuple[str, ...] = DECODERS) -> optax.GradientTransformation:
     """Adam (re-warmed after resampling) between the halves of the unit-norm decoder
-    constraint."""
-    parts = [remove_parallel_decoder_grad()]
+    constraint on `unit_norm_params` (the architecture's `shape.unit_norm_params`)."""
+    parts = [remove_parallel_decoder_grad(param_names=unit_norm_params)]
     if float(optim_config.grad_clip_norm) > 0:
         parts.append(optax.clip_by_global_norm(float(optim_config.grad_clip_norm)))
     parts += [
@@ -221,6 +229,6 @@ def make_optimizer(optim_config, total_steps: int, *,
                    b1=float(optim_config.b1), b2=float(optim_config.b2),
                    eps=float(optim_config.eps)),
         rewarm_after_resample(rewarm_steps),
-        project_decoder_rows(),
+        project_decoder_rows(param_names=unit_norm_params),
     ]
     return optax.chain(*parts)

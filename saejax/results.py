@@ -87,7 +87,7 @@ def collect(workdir: str) -> list[dict[str, Any]]:
     return [_row(workdir, entry) for entry in manifest["points"]]
 
 
-_LEADING_COLUMNS = ("name", "status", "architecture", "d", "n_latents", "expansion_factor",
+_LEADING_COLUMNS = ("name", "status", "architecture", "shape", "d", "n_latents", "expansion_factor",
                     "sparsity_level_name", "sparsity_level", "l1_coefficient", "l0_coefficient",
                     "k", "n_features", "step", "steps", "batch_size", "tokens", *METRICS,
                     "flops_per_token", "train_flops", "train_seconds", "wall_seconds",

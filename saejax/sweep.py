@@ -143,10 +143,11 @@ def sparsity_level(config) -> tuple[str, float]:
 def describe(point: Point) -> dict[str, Any]:
     """The config values of a point that the results table reports (known before training)."""
     config = point.config
-    architecture = sae.get(config.sae.architecture)
+    architecture = sae.from_config(config.sae)
     d, n_latents = int(config.data.d), validation.n_latents(config)
     level_name, level = sparsity_level(config)
-    row = {"name": point.name, "architecture": architecture.name, "d": d,
+    row = {"name": point.name, "architecture": architecture.name,
+           "shape": architecture.shape.name, "d": d,
            "n_latents": n_latents, "expansion_factor": int(config.sae.expansion_factor),
            "sparsity_level_name": level_name, "sparsity_level": level}
     if architecture.sparsity_coefficient:

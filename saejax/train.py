@@ -19,6 +19,7 @@ import numpy as np
 
 from saejax import checkpoint, data, evals, groups, loop, paths, sae, sharding, validation
 from saejax.data import lm
+from saejax.evals import downstream
 from saejax.trainer import Trainer
 from saejax.workdir import write_config, write_json
 # Re-exported where user code, tests and benchmarks have always found them (train.load_params,
@@ -146,7 +147,7 @@ def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: in
 
     members = ([member_state(state, i) for i in range(n_saes)] if group_coefficients(config)
                else [state])
-    results = lm.downstream_evaluation(
+    results = downstream.evaluate(
         model, tokens, batch_sequences=int(config.lm.batch_sequences), reconstruct=reconstruct,
         sae_params=[(m["params"], m["input_scale"]) for m in members], mesh=mesh,
         keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)))
@@ -174,6 +175,7 @@ def _summaries(config, trainer: Trainer, state: dict, evaluated: dict,
             "tokens": step * batch_size,
             **{k: float(groups.pick(v, i, grouped)) for k, v in evaluated.items()},
             "architecture": architecture.name,
+            "shape": architecture.shape.name,
             "d": d,
             "n_latents": trainer.n_latents,
             "expansion_factor": int(config.sae.expansion_factor),

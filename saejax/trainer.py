@@ -43,7 +43,8 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
     architecture = sae.from_config(config.sae)
     n_latents = validation.n_latents(config)
     tx = optim.make_optimizer(config.optim, int(config.train.steps),
-                              rewarm_steps=int(config.resample.rewarm_steps))
+                              rewarm_steps=int(config.resample.rewarm_steps),
+                              unit_norm_params=architecture.shape.unit_norm_params)
     init, step, resample, from_data, evaluate = _step_functions(
         config, architecture, tx, d=d, n_latents=n_latents)
 

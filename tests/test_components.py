@@ -33,6 +33,27 @@ def test_decoder_constraint_keeps_rows_unit_norm_and_drops_parallel_gradient():
     assert not np.allclose(params["W_dec"], w)
 
 
+def test_decoder_constraint_applies_to_the_params_a_shape_names_and_only_those():
+    """A shape whose decoder norms are free (a crosscoder's) names no unit-norm params; one
+    with two decoders names both."""
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(3))
+    params = {"W_dec": jax.random.normal(key_a, (16, 8)) * 3.0,
+              "W_skip": jax.random.normal(key_b, (16, 8)) * 3.0}
+    grads = jax.tree.map(jnp.ones_like, params)
+    for names in ((), ("W_dec", "W_skip")):
+        tx = optim.make_optimizer(toy_config().optim, total_steps=10, unit_norm_params=names)
+        p, state = params, tx.init(params)
+        updates, state = tx.update(grads, state, p)
+        p = optax.apply_updates(p, updates)
+        for name in params:
+            norms = np.asarray(jnp.linalg.norm(p[name], axis=-1))
+            if name in names:
+                np.testing.assert_allclose(norms, 1.0, rtol=1e-6)
+            else:
+                assert norms.min() > 2.0, name
+    assert sae.from_config(toy_config().sae).shape.unit_norm_params == ("W_dec",)
+
+
 def test_learning_rate_warms_up_holds_then_decays_to_zero():
     config = toy_config(**{"optim.warmup_steps": 10, "optim.decay_fraction": 0.2,
                            "optim.learning_rate": 1e-3})

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from saejax import models
+from saejax.evals import downstream
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -267,8 +268,8 @@ def test_harvest_and_loss_recovered_read_any_family(checkpoints, tmp_path):
     # Splicing in a perfect reconstruction recovers all the loss, and the chunked CE is the CE
     # of the full logits.
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    metrics, = lm.downstream_evaluation(model, sequences, batch_sequences=3, mesh=mesh,
-                                        reconstruct=lambda p, x: x * p, sae_params=[1.0])
+    metrics, = downstream.evaluate(model, sequences, batch_sequences=3, mesh=mesh,
+                                   reconstruct=lambda p, x: x * p, sae_params=[1.0])
     logits, _ = models.make_forward(model.config)(model.params, sequences)
     log_p = jax.nn.log_softmax(logits, -1)
     ce = -jnp.take_along_axis(log_p[:, :-1], sequences[:, 1:, None], -1)[..., 0]

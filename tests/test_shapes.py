@@ -147,6 +147,7 @@ def test_transcoder_trains_checkpoints_and_resumes(case, tmp_path):
     # falls well below where it started, and the decoder turns toward the output directions.
     assert records[-1]["fvu"] < 0.5 * records[0]["fvu"], [r["fvu"] for r in records]
     assert summary["step"] == 40 and summary["fvu"] < 0.5
+    assert summary["shape"] == "transcoder"
     assert records[-1]["mmcs"] > records[0]["mmcs"]
 
     # Resuming from the checkpoint of step 20 (the run stopped there) gives the run that

@@ -128,6 +128,7 @@ class SingleHook(NamedTuple):
     # decoder constraint (saejax.optim) keeps the rows of every shape's `W_dec` unit-norm.
     param_axes: dict = PARAM_AXES
     resample: dict = RESAMPLE
+    unit_norm_params: tuple[str, ...] = ("W_dec",)   # rows kept unit-norm by saejax.optim
 
     def entries(self, widths: dict[str, int]) -> tuple[tuple[Entry, ...], tuple[Entry, ...]]:
         """(what it encodes, what it reconstructs) given the batch's {hook: width}."""
@@ -194,6 +195,7 @@ class Transcoder(NamedTuple):
     skip_connection: bool = False
     name: str = "transcoder"
     resample: dict = RESAMPLE
+    unit_norm_params: tuple[str, ...] = ("W_dec",)
 
     @property
     def param_axes(self) -> dict:
