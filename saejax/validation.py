@@ -29,75 +29,9 @@ def validate(config, n_devices: int) -> None:
              f"data.source={config.data.source!r} is not known; choose one of "
              f"{sorted(data.SOURCES)}.")
     _check_shape(config, architecture)
-    for field, value in (("data.d", config.data.d), ("sae.expansion_factor",
-                                                     config.sae.expansion_factor),
-                         ("train.batch_size", config.train.batch_size),
-                         ("train.steps", config.train.steps),
-                         ("train.log_every", config.train.log_every),
-                         ("train.checkpoint_every", config.train.checkpoint_every),
-                         ("train.keep_checkpoints", config.train.keep_checkpoints),
-                         ("train.preemption_check_every", config.train.preemption_check_every),
-                         ("evals.eval_batches", config.evals.eval_batches),
-                         ("evals.dead_window_tokens", config.evals.dead_window_tokens),
-                         ("resample.batches", config.resample.batches),
-                         ("data.init_batches", config.data.init_batches),
-                         ("evals.density_window_tokens", config.evals.density_window_tokens),
-                         ("resample.rewarm_steps", config.resample.rewarm_steps),
-                         ("data.shuffle_buffer_chunks", config.data.shuffle_buffer_chunks),
-                         ("lm.context_length", config.lm.context_length),
-                         ("lm.batch_sequences", config.lm.batch_sequences)):
-        _require(int(value) == value and value > 0,
-                 f"{field}={value!r} must be a positive integer.")
-    for field, value in (("optim.warmup_steps", config.optim.warmup_steps),
-                         ("optim.sparsity_warmup_steps", config.optim.sparsity_warmup_steps),
-                         ("optim.grad_clip_norm", config.optim.grad_clip_norm),
-                         ("resample.every_steps", config.resample.every_steps),
-                         ("resample.until_step", config.resample.until_step),
-                         ("resample.encoder_scale", config.resample.encoder_scale),
-                         ("data.eval_tokens", config.data.eval_tokens),
-                         ("data.prefetch_windows", config.data.prefetch_windows),
-                         ("evals.loss_recovered_sequences",
-                          config.evals.loss_recovered_sequences)):
-        _require(value >= 0, f"{field}={value!r} is negative; it must be >= 0.")
-    _require(config.optim.learning_rate > 0,
-             f"optim.learning_rate={config.optim.learning_rate!r} must be > 0.")
-    _require(0 <= config.optim.decay_fraction <= 1,
-             f"optim.decay_fraction={config.optim.decay_fraction!r} must be in [0, 1].")
-    _require(config.sae.b_dec_init in B_DEC_INITS,
-             f"sae.b_dec_init={config.sae.b_dec_init!r} is not known; choose one of "
-             f"{B_DEC_INITS}.")
-    _require(config.optim.decay in DECAYS,
-             f"optim.decay={config.optim.decay!r} is not known; choose one of {DECAYS}.")
-
-    if config.resample.every_steps > 0:
-        _require(config.resample.until_step >= config.resample.every_steps,
-                 f"resample.every_steps={config.resample.every_steps} with "
-                 f"resample.until_step={config.resample.until_step} never resamples; set "
-                 f"resample.until_step to the last step that may resample.")
-    rules = dict(map(tuple, config.sharding_rules))
-    _require(rules.get("batch") in (None, "data") and rules.get("latent") in (None, "model"),
-             f"sharding_rules={config.sharding_rules}: `batch` may map to `data` (or None) and "
-             f"`latent` to `model` (or None); other mesh axes do not exist.")
-    _require(config.group.vectorize in ("auto", "vmap", "map"),
-             f"group.vectorize={config.group.vectorize!r} must be 'auto', 'vmap' or 'map'.")
-    coefficients = tuple(config.group.sparsity_coefficients)
-    if coefficients:
-        groupable = [a.name for a in sae.ARCHITECTURES.values() if a.sparsity_coefficient]
-        _require(architecture.sparsity_coefficient is not None,
-                 f"group.sparsity_coefficients={coefficients} needs an architecture with a "
-                 f"sparsity coefficient; sae.architecture={architecture.name!r} has none. Use "
-                 f"one of {', '.join(groupable)}, or an empty group.")
-        workdirs = tuple(config.group.member_workdirs)
-        _require(not workdirs or (len(workdirs) == len(coefficients)
-                                  and len(set(workdirs)) == len(workdirs)),
-                 f"group.member_workdirs has {len(workdirs)} folders for {len(coefficients)} "
-                 f"group.sparsity_coefficients; give one distinct folder per coefficient, or "
-                 f"none for <workdir>/members/<name>/.")
-        names = {f"{c:g}" for c in coefficients}
-        _require(all(c >= 0 for c in coefficients) and len(names) == len(coefficients),
-                 f"group.sparsity_coefficients={coefficients} must be >= 0 and distinct to 6 "
-                 f"significant digits (they name the members' folders).")
-
+    _check_counts(config)
+    _check_choices(config)
+    _check_group(config, architecture)
     n = n_latents(config)
     _check_architecture(config, architecture, n)
     _require(config.train.compute_dtype in COMPUTE_DTYPES,
@@ -108,7 +42,83 @@ def validate(config, n_devices: int) -> None:
         _require(0 < config.data.features_per_sample <= config.data.n_features,
                  f"data.features_per_sample={config.data.features_per_sample} must be in "
                  f"(0, data.n_features={config.data.n_features}].")
+    _check_mesh(config, n_devices, n)
 
+
+# Fields that count something (steps, tokens, rows) and must be positive, or may be zero.
+POSITIVE = ("data.d", "sae.expansion_factor", "train.batch_size", "train.steps",
+            "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+            "train.preemption_check_every", "evals.eval_batches", "evals.dead_window_tokens",
+            "resample.batches", "data.init_batches", "evals.density_window_tokens",
+            "resample.rewarm_steps", "data.shuffle_buffer_chunks", "lm.context_length",
+            "lm.batch_sequences")
+NON_NEGATIVE = ("optim.warmup_steps", "optim.sparsity_warmup_steps", "optim.grad_clip_norm",
+                "resample.every_steps", "resample.until_step", "resample.encoder_scale",
+                "data.eval_tokens", "data.prefetch_windows", "evals.loss_recovered_sequences")
+
+
+def _field(config, dotted: str):
+    section, name = dotted.split(".")
+    return config[section][name]
+
+
+def _check_counts(config) -> None:
+    for field in POSITIVE:
+        value = _field(config, field)
+        _require(int(value) == value and value > 0,
+                 f"{field}={value!r} must be a positive integer.")
+    for field in NON_NEGATIVE:
+        value = _field(config, field)
+        _require(value >= 0, f"{field}={value!r} is negative; it must be >= 0.")
+
+
+def _check_choices(config) -> None:
+    """The optimiser's and the resampling's settings, and the sharding rules."""
+    _require(config.optim.learning_rate > 0,
+             f"optim.learning_rate={config.optim.learning_rate!r} must be > 0.")
+    _require(0 <= config.optim.decay_fraction <= 1,
+             f"optim.decay_fraction={config.optim.decay_fraction!r} must be in [0, 1].")
+    _require(config.sae.b_dec_init in B_DEC_INITS,
+             f"sae.b_dec_init={config.sae.b_dec_init!r} is not known; choose one of "
+             f"{B_DEC_INITS}.")
+    _require(config.optim.decay in DECAYS,
+             f"optim.decay={config.optim.decay!r} is not known; choose one of {DECAYS}.")
+    if config.resample.every_steps > 0:
+        _require(config.resample.until_step >= config.resample.every_steps,
+                 f"resample.every_steps={config.resample.every_steps} with "
+                 f"resample.until_step={config.resample.until_step} never resamples; set "
+                 f"resample.until_step to the last step that may resample.")
+    rules = dict(map(tuple, config.sharding_rules))
+    _require(rules.get("batch") in (None, "data") and rules.get("latent") in (None, "model"),
+             f"sharding_rules={config.sharding_rules}: `batch` may map to `data` (or None) and "
+             f"`latent` to `model` (or None); other mesh axes do not exist.")
+
+
+def _check_group(config, architecture: sae.Architecture) -> None:
+    _require(config.group.vectorize in ("auto", "vmap", "map"),
+             f"group.vectorize={config.group.vectorize!r} must be 'auto', 'vmap' or 'map'.")
+    coefficients = tuple(config.group.sparsity_coefficients)
+    if not coefficients:
+        return
+    groupable = [a.name for a in sae.ARCHITECTURES.values() if a.sparsity_coefficient]
+    _require(architecture.sparsity_coefficient is not None,
+             f"group.sparsity_coefficients={coefficients} needs an architecture with a "
+             f"sparsity coefficient; sae.architecture={architecture.name!r} has none. Use "
+             f"one of {', '.join(groupable)}, or an empty group.")
+    workdirs = tuple(config.group.member_workdirs)
+    _require(not workdirs or (len(workdirs) == len(coefficients)
+                              and len(set(workdirs)) == len(workdirs)),
+             f"group.member_workdirs has {len(workdirs)} folders for {len(coefficients)} "
+             f"group.sparsity_coefficients; give one distinct folder per coefficient, or "
+             f"none for <workdir>/members/<name>/.")
+    names = {f"{c:g}" for c in coefficients}
+    _require(all(c >= 0 for c in coefficients) and len(names) == len(coefficients),
+             f"group.sparsity_coefficients={coefficients} must be >= 0 and distinct to 6 "
+             f"significant digits (they name the members' folders).")
+
+
+def _check_mesh(config, n_devices: int, n: int) -> None:
+    """The dictionary divides over the model axis and the batch over the data axis."""
     n_data, n_model = sharding.mesh_shape(config.mesh, n_devices)
     _require(n % n_model == 0,
              f"n_latents={n} (sae.expansion_factor={config.sae.expansion_factor} x "
