@@ -412,6 +412,17 @@ def test_steering_and_ablation(run):
     increases = [d for _, d in pushed.top_increased]
     assert increases == sorted(increases, reverse=True) and increases[0] > 0
     assert pushed.top_decreased[0][1] < 0
+    # The tokens the latent promotes are the dashboard's logit view; adding the latent raises
+    # the probability the model puts on them over the same text, adding nothing leaves it.
+    up_ids = dashboard.promoted_tokens(
+        loaded, np.asarray(models.unembedding(model.params, model.config)), [latent], k=10)[0]
+    assert pushed.promoted == [int(i) for i in up_ids[0]] and len(pushed.promoted) == 10
+    assert pushed.promoted_log_prob_steered > pushed.promoted_log_prob_clean + 0.1
+    assert same.promoted_log_prob_steered == pytest.approx(same.promoted_log_prob_clean,
+                                                           abs=1e-6)
+    assert pushed.promoted_generated_clean == same.promoted_generated_steered
+    assert pushed.promoted_log_prob_clean == pytest.approx(same.promoted_log_prob_clean,
+                                                           abs=1e-6)
 
     with pytest.raises(AnalysisError, match=r"latent 256 is out of range: .* latents 0..255"):
         steer.steer(model, loaded, tokens, 256, "add", 1.0)
@@ -426,7 +437,8 @@ def test_steer_cli_prints_both_generations_and_the_logit_changes(run):
     printed = _cli("saejax.analysis.steer", run.workdir, "--latent=7", "--mode=add",
                    "--value=40", "--prompt=alpha bravo charlie", "--new_tokens=4").stdout
     for expected in ("Latent 7 (add 40) at blocks.1.hook_resid_post", "Clean:", "Steered:",
-                     "KL(clean || steered) at the last prompt token", "up:", "down:"):
+                     "KL(clean || steered) at the last prompt token", "up:", "down:",
+                     "Tokens the latent promotes", "log P(next token is one of them)"):
         assert expected in printed, printed
     failed = _cli("saejax.analysis.steer", run.workdir, f"--latent={loaded.n_latents}",
                   "--prompt=alpha", check=False)

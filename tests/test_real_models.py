@@ -126,32 +126,35 @@ def test_greedy_tokens_match_transformers_generate(real):
             assert tokens[i, :len(ids) + NEW_TOKENS].tolist() == want[0].tolist(), SENTENCES[i]
 
 
-def test_smollm2_tiny_experiment_harvests_and_trains_end_to_end(tmp_path):
-    """experiments/smollm2.py:tiny on the real SmolLM2: a few Shakespeare lines harvested at
-    blocks.15.hook_resid_post by saejax.harvest, a TopK SAE trained from the store, and its
-    summary's metrics (loss recovered and KL with the real model spliced) finite."""
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_tiny_experiment_harvests_and_trains_end_to_end(name, tmp_path):
+    """experiments/<name>.py:tiny on the real model: a few Shakespeare lines harvested at the
+    experiment's hook by saejax.harvest, a TopK SAE trained from the store, and its summary's
+    metrics (loss recovered and KL with the real model spliced) finite."""
+    import importlib  # pylint: disable=import-outside-toplevel
     import json  # pylint: disable=import-outside-toplevel
-    from experiments import smollm2  # pylint: disable=import-outside-toplevel
     from saejax import harvest, train  # pylint: disable=import-outside-toplevel
-    checkpoint = asset("smollm2", what="SmolLM2")
+    experiment = importlib.import_module(f"experiments.{name}")
+    checkpoint = asset(name, what=name)
     root = os.environ["SAEJAX_ASSETS"]
     with open(os.path.join(root, "shakespeare", "hamlet.txt"), encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()][200:300]
     text = tmp_path / "lines.txt"
     text.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    config = smollm2.get_config("tiny")
+    config = experiment.get_config("tiny")
     holdout = config.evals.loss_recovered_sequences
     result = harvest.harvest(checkpoint, str(text), str(tmp_path / "stores"),
-                             hooks=[smollm2.HOOK], context_length=config.lm.context_length,
+                             hooks=[experiment.HOOK], context_length=config.lm.context_length,
                              batch_sequences=config.lm.batch_sequences,
                              holdout_sequences=holdout, chunk_rows=64)
     assert result["tokens_written"] >= 8 * config.train.batch_size
-    config.data.path = result["stores"][smollm2.HOOK]
+    config.data.path = result["stores"][experiment.HOOK]
     config.lm.checkpoint, config.lm.tokens = checkpoint, str(text)
     train.train_and_evaluate(config, str(tmp_path / "run"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["step"] == config.train.steps and summary["d"] == 576
+    d = models.config_from_hf_dict(models.hf.read_config(checkpoint)).hidden_size
+    assert summary["step"] == config.train.steps and summary["d"] == d == config.data.d
     for key in ("fvu", "l0", "loss_recovered", "kl_sae"):
         assert np.isfinite(summary[key]), (key, summary)
     assert 0 < summary["l0"] <= config.sae.k

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import cli, models
-from saejax.analysis import loading
+from saejax.analysis import dashboard_data, loading
 from saejax.analysis.loading import AnalysisError, LoadedSAE
 
 MODES = ("clamp", "add", "ablate")
@@ -44,6 +44,16 @@ class SteeringResult(NamedTuple):
     kl_mean: float                  # ... averaged over every prompt position
     top_increased: list[tuple[int, float]]  # (token id, steered - clean log-prob), last token
     top_decreased: list[tuple[int, float]]
+    # The `top` tokens the latent's decoder direction promotes through the unembedding (the
+    # dashboard's logit view), and what the intervention does to them: the log of the
+    # probability the model puts on that set for the next token, averaged over every position
+    # of the prompt and its clean continuation (the same text, clean and steered), and how many
+    # of the greedy tokens generated clean and steered are in the set.
+    promoted: list[int]
+    promoted_log_prob_clean: float
+    promoted_log_prob_steered: float
+    promoted_generated_clean: int
+    promoted_generated_steered: int
 
 
 def make_intervention(loaded: LoadedSAE) -> Callable[[tuple, jax.Array], jax.Array]:
@@ -120,7 +130,8 @@ def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float
     Returns the KL divergence from the clean next-token distribution (at the last prompt token
     and averaged over the prompt), the tokens whose log-probabilities at the last prompt token
     rise and fall most, and `n_new_tokens` greedy tokens with and without the intervention
-    (which applies at every position, the generated ones included).
+    (which applies at every position, the generated ones included); and for the `top` tokens
+    the latent promotes, the log-probability the model gives them, clean and steered.
     """
     if mode not in MODES:
         raise AnalysisError(f"mode={mode!r}: choose one of {list(MODES)}.")
@@ -170,13 +181,30 @@ def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float
     prompt_length = jnp.int32(tokens.shape[1])
     clean = np.asarray(generate_fn(model.params, args(False), buffer, prompt_length))
     steered = np.asarray(generate_fn(model.params, args(True), buffer, prompt_length))
+
+    up_ids, _, _, _ = dashboard_data.promoted_tokens(
+        loaded, np.asarray(models.unembedding(model.params, config), np.float32), [latent],
+        k=top)
+    promoted = [int(i) for i in up_ids[0]]
+
+    def promoted_log_prob(on):
+        logp = jax.nn.log_softmax(logits_fn(model.params, args(on), clean)[0], axis=-1)
+        return float(jnp.mean(jax.nn.logsumexp(logp[..., np.asarray(promoted)], axis=-1)))
+
+    def promoted_count(generated):
+        return int(np.isin(generated[:, tokens.shape[1]:], promoted).sum())
+
     return SteeringResult(
         latent=latent, mode=mode, value=value, hook=hook, prompt_tokens=tokens,
         clean_tokens=clean[:, tokens.shape[1]:], steered_tokens=steered[:, tokens.shape[1]:],
         latent_activation=np.asarray(activation),
         kl_last=float(jnp.mean(kl[:, -1])), kl_mean=float(jnp.mean(kl)),
         top_increased=[(int(i), float(change[i])) for i in order[:top]],
-        top_decreased=[(int(i), float(change[i])) for i in order[::-1][:top]])
+        top_decreased=[(int(i), float(change[i])) for i in order[::-1][:top]],
+        promoted=promoted, promoted_log_prob_clean=promoted_log_prob(False),
+        promoted_log_prob_steered=promoted_log_prob(True),
+        promoted_generated_clean=promoted_count(clean),
+        promoted_generated_steered=promoted_count(steered))
 
 
 class _Ref:
@@ -229,7 +257,15 @@ def report(result: SteeringResult, tokenizer=None, *, prompt: str | None = None)
              f"(mean over the prompt {result.kl_mean:.4g})",
              "Next-token log-probability change at the last prompt token (steered - clean):",
              "  up:   " + "  ".join(f"{token(i)!r} {d:+.3g}" for i, d in result.top_increased),
-             "  down: " + "  ".join(f"{token(i)!r} {d:+.3g}" for i, d in result.top_decreased)]
+             "  down: " + "  ".join(f"{token(i)!r} {d:+.3g}" for i, d in result.top_decreased),
+             "Tokens the latent promotes (its decoder direction through the unembedding): "
+             + " ".join(repr(token(i)) for i in result.promoted),
+             f"  log P(next token is one of them), mean over the clean text: "
+             f"{result.promoted_log_prob_clean:.4g} clean, "
+             f"{result.promoted_log_prob_steered:.4g} steered "
+             f"({result.promoted_log_prob_steered - result.promoted_log_prob_clean:+.4g})",
+             f"  of them in the greedy continuation: {result.promoted_generated_clean} clean, "
+             f"{result.promoted_generated_steered} steered"]
     return "\n".join(lines)
 
 
