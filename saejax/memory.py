@@ -111,7 +111,7 @@ def memory_report(config, mesh, *, d: int) -> MemoryReport:
     batch_block, latent_block = latents_sharding.shard_shape((batch_size, trainer.n_latents))
     batch_rows = batch_sharding.shard_shape((batch_size, d))[0]
     # Every entry of the batch, whatever the shape reads of it.
-    hooks = data.MULTI_HOOK_SOURCES.get(config.data.source, (data.DEFAULT_HOOK,))
+    hooks = data.batch_hooks(config) or (data.DEFAULT_HOOK,)
     _, targets = trainer.architecture.shape.entries({hook: d for hook in hooks})
     batch_width = d * len(hooks)
     target_width = sum(entry.width for entry in targets)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from saejax import data, paths, sae, sharding
+from saejax.data import lockstep
 from saejax.errors import ConfigError
 
 DECAYS = ("linear", "cosine", "none")
@@ -145,17 +146,19 @@ def _check_architecture(config, architecture: sae.Architecture, n: int) -> None:
 
 def _check_shape(config, architecture: sae.Architecture) -> None:
     """The data's batches hold what the shape reads and reconstructs."""
-    hooks = data.MULTI_HOOK_SOURCES.get(config.data.source)
+    hooks = data.batch_hooks(config)
     if config.sae.shape == "single_hook":
         _require(hooks is None,
-                 f"data.source={config.data.source!r} writes the hooks {list(hooks or ())}; a "
-                 f"single-hook SAE reads one: set sae.shape='transcoder' with sae.input_hook "
-                 f"and sae.target_hook among them.")
+                 f"data.source={config.data.source!r} (data.path={config.data.path!r}) gives "
+                 f"the hooks {list(hooks or ())}; a single-hook SAE reads one: set sae.shape "
+                 f"to one that reads several (sae.shape='transcoder' with sae.input_hook and "
+                 f"sae.target_hook among them), or name one store in data.path.")
         return
     _require(hooks is not None,
              f"sae.shape={architecture.shape.name!r} reads several hooks; "
-             f"data.source={config.data.source!r} writes one (stores and the LM with several "
-             f"hooks come with issue 16): use data.source='synthetic_transcoder'.")
+             f"data.source={config.data.source!r} gives one: name the stores of one harvest "
+             f"in data.path, comma-separated (data.source='store'), or use "
+             f"data.source='synthetic_transcoder'.")
     architecture.shape.entries({hook: int(config.data.d) for hook in hooks})
     _require(config.evals.loss_recovered_sequences == 0,
              f"evals.loss_recovered_sequences={config.evals.loss_recovered_sequences} splices "
@@ -172,8 +175,15 @@ def _check_data_paths(config) -> None:
                 if source == "store" else "a .npy file of activations [tokens, d]")
         _require(bool(config.data.path),
                  f"data.source={source!r} needs data.path: set --config.data.path to {what}.")
-        _require(paths.exists(config.data.path),
-                 f"data.path={config.data.path!r} does not exist; it should be {what}.")
+        several = lockstep.split_paths(config.data.path) if source == "store" else []
+        if len(several) > 1:
+            for path in several:
+                _require(paths.exists(path),
+                         f"data.path={config.data.path!r}: {path!r} does not exist; each of "
+                         f"the comma-separated paths should be {what}.")
+        else:
+            _require(paths.exists(config.data.path),
+                     f"data.path={config.data.path!r} does not exist; it should be {what}.")
     needs_lm = [reason for reason, needed in (
         ("data.source='lm'", source == "lm"),
         (f"evals.loss_recovered_sequences={config.evals.loss_recovered_sequences}",

@@ -208,3 +208,51 @@ def test_a_store_of_the_wrong_width_is_refused_before_training(tiny, tmp_path):
     with pytest.raises(store.StoreError, match=r"d=32 but data.d=64"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_stores_of_one_harvest_read_in_lockstep_and_train_a_transcoder(tiny, tmp_path):
+    """`data.path=A,B` reads the stores of several hooks of one harvest as one stream keyed by
+    hook: the same rows at every hook (block 0's output is block 1's input, so those two
+    entries are equal batch for batch, after a restore too), a transcoder trains from the MLP's
+    input and output stores, and a store of another harvest is refused."""
+    from saejax import data, harvest  # pylint: disable=import-outside-toplevel
+    checkpoint, text = tiny
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.ln2.hook_normalized",
+             "blocks.1.hook_mlp_out"]
+    stores = harvest.harvest(checkpoint, text, str(tmp_path / "stores"), hooks=hooks,
+                             context_length=tiny_lm.CONTEXT, batch_sequences=16,
+                             holdout_sequences=HOLDOUT, chunk_rows=256)["stores"]
+    mesh = jax.make_mesh((8, 1), ("data", "model"))
+    rules = _tiny_config(tiny).sharding_rules
+    config = _tiny_config(tiny, **{"data.source": "store", "data.path": ",".join(
+        stores[h] for h in hooks[:2]), "sae.shape": "transcoder", "sae.input_hook": hooks[0],
+        "sae.target_hook": hooks[1]})
+    assert data.batch_hooks(config) == tuple(hooks[:2])
+    source = data.make_source(config, mesh=mesh, rules=rules)
+    assert source.widths == {hooks[0]: 64, hooks[1]: 64}
+    for _ in range(3):
+        batch = source.next_batch()
+        assert list(batch) == hooks[:2]
+        np.testing.assert_array_equal(np.asarray(batch[hooks[0]]), np.asarray(batch[hooks[1]]))
+    saved, expected = source.state(), source.next_batch()
+    source.restore(saved)
+    np.testing.assert_array_equal(np.asarray(source.next_batch()[hooks[1]]),
+                                  np.asarray(expected[hooks[1]]))
+    source.close()
+
+    transcoder = configs.apply_overrides(config, {
+        "data.path": f"{stores[hooks[2]]},{stores[hooks[3]]}", "sae.input_hook": hooks[2],
+        "sae.target_hook": hooks[3], "sae.architecture": "relu",
+        "evals.loss_recovered_sequences": 0, "train.steps": 20, "train.log_every": 10,
+        "train.checkpoint_every": 20})
+    summary = train.train_and_evaluate(transcoder, str(tmp_path / "transcoder"))
+    assert summary["shape"] == "transcoder" and np.isfinite(summary["fvu"])
+
+    other = harvest.harvest(checkpoint, text, str(tmp_path / "other"), hooks=hooks[3:],
+                            context_length=tiny_lm.CONTEXT, batch_sequences=16,
+                            holdout_sequences=HOLDOUT + 8, chunk_rows=256)["stores"]
+    mixed = configs.apply_overrides(config, {"data.path": f"{stores[hooks[2]]},{other[hooks[3]]}",
+                                             "sae.input_hook": hooks[2],
+                                             "sae.target_hook": hooks[3]})
+    with pytest.raises(store.StoreError, match=r"must come from one harvest"):
+        data.make_source(mixed, mesh=mesh, rules=rules)

@@ -64,7 +64,7 @@ def test_a_pair_is_a_composition_not_a_file():
 
 def test_shape_config_errors_name_the_field():
     for overrides, message in (
-            ({"data.source": "synthetic"}, r"issue 16.*synthetic_transcoder"),
+            ({"data.source": "synthetic"}, r"gives one: name the stores of one harvest in data.path.*synthetic_transcoder"),
             ({"sae.target_hook": ""}, r"needs sae.target_hook"),
             ({"sae.target_hook": IN}, r"both 'activations_in'"),
             ({"sae.input_hook": "blocks.0.hook_mlp_in"},
@@ -73,7 +73,7 @@ def test_shape_config_errors_name_the_field():
             ({"sae.architecture": "switch"}, r"'switch' supports sae.shape in"),
             ({"sae.architecture": "topk", "sae.topk_decoder": "sparse"},
              r"topk_decoder='sparse' decodes a single-hook SAE only"),
-            ({"sae.shape": "single_hook"}, r"writes the hooks.*sae.shape='transcoder'")):
+            ({"sae.shape": "single_hook"}, r"gives the hooks.*sae.shape='transcoder'")):
         with pytest.raises(ConfigError, match=message):
             validation.validate(_config("jumprelu", **overrides), 8)
 

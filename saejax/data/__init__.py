@@ -8,13 +8,14 @@ A source yields batches already sharded on the mesh (`next_batch`), held-out bat
 Every batch is a dict keyed by hook name, `{hook: [batch, d_hook]}` (one entry for a single
 source); `hook_name` is the one place that decides the name: a store's harvest metadata hook,
 `lm.hook` for the LM, and `DEFAULT_HOOK` for synthetic data and a user's .npy array.
-`synthetic_transcoder` emits two entries in lockstep (`synthetic.TRANSCODER_HOOKS`); stores and
-the LM with several hooks come with issue 16.
+`synthetic_transcoder` emits two entries in lockstep (`synthetic.TRANSCODER_HOOKS`); a
+`data.path` naming several stores of one harvest (comma-separated) reads them in lockstep
+(`lockstep.py`), one entry per store's hook. The LM with several hooks comes with issue 16.
 """
 
 from __future__ import annotations
 
-from saejax.data import lm
+from saejax.data import lm, lockstep
 from saejax.data.store import ArraySource
 from saejax.data.synthetic import TRANSCODER_HOOKS, SyntheticSource, SyntheticTranscoderSource
 
@@ -23,6 +24,16 @@ SOURCES = ("synthetic", "store", "npy", "lm", "synthetic_transcoder")
 MULTI_HOOK_SOURCES = {"synthetic_transcoder": TRANSCODER_HOOKS}
 # The hook name of activations that come from no LM hook (synthetic ground truth, a .npy file).
 DEFAULT_HOOK = "activations"
+
+
+def batch_hooks(config) -> tuple[str, ...] | None:
+    """The hooks of `config`'s batches when its source reads several (known before it is
+    opened), else None: a single-hook source's one entry is `hook_name`."""
+    if config.data.source in MULTI_HOOK_SOURCES:
+        return MULTI_HOOK_SOURCES[config.data.source]
+    if config.data.source == "store" and len(lockstep.split_paths(config.data.path)) > 1:
+        return lockstep.store_hooks(config.data.path)
+    return None
 
 
 def hook_name(config, source=None) -> str:
@@ -70,6 +81,9 @@ def make_source(config, *, mesh, rules):
     if config.data.source == "synthetic_transcoder":  # keyed already: two hooks
         return SyntheticTranscoderSource(config.data, batch_size=batch_size, mesh=mesh,
                                          rules=rules)
+    if batch_hooks(config) is not None:  # several stores, keyed by their hooks
+        return lockstep.LockstepSource(config.data, batch_size=batch_size, mesh=mesh,
+                                       rules=rules, eval_batches=eval_batches)
     if config.data.source == "synthetic":
         source = SyntheticSource(config.data, batch_size=batch_size, mesh=mesh, rules=rules)
     elif config.data.source == "lm":
