@@ -64,7 +64,8 @@ def test_a_pair_is_a_composition_not_a_file():
 
 def test_shape_config_errors_name_the_field():
     for overrides, message in (
-            ({"data.source": "synthetic"}, r"gives one: name the stores of one harvest in data.path.*synthetic_transcoder"),
+            ({"data.source": "synthetic"},
+             r"gives one: name the stores of one harvest in data.path.*synthetic_transcoder"),
             ({"sae.target_hook": ""}, r"needs sae.target_hook"),
             ({"sae.target_hook": IN}, r"both 'activations_in'"),
             ({"sae.input_hook": "blocks.0.hook_mlp_in"},
