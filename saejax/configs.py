@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.features_per_sample = 5.0
     config.data.frequency_decay = 0.99
     config.data.correlated = True
+    config.data.n_layers = 3              # synthetic_crosscoder: hooks layer_0 ... layer_{n-1}
     # store, npy
     config.data.path = ""                 # a store directory or a .npy file
     config.data.shuffle_buffer_chunks = 16  # chunks shuffled together (memory: chunks x rows x d)
@@ -77,11 +78,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.sae.b_dec_init = "zeros"       # or "geometric_median" (Towards Monosemanticity), "mean"
     # The dictionary's shape (saejax/sae/shapes.py): "single_hook" encodes and reconstructs the
     # batch's one entry; "transcoder" reads sae.input_hook and reconstructs sae.target_hook,
-    # with a linear skip W_skip when sae.skip_connection (Paulo et al. 2025).
+    # with a linear skip W_skip when sae.skip_connection (Paulo et al. 2025); "crosscoder"
+    # reads and reconstructs every hook of sae.hooks (comma-separated; Lindsey et al. 2024).
     config.sae.shape = "single_hook"
     config.sae.input_hook = ""
     config.sae.target_hook = ""
     config.sae.skip_connection = False
+    config.sae.hooks = ""
     for name, field in sae.config_fields().items():
         config.sae[name] = field.default
 

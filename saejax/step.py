@@ -128,6 +128,7 @@ def train_step(state: dict, batch: dict, *, architecture: sae.Architecture,
         "learning_rate": lr_schedule(step) * optim.rewarm_factor(state["opt_state"]),
         "finite": jnp.isfinite(loss) & _all_finite(params),
     }
+    metrics.update(per_hook_fvu(architecture.shape, target, aux["x_hat"]))
     for name in architecture.metrics:  # the architecture's own scalars (AuxK, ...)
         metrics[name] = aux[name]
     if architecture.sparsity_coefficient:
@@ -190,4 +191,11 @@ def eval_step(params: dict, input_scale: jax.Array, batch: dict, *,
     x_hat = architecture.decode(params, latents, x)
     target = architecture.shape.target(batch)
     return {"mse": evals.mse(target, x_hat), "fvu": evals.fvu(target, x_hat),
-            "l0": evals.l0(latents)}
+            "l0": evals.l0(latents), **per_hook_fvu(architecture.shape, target, x_hat)}
+
+
+def per_hook_fvu(shape, target: jax.Array, x_hat: jax.Array) -> dict:
+    """`fvu/<hook>` for each hook of a target that holds several (a crosscoder's)."""
+    reconstructed = shape.split_target(x_hat)
+    return {f"fvu/{hook}": evals.fvu(part, reconstructed[hook])
+            for hook, part in shape.split_target(target).items()}

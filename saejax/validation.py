@@ -39,7 +39,7 @@ def validate(config, n_devices: int) -> None:
              f"train.compute_dtype={config.train.compute_dtype!r} is not supported; choose one "
              f"of {', '.join(COMPUTE_DTYPES)}.")
     _check_data_paths(config)
-    if config.data.source in ("synthetic", "synthetic_transcoder"):
+    if config.data.source in data.SYNTHETIC_SOURCES:
         _require(0 < config.data.features_per_sample <= config.data.n_features,
                  f"data.features_per_sample={config.data.features_per_sample} must be in "
                  f"(0, data.n_features={config.data.n_features}].")
@@ -52,7 +52,7 @@ POSITIVE = ("data.d", "sae.expansion_factor", "train.batch_size", "train.steps",
             "train.preemption_check_every", "evals.eval_batches", "evals.dead_window_tokens",
             "resample.batches", "data.init_batches", "evals.density_window_tokens",
             "resample.rewarm_steps", "data.shuffle_buffer_chunks", "lm.context_length",
-            "lm.batch_sequences")
+            "lm.batch_sequences", "data.n_layers")
 NON_NEGATIVE = ("optim.warmup_steps", "optim.sparsity_warmup_steps", "optim.grad_clip_norm",
                 "resample.every_steps", "resample.until_step", "resample.encoder_scale",
                 "data.eval_tokens", "data.prefetch_windows", "evals.loss_recovered_sequences")

@@ -8,7 +8,8 @@ A source yields batches already sharded on the mesh (`next_batch`), held-out bat
 Every batch is a dict keyed by hook name, `{hook: [batch, d_hook]}` (one entry for a single
 source); `hook_name` is the one place that decides the name: a store's harvest metadata hook,
 `lm.hook` for the LM, and `DEFAULT_HOOK` for synthetic data and a user's .npy array.
-`synthetic_transcoder` emits two entries in lockstep (`synthetic.TRANSCODER_HOOKS`); a
+`synthetic_transcoder` emits two entries in lockstep (`synthetic.TRANSCODER_HOOKS`),
+`synthetic_crosscoder` one per layer (`layer_0`, ...); a
 `data.path` naming several stores of one harvest (comma-separated) reads them in lockstep
 (`lockstep.py`), one entry per store's hook. The LM with several hooks comes with issue 16.
 """
@@ -17,9 +18,12 @@ from __future__ import annotations
 
 from saejax.data import lm, lockstep
 from saejax.data.store import ArraySource
-from saejax.data.synthetic import TRANSCODER_HOOKS, SyntheticSource, SyntheticTranscoderSource
+from saejax.data.synthetic import (TRANSCODER_HOOKS, SyntheticCrosscoderSource, SyntheticSource,
+                                   SyntheticTranscoderSource, crosscoder_hooks)
 
-SOURCES = ("synthetic", "store", "npy", "lm", "synthetic_transcoder")
+SOURCES = ("synthetic", "store", "npy", "lm", "synthetic_transcoder", "synthetic_crosscoder")
+# The synthetic sources (ground truth known; data.n_features, data.features_per_sample, ...).
+SYNTHETIC_SOURCES = ("synthetic", "synthetic_transcoder", "synthetic_crosscoder")
 # The sources whose batches hold several hooks, and those hooks.
 MULTI_HOOK_SOURCES = {"synthetic_transcoder": TRANSCODER_HOOKS}
 # The hook name of activations that come from no LM hook (synthetic ground truth, a .npy file).
@@ -31,6 +35,8 @@ def batch_hooks(config) -> tuple[str, ...] | None:
     opened), else None: a single-hook source's one entry is `hook_name`."""
     if config.data.source in MULTI_HOOK_SOURCES:
         return MULTI_HOOK_SOURCES[config.data.source]
+    if config.data.source == "synthetic_crosscoder":
+        return crosscoder_hooks(config.data.n_layers)
     if config.data.source == "store" and len(lockstep.split_paths(config.data.path)) > 1:
         return lockstep.store_hooks(config.data.path)
     return None
@@ -80,6 +86,9 @@ def make_source(config, *, mesh, rules):
     eval_batches = int(config.evals.eval_batches)
     if config.data.source == "synthetic_transcoder":  # keyed already: two hooks
         return SyntheticTranscoderSource(config.data, batch_size=batch_size, mesh=mesh,
+                                         rules=rules)
+    if config.data.source == "synthetic_crosscoder":  # keyed already: one hook per layer
+        return SyntheticCrosscoderSource(config.data, batch_size=batch_size, mesh=mesh,
                                          rules=rules)
     if batch_hooks(config) is not None:  # several stores, keyed by their hooks
         return lockstep.LockstepSource(config.data, batch_size=batch_size, mesh=mesh,

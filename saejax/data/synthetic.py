@@ -13,6 +13,11 @@ the data position is just the batch index.
 written twice, through the features into hook `activations_in` and through a second set of
 unit directions into hook `activations_out`: a transcoder's ground truth is the second set (its
 decoder's rows), reached from the first.
+
+`SyntheticCrosscoderSource` (`data.source="synthetic_crosscoder"`) writes the same sparse code
+through one set of unit directions per layer into hooks `layer_0`, `layer_1`, ...
+(`data.n_layers` of them): a crosscoder's ground truth is each feature's directions at every
+layer together, one row of the concatenated decoder.
 """
 
 from __future__ import annotations
@@ -150,3 +155,35 @@ class SyntheticTranscoderSource(SyntheticSource):
 
     def _entries(self, x, codes):
         return {TRANSCODER_HOOKS[0]: x, TRANSCODER_HOOKS[1]: codes @ self._output_features}
+
+
+def crosscoder_hooks(n_layers: int) -> tuple[str, ...]:
+    """The hooks of a synthetic crosscoder batch: one per layer."""
+    return tuple(f"layer_{i}" for i in range(int(n_layers)))
+
+
+class SyntheticCrosscoderSource(SyntheticSource):
+    """Batches `{layer_l: codes @ features_l}` for l < `data.n_layers`: one sparse code through
+    a set of unit directions per layer (layer 0's are the SAE recipe's; layer l's are drawn from
+    `data.seed + l`), each `data.d` wide. `true_features` [n_features, n_layers * d] are each
+    feature's directions at every layer, concatenated and scaled to unit norm: what a
+    crosscoder's decoder rows (its per-layer decoders side by side) recover."""
+
+    def __init__(self, data_config, *, batch_size: int, mesh, rules):
+        self.hooks = crosscoder_hooks(data_config.n_layers)
+        later = [make_ground_truth(seed=int(data_config.seed) + layer, d=int(data_config.d),
+                                   n_features=int(data_config.n_features), correlated=False,
+                                   frequency_decay=1.0).features
+                 for layer in range(1, len(self.hooks))]
+        self._later_features = jax.device_put(tuple(later), sharding.replicated(mesh))
+        super().__init__(data_config, batch_size=batch_size, mesh=mesh, rules=rules)
+        every = np.concatenate([self.ground_truth.features, *later], axis=-1)
+        self.true_features = every / np.sqrt(len(self.hooks))
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {hook: self.d for hook in self.hooks}
+
+    def _entries(self, x, codes):
+        return {self.hooks[0]: x, **{hook: codes @ features for hook, features
+                                     in zip(self.hooks[1:], self._later_features)}}

@@ -1,0 +1,111 @@
+"""Crosscoders (Lindsey et al. 2024) are the `Crosscoder` shape composed with a mechanism: on
+the synthetic recipe of one sparse code read through per-layer directions, a ReLU crosscoder
+recovers each feature's directions at every layer (one decoder row), its L1 weighs each latent
+by the sum of its per-hook decoder norms (which stay free), it reports FVU per hook, it gives
+the same run on a 2x4 mesh as on one device, and it checkpoints and resumes."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import toy_config
+from test_shapes import TINY, _run_steps
+
+from saejax import data, optim, sae, train, validation
+from saejax.data import synthetic
+from saejax.sae import shapes
+from saejax.sharding import ConfigError
+
+HOOKS = synthetic.crosscoder_hooks(3)
+CROSSCODER = {"data.source": "synthetic_crosscoder", "data.n_layers": 3,
+              "sae.shape": "crosscoder", "sae.hooks": ",".join(HOOKS)}
+
+
+def _config(architecture="relu", **overrides):
+    return toy_config("smoke", **{**TINY, **CROSSCODER, "sae.architecture": architecture,
+                                  "sae.l1_coefficient": 0.3, **overrides})
+
+
+def test_the_batches_are_one_code_through_per_layer_directions():
+    config = _config()
+    mesh = jax.make_mesh((1, 1), ("data", "model"), devices=jax.devices()[:1])
+    source = data.make_source(config, mesh=mesh, rules=config.sharding_rules)
+    assert data.batch_hooks(config) == HOOKS and source.widths == {h: 16 for h in HOOKS}
+    batch = source.next_batch()
+    assert list(batch) == list(HOOKS)
+    _, codes = synthetic.sample(source.ground_truth, jax.random.fold_in(source._train_key, 0),
+                                64, float(config.data.features_per_sample))
+    directions = np.split(source.true_features * np.sqrt(3), 3, axis=-1)
+    for hook, features in zip(HOOKS, directions):
+        np.testing.assert_allclose(batch[hook], codes @ features, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(source.true_features, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_the_l1_weighs_the_sum_of_per_hook_decoder_norms_which_stay_free():
+    shape = sae.from_config(_config().sae).shape
+    assert shape == shapes.Crosscoder(HOOKS) and shape.unit_norm_params == ()
+    params = shape.init_layout(jax.random.PRNGKey(0), 16, 8)
+    # Each latent's three per-hook decoders start at norm 1/3: their sum is 1.
+    np.testing.assert_allclose(shape.decoder_norms(params), 1.0, rtol=1e-5)
+    scaled = dict(params, W_dec=params["W_dec"] * jnp.repeat(jnp.array([1.0, 2.0, 4.0]), 16))
+    np.testing.assert_allclose(shape.decoder_norms(scaled), 7 / 3, rtol=1e-5)
+    # The optimiser leaves the decoder's norms to the loss.
+    tx = optim.make_optimizer(_config().optim, 10, unit_norm_params=shape.unit_norm_params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    moved = jax.tree.map(lambda p, u: p + u, params, updates)
+    assert not np.allclose(shape.decoder_norms(moved), 1.0, atol=1e-3)
+
+
+def test_it_recovers_the_cross_layer_features_and_resumes(tmp_path):
+    overrides = {"train.steps": 300, "train.log_every": 100, "train.checkpoint_every": 100,
+                 "optim.learning_rate": 3e-3, "evals.eval_batches": 2}
+    workdir = str(tmp_path / "run")
+    summary = train.train_and_evaluate(_config(**overrides), workdir)
+    assert summary["shape"] == "crosscoder" and summary["step"] == 300
+    # Every true feature has a decoder row close to its directions at all three layers.
+    assert summary["mmcs"] > 0.9, summary
+    for hook in HOOKS:
+        assert summary[f"fvu/{hook}"] < 0.2, summary
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        first = json.loads(f.readline())
+    assert {f"fvu/{hook}" for hook in HOOKS} <= set(first)
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "300"))
+    assert train.train_and_evaluate(_config(**overrides), resumed)["step"] == 300
+    straight, again = train.load_params(workdir), train.load_params(resumed)
+    for name in straight:
+        np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(straight[name]),
+                                      err_msg=name)
+
+
+@pytest.mark.parametrize("architecture", ["relu", "topk"])
+def test_sharded_on_2x4_matches_one_device(architecture):
+    overrides = {"resample.batches": 2}
+    reference, reference_losses = _run_steps(
+        _config(architecture, **overrides, **{"mesh.data": 1, "mesh.model": 1}),
+        jax.devices()[:1], 3)
+    params, losses = _run_steps(
+        _config(architecture, **overrides, **{"mesh.data": 2, "mesh.model": 4}),
+        jax.devices(), 3)
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    for name in reference:
+        np.testing.assert_allclose(params[name], reference[name], rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+    assert reference["W_dec"].shape == (64, 3 * 16)
+
+
+def test_crosscoder_config_errors_name_the_field():
+    for overrides, message in (
+            ({"sae.hooks": "layer_0"}, r"sae.shape='crosscoder' needs sae.hooks: two or more"),
+            ({"sae.hooks": "layer_0,layer_7"}, r"sae.hooks names \['layer_7'\]"),
+            ({"data.source": "synthetic"}, r"reads several hooks; data.source='synthetic'")):
+        with pytest.raises(ConfigError, match=message):
+            validation.validate(_config(**overrides), 8)
