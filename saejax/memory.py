@@ -141,8 +141,9 @@ def compile_train_step(config, mesh, *, d: int, compiler_options=None):
         mesh, sharding.logical_to_spec(("batch", "embed"), config.sharding_rules))
     with sharding.activate(mesh, config.sharding_rules):
         trainer = train.make_trainer(config, mesh, d=d, batch_sharding=batch_sharding)
-        batch = {data.hook_name(config): jax.ShapeDtypeStruct(
-            (int(config.train.batch_size), d), jnp.float32, sharding=batch_sharding)}
+        hooks = data.batch_hooks(config) or (data.hook_name(config),)
+        batch = {hook: jax.ShapeDtypeStruct((int(config.train.batch_size), d), jnp.float32,
+                                            sharding=batch_sharding) for hook in hooks}
         return trainer, trainer.train_step.lower(trainer.abstract_state, batch).compile(
             compiler_options)
 

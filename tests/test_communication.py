@@ -58,6 +58,21 @@ def _squeezed(shape) -> tuple[int, ...]:
     return tuple(sorted(s for s in shape if s != 1))
 
 
+def _too_big(found, trainer, bound: int) -> list:
+    """The collectives above `bound` elements, but for the gradients' all-reduce over `data`."""
+    # The gradients' shapes on one device (the sparse decode's encoder gradient is transposed).
+    gradient_shapes = {_squeezed(leaf.sharding.shard_shape(leaf.shape))
+                       for leaf in jax.tree.leaves(trainer.abstract_state["params"])}
+
+    def allowed(c: memory.Collective) -> bool:
+        if c.op.startswith("all-reduce") and c.mesh_axes == ("data",):
+            return all(_squeezed(shape) in gradient_shapes or math.prod(shape) <= bound
+                       for _, shape in c.arrays)
+        return c.elements <= bound
+
+    return [c for c in found if c.mesh_axes and not allowed(c)]
+
+
 @pytest.mark.parametrize("architecture, data, model", CASES)
 def test_collectives_move_activations_not_the_dictionary(architecture, data, model):
     config = toy_config(**{"sae.architecture": architecture, "data.d": D,
@@ -72,22 +87,41 @@ def test_collectives_move_activations_not_the_dictionary(architecture, data, mod
     bound = _bound(architecture, data, model)
     shard = D * N_LATENTS // model
     assert bound <= shard // 8, "the test shape must make one parameter shard dominate"
-    # The gradients' shapes on one device (the sparse decode's encoder gradient is transposed).
-    gradient_shapes = {_squeezed(leaf.sharding.shard_shape(leaf.shape))
-                       for leaf in jax.tree.leaves(trainer.abstract_state["params"])}
-
-    def allowed(c: memory.Collective) -> bool:
-        if c.op.startswith("all-reduce") and c.mesh_axes == ("data",):
-            return all(_squeezed(shape) in gradient_shapes or math.prod(shape) <= bound
-                       for _, shape in c.arrays)
-        return c.elements <= bound
-
-    too_big = [c for c in found if c.mesh_axes and not allowed(c)]
+    too_big = _too_big(found, trainer, bound)
     listing = "\n".join(f"  {'TOO BIG ' if c in too_big else ''}{c}" for c in found)
     assert not too_big, (f"{len(too_big)} collective(s) above {bound} elements (one parameter "
                          f"shard: {shard}) on data={data} x model={model}:\n{listing}")
     if model > 1:  # the split dictionary does communicate: the partial sums of x_hat
         assert any("model" in c.mesh_axes for c in found), listing
+
+
+SHAPES = {
+    "transcoder": ({"data.source": "synthetic_transcoder", "sae.shape": "transcoder",
+                    "sae.input_hook": "activations_in", "sae.target_hook": "activations_out"},
+                   2),
+    "crosscoder": ({"data.source": "synthetic_crosscoder", "data.n_layers": 3,
+                    "sae.shape": "crosscoder", "sae.hooks": "layer_0,layer_1,layer_2"}, 3),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_other_shapes_move_activations_not_the_dictionary(shape):
+    """A transcoder and a crosscoder split over `model` communicate their hooks' activations
+    (a few [batch, d] per hook), never a dictionary shard."""
+    overrides, n_hooks = SHAPES[shape]
+    config = toy_config(**{"sae.architecture": "relu", "data.d": D,
+                           "sae.expansion_factor": EXPANSION_FACTOR, "train.batch_size": BATCH,
+                           "mesh.data": 2, "mesh.model": 4, **overrides})
+    mesh = sharding.make_mesh(config.mesh)
+    trainer, compiled = memory.compile_train_step(config, mesh, d=D,
+                                                  compiler_options=FAST_COMPILE)
+    found = memory.collectives(compiled.as_text(), mesh)
+    bound = 4 * (BATCH // 2) * D * n_hooks
+    shard = D * N_LATENTS // 4
+    assert bound <= shard // 8
+    too_big = _too_big(found, trainer, bound)
+    assert not too_big, "\n".join(map(str, found))
+    assert any("model" in c.mesh_axes for c in found)
 
 
 def test_collectives_parser_reads_async_forms_and_device_groups():
