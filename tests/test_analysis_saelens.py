@@ -123,12 +123,12 @@ def test_export_matches_the_format_and_saelens_formulas_on_raw_activations(archi
     name, extra = EXPECTED[architecture]
     assert cfg["architecture"] == name
     assert set(saelens.CONFIG_FIELDS) <= set(cfg)
-    assert set(cfg["meta"]) == set(saelens.METADATA_FIELDS)
+    assert set(cfg["metadata"]) == set(saelens.METADATA_FIELDS)
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (D, N, "float32")
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
-    assert cfg["meta"]["hook_name"] == cfg["hook_name"] == "blocks.3.hook_resid_post"
-    assert cfg["meta"]["hook_layer"] == cfg["hook_layer"] == 3
-    assert cfg["meta"]["model_name"] == "gpt2" and cfg["meta"]["context_size"] == 128
+    assert cfg["metadata"]["hook_name"] == cfg["hook_name"] == "blocks.3.hook_resid_post"
+    assert cfg["metadata"]["hook_layer"] == cfg["hook_layer"] == 3
+    assert cfg["metadata"]["model_name"] == "gpt2" and cfg["metadata"]["context_size"] == 128
     if architecture == "topk":
         assert cfg["k"] == 5 and cfg["rescale_acts_by_decoder_norm"] is False
     assert set(w) == {"W_enc", "W_dec", "b_dec"} | extra
@@ -157,7 +157,7 @@ def test_a_run_directory_exports_through_load_sae(tmp_path):
     """export_saelens(workdir) goes through load_sae; a switch SAE has no SAELens form."""
     with pytest.raises(AnalysisError, match=r"'switch' SAE has no SAELens counterpart"):
         saelens.to_saelens(_trained_like("switch"))
-    with pytest.raises(AnalysisError, match=r"neither a saejax run directory"):
+    with pytest.raises(AnalysisError, match=r"is not a saejax run directory"):
         saelens.export_saelens(str(tmp_path), str(tmp_path / "out"))
 
 

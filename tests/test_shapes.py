@@ -57,7 +57,7 @@ def test_a_pair_is_a_composition_not_a_file():
     assert architecture.shape == shapes.Transcoder(IN, OUT)
     assert architecture.param_axes["W_enc"] == ("embed_in", "latent")
     assert architecture.param_axes["log_threshold"] == ("latent",)
-    assert architecture.saelens is None  # SAELens' conversion is the single-hook form's
+    assert architecture.saelens is sae.get("jumprelu").saelens  # the shape adds its part
     # The default shape is the registered architecture itself.
     assert sae.from_config(configs.base_config().sae) is sae.get("relu")
 
