@@ -4,6 +4,7 @@ format's documented field and tensor names and against SAELens' encode/decode fo
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from saejax import sae
 from saejax.analysis import loading, saelens
 from saejax.analysis.loading import AnalysisError, LoadedSAE
+from saejax.sae import shapes
 
 D, N = 16, 48
 RNG = np.random.default_rng(0)
@@ -272,3 +274,21 @@ def test_saelens_inputs_that_cannot_be_read_are_refused(tmp_path):
     os.remove(tmp_path / "arch" / "sae_weights.safetensors")
     with pytest.raises(AnalysisError, match=r"sae_weights.safetensors is missing"):
         saelens.import_saelens(str(tmp_path / "arch"))
+
+
+def test_a_transcoder_saelens_has_no_class_for_is_refused_naming_what_it_has(tmp_path):
+    transcoder = shapes.Transcoder("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out")
+    refused = sorted(set(saelens.exportable()) - set(saelens.exportable(transcoder)))
+    assert refused and saelens.exportable(transcoder)  # SAELens has some transcoders, not all
+    for name in refused:
+        config = loading.sae_config_for(name, k=5, **transcoder.config_fields())
+        architecture = sae.from_config(config)
+        params = jax.tree.map(np.asarray, architecture.init(jax.random.PRNGKey(0), D, N, config))
+        loaded = LoadedSAE(params=params, input_scale=1.0, architecture=architecture,
+                           sae_config=config, source="/runs/x", kind="saejax")
+        with pytest.raises(AnalysisError, match=(
+                rf"a '{name}' SAE with sae.shape='transcoder' has no SAELens counterpart: "
+                r"SAELens has no transcoder for its '\w+' SAE; its transcoders are "
+                r"'transcoder' \(from 'standard'\).*saejax exports "
+                + re.escape(str(saelens.exportable(transcoder))) + " with sae.shape='transcoder'")):
+            saelens.export_saelens(loaded, str(tmp_path / name))
