@@ -44,7 +44,8 @@ def saelens_python() -> str:
               or os.path.join(ROOT, "benchmarks", ".venv-saelens", "bin", "python"))
     if not os.path.isfile(python):
         why = (f"no SAELens environment at {python}; create one with `bash "
-               "benchmarks/setup_saelens.sh [VENV]` and set SAEJAX_SAELENS_PYTHON=VENV/bin/python")
+               "benchmarks/setup_saelens.sh [VENV]` and set "
+               "SAEJAX_SAELENS_PYTHON=VENV/bin/python")
         if os.environ.get("CI"):
             pytest.fail(why)
         pytest.skip(why)

@@ -295,9 +295,9 @@ class Transcoder(NamedTuple):
     def to_saelens(self, form: str, tensors: dict, params: dict):
         name = SAELENS_TRANSCODERS.get((form, self.skip_connection))
         if name is None:
+            with_skip = " with a skip connection" if self.skip_connection else ""
             raise ConfigError(
-                f"SAELens has no transcoder{' with a skip connection' if self.skip_connection else ''}"
-                f" for its {form!r} SAE; its transcoders are "
+                f"SAELens has no transcoder{with_skip} for its {form!r} SAE; its transcoders are "
                 + ", ".join(f"{n!r} (from {f!r}{', skip' if skip else ''})"
                             for (f, skip), n in SAELENS_TRANSCODERS.items()) + ".")
         tensors = dict(tensors)
