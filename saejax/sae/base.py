@@ -59,7 +59,8 @@ class SaeLens(NamedTuple):
         saejax's scale (the caller folds the input scale into W_enc, W_dec and b_dec;
         thresholds and encoder biases compare with unscaled pre-activations, so they need no
         fold).
-    imports: the SAELens architectures `from_saelens` reads.
+    imports: the SAELens architectures `from_saelens` reads, SAELens' name for this one first
+        (the SAE benchmarks/peers.py times against it).
     required(saelens_architecture, d_sae, tensors) -> {tensor name: shape} it needs besides
         W_enc, W_dec, b_dec.
     from_saelens(saelens_architecture, tensors, cfg) -> (saejax architecture name, params,
