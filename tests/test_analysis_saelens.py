@@ -24,8 +24,8 @@ RNG = np.random.default_rng(0)
 # GatedSAE .encode and .decode), in NumPy.
 # ------------------------------------------------------------------------------------------
 def _flat(cfg):
-    out = {k: v for k, v in cfg.items() if k != "meta"}
-    out.update({k: v for k, v in (cfg.get("meta") or {}).items()})
+    out = {k: v for k, v in cfg.items() if k not in ("meta", "metadata")}
+    out.update({k: v for k, v in (cfg.get("meta") or cfg.get("metadata") or {}).items()})
     return out
 
 
@@ -121,7 +121,7 @@ def test_export_matches_the_format_and_saelens_formulas_on_raw_activations(archi
     assert sorted(os.listdir(out)) == ["cfg.json", "sae_weights.safetensors"]
     cfg, w = _read(out)
 
-    # The documented names: SAEConfig's fields with SAEMetadata nested under "meta".
+    # The documented names: SAEConfig's fields with SAEMetadata nested under "metadata".
     name, extra = EXPECTED[architecture]
     assert cfg["architecture"] == name
     assert set(saelens.CONFIG_FIELDS) <= set(cfg)
@@ -195,13 +195,13 @@ HANDWRITTEN = {
     "jumprelu_gemma_scope": ("jumprelu", {
         "architecture": "jumprelu", "d_in": D, "d_sae": N, "dtype": "float32",
         "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
-        "reshape_activations": "none", "meta": _meta()}),
+        "reshape_activations": "none", "metadata": _meta()}),
     # SAELens 6 TopK trained with rescale_acts_by_decoder_norm.
     "topk_rescaled": ("topk", {
         "architecture": "topk", "d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none",
         "reshape_activations": "none", "k": 6, "rescale_acts_by_decoder_norm": True,
-        "meta": _meta()}),
+        "metadata": _meta()}),
     # Before SAELens 6: a flat config, hook_point names, TopK through activation_fn_kwargs.
     "topk_pre_6": ("topk", {
         "architecture": "topk", "d_in": D, "d_sae": N, "dtype": "torch.float32",
@@ -217,6 +217,7 @@ HANDWRITTEN = {
         "hook_point_head_index": None, "activation_fn_str": "relu",
         "apply_b_dec_to_input": True, "finetuning_scaling_factor": False,
         "context_size": 128, "normalize_activations": False}),
+    # Metadata under "meta", as saejax's exports before SAELens' own key was used.
     "gated_no_b_dec_in": ("gated", {
         "architecture": "gated", "d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": False, "normalize_activations": "none",
