@@ -1,6 +1,7 @@
 """SAELens interop: export to and import from SAELens' on-disk format, checked against the
 format's documented field and tensor names and against SAELens' encode/decode formulas
-(transcribed below from sae_lens/saes/*.py), on raw activations."""
+(transcribed below from sae_lens/saes/*.py), on raw activations. tests/test_saelens_interop.py
+checks the same against sae_lens itself where its environment is installed."""
 
 import json
 import os
