@@ -7,7 +7,7 @@ A SAELens SAE directory holds `cfg.json` and `sae_weights.safetensors` (`W_enc [
 `r_mag`, `b_mag`). The field and tensor names and the encode formulas below follow SAELens'
 source (sae_lens/saes/{sae,standard_sae,topk_sae,jumprelu_sae,gated_sae,batchtopk_sae,
 transcoder}.py, sae_lens/loading/pretrained_sae_loaders.py, SAELens 6.x; older flat configs are
-read too), and tests/test_analysis_saelens.py checks them against sae_lens itself.
+read too); tests/test_saelens_interop.py checks them against sae_lens itself.
 
 A transcoder (`sae.shape='transcoder'`) is one of SAELens' transcoder classes (`transcoder`,
 `skip_transcoder`, `jumprelu_transcoder`, `jumprelu_skip_transcoder`): `d_out`, the target
