@@ -1,7 +1,7 @@
 """SAELens interop checked against `sae_lens` itself, in the SAELens environment of
 benchmarks/setup_saelens.sh (`SAEJAX_SAELENS_PYTHON`, else benchmarks/.venv-saelens/bin/python):
-tests/saelens_peer.py runs there once, in one subprocess, without saejax; arrays cross as .npy
-files, SAEs as SAELens directories.
+tests/saelens_peer.py runs there once, in one subprocess (one for all pytest-xdist workers),
+without saejax; arrays cross as .npy files, SAEs as SAELens directories.
 
 - Export: every registered architecture with a SAELens form, as an SAE and as a transcoder
   (with and without its skip connection), trained-like (biases, thresholds, gains away from
@@ -14,6 +14,7 @@ Missing, the environment skips these tests locally and fails them in CI (CI=true
 creates it.
 """
 
+import fcntl
 import json
 import os
 import subprocess
@@ -113,31 +114,43 @@ def _build_cfg(saelens_architecture: str) -> dict:
             "rescale_acts_by_decoder_norm": True, "metadata": metadata}
 
 
+def _shared_dir(tmp_path_factory):
+    """A folder every pytest-xdist worker of this session shares (the session's own without
+    xdist), so that the peer runs once however the tests are spread."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory):
-    """Writes the request, runs tests/saelens_peer.py once, and returns what each side needs."""
+    """Runs tests/saelens_peer.py once (the first worker to get here; the others wait and read
+    its outputs) and returns what each side needs."""
     python = saelens_python()
-    work = tmp_path_factory.mktemp("saelens")
     rng = np.random.default_rng(0)
     x = (rng.normal(0.3, 1.0, (64, D_IN))).astype(np.float32)
-    x_path = str(work / "x.npy")
-    np.save(x_path, x)
-    exported, load_cases = {}, []
-    for case, name, shape_name in _cases():
-        loaded = _trained_like(name, SHAPES[shape_name], rng)
-        directory = saelens.export_saelens(loaded, str(work / "export" / case))
-        exported[case] = loaded
-        load_cases.append({"name": case, "dir": directory, "x": x_path,
-                           "out": str(work / f"load-{case}")})
+    exported = {case: _trained_like(name, SHAPES[shape_name], rng)
+                for case, name, shape_name in _cases()}
+    work = _shared_dir(tmp_path_factory) / "saelens-peer"
+    load_cases = [{"name": case, "dir": str(work / "export" / case), "x": str(work / "x.npy"),
+                   "out": str(work / f"load-{case}")} for case in exported]
     build_cases = [{"name": name, "cfg": _build_cfg(name), "dir": str(work / "build" / name),
-                    "x": x_path, "out": str(work / f"build-{name}")}
+                    "x": str(work / "x.npy"), "out": str(work / f"build-{name}")}
                    for name in saelens.importable()]
-    with open(work / "request.json", "w") as f:
-        json.dump({"load": load_cases, "build": build_cases}, f)
-    result = subprocess.run([python, PEER, str(work / "request.json")], capture_output=True,
-                            text=True, timeout=300, check=False, cwd=str(work))
-    assert result.returncode == 0, result.stderr[-4000:]
-    done = json.loads(result.stdout.strip().splitlines()[-1])
+    with open(str(work) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (work / "done.json").exists():
+            work.mkdir(parents=True, exist_ok=True)
+            np.save(work / "x.npy", x)
+            for case in load_cases:
+                saelens.export_saelens(exported[case["name"]], case["dir"])
+            with open(work / "request.json", "w") as f:
+                json.dump({"load": load_cases, "build": build_cases}, f)
+            result = subprocess.run([python, PEER, str(work / "request.json")],
+                                    capture_output=True, text=True, timeout=300, check=False,
+                                    cwd=str(work))
+            assert result.returncode == 0, result.stderr[-4000:]
+            (work / "done.json").write_text(result.stdout.strip().splitlines()[-1])
+    done = json.loads((work / "done.json").read_text())
     assert set(done["loaded"]) == set(exported) and set(done["built"]) == set(
         saelens.importable()), done
 
