@@ -9,8 +9,9 @@ it imports only torch, sae_lens, numpy and the standard library.
 `--architecture` is SAELens' name (standard, topk, jumprelu, batchtopk, gated, ...: its
 training registry; benchmarks/peers.py maps saejax's names to these). It builds that training
 SAE from SAELens' registry, with the flags its config has (`--k`, `--l1_coefficient`; the
-others' defaults), and SAELens' own SAETrainer, and times `SAETrainer.step` on batches of `--data` (a float32 .npy
-[rows, d], cut into batches of --batch_size rows, all loaded before timing). That is what
+others' defaults), and SAELens' own SAETrainer, and times `SAETrainer.step` on batches of
+`--data` (a float32 .npy [rows, d], cut into batches of --batch_size rows, all loaded before
+timing). That is what
 `SAETrainer.fit` does per step less its logging, evals and checkpoints: the training forward
 pass (encode, decode, MSE + the architecture's auxiliary loss), the firing statistics for dead
 latents, backward, gradient-norm clipping, Adam, the learning-rate and coefficient schedulers.

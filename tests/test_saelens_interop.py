@@ -54,8 +54,8 @@ def saelens_python() -> str:
 
 
 def _cases():
-    """(case, architecture, shape) for every registered architecture SAELens has a counterpart of in that
-    shape (`saelens.exportable`)."""
+    """(case, architecture, shape) for every registered architecture SAELens has a counterpart
+    of in that shape (`saelens.exportable`)."""
     return [(f"{name}-{shape_name}", name, shape_name)
             for shape_name, shape in SHAPES.items() for name in saelens.exportable(shape)]
 
