@@ -95,12 +95,23 @@ def time_saejax_step(config, data: np.ndarray, *, iters: int) -> dict:
             "tokens_per_s": batch_size / seconds, "flops_per_token": trainer.flops_per_token}
 
 
+def saelens_architecture(config) -> str:
+    """SAELens' name for the config's architecture (relu: standard): the first SAELens
+    architecture its conversion reads (`sae.base.SaeLens.imports`)."""
+    from saejax import sae  # pylint: disable=import-outside-toplevel
+    architecture = sae.get(config.sae.architecture)
+    if not (architecture.saelens and architecture.saelens.imports):
+        raise SystemExit(f"peers.py: SAELens has no {architecture.name!r} SAE to time; choose "
+                         "an architecture with a SAELens counterpart.")
+    return architecture.saelens.imports[0]
+
+
 def time_saelens_step(python: str, config, data_path: str, *, iters: int) -> dict:
     """benchmarks/saelens_step.py in the SAELens venv, with `config`'s work per step."""
     d, n_latents = int(config.data.d), int(config.data.d) * int(config.sae.expansion_factor)
     command = [
         python, os.path.join(BENCHMARKS, "saelens_step.py"),
-        f"--architecture={config.sae.architecture}", f"--d={d}",
+        f"--architecture={saelens_architecture(config)}", f"--d={d}",
         f"--expansion_factor={config.sae.expansion_factor}",
         f"--batch_size={config.train.batch_size}", f"--k={config.sae.k}",
         # saejax: mean MSE over elements + c * mean over tokens and latents; SAELens: MSE

@@ -6,9 +6,12 @@ it imports only torch, sae_lens, numpy and the standard library.
     benchmarks/.venv-saelens/bin/python benchmarks/saelens_step.py --architecture=topk \
         --d=512 --expansion_factor=128 --batch_size=4096 --k=32 --data=acts.npy
 
-It builds SAELens' training SAE (StandardTrainingSAE for relu, TopKTrainingSAE for topk) and
-SAELens' own SAETrainer, and times `SAETrainer.step` on batches of `--data` (a float32 .npy
-[rows, d], cut into batches of --batch_size rows, all loaded before timing). That is what
+`--architecture` is SAELens' name (standard, topk, jumprelu, batchtopk, gated, ...: its
+training registry; benchmarks/peers.py maps saejax's names to these). It builds that training
+SAE from SAELens' registry, with the flags its config has (`--k`, `--l1_coefficient`; the
+others' defaults), and SAELens' own SAETrainer, and times `SAETrainer.step` on batches of
+`--data` (a float32 .npy [rows, d], cut into batches of --batch_size rows, all loaded before
+timing). That is what
 `SAETrainer.fit` does per step less its logging, evals and checkpoints: the training forward
 pass (encode, decode, MSE + the architecture's auxiliary loss), the firing statistics for dead
 latents, backward, gradient-norm clipping, Adam, the learning-rate and coefficient schedulers.
@@ -24,36 +27,37 @@ import time
 import numpy as np
 import torch
 
-from sae_lens import (SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig,
-                      TopKTrainingSAE, TopKTrainingSAEConfig)
+from sae_lens import SAETrainer
 from sae_lens.config import SAETrainerConfig
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY, get_sae_training_class
+from sae_lens.util import filter_valid_dataclass_fields
 
 
 def make_sae(args, n_latents: int):
-    if args.architecture == "relu":
-        # ReLU with an L1 penalty on f_i * ||W_dec,i||: SAELens' "standard" SAE.
-        return StandardTrainingSAE(StandardTrainingSAEConfig(
-            d_in=args.d, d_sae=n_latents, dtype="float32", device="cpu",
-            l1_coefficient=args.l1_coefficient))
-    if args.architecture == "topk":
-        # SAELens' defaults: dense activations (use_sparse_activations=False), so the decoder
-        # multiplies the whole [batch, n_latents] matrix. (Its sparse option fails in backward
-        # on CPU in sae-lens 6.54 with torch 2.13: aten::view has no SparseCPU kernel.)
-        return TopKTrainingSAE(TopKTrainingSAEConfig(
-            d_in=args.d, d_sae=n_latents, dtype="float32", device="cpu", k=args.k))
-    raise ValueError(f"saelens_step.py: unknown --architecture={args.architecture!r}; "
-                     "use relu or topk.")
+    """SAELens' training SAE `--architecture` with every other field at SAELens' default.
+
+    The standard SAE is ReLU with an L1 penalty on f_i * ||W_dec,i||. TopK keeps SAELens'
+    dense activations (use_sparse_activations=False), so the decoder multiplies the whole
+    [batch, n_latents] matrix (its sparse option fails in backward on CPU in sae-lens 6.54 with
+    torch 2.13: aten::view has no SparseCPU kernel).
+    """
+    sae_class, config_class = get_sae_training_class(args.architecture)
+    fields = {"d_in": args.d, "d_sae": n_latents, "dtype": "float32", "device": "cpu",
+              "k": args.k, "l1_coefficient": args.l1_coefficient}
+    return sae_class(config_class(**filter_valid_dataclass_fields(fields, config_class)))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--architecture", default="relu", choices=("relu", "topk"))
+    parser.add_argument("--architecture", default="standard",
+                        choices=sorted(SAE_TRAINING_CLASS_REGISTRY))
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--expansion_factor", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--l1_coefficient", type=float, default=1.0,
-                        help="SAELens' l1_coefficient (its loss sums the MSE over d)")
+                        help="SAELens' l1_coefficient, for the architectures with one (its "
+                        "loss sums the MSE over d)")
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)

@@ -456,7 +456,7 @@ def test_a_trained_run_exports_to_saelens_and_its_import_drives_the_tools(run, t
     with open(os.path.join(out, "cfg.json")) as f:
         cfg = json.load(f)
     assert (cfg["architecture"], cfg["k"], cfg["d_in"], cfg["d_sae"]) == ("topk", 8, 64, 256)
-    meta = cfg["meta"]
+    meta = cfg["metadata"]  # SAEMetadata, where SAEConfig.to_dict writes it
     assert (meta["hook_name"], meta["hook_layer"], meta["context_size"], meta["model_name"]) == (
         HOOK, 1, 32, "model")
     assert meta["dataset_path"].endswith("text.txt")

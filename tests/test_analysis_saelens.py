@@ -1,9 +1,11 @@
 """SAELens interop: export to and import from SAELens' on-disk format, checked against the
 format's documented field and tensor names and against SAELens' encode/decode formulas
-(transcribed below from sae_lens/saes/*.py), on raw activations."""
+(transcribed below from sae_lens/saes/*.py), on raw activations. tests/test_saelens_interop.py
+checks the same against sae_lens itself where its environment is installed."""
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from saejax import sae
 from saejax.analysis import loading, saelens
 from saejax.analysis.loading import AnalysisError, LoadedSAE
+from saejax.sae import shapes
 
 D, N = 16, 48
 RNG = np.random.default_rng(0)
@@ -22,8 +25,8 @@ RNG = np.random.default_rng(0)
 # GatedSAE .encode and .decode), in NumPy.
 # ------------------------------------------------------------------------------------------
 def _flat(cfg):
-    out = {k: v for k, v in cfg.items() if k != "meta"}
-    out.update({k: v for k, v in (cfg.get("meta") or {}).items()})
+    out = {k: v for k, v in cfg.items() if k not in ("meta", "metadata")}
+    out.update({k: v for k, v in (cfg.get("meta") or cfg.get("metadata") or {}).items()})
     return out
 
 
@@ -119,16 +122,16 @@ def test_export_matches_the_format_and_saelens_formulas_on_raw_activations(archi
     assert sorted(os.listdir(out)) == ["cfg.json", "sae_weights.safetensors"]
     cfg, w = _read(out)
 
-    # The documented names: SAEConfig's fields with SAEMetadata nested under "meta".
+    # The documented names: SAEConfig's fields with SAEMetadata nested under "metadata".
     name, extra = EXPECTED[architecture]
     assert cfg["architecture"] == name
     assert set(saelens.CONFIG_FIELDS) <= set(cfg)
-    assert set(cfg["meta"]) == set(saelens.METADATA_FIELDS)
+    assert set(cfg["metadata"]) == set(saelens.METADATA_FIELDS)
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (D, N, "float32")
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
-    assert cfg["meta"]["hook_name"] == cfg["hook_name"] == "blocks.3.hook_resid_post"
-    assert cfg["meta"]["hook_layer"] == cfg["hook_layer"] == 3
-    assert cfg["meta"]["model_name"] == "gpt2" and cfg["meta"]["context_size"] == 128
+    assert cfg["metadata"]["hook_name"] == cfg["hook_name"] == "blocks.3.hook_resid_post"
+    assert cfg["metadata"]["hook_layer"] == cfg["hook_layer"] == 3
+    assert cfg["metadata"]["model_name"] == "gpt2" and cfg["metadata"]["context_size"] == 128
     if architecture == "topk":
         assert cfg["k"] == 5 and cfg["rescale_acts_by_decoder_norm"] is False
     assert set(w) == {"W_enc", "W_dec", "b_dec"} | extra
@@ -157,7 +160,7 @@ def test_a_run_directory_exports_through_load_sae(tmp_path):
     """export_saelens(workdir) goes through load_sae; a switch SAE has no SAELens form."""
     with pytest.raises(AnalysisError, match=r"'switch' SAE has no SAELens counterpart"):
         saelens.to_saelens(_trained_like("switch"))
-    with pytest.raises(AnalysisError, match=r"neither a saejax run directory"):
+    with pytest.raises(AnalysisError, match=r"is not a saejax run directory"):
         saelens.export_saelens(str(tmp_path), str(tmp_path / "out"))
 
 
@@ -193,13 +196,13 @@ HANDWRITTEN = {
     "jumprelu_gemma_scope": ("jumprelu", {
         "architecture": "jumprelu", "d_in": D, "d_sae": N, "dtype": "float32",
         "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
-        "reshape_activations": "none", "meta": _meta()}),
+        "reshape_activations": "none", "metadata": _meta()}),
     # SAELens 6 TopK trained with rescale_acts_by_decoder_norm.
     "topk_rescaled": ("topk", {
         "architecture": "topk", "d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none",
         "reshape_activations": "none", "k": 6, "rescale_acts_by_decoder_norm": True,
-        "meta": _meta()}),
+        "metadata": _meta()}),
     # Before SAELens 6: a flat config, hook_point names, TopK through activation_fn_kwargs.
     "topk_pre_6": ("topk", {
         "architecture": "topk", "d_in": D, "d_sae": N, "dtype": "torch.float32",
@@ -215,6 +218,7 @@ HANDWRITTEN = {
         "hook_point_head_index": None, "activation_fn_str": "relu",
         "apply_b_dec_to_input": True, "finetuning_scaling_factor": False,
         "context_size": 128, "normalize_activations": False}),
+    # Metadata under "meta", as saejax's exports before SAELens' own key was used.
     "gated_no_b_dec_in": ("gated", {
         "architecture": "gated", "d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": False, "normalize_activations": "none",
@@ -272,3 +276,21 @@ def test_saelens_inputs_that_cannot_be_read_are_refused(tmp_path):
     os.remove(tmp_path / "arch" / "sae_weights.safetensors")
     with pytest.raises(AnalysisError, match=r"sae_weights.safetensors is missing"):
         saelens.import_saelens(str(tmp_path / "arch"))
+
+
+def test_a_transcoder_saelens_has_no_class_for_is_refused_naming_what_it_has(tmp_path):
+    transcoder = shapes.Transcoder("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out")
+    refused = sorted(set(saelens.exportable()) - set(saelens.exportable(transcoder)))
+    assert refused and saelens.exportable(transcoder)  # SAELens has some transcoders, not all
+    for name in refused:
+        config = loading.sae_config_for(name, k=5, **transcoder.config_fields())
+        architecture = sae.from_config(config)
+        params = jax.tree.map(np.asarray, architecture.init(jax.random.PRNGKey(0), D, N, config))
+        loaded = LoadedSAE(params=params, input_scale=1.0, architecture=architecture,
+                           sae_config=config, source="/runs/x", kind="saejax")
+        with pytest.raises(AnalysisError, match=(
+                rf"a '{name}' SAE with sae.shape='transcoder' has no SAELens counterpart: "
+                r"SAELens has no transcoder for its '\w+' SAE; its transcoders are "
+                r"'transcoder' \(from 'standard'\).*saejax exports "
+                + re.escape(str(saelens.exportable(transcoder))) + " with sae.shape='transcoder'")):
+            saelens.export_saelens(loaded, str(tmp_path / name))

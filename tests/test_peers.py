@@ -43,7 +43,8 @@ def test_peers_times_saejax_and_compares_with_the_saelens_step(tmp_path, capsys)
 
 
 def test_saelens_gets_the_same_work_per_step(tmp_path, monkeypatch):
-    # The L1 coefficient is saejax's x d / n_latents (SAELens sums where saejax averages).
+    # relu is SAELens' standard SAE; the L1 coefficient is saejax's x d / n_latents (SAELens
+    # sums where saejax averages).
     captured = {}
 
     def fake_run(command, **kwargs):
@@ -58,7 +59,7 @@ def test_saelens_gets_the_same_work_per_step(tmp_path, monkeypatch):
     peers.time_saelens_step("python", config, os.fspath(tmp_path / "a.npy"), iters=3)
     flags = captured["flags"]
     assert (flags["architecture"], flags["d"], flags["expansion_factor"], flags["batch_size"],
-            flags["k"], flags["iters"]) == ("relu", "32", "4", "64", "4", "3")
+            flags["k"], flags["iters"]) == ("standard", "32", "4", "64", "4", "3")
     assert float(flags["l1_coefficient"]) == pytest.approx(
         float(config.sae.l1_coefficient) * 32 / 128)
     assert float(flags["learning_rate"]) == float(config.optim.learning_rate)

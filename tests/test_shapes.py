@@ -16,7 +16,7 @@ from conftest import toy_config
 from jax.sharding import AbstractMesh, AxisType
 
 from saejax import configs, data, memory, sae, sharding, train, validation
-from saejax.analysis import loading
+from saejax.analysis import loading, saelens
 from saejax.data import synthetic
 from saejax.sae import shapes
 from saejax.sharding import ConfigError
@@ -57,7 +57,7 @@ def test_a_pair_is_a_composition_not_a_file():
     assert architecture.shape == shapes.Transcoder(IN, OUT)
     assert architecture.param_axes["W_enc"] == ("embed_in", "latent")
     assert architecture.param_axes["log_threshold"] == ("latent",)
-    assert architecture.saelens is None  # SAELens' conversion is the single-hook form's
+    assert architecture.saelens is sae.get("jumprelu").saelens  # the shape adds its part
     # The default shape is the registered architecture itself.
     assert sae.from_config(configs.base_config().sae) is sae.get("relu")
 
@@ -159,6 +159,18 @@ def test_transcoder_trains_checkpoints_and_resumes(case, tmp_path):
     assert train.train_and_evaluate(_config(case, **overrides), resumed)["step"] == 40
     loaded = loading.load_sae(workdir)  # read back as the transcoder it is
     assert loaded.architecture.shape == shapes.Transcoder(IN, OUT, case == "topk_skip")
+    # Exported where SAELens has the transcoder (tests/test_saelens_interop.py runs sae_lens on
+    # it), it reads back to the same map from one hook to the other; else a clear refusal.
+    out = str(tmp_path / "saelens")
+    if loaded.architecture.name in saelens.exportable(loaded.architecture.shape):
+        imported = loading.load_sae(saelens.export_saelens(workdir, out))
+        assert imported.architecture.shape == loaded.architecture.shape
+        x = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+        np.testing.assert_allclose(imported.reconstruct(x), loaded.reconstruct(x), rtol=1e-5,
+                                   atol=1e-5)
+    else:
+        with pytest.raises(loading.AnalysisError, match="has no SAELens counterpart"):
+            saelens.export_saelens(workdir, out)
     straight, again = train.load_params(workdir), train.load_params(resumed)
     for name in straight:
         np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(straight[name]),

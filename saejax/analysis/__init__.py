@@ -1,12 +1,13 @@
 """Reading a trained dictionary: what each latent means and what it does.
 
+- `loaded`: the `LoadedSAE` every tool reads, and reading a saejax run's workdir as one.
 - `loading`: a run's workdir or a SAELens directory as one `LoadedSAE`, and the shared checks.
 - `top_activations`: one sharded pass over an activation store keeping each latent's top
   activating tokens with their context, density, mean activation and histogram.
 - `dashboard`: static HTML pages per latent and an index (`python -m saejax.analysis.dashboard`).
 - `steer`: the LM with a latent clamped, added or ablated at its hook
   (`python -m saejax.analysis.steer`).
-- `saelens`: export to and import from SAELens' on-disk format.
+- `saelens`: export to and import from SAELens' on-disk format (SAEs and transcoders).
 """
 
 import importlib

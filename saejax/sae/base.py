@@ -51,22 +51,24 @@ class Temporaries(NamedTuple):
 
 class SaeLens(NamedTuple):
     """An architecture's conversion to and from SAELens' format (`saejax.analysis.saelens`
-    does the file format, the input-scale fold and the checks every SAE shares).
+    does the file format, the input-scale fold and the checks every SAE shares; the shape
+    turns the mechanism's SAE form into its own, `shapes.SingleHook.to_saelens`).
 
     to_saelens(params, sae_config) -> (SAELens architecture, tensors, cfg fields): `params`
         are float32 NumPy; `tensors` are every tensor of the SAELens file for inputs at
         saejax's scale (the caller folds the input scale into W_enc, W_dec and b_dec;
         thresholds and encoder biases compare with unscaled pre-activations, so they need no
         fold).
-    imports: the SAELens architectures `from_saelens` reads.
+    imports: the SAELens architectures `from_saelens` reads, SAELens' name for this one first
+        (the SAE benchmarks/peers.py times against it).
     required(saelens_architecture, d_sae, tensors) -> {tensor name: shape} it needs besides
         W_enc, W_dec, b_dec.
     from_saelens(saelens_architecture, tensors, cfg) -> (saejax architecture name, params,
         sae fields such as {"k": 32}, folds applied): `tensors` hold W_enc, W_dec, b_dec
         already in saejax's layout; `cfg` is cfg.json in one flat namespace.
     fold_input_shift(params, shift) -> params: SAELens' `apply_b_dec_to_input=false` encodes
-        `x @ W_enc + b_enc`; saejax subtracts b_dec first, so `shift = b_dec @ W_enc` is added
-        back to every encoder bias (default: `b_enc`).
+        `x @ W_enc + b_enc`; a single-hook saejax SAE subtracts b_dec first, so
+        `shift = b_dec @ W_enc` is added back to every encoder bias (default: `b_enc`).
     """
 
     to_saelens: Callable[..., tuple[str, dict, dict]] | None = None
@@ -203,8 +205,8 @@ class Mechanism(NamedTuple):
     the batch (`shape.input`, `shape.target`) and the dictionary (`shape.pre_activations`,
     `shape.raw`, `shape.decode`, `shape.decoder_norms`, `shape.init_layout`); `compose`
     binds the shape. `param_axes` and `resample` list only its own params (the shape adds
-    the layout's); `shapes` names the shapes it supports (None: any), and `saelens` applies
-    to its single-hook form.
+    the layout's); `shapes` names the shapes it supports (None: any), and `saelens` converts
+    its own tensors, the shape adding its part (a transcoder's class, `d_out`, `W_skip`).
     """
 
     name: str
@@ -251,7 +253,7 @@ def compose(mechanism: Mechanism, shape=SINGLE_HOOK) -> Architecture:
         resample={**shape.resample, **mechanism.resample},
         sparsity_mean_over_latents=mechanism.sparsity_mean_over_latents,
         level_field=mechanism.level_field,
-        saelens=mechanism.saelens if shape.name == SINGLE_HOOK.name else None,
+        saelens=mechanism.saelens,  # the shape adds its part (`shape.to_saelens`)
         shape=shape,
         mechanism=mechanism,
     )

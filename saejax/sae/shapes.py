@@ -180,6 +180,34 @@ class SingleHook(NamedTuple):
         del d, n_latents
         return 0
 
+    # SAELens' form (saejax.analysis.saelens): the mechanism's own SAE, which subtracts b_dec
+    # from its input as saejax does.
+    def to_saelens(self, form: str, tensors: dict, params: dict):
+        """(SAELens architecture, tensors, cfg fields, metadata) of a mechanism's SAELens form."""
+        del params
+        return form, tensors, {"apply_b_dec_to_input": True}, {}
+
+    def saelens_required(self, d_in: int, d_sae: int, cfg: dict) -> dict:
+        del cfg
+        return {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+
+    def from_saelens(self, params: dict, tensors: dict, cfg: dict, conversion):
+        """(params, folds) with what SAELens does outside the mechanism's tensors folded in:
+        `apply_b_dec_to_input: false` encodes `x @ W_enc + b_enc`; saejax subtracts b_dec
+        first, so `b_dec @ W_enc` is added back to the encoder biases."""
+        del tensors
+        if cfg.get("apply_b_dec_to_input") is not False:
+            return params, []
+        shift = params["b_dec"] @ params["W_enc"]
+        params = (conversion.fold_input_shift(params, shift) if conversion.fold_input_shift
+                  else {**params, "b_enc": params["b_enc"] + shift})
+        return params, ["apply_b_dec_to_input=false into b_enc"]
+
+    def config_fields(self) -> dict:
+        """The `sae.<field>`s that choose this shape."""
+        return {}
+
+
 
 SINGLE_HOOK = SingleHook()
 
@@ -274,6 +302,43 @@ class Transcoder(NamedTuple):
         del n_latents
         d_in, d_out = self.widths(d)
         return 6 * d_in * d_out if self.skip_connection else 0
+
+    # SAELens' form (saejax.analysis.saelens): sae_lens/saes/transcoder.py encodes the input
+    # without subtracting b_dec (apply_b_dec_to_input must be false), decodes to `d_out`, and
+    # keeps the skip as `W_skip [d_out, d_in]`.
+    def to_saelens(self, form: str, tensors: dict, params: dict):
+        name = SAELENS_TRANSCODERS.get((form, self.skip_connection))
+        if name is None:
+            with_skip = " with a skip connection" if self.skip_connection else ""
+            raise ConfigError(
+                f"SAELens has no transcoder{with_skip} for its {form!r} SAE; its transcoders are "
+                + ", ".join(f"{n!r} (from {f!r}{', skip' if skip else ''})"
+                            for (f, skip), n in SAELENS_TRANSCODERS.items()) + ".")
+        tensors = dict(tensors)
+        if self.skip_connection:
+            tensors["W_skip"] = params["W_skip"].T
+        return (name, tensors,
+                {"d_out": int(params["W_dec"].shape[1]), "apply_b_dec_to_input": False},
+                {"hook_name": self.input_hook, "hook_name_out": self.target_hook})
+
+    def saelens_required(self, d_in: int, d_sae: int, cfg: dict) -> dict:
+        d_out = int(cfg.get("d_out") or 0)
+        required = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
+        return {**required, "W_skip": (d_out, d_in)} if self.skip_connection else required
+
+    def from_saelens(self, params: dict, tensors: dict, cfg: dict, conversion):
+        del conversion
+        if cfg.get("apply_b_dec_to_input"):
+            raise ConfigError("apply_b_dec_to_input=true: a transcoder's b_dec is on the "
+                              "output side (SAELens refuses it too); it must be false.")
+        if self.skip_connection:
+            params = {**params, "W_skip": tensors["W_skip"].T}
+        return params, []
+
+    def config_fields(self) -> dict:
+        return {"shape": self.name, "input_hook": self.input_hook,
+                "target_hook": self.target_hook, "skip_connection": self.skip_connection}
+
 
 
 class Crosscoder(NamedTuple):
@@ -393,3 +458,28 @@ def from_config(sae_config):
                               f"{sae_config.get('hooks', '')!r}).")
         return Crosscoder(hooks)
     raise ConfigError(f"sae.shape={name!r} is not known; choose one of {SHAPES}.")
+
+
+# SAELens' transcoder classes (sae_lens/saes/transcoder.py) by the SAE form a mechanism exports
+# to (`SaeLens.to_saelens`) and whether there is a skip connection. SAELens has none for TopK or
+# gated dictionaries.
+SAELENS_TRANSCODERS = {
+    ("standard", False): "transcoder",
+    ("standard", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+}
+
+
+def from_saelens(saelens_architecture: str, cfg: dict):
+    """(shape, SAELens SAE form its mechanism reads) of a SAELens architecture: a transcoder
+    class reads as the `Transcoder` shape from `hook_name` to `hook_name_out`, any other as
+    the single-hook SAE it is."""
+    for (form, skip), name in SAELENS_TRANSCODERS.items():
+        if name == saelens_architecture:
+            input_hook = cfg.get("hook_name") or "input"
+            target_hook = cfg.get("hook_name_out") or "target"
+            if target_hook == input_hook:
+                target_hook = f"{input_hook}.out"
+            return Transcoder(input_hook, target_hook, skip), form
+    return SINGLE_HOOK, saelens_architecture
