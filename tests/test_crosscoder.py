@@ -109,3 +109,16 @@ def test_crosscoder_config_errors_name_the_field():
             ({"data.source": "synthetic"}, r"reads several hooks; data.source='synthetic'")):
         with pytest.raises(ConfigError, match=message):
             validation.validate(_config(**overrides), 8)
+
+
+def test_a_trained_crosscoder_loads_and_its_saelens_export_is_refused(tmp_path):
+    from saejax.analysis import loading, saelens  # pylint: disable=import-outside-toplevel
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(_config(**{"train.steps": 4, "train.log_every": 2,
+                                        "train.checkpoint_every": 4}), workdir)
+    loaded = loading.load_sae(workdir)
+    assert loaded.architecture.shape == shapes.Crosscoder(HOOKS)
+    x = np.ones((2, 3 * 16), np.float32)
+    assert np.asarray(loaded.reconstruct(x)).shape == (2, 48)
+    with pytest.raises((ConfigError, loading.AnalysisError), match=r"SAELens has no crosscoder"):
+        saelens.export_saelens(workdir, str(tmp_path / "out"))

@@ -414,6 +414,14 @@ class Crosscoder(NamedTuple):
         columns add as much again each."""
         return 10 * (len(self.hooks) - 1) * self.width(d) * n_latents
 
+    def to_saelens(self, form: str, tensors: dict, params: dict):
+        del tensors, params
+        raise ConfigError(f"SAELens has no crosscoder (its {form!r} SAE reads one hook); a "
+                          f"crosscoder of {len(self.hooks)} hooks cannot be exported to it.")
+
+    def config_fields(self) -> dict:
+        return {"shape": self.name, "hooks": ",".join(self.hooks)}
+
 
 SHAPES = ("single_hook", "transcoder", "crosscoder")
 
