@@ -25,6 +25,8 @@ RUN_FILE = "sweep_run.json"
 # Final metrics copied from each point's summary.json, in this order (those a run reports).
 METRICS = ("mse", "fvu", "l0", "dead_fraction", "mmcs", "loss_recovered", "ce_clean", "ce_sae",
            "ce_zero_ablation", "kl_sae", "kl_zero_ablation")
+# Metrics per hook of a dictionary that reconstructs several (`fvu/<hook>`, saejax.step).
+PER_HOOK = "fvu/"
 # A point's status in the table: finished; trained part way (metrics from its last log line);
 # stopped by an error (NaN); not started.
 DONE, PARTIAL, FAILED, PENDING = "done", "partial", "failed", "pending"
@@ -63,6 +65,7 @@ def _row(workdir: str, entry: dict) -> dict[str, Any]:
     row["step"] = source.get("step")
     row["tokens"] = source.get("tokens")
     row.update({k: source[k] for k in METRICS if source.get(k) is not None})
+    row.update({k: v for k, v in source.items() if k.startswith(PER_HOOK)})
     if summary:
         row["train_flops"] = summary.get("train_flops")
         row["train_seconds"] = _train_seconds(summary)

@@ -122,3 +122,12 @@ def test_a_trained_crosscoder_loads_and_its_saelens_export_is_refused(tmp_path):
     assert np.asarray(loaded.reconstruct(x)).shape == (2, 48)
     with pytest.raises((ConfigError, loading.AnalysisError), match=r"SAELens has no crosscoder"):
         saelens.export_saelens(workdir, str(tmp_path / "out"))
+
+
+def test_the_experiment_config_is_a_valid_crosscoder():
+    from experiments import crosscoder  # pylint: disable=import-outside-toplevel
+    for arg in (None, "smoke"):
+        config = crosscoder.get_config(arg)
+        validation.validate(config, 8)
+        assert sae.from_config(config.sae).shape == shapes.Crosscoder(crosscoder.HOOKS)
+    assert [p["data.seed"] for p in crosscoder.get_sweep()] == [0, 1, 2]
