@@ -132,25 +132,30 @@ def _evaluate(config, trainer: Trainer, state: dict, source: data.KeyedSource,
 
 def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: int,
                 n_saes: int) -> list[dict]:
-    """Per SAE: loss recovered and KL with it spliced into the LM at `lm.hook`
-    (`evals.downstream_metrics`), or nothing when `evals.loss_recovered_sequences` is 0."""
+    """Per SAE: loss recovered and KL with it spliced into the LM at `lm.hook` (a transcoder:
+    reading its input hook, replacing its target hook; `shape.spliced_hooks`) by
+    `evals.downstream_metrics`, or nothing when `evals.loss_recovered_sequences` is 0."""
     n = int(config.evals.loss_recovered_sequences)
     if not n:
         return [{} for _ in range(n_saes)]
-    model = lm.load(config.lm, d=d)
+    input_hook, hook = architecture.shape.spliced_hooks(str(config.lm.hook))
+    lm_config = config.lm.copy_and_resolve_references()
+    with lm_config.unlocked():
+        lm_config.hook = hook
+    model = lm.load(lm_config, d=d)
     _, tokens = lm.split(config.lm, model, n)
 
     def reconstruct(sae_state, x):
         params, scale = sae_state
-        x_hat = architecture.decode(params, architecture.encode(params, x * scale, config.sae))
-        return x_hat / scale
+        x = x * scale
+        return architecture.decode(params, architecture.encode(params, x, config.sae), x) / scale
 
     members = ([member_state(state, i) for i in range(n_saes)] if group_coefficients(config)
                else [state])
     results = downstream.evaluate(
         model, tokens, batch_sequences=int(config.lm.batch_sequences), reconstruct=reconstruct,
         sae_params=[(m["params"], m["input_scale"]) for m in members], mesh=mesh,
-        keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)))
+        keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)), input_hook=input_hook)
     for i, result in enumerate(results):
         logging.info("Loss recovered%s: %.4f (CE clean %.4f, with the SAE %.4f, zero-ablated "
                      "%.4f; KL %.4g)", f" ({i})" if n_saes > 1 else "",

@@ -160,10 +160,8 @@ def _check_shape(config, architecture: sae.Architecture) -> None:
              f"in data.path, comma-separated (data.source='store'), or use "
              f"data.source='synthetic_transcoder'.")
     architecture.shape.entries({hook: int(config.data.d) for hook in hooks})
-    _require(config.evals.loss_recovered_sequences == 0,
-             f"evals.loss_recovered_sequences={config.evals.loss_recovered_sequences} splices "
-             f"a single-hook SAE into the LM; with sae.shape={architecture.shape.name!r} set "
-             "it to 0.")
+    if config.evals.loss_recovered_sequences:
+        architecture.shape.spliced_hooks(str(config.lm.hook))  # ConfigError where it cannot
 
 
 def _check_data_paths(config) -> None:

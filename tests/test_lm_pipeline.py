@@ -243,10 +243,30 @@ def test_stores_of_one_harvest_read_in_lockstep_and_train_a_transcoder(tiny, tmp
     transcoder = configs.apply_overrides(config, {
         "data.path": f"{stores[hooks[2]]},{stores[hooks[3]]}", "sae.input_hook": hooks[2],
         "sae.target_hook": hooks[3], "sae.architecture": "relu",
-        "evals.loss_recovered_sequences": 0, "train.steps": 20, "train.log_every": 10,
-        "train.checkpoint_every": 20})
+        "evals.loss_recovered_sequences": HOLDOUT, "train.steps": 60, "train.log_every": 20,
+        "train.checkpoint_every": 60})
     summary = train.train_and_evaluate(transcoder, str(tmp_path / "transcoder"))
     assert summary["shape"] == "transcoder" and np.isfinite(summary["fvu"])
+    # The transcoder replaces the MLP's output in the LM: loss recovered and KL as for an SAE.
+    assert summary["ce_clean"] < summary["ce_zero_ablation"]
+    assert np.isfinite(summary["loss_recovered"]) and summary["kl_sae"] >= 0
+
+    # Spliced in, a transcoder whose output is zero is the zero ablation of the MLP's output;
+    # one whose output is the clean activation of its input hook, where that is the target's
+    # own value (block 0's output is block 1's input), changes nothing.
+    from saejax.evals import downstream  # pylint: disable=import-outside-toplevel
+    model = lm.from_checkpoint(checkpoint, hooks[3])
+    tokens = lm.split(transcoder.lm, model, HOLDOUT)[1]
+    zero, = downstream.evaluate(model, tokens, batch_sequences=8, mesh=mesh,
+                                input_hook=hooks[2], reconstruct=lambda p, x: x * p,
+                                sae_params=[0.0])
+    assert zero["loss_recovered"] == pytest.approx(0.0, abs=1e-5)
+    assert zero["kl_sae"] == pytest.approx(zero["kl_zero_ablation"], rel=1e-5)
+    same, = downstream.evaluate(lm.from_checkpoint(checkpoint, hooks[1]), tokens,
+                                batch_sequences=8, mesh=mesh, input_hook=hooks[0],
+                                reconstruct=lambda p, x: x * p, sae_params=[1.0])
+    assert same["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert same["kl_sae"] == pytest.approx(0.0, abs=1e-5)
 
     other = harvest.harvest(checkpoint, text, str(tmp_path / "other"), hooks=hooks[3:],
                             context_length=tiny_lm.CONTEXT, batch_sequences=16,

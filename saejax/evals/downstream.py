@@ -13,13 +13,17 @@ from saejax.data.lm import LanguageModel
 
 
 def evaluate(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int, reconstruct,
-             sae_params: list, mesh, keep: np.ndarray | None = None) -> list[dict]:
-    """Per SAE of `sae_params`: loss recovered and KL with it spliced in at the hook
+             sae_params: list, mesh, keep: np.ndarray | None = None,
+             input_hook: str | None = None) -> list[dict]:
+    """Per SAE of `sae_params`: loss recovered and KL with it spliced in at the model's hook
     (`evals.downstream_metrics`), over `tokens` in batches of `batch_sequences`. The clean and
     zero-ablated forward passes run once per batch for all the SAEs.
 
     `reconstruct(sae_params, activation [n, d]) -> reconstruction [n, d]` applies the SAE (with
     its input scale) to raw activations; it runs inside the same jitted program as the LM.
+    With `input_hook` (a transcoder's: upstream of the model's hook, e.g. the MLP's normalised
+    input for its output), `reconstruct` reads the clean activation there and its output
+    replaces the activation at the hook: the MLP replaced by the transcoder.
     `keep` (bool like `tokens`; default all): the tokens the SAE reads (`keep_mask`); at the
     others (attention sinks it was not trained on) both the SAE and the zero ablation leave
     the activation as it is.
@@ -37,10 +41,19 @@ def evaluate(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int, 
             if interventions:
                 interventions = {h: only_kept(f) for h, f in interventions.items()}
             return models.forward(lm_params, t, config, interventions=interventions,
-                  unembed=False)[0]
+                                  unembed=False)[0]
+
+        reads = None
+        if input_hook not in (None, model.hook):  # the clean input, captured once
+            reads = models.forward(lm_params, tokens, config, hooks=(input_hook,),
+                                   stop_at_layer=model.layer + 1, unembed=False)[1][input_hook]
 
         def splice(params):
-            return lambda x: reconstruct(params, x.reshape(-1, x.shape[-1])).reshape(x.shape)
+            def apply(x):
+                source = x if reads is None else reads
+                flat = reconstruct(params, source.reshape(-1, source.shape[-1]))
+                return flat.reshape(*x.shape[:-1], -1).astype(x.dtype)
+            return apply
 
         w_u, cap = models.unembedding(lm_params, config), config.final_logit_softcapping
         return evals.downstream_sums(
@@ -55,6 +68,6 @@ def evaluate(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int, 
     for start in range(0, len(tokens), batch_sequences):
         chunk = np.asarray(tokens[start:start + batch_sequences], np.int32)
         out = jax.device_get(sums(lm_params, list(sae_params), chunk,
-                  keep[start:start + batch_sequences]))
+                                  keep[start:start + batch_sequences]))
         total = out if total is None else jax.tree.map(np.add, total, out)
     return [{k: float(v) for k, v in evals.downstream_metrics(t).items()} for t in total]

@@ -175,6 +175,11 @@ class SingleHook(NamedTuple):
         del target
         return {}
 
+    def spliced_hooks(self, lm_hook: str) -> tuple[str, str]:
+        """(the LM hook it reads, the LM hook its reconstruction replaces) for loss recovered:
+        an SAE trained at `lm.hook` reads and replaces that hook."""
+        return lm_hook, lm_hook
+
     def flops_per_token(self, d, n_latents: int) -> int:
         """FLOPs the layout adds to the mechanism's count (none: it is the dense layout)."""
         del d, n_latents
@@ -296,6 +301,11 @@ class Transcoder(NamedTuple):
         del target
         return {}
 
+    def spliced_hooks(self, lm_hook: str) -> tuple[str, str]:
+        """The MLP's input (or whatever `input_hook` is) read clean, its output replaced."""
+        del lm_hook
+        return self.input_hook, self.target_hook
+
     def flops_per_token(self, d, n_latents: int) -> int:
         """The skip's matmul, 2 d_in d_out forward and 4 backward (its weight and none to the
         input); the dense count takes d_in = d_out = d."""
@@ -408,6 +418,12 @@ class Crosscoder(NamedTuple):
 
     def split_target(self, target: jax.Array) -> dict[str, jax.Array]:
         return dict(zip(self.hooks, jnp.split(target, len(self.hooks), axis=-1)))
+
+    def spliced_hooks(self, lm_hook: str) -> tuple[str, str]:
+        del lm_hook
+        raise ConfigError("loss recovered splices one hook's reconstruction into the LM; a "
+                          "crosscoder's several hooks are not spliced yet: set "
+                          "evals.loss_recovered_sequences=0.")
 
     def flops_per_token(self, d, n_latents: int) -> int:
         """The dense count takes one hook's width; the other hooks' encoder and decoder
