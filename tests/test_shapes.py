@@ -70,7 +70,7 @@ def test_shape_config_errors_name_the_field():
             ({"sae.target_hook": IN}, r"both 'activations_in'"),
             ({"sae.input_hook": "blocks.0.hook_mlp_in"},
              r"sae.input_hook='blocks.0.hook_mlp_in' is not an entry"),
-            ({"sae.shape": "crosscoder"}, r"sae.shape='crosscoder' is not known"),
+            ({"sae.shape": "hypercoder"}, r"sae.shape='hypercoder' is not known"),
             ({"sae.architecture": "switch"}, r"'switch' supports sae.shape in"),
             ({"sae.architecture": "topk", "sae.topk_decoder": "sparse"},
              r"topk_decoder='sparse' decodes a single-hook SAE only"),
