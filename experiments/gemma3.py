@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = smollm2.get_config(arg)
     config.data.d = D
     config.lm.hook = HOOK
+    config.lm.exclude_positions = (0,)   # every window starts with <bos>, the one sink
     return config
 
 

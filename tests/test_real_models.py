@@ -147,7 +147,8 @@ def test_tiny_experiment_harvests_and_trains_end_to_end(name, tmp_path):
     result = harvest.harvest(checkpoint, str(text), str(tmp_path / "stores"),
                              hooks=[experiment.HOOK], context_length=config.lm.context_length,
                              batch_sequences=config.lm.batch_sequences,
-                             holdout_sequences=holdout, chunk_rows=64)
+                             holdout_sequences=holdout, chunk_rows=64,
+                             exclude_positions=tuple(config.lm.exclude_positions))
     assert result["tokens_written"] >= 8 * config.train.batch_size
     config.data.path = result["stores"][experiment.HOOK]
     config.lm.checkpoint, config.lm.tokens = checkpoint, str(text)
