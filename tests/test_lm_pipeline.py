@@ -276,3 +276,31 @@ def test_stores_of_one_harvest_read_in_lockstep_and_train_a_transcoder(tiny, tmp
                                              "sae.target_hook": hooks[3]})
     with pytest.raises(store.StoreError, match=r"must come from one harvest"):
         data.make_source(mixed, mesh=mesh, rules=rules)
+
+
+def test_the_lm_source_with_several_hooks_is_one_forward_in_lockstep(tiny):
+    """`lm.hook=a,b` runs the LM once per chunk for both hooks: each batch holds the same
+    tokens at both (block 0's output is block 1's input: equal entries), and each entry is the
+    batch the single-hook source gives for that hook."""
+    from saejax import data  # pylint: disable=import-outside-toplevel
+    hooks = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_pre")
+    mesh = jax.make_mesh((8, 1), ("data", "model"))
+    common = {"data.source": "lm", "lm.batch_sequences": 8,
+              "evals.loss_recovered_sequences": HOLDOUT}
+    both = _tiny_config(tiny, **common, **{"lm.hook": ",".join(hooks), "sae.shape": "transcoder",
+                                           "sae.input_hook": hooks[0],
+                                           "sae.target_hook": hooks[1]})
+    assert data.batch_hooks(both) == hooks
+    source = data.make_source(both, mesh=mesh, rules=both.sharding_rules)
+    alone = data.make_source(_tiny_config(tiny, **common, **{"lm.hook": hooks[1]}), mesh=mesh,
+                             rules=both.sharding_rules)
+    assert source.widths == {hooks[0]: 64, hooks[1]: 64}
+    for _ in range(2):
+        batch, single = source.next_batch(), alone.next_batch()
+        assert list(batch) == list(hooks)
+        np.testing.assert_allclose(np.asarray(batch[hooks[0]]), np.asarray(batch[hooks[1]]),
+                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(batch[hooks[1]]), np.asarray(single[hooks[1]]),
+                                   rtol=1e-5, atol=1e-5)
+    source.close()
+    alone.close()

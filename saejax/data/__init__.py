@@ -39,6 +39,8 @@ def batch_hooks(config) -> tuple[str, ...] | None:
         return crosscoder_hooks(config.data.n_layers)
     if config.data.source == "store" and len(lockstep.split_paths(config.data.path)) > 1:
         return lockstep.store_hooks(config.data.path)
+    if config.data.source == "lm" and len(lm.split_hooks(config.lm.hook)) > 1:
+        return lm.split_hooks(config.lm.hook)
     return None
 
 
@@ -90,13 +92,15 @@ def make_source(config, *, mesh, rules):
     if config.data.source == "synthetic_crosscoder":  # keyed already: one hook per layer
         return SyntheticCrosscoderSource(config.data, batch_size=batch_size, mesh=mesh,
                                          rules=rules)
-    if batch_hooks(config) is not None:  # several stores, keyed by their hooks
+    if config.data.source == "store" and batch_hooks(config) is not None:  # several stores
         return lockstep.LockstepSource(config.data, batch_size=batch_size, mesh=mesh,
                                        rules=rules, eval_batches=eval_batches)
     if config.data.source == "synthetic":
         source = SyntheticSource(config.data, batch_size=batch_size, mesh=mesh, rules=rules)
     elif config.data.source == "lm":
         source = lm.make_source(config, mesh=mesh, rules=rules, eval_batches=eval_batches)
+        if isinstance(source, lockstep.LockstepSource):  # keyed already: lm.hook names several
+            return source
     else:
         source = ArraySource(config.data, batch_size=batch_size, mesh=mesh, rules=rules,
                              eval_batches=eval_batches)

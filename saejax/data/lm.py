@@ -46,9 +46,16 @@ def from_checkpoint(path: str, hook: str, *, what: str = "lm.hook", error=Config
 
 
 def load(lm_config, *, d: int | None = None) -> LanguageModel:
-    """The checkpoint at `lm.checkpoint`, checked against `lm.hook` and the SAE width `d`."""
+    """The checkpoint at `lm.checkpoint`, checked against `lm.hook` (each of its hooks, when it
+    names several: the model's hook is then the deepest) and the SAE width `d`."""
     path = str(lm_config.checkpoint)
-    model = from_checkpoint(path, str(lm_config.hook))
+    hooks = split_hooks(lm_config.hook) or (str(lm_config.hook),)
+    model = from_checkpoint(path, hooks[0])
+    for hook in hooks[1:]:
+        models.check_hook(model.config, hook, f"lm.hook={lm_config.hook!r}: {hook!r} is not a "
+                          f"hook point of {path}", ConfigError)
+    deepest = max(hooks, key=models.hook_layer)
+    model = model._replace(hook=deepest, layer=models.hook_layer(deepest))
     width = model.config.d_model
     if d is not None and width != d:
         raise ConfigError(f"lm.checkpoint={path!r} has width n_embd={width} but "
@@ -138,11 +145,21 @@ def split(lm_config, model: LanguageModel, n_held_out: int) -> tuple[np.ndarray,
     return seqs[:len(seqs) - n_held_out], seqs[len(seqs) - n_held_out:]
 
 
-def activations_fn(model: LanguageModel):
-    """`(params, tokens [b, s]) -> activations [b, s, d]` at the hook, jitted, running only the
-    layers up to the hook."""
-    forward = models.make_forward(model.config, hooks=(model.hook,), stop_at_layer=model.layer + 1)
-    return jax.jit(lambda params, tokens: forward(params, tokens)[1][model.hook])
+def split_hooks(value) -> tuple[str, ...]:
+    """`lm.hook` as the hooks it names: one, or several separated by commas."""
+    return tuple(h.strip() for h in str(value).split(",") if h.strip())
+
+
+def activations_fn(model: LanguageModel, hooks: tuple[str, ...] | None = None):
+    """`(params, tokens [b, s]) -> activations [b, s, d]` at the hook (or `{hook: [b, s, d]}`
+    for several `hooks`), jitted, running only the layers up to the deepest."""
+    if hooks is None:
+        forward = models.make_forward(model.config, hooks=(model.hook,),
+                                      stop_at_layer=model.layer + 1)
+        return jax.jit(lambda params, tokens: forward(params, tokens)[1][model.hook])
+    deepest = max(models.hook_layer(h) for h in hooks)
+    forward = models.make_forward(model.config, hooks=hooks, stop_at_layer=deepest + 1)
+    return jax.jit(lambda params, tokens: forward(params, tokens)[1])
 
 
 class LMRows:
@@ -153,7 +170,7 @@ class LMRows:
     about one forward batch of `lm.batch_sequences` sequences."""
 
     def __init__(self, model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int,
-                 name: str, keep: np.ndarray | None = None):
+                 name: str, keep: np.ndarray | None = None, activations="compile"):
         self.name = name
         self.tokens = np.asarray(tokens, np.int32)
         self.context_length = self.tokens.shape[1]
@@ -166,21 +183,75 @@ class LMRows:
         self.batch_sequences = int(batch_sequences)
         self.chunk_rows = self.batch_sequences * int(self.keep.sum(1).max(initial=1) or 1)
         self._params = model.params
-        self._activations = activations_fn(model)
+        # None: read through `rows_of` with another program (SharedForward's, several hooks).
+        self._activations = activations_fn(model) if activations == "compile" else activations
 
-    def read(self, start: int, stop: int, out: np.ndarray | None = None):
+    def rows_of(self, start: int, stop: int, activations):
+        """Rows [start, stop) of what `activations(params, tokens)` returns: an array [b, s, d]
+        gives an array, a dict of them a dict."""
         n = self.batch_sequences
         first = int(np.searchsorted(self.row_starts, start, "right")) - 1
         last = int(np.searchsorted(self.row_starts, stop, "left"))
-        pieces = [np.zeros((0, self.d), np.float32)]
+        pieces = []
         for s in range(first, last, n):
             batch = self.tokens[s:min(s + n, last)]
             # Always a full forward batch (padded by repeating), so one program serves all.
             padded = np.concatenate([batch, np.repeat(batch[-1:], n - len(batch), 0)])
-            acts = np.asarray(self._activations(self._params, padded))[:len(batch)]
-            pieces.append(acts[self.keep[s:s + len(batch)]])
+            kept = self.keep[s:s + len(batch)]
+            pieces.append(jax.tree.map(lambda a: np.asarray(a)[:len(batch)][kept],
+                                       activations(self._params, padded)))
         offset = int(self.row_starts[first])
-        rows = np.concatenate(pieces)[start - offset:stop - offset]
+        empty = np.zeros((0, self.d), np.float32)
+        return jax.tree.map(lambda *a: np.concatenate([empty, *a])[start - offset:stop - offset],
+                            *pieces)
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None):
+        rows = self.rows_of(start, stop, self._activations)
+        if out is not None:
+            np.copyto(out, rows)
+            rows = out
+        return store.Done(rows)
+
+
+class SharedForward:
+    """One forward pass for the rows of several hooks: `HookRows` views read their hook's
+    rows of a range, and the range's forward runs once for all of them (the views of one
+    lockstep stream read the same ranges; a small cache keyed by the range holds the others'
+    rows until they are read). Thread-safe: each view is read by its own prefetch thread."""
+
+    def __init__(self, model: LanguageModel, hooks: tuple[str, ...], tokens: np.ndarray, *,
+                 batch_sequences: int, keep: np.ndarray | None, cache_ranges: int = 64):
+        import collections  # pylint: disable=import-outside-toplevel
+        import threading  # pylint: disable=import-outside-toplevel
+        self.hooks = hooks
+        self.rows = {h: LMRows(model, tokens, batch_sequences=batch_sequences, name=h,
+                               keep=keep, activations=None) for h in hooks}
+        self._forward = activations_fn(model, hooks)
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._cache_ranges = int(cache_ranges)
+        self._lock = threading.Lock()
+
+    def read(self, hook: str, start: int, stop: int) -> np.ndarray:
+        with self._lock:
+            if (start, stop) not in self._cache:
+                self._cache[(start, stop)] = next(iter(self.rows.values())).rows_of(
+                    start, stop, self._forward)
+                while len(self._cache) > self._cache_ranges:
+                    self._cache.popitem(last=False)
+            return self._cache[(start, stop)][hook]
+
+
+class HookRows:
+    """One hook's rows of a `SharedForward`, as a `store.Rows` source."""
+
+    def __init__(self, shared: SharedForward, hook: str, name: str):
+        rows = shared.rows[hook]
+        self.shared, self.hook, self.name = shared, hook, name
+        self.n_rows, self.d, self.dtype = rows.n_rows, rows.d, rows.dtype
+        self.chunk_rows, self.context_length = rows.chunk_rows, rows.context_length
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None):
+        rows = self.shared.read(self.hook, start, stop)
         if out is not None:
             np.copyto(out, rows)
             rows = out
@@ -190,11 +261,24 @@ class LMRows:
 def make_source(config, *, mesh, rules, eval_batches: int):
     """The trainer's source for `data.source="lm"`: the store's shuffled reader over `LMRows`,
     leaving out the sequences the loss-recovered evaluation holds out and the tokens
-    `lm.exclude_positions` / `lm.exclude_token_ids` name."""
+    `lm.exclude_positions` / `lm.exclude_token_ids` name. With several hooks in `lm.hook`
+    (comma-separated), one forward pass per chunk gives every hook's rows, read in lockstep
+    (`saejax.data.lockstep`): `{hook: [batch, d]}`."""
+    hooks = split_hooks(config.lm.hook)
     model = load(config.lm, d=int(config.data.d))
     seqs, _ = split(config.lm, model, int(config.evals.loss_recovered_sequences))
-    rows = LMRows(model, seqs, batch_sequences=int(config.lm.batch_sequences),
-                  name=f"{config.lm.checkpoint} at {model.hook} over {config.lm.tokens}",
-                  keep=keep_mask(seqs, *exclusion(config.lm, model)))
-    return store.ArraySource(config.data, batch_size=int(config.train.batch_size), mesh=mesh,
-                             rules=rules, eval_batches=eval_batches, rows=rows)
+    keep = keep_mask(seqs, *exclusion(config.lm, model))
+    batch_size, batch_sequences = int(config.train.batch_size), int(config.lm.batch_sequences)
+    if len(hooks) == 1:
+        rows = LMRows(model, seqs, batch_sequences=batch_sequences,
+                      name=f"{config.lm.checkpoint} at {model.hook} over {config.lm.tokens}",
+                      keep=keep)
+        return store.ArraySource(config.data, batch_size=batch_size, mesh=mesh, rules=rules,
+                                 eval_batches=eval_batches, rows=rows)
+    from saejax.data import lockstep  # pylint: disable=import-outside-toplevel
+    shared = SharedForward(model, hooks, seqs, batch_sequences=batch_sequences, keep=keep)
+    sources = {hook: store.ArraySource(
+        config.data, batch_size=batch_size, mesh=mesh, rules=rules, eval_batches=eval_batches,
+        rows=HookRows(shared, hook, f"{config.lm.checkpoint} at {hook} over {config.lm.tokens}"))
+        for hook in hooks}
+    return lockstep.LockstepSource.of(sources)

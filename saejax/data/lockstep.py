@@ -1,5 +1,6 @@
 """Several hooks read in lockstep: the stores one harvest wrote for several hooks (`python -m
-saejax.harvest --hooks=a,b`), opened together as one source whose batches are `{hook: [batch,
+saejax.harvest --hooks=a,b`), or the LM's rows of several hooks (`lm.hook=a,b`), opened
+together as one source whose batches are `{hook: [batch,
 d_hook]}` with the same rows (tokens) at every hook: what a transcoder, a crosscoder or
 several SAEs from one pass read.
 
@@ -85,7 +86,18 @@ class LockstepSource:
             raise StoreError(f"data.path names two stores of one hook ({hooks}); give each "
                              "hook's store once.")
         _check_aligned(self.sources, store_paths)
-        self.hooks = tuple(hooks)
+        self._adopt(dict(zip(hooks, self.sources)))
+
+    @classmethod
+    def of(cls, sources: dict) -> "LockstepSource":
+        """Sources already aligned (the LM's rows of several hooks from one forward pass)."""
+        self = cls.__new__(cls)
+        self._adopt(sources)
+        return self
+
+    def _adopt(self, sources: dict) -> None:
+        self.sources = list(sources.values())
+        self.hooks = tuple(sources)
         self.d = self.sources[0].d
         self.sharding = self.sources[0].sharding
         self.batch_size = self.sources[0].batch_size
