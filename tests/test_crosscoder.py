@@ -18,7 +18,7 @@ from test_shapes import TINY, _run_steps
 
 from saejax import data, optim, sae, train, validation
 from saejax.data import synthetic
-from saejax.sae import shapes
+from saejax.sae.crosscoder import Crosscoder
 from saejax.sharding import ConfigError
 
 HOOKS = synthetic.crosscoder_hooks(3)
@@ -48,7 +48,7 @@ def test_the_batches_are_one_code_through_per_layer_directions():
 
 def test_the_l1_weighs_the_sum_of_per_hook_decoder_norms_which_stay_free():
     shape = sae.from_config(_config().sae).shape
-    assert shape == shapes.Crosscoder(HOOKS) and shape.unit_norm_params == ()
+    assert shape == Crosscoder(HOOKS) and shape.unit_norm_params == ()
     params = shape.init_layout(jax.random.PRNGKey(0), 16, 8)
     # Each latent's three per-hook decoders start at norm 1/3: their sum is 1.
     np.testing.assert_allclose(shape.decoder_norms(params), 1.0, rtol=1e-5)
@@ -117,7 +117,7 @@ def test_a_trained_crosscoder_loads_and_its_saelens_export_is_refused(tmp_path):
     train.train_and_evaluate(_config(**{"train.steps": 4, "train.log_every": 2,
                                         "train.checkpoint_every": 4}), workdir)
     loaded = loading.load_sae(workdir)
-    assert loaded.architecture.shape == shapes.Crosscoder(HOOKS)
+    assert loaded.architecture.shape == Crosscoder(HOOKS)
     x = np.ones((2, 3 * 16), np.float32)
     assert np.asarray(loaded.reconstruct(x)).shape == (2, 48)
     with pytest.raises((ConfigError, loading.AnalysisError), match=r"SAELens has no crosscoder"):
@@ -129,5 +129,5 @@ def test_the_experiment_config_is_a_valid_crosscoder():
     for arg in (None, "smoke"):
         config = crosscoder.get_config(arg)
         validation.validate(config, 8)
-        assert sae.from_config(config.sae).shape == shapes.Crosscoder(crosscoder.HOOKS)
+        assert sae.from_config(config.sae).shape == Crosscoder(crosscoder.HOOKS)
     assert [p["data.seed"] for p in crosscoder.get_sweep()] == [0, 1, 2]

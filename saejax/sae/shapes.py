@@ -13,7 +13,7 @@ Shapes here:
   al. 2024), so nothing is subtracted from the input before the encoder (the encoder bias is
   the input-side bias); with `skip_connection`, a linear skip `x @ W_skip` is added to the
   reconstruction (Paulo et al. 2025, "Transcoders beat sparse autoencoders").
-- `Crosscoder(hooks)`: reads several hooks (layers of one model, or one hook of two models)
+- `Crosscoder(hooks)` (crosscoder.py): reads several hooks (layers of one model, or one hook of two models)
   into one shared code and reconstructs every one of them (Lindsey et al. 2024): the hooks'
   activations side by side are the input and the target, so an encoder per hook summed
   is one matmul, and a decoder row is the latent's decoders of every hook side by side. Its
@@ -112,6 +112,18 @@ def decode(params: dict, latents: jax.Array, x: jax.Array | None = None) -> jax.
     return latents @ params["W_dec"] + params["b_dec"]
 
 
+def _row_norms(self, params: dict) -> jax.Array:
+    """Each latent's decoder norm `[n_latents]` (what the L1 penalties weight by)."""
+    del self
+    return jnp.linalg.norm(params["W_dec"], axis=-1)
+
+
+def _one_target(self, target: jax.Array) -> dict[str, jax.Array]:
+    """The target per hook, for per-hook metrics: {} when it is one hook's."""
+    del self, target
+    return {}
+
+
 def _one_width(d) -> int:
     """The width of a single-hook batch: `d`, or its one value of {hook: width}."""
     if isinstance(d, dict):
@@ -166,14 +178,8 @@ class SingleHook(NamedTuple):
         del x
         return decode(params, latents)
 
-    def decoder_norms(self, params: dict) -> jax.Array:
-        """Each latent's decoder norm `[n_latents]` (what the L1 penalties weight by)."""
-        return jnp.linalg.norm(params["W_dec"], axis=-1)
-
-    def split_target(self, target: jax.Array) -> dict[str, jax.Array]:
-        """The target per hook, for per-hook metrics: {} when it is one hook's."""
-        del target
-        return {}
+    decoder_norms = _row_norms
+    split_target = _one_target
 
     def spliced_hooks(self, lm_hook: str) -> tuple[str, str]:
         """(the LM hook it reads, the LM hook its reconstruction replaces) for loss recovered:
@@ -294,12 +300,8 @@ class Transcoder(NamedTuple):
             x_hat = x_hat + x @ params["W_skip"]
         return x_hat
 
-    def decoder_norms(self, params: dict) -> jax.Array:
-        return jnp.linalg.norm(params["W_dec"], axis=-1)
-
-    def split_target(self, target: jax.Array) -> dict[str, jax.Array]:
-        del target
-        return {}
+    decoder_norms = _row_norms
+    split_target = _one_target
 
     def spliced_hooks(self, lm_hook: str) -> tuple[str, str]:
         """The MLP's input (or whatever `input_hook` is) read clean, its output replaced."""
@@ -351,94 +353,6 @@ class Transcoder(NamedTuple):
 
 
 
-class Crosscoder(NamedTuple):
-    """Reads every hook of `hooks` into one shared code and reconstructs each of them.
-
-    With `x = [x_1 | ... | x_L]` (the hooks' activations side by side, each `d` wide):
-    `pre = x @ W_enc + b_enc` (the sum of a per-hook encoder's terms, no bias subtracted first,
-    as Lindsey et al. write it), `x_hat = f @ W_dec + b_dec`, `W_dec [n, L d]` being each
-    latent's per-hook decoders side by side. The hooks must have one width. The decoder norms
-    are free: `decoder_norms` is the sum over hooks of each per-hook decoder's norm, what an L1
-    penalty weights by, so the penalty is the crosscoder's and the scale of the decoders is
-    learnt. Resampling points a dead latent at a badly reconstructed token of every hook."""
-
-    hooks: tuple[str, ...]
-    name: str = "crosscoder"
-    param_axes: dict = TRANSCODER_AXES
-    resample: dict = RESAMPLE
-    unit_norm_params: tuple[str, ...] = ()
-
-    def entries(self, widths: dict[str, int]) -> tuple[tuple[Entry, ...], tuple[Entry, ...]]:
-        missing = [hook for hook in self.hooks if hook not in widths]
-        if missing:
-            raise ConfigError(f"sae.hooks names {missing}, not entries of the data's batches "
-                              f"({sorted(widths)}); name hooks among them.")
-        if len({int(widths[hook]) for hook in self.hooks}) != 1:
-            raise ConfigError(f"a crosscoder reads hooks of one width; sae.hooks have "
-                              f"{ {hook: int(widths[hook]) for hook in self.hooks} }.")
-        read = tuple(Entry(hook, int(widths[hook]), ("batch", "embed_in")) for hook in self.hooks)
-        return read, tuple(e._replace(axes=("batch", "embed_out")) for e in read)
-
-    def width(self, d) -> int:
-        """The width of one hook: `d`, or the hooks' one value of {hook: width}."""
-        if isinstance(d, dict):
-            return int(d[self.hooks[0]])
-        return int(d)
-
-    def input(self, batch: dict) -> jax.Array:
-        return jnp.concatenate([batch[hook] for hook in self.hooks], axis=-1)
-
-    def target(self, batch: dict) -> jax.Array:
-        return self.input(batch)
-
-    def init_layout(self, key: jax.Array, d, n_latents: int, dtype=jnp.float32) -> dict:
-        """Each latent's per-hook decoders random with norm 1 / L (their sum of norms is 1),
-        the encoder their transpose."""
-        width, n_hooks = self.width(d), len(self.hooks)
-        W_dec = jax.random.normal(key, (n_latents, n_hooks, width), dtype)
-        W_dec = W_dec / (n_hooks * jnp.linalg.norm(W_dec, axis=-1, keepdims=True))
-        W_dec = W_dec.reshape(n_latents, n_hooks * width)
-        return {"W_enc": W_dec.T, "b_enc": jnp.zeros((n_latents,), dtype), "W_dec": W_dec,
-                "b_dec": jnp.zeros((n_hooks * width,), dtype)}
-
-    def raw(self, params: dict, x: jax.Array) -> jax.Array:
-        return x @ params["W_enc"]
-
-    def pre_activations(self, params: dict, x: jax.Array) -> jax.Array:
-        return add_bias(x @ params["W_enc"], params["b_enc"])
-
-    def decode(self, params: dict, latents: jax.Array, x: jax.Array | None = None):
-        del x
-        return latents @ params["W_dec"] + params["b_dec"]
-
-    def decoder_norms(self, params: dict) -> jax.Array:
-        W_dec = params["W_dec"]
-        per_hook = W_dec.reshape(*W_dec.shape[:-1], len(self.hooks), -1)
-        return jnp.sum(jnp.linalg.norm(per_hook, axis=-1), axis=-1)
-
-    def split_target(self, target: jax.Array) -> dict[str, jax.Array]:
-        return dict(zip(self.hooks, jnp.split(target, len(self.hooks), axis=-1)))
-
-    def spliced_hooks(self, lm_hook: str) -> tuple[str, str]:
-        del lm_hook
-        raise ConfigError("loss recovered splices one hook's reconstruction into the LM; a "
-                          "crosscoder's several hooks are not spliced yet: set "
-                          "evals.loss_recovered_sequences=0.")
-
-    def flops_per_token(self, d, n_latents: int) -> int:
-        """The dense count takes one hook's width; the other hooks' encoder and decoder
-        columns add as much again each."""
-        return 10 * (len(self.hooks) - 1) * self.width(d) * n_latents
-
-    def to_saelens(self, form: str, tensors: dict, params: dict):
-        del tensors, params
-        raise ConfigError(f"SAELens has no crosscoder (its {form!r} SAE reads one hook); a "
-                          f"crosscoder of {len(self.hooks)} hooks cannot be exported to it.")
-
-    def config_fields(self) -> dict:
-        return {"shape": self.name, "hooks": ",".join(self.hooks)}
-
-
 SHAPES = ("single_hook", "transcoder", "crosscoder")
 
 # The `config.sae` fields that choose and configure the shape (configs.py declares them).
@@ -449,13 +363,6 @@ SHAPE_FIELDS = {
     "skip_connection": False,
     "hooks": "",   # a crosscoder's hooks, comma-separated
 }
-
-
-def hooks_of(value) -> tuple[str, ...]:
-    """`sae.hooks` as a tuple: a comma-separated string or a sequence of names."""
-    if isinstance(value, str):
-        return tuple(h.strip() for h in value.split(",") if h.strip())
-    return tuple(str(h) for h in value)
 
 
 def from_config(sae_config):
@@ -475,11 +382,13 @@ def from_config(sae_config):
         return Transcoder(str(sae_config.input_hook), str(sae_config.target_hook),
                           bool(sae_config.get("skip_connection", False)))
     if name == "crosscoder":
-        hooks = hooks_of(sae_config.get("hooks", ""))
+        hooks = tuple(h.strip() for h in str(sae_config.get("hooks", "")).split(",")
+                      if h.strip())
         if len(hooks) < 2 or len(set(hooks)) != len(hooks):
             raise ConfigError(f"sae.shape='crosscoder' needs sae.hooks: two or more distinct "
                               f"hooks it reads and reconstructs, comma-separated (got "
                               f"{sae_config.get('hooks', '')!r}).")
+        from saejax.sae.crosscoder import Crosscoder  # it builds on this module's pieces
         return Crosscoder(hooks)
     raise ConfigError(f"sae.shape={name!r} is not known; choose one of {SHAPES}.")
 
