@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.sae.input_hook = ""
     config.sae.target_hook = ""
     config.sae.skip_connection = False
+    # Matryoshka (saejax/sae/matryoshka.py): nested prefixes of the latents, each reconstructing
+    # the target, as latent counts (64, 256) or fractions of n_latents (0.0625, 0.25); the whole
+    # dictionary is the last prefix. Empty: a plain dictionary.
+    config.sae.matryoshka_widths = ()
     for name, field in sae.config_fields().items():
         config.sae[name] = field.default
 

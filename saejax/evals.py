@@ -13,14 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax.sae.ops import batch_sum, fire_counts, mse  # noqa: F401  (one definition each)
-
-
-def fvu(x: jax.Array, x_hat: jax.Array) -> jax.Array:
-    """Fraction of variance unexplained: residual energy over the batch's total variance."""
-    residual = jnp.sum(jnp.square(x - x_hat), dtype=jnp.float32)
-    total = jnp.sum(jnp.square(x - jnp.mean(x, axis=0, keepdims=True)), dtype=jnp.float32)
-    return residual / total
+from saejax.sae.ops import (batch_sum, fire_counts, fvu,  # noqa: F401  (one definition each)
+                            mse)
 
 
 def l0(latents: jax.Array) -> jax.Array:
