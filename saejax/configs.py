@@ -42,6 +42,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.features_per_sample = 5.0
     config.data.frequency_decay = 0.99
     config.data.correlated = True
+    # synthetic_hierarchy (saejax/data/hierarchy.py): parents, each with children that fire
+    # only with it (one child, with this probability, when the parent fires); magnitudes
+    # U[1 - spread, 1 + spread). data.features_per_sample sets the parents' probability.
+    config.data.hierarchy_parents = 16
+    config.data.hierarchy_children = 4
+    config.data.hierarchy_child_probability = 0.5
+    config.data.hierarchy_magnitude_spread = 0.0
     # store, npy
     config.data.path = ""                 # a store directory or a .npy file
     config.data.shuffle_buffer_chunks = 16  # chunks shuffled together (memory: chunks x rows x d)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from saejax import data, paths, sae, sharding
+from saejax.data import hierarchy
 from saejax.errors import ConfigError
 
 DECAYS = ("linear", "cosine", "none")
@@ -108,6 +109,8 @@ def validate(config, n_devices: int) -> None:
         _require(0 < config.data.features_per_sample <= config.data.n_features,
                  f"data.features_per_sample={config.data.features_per_sample} must be in "
                  f"(0, data.n_features={config.data.n_features}].")
+    if config.data.source == "synthetic_hierarchy":
+        hierarchy.validate(config.data)
 
     n_data, n_model = sharding.mesh_shape(config.mesh, n_devices)
     _require(n % n_model == 0,

@@ -1,0 +1,62 @@
+"""Matryoshka BatchTopK against BatchTopK on a hierarchy of features (absorption).
+
+    python -m saejax.main --config=experiments/matryoshka.py --workdir=/tmp/saejax/matryoshka
+    python -m saejax.main --config=experiments/matryoshka.py:batchtopk --workdir=/tmp/saejax/btk
+    python benchmarks/matryoshka_absorption.py --workdir=/tmp/saejax/absorption   # 3 seeds
+
+The data is `data.source="synthetic_hierarchy"` (saejax/data/hierarchy.py): 16 parent features,
+each with 3 children that fire only with it, 64 features in 64 dimensions, 3 active per sample
+on average. Both SAEs have 128 latents (twice the true features) and k = 3; the Matryoshka one
+has nested prefixes of 16 and 128 latents (`sae.matryoshka_widths=(16,)`; the whole dictionary
+is implied), so its first 16 latents must reconstruct on their own. The argument is
+`matryoshka` (the default) or `batchtopk`, optionally followed by `,tiny` (d = 16, 4 parents,
+a few seconds; what the tests run).
+
+Hardware: any; each run about RUNTIME on 2 shared CPU cores. Expected (benchmarks/RESULTS.md,
+"Matryoshka BatchTopK on a hierarchy"): EXPECTED
+"""
+
+import ml_collections
+
+from saejax import configs
+
+VARIANTS = ("matryoshka", "batchtopk")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant, *options = (arg or "matryoshka").split(",")
+    if variant not in VARIANTS or set(options) - {"tiny"}:
+        raise ValueError(f"experiments/matryoshka.py: unknown argument {arg!r}; use one of "
+                         f"{VARIANTS}, optionally followed by ',tiny'.")
+    config = configs.base_config()
+    config.data.source = "synthetic_hierarchy"
+    config.data.d = 64
+    config.data.hierarchy_parents = 16
+    config.data.hierarchy_children = 3
+    config.data.hierarchy_child_probability = 0.5
+    config.data.features_per_sample = 3.0
+    config.sae.architecture = "batchtopk"
+    config.sae.expansion_factor = 2       # 128 latents: twice the 64 true features
+    config.sae.k = 3
+    config.sae.k_aux = 32
+    config.sae.matryoshka_widths = (16,) if variant == "matryoshka" else ()
+    config.train.batch_size = 512
+    config.train.steps = 3_000
+    config.train.log_every = 500
+    config.train.checkpoint_every = 1_000
+    config.evals.dead_window_tokens = 20_000
+
+    if "tiny" in options:  # 4 parents x 3 children in 16 dimensions: seconds
+        config.data.d = 16
+        config.data.hierarchy_parents = 4
+        config.data.features_per_sample = 1.5
+        config.sae.k = 2
+        config.sae.k_aux = 8
+        config.sae.matryoshka_widths = (4,) if variant == "matryoshka" else ()
+        config.train.batch_size = 256
+        config.train.steps = 600
+        config.train.log_every = 300
+        config.train.checkpoint_every = 300
+        config.evals.eval_batches = 4
+        config.evals.dead_window_tokens = 5_000
+    return config
