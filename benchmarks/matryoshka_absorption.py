@@ -26,22 +26,32 @@ from saejax import configs, data, evals, sharding, train  # noqa: E402
 from saejax.analysis import loading  # noqa: E402
 
 
+def config_for(variant: str, seed: int, *, tiny: bool = False, overrides: dict | None = None):
+    """experiments/matryoshka.py's `variant` (`,tiny`) with its seeds set to `seed`."""
+    config = matryoshka.get_config(variant + (",tiny" if tiny else ""))
+    return configs.apply_overrides(config, {"seed": seed, "data.seed": seed,
+                                            **(overrides or {})})
+
+
 def run(variant: str, seed: int, workdir: str, *, tiny: bool = False,
         overrides: dict | None = None) -> dict:
     """Trains (or resumes) one variant at one seed in `workdir`; its summary with the held-out
     `absorption` and `mmcs` on the hierarchy."""
-    config = matryoshka.get_config(variant + (",tiny" if tiny else ""))
-    config = configs.apply_overrides(config, {"seed": seed, "data.seed": seed,
-                                              **(overrides or {})})
+    config = config_for(variant, seed, tiny=tiny, overrides=overrides)
     summary = train.train_and_evaluate(config, workdir)
+    return {**summary, **measure(config, workdir), "variant": variant, "seed": seed}
+
+
+def measure(config, workdir: str) -> dict:
+    """`absorption` and `mmcs` of the SAE trained in `workdir` with `config`, on held-out
+    batches of its hierarchy."""
     loaded = loading.load_sae(workdir)
     mesh = sharding.make_mesh(config.mesh)
     with sharding.activate(mesh, config.sharding_rules):
         source = data.make_source(config, mesh=mesh, rules=config.sharding_rules)
-        metrics = evals.hierarchy_metrics(
+        return evals.hierarchy_metrics(
             lambda batch: loaded.encode(batch[data.DEFAULT_HOOK]),
             loaded.params["W_dec"], source, int(config.evals.eval_batches))
-    return {**summary, **metrics, "variant": variant, "seed": seed}
 
 
 def main():

@@ -39,24 +39,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sae.expansion_factor = 2       # 128 latents: twice the 64 true features
     config.sae.k = 3
     config.sae.k_aux = 32
+    # k annealed from 16 over the first 1000 steps (each token keeping its own top k meanwhile,
+    # batchtopk.py), as experiments/architectures.py does for BatchTopK.
+    config.sae.k_anneal_steps = 1_000
+    config.sae.k_anneal_start = 16
     config.sae.matryoshka_widths = (16,) if variant == "matryoshka" else ()
     config.train.batch_size = 512
-    config.train.steps = 3_000
+    config.train.steps = 4_000
     config.train.log_every = 500
     config.train.checkpoint_every = 1_000
     config.evals.dead_window_tokens = 20_000
 
-    if "tiny" in options:  # 4 parents x 3 children in 16 dimensions: seconds
-        config.data.d = 16
+    if "tiny" in options:  # 4 parents x 3 children in 32 dimensions: seconds
+        config.data.d = 32
         config.data.hierarchy_parents = 4
         config.data.features_per_sample = 1.5
         config.sae.k = 2
         config.sae.k_aux = 8
+        config.sae.k_anneal_steps = 200
+        config.sae.k_anneal_start = 8
         config.sae.matryoshka_widths = (4,) if variant == "matryoshka" else ()
         config.train.batch_size = 256
-        config.train.steps = 600
-        config.train.log_every = 300
-        config.train.checkpoint_every = 300
+        config.train.steps = 800
+        config.train.log_every = 400
+        config.train.checkpoint_every = 400
         config.evals.eval_batches = 4
         config.evals.dead_window_tokens = 5_000
     return config

@@ -16,12 +16,14 @@ import pytest
 
 from conftest import toy_config
 from experiments import matryoshka as experiment
-from saejax import configs, data, evals, sae, sharding, train, validation
-from saejax.analysis import saelens
+from saejax import configs, data, evals, memory, sae, sharding, sweep, train, validation
+from saejax.analysis import loading, saelens
 from saejax.data import hierarchy
 from saejax.errors import ConfigError
 from saejax.sae import matryoshka, ops
 
+# LLVM's optimisation level changes the machine code, not the buffer assignment it reports.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 TINY = {"data.d": 16, "data.n_features": 24, "data.features_per_sample": 3,
         "sae.expansion_factor": 4, "sae.k": 4, "sae.k_aux": 8, "train.batch_size": 64,
         "optim.warmup_steps": 1, "optim.learning_rate": 1e-2, "evals.eval_batches": 1,
@@ -85,7 +87,27 @@ def test_loss_is_the_mechanisms_plus_each_smaller_prefixs_mse(mechanism):
     assert (architecture.flops_per_token(16, 64, config.sae)
             == plain.flops_per_token(16, 64, config.sae) + 2 * 6 * 16 * 64)
     assert (architecture.temporaries(config.sae, 64).latent_arrays
-            == plain.temporaries(config.sae, 64).latent_arrays + 4)
+            == plain.temporaries(config.sae, 64).latent_arrays + 2)
+
+
+def test_memory_report_counts_the_prefixes_as_xla_does():
+    """The estimate is within tests/test_memory.py's factor of XLA's buffer assignment, and
+    each prefix below the whole dictionary adds one [batch, n_latents] array to both."""
+    counted, xla = [], []
+    for widths in ((), (0.0625, 0.25)):
+        config = toy_config(**{"sae.architecture": "batchtopk", "data.d": 32,
+                               "sae.expansion_factor": 128, "train.batch_size": 1024,
+                               "sae.k": 8, "sae.k_aux": 32, "mesh.data": 1, "mesh.model": 1,
+                               "sae.matryoshka_widths": widths})
+        mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+        _, compiled = memory.compile_train_step(config, mesh, d=32,
+                                                compiler_options=FAST_COMPILE)
+        counted.append(memory.memory_report(config, mesh, d=32).temporary_bytes)
+        xla.append(memory.compiled_memory(compiled)["temp_bytes"])
+        assert 1 / 1.5 <= counted[-1] / xla[-1] <= 1.5, (counted, xla)
+    latent_array = 4 * 1024 * 32 * 128
+    assert counted[1] - counted[0] == 2 * latent_array
+    assert 1.5 * latent_array <= xla[1] - xla[0] <= 2.5 * latent_array, (xla, latent_array)
 
 
 def _run_steps(config, devices, n_steps):
@@ -144,17 +166,26 @@ def test_absorption_counts_a_silent_parent_latent_beside_its_childs():
     np.testing.assert_array_equal(evals.match_latents(decoder, jnp.eye(8)[:3]), [0, 1, 2])
 
 
-def test_matryoshka_batchtopk_absorbs_less_and_resumes_and_exports(tmp_path):
-    """Matryoshka BatchTopK absorbs less than BatchTopK on the tiny hierarchy;
-    benchmarks/matryoshka_absorption.py measures it at full size over 3 seeds (RESULTS.md)."""
+def test_matryoshka_batchtopk_absorbs_less_and_sweeps_resumes_and_exports(tmp_path):
+    """Matryoshka BatchTopK absorbs less than BatchTopK on the tiny hierarchy (one sweep of the
+    two); benchmarks/matryoshka_absorption.py measures it at full size over 3 seeds
+    (benchmarks/RESULTS.md)."""
     from benchmarks import matryoshka_absorption  # pylint: disable=import-outside-toplevel
-    results = {variant: matryoshka_absorption.run(variant, 0, str(tmp_path / variant),
-                                                  tiny=True)
-               for variant in experiment.VARIANTS}
+    config = matryoshka_absorption.config_for("matryoshka", 0, tiny=True)
+    points = {"matryoshka": {"sae.matryoshka_widths": (4,)},
+              "batchtopk": {"sae.matryoshka_widths": ()}}
+    rows = sweep.run_sweep(config, list(points.values()), str(tmp_path / "sweep"),
+                           report=False)
+    assert [r["status"] for r in rows] == ["done", "done"]
+    assert rows[0]["flops_per_token"] > rows[1]["flops_per_token"]  # the prefix's decode
+    results = {}
+    for (variant, overrides), row in zip(points.items(), rows):
+        results[variant] = matryoshka_absorption.measure(
+            configs.apply_overrides(config, overrides), row["run_dir"])
     assert results["batchtopk"]["absorption"] > results["matryoshka"]["absorption"] + 0.1, (
         results)
     assert results["matryoshka"]["mmcs"] > 0.9, results
-    workdir = str(tmp_path / "matryoshka")
+    workdir = rows[0]["run_dir"]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert records[-1]["fvu_prefix_4"] > records[-1]["fvu"]  # 4 latents reconstruct worse
@@ -164,8 +195,7 @@ def test_matryoshka_batchtopk_absorbs_less_and_resumes_and_exports(tmp_path):
     shutil.copytree(workdir, resumed)
     steps = sorted(os.listdir(os.path.join(resumed, "checkpoints")), key=int)
     shutil.rmtree(os.path.join(resumed, "checkpoints", steps[-1]))
-    train.train_and_evaluate(configs.apply_overrides(
-        experiment.get_config("matryoshka,tiny"), {"seed": 0, "data.seed": 0}), resumed)
+    train.train_and_evaluate(configs.apply_overrides(config, points["matryoshka"]), resumed)
     straight, again = train.load_params(workdir), train.load_params(resumed)
     for name in straight:
         np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(straight[name]),
@@ -176,9 +206,8 @@ def test_matryoshka_batchtopk_absorbs_less_and_resumes_and_exports(tmp_path):
     with open(os.path.join(out, saelens.CFG_FILENAME)) as f:
         assert json.load(f)["architecture"] == "jumprelu"
     exported, _ = saelens.import_saelens(out)
-    x = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
     pre = (x - exported["b_dec"]) @ exported["W_enc"] + exported["b_enc"]
     theirs = pre * (pre > np.exp(exported["log_threshold"]))
-    from saejax.analysis import loading  # pylint: disable=import-outside-toplevel
     np.testing.assert_allclose(theirs, np.asarray(loading.load_sae(workdir).encode(x)),
                                rtol=1e-4, atol=1e-5)

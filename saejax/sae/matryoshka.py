@@ -184,11 +184,11 @@ def compose(mechanism: base.Mechanism, shape: Matryoshka) -> base.Architecture:
         mechanism_validate(config, n_latents)
 
     def temporaries(sae_config, n_latents):
-        """The mechanism's, plus per prefix below the whole its masked latents (kept for the
-        decoder's gradient) and their gradient."""
+        """The mechanism's, plus per prefix below the whole its masked latents, kept for the
+        decoder's gradient (their gradient adds into the latents' as it is formed)."""
         counts = mechanism_temporaries(sae_config, n_latents)
         inner_prefixes = sum(w < n_latents for w in shape.prefixes(n_latents))
-        return counts._replace(latent_arrays=counts.latent_arrays + 2 * inner_prefixes)
+        return counts._replace(latent_arrays=counts.latent_arrays + inner_prefixes)
 
     single_hook = shape.inner.name == base.SINGLE_HOOK.name
     return architecture._replace(
