@@ -60,9 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.sae.k_anneal_start = 8
         config.sae.matryoshka_widths = (4,) if variant == "matryoshka" else ()
         config.train.batch_size = 256
-        config.train.steps = 800
-        config.train.log_every = 400
-        config.train.checkpoint_every = 400
+        config.train.steps = 500
+        config.train.log_every = 250
+        config.train.checkpoint_every = 250
         config.evals.eval_batches = 4
         config.evals.dead_window_tokens = 5_000
     return config

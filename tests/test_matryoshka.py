@@ -71,8 +71,10 @@ def test_loss_is_the_mechanisms_plus_each_smaller_prefixs_mse(mechanism):
     params = {**params, "b_enc": params["b_enc"] + 0.1}
     x = jax.random.normal(jax.random.PRNGKey(1), (32, 16))
     dead = jnp.arange(64) % 5 == 0
-    loss, aux = architecture.loss(params, {"activations": x}, config.sae, 0.3, dead)
-    plain_loss, plain_aux = plain.loss(params, {"activations": x}, config.sae, 0.3, dead)
+    loss, aux = jax.jit(lambda p, x: architecture.loss(p, {"activations": x}, config.sae, 0.3,
+                                                       dead))(params, x)
+    plain_loss, plain_aux = jax.jit(lambda p, x: plain.loss(p, {"activations": x}, config.sae,
+                                                            0.3, dead))(params, x)
     latents = np.asarray(plain_aux["latents"])
     first = np.where(np.arange(64) < 8, latents, 0) @ params["W_dec"] + params["b_dec"]
     second = np.where(np.arange(64) < 32, latents, 0) @ params["W_dec"] + params["b_dec"]
@@ -127,9 +129,9 @@ def test_sharded_on_2x4_matches_one_device():
     config = _config(**{"sae.architecture": "batchtopk", "data.source": "synthetic_hierarchy",
                         "data.hierarchy_parents": 4, "data.features_per_sample": 1.5})
     reference, reference_metrics = _run_steps(
-        configs.apply_overrides(config, {"mesh.data": 1, "mesh.model": 1}), jax.devices()[:1], 3)
+        configs.apply_overrides(config, {"mesh.data": 1, "mesh.model": 1}), jax.devices()[:1], 2)
     params, metrics = _run_steps(
-        configs.apply_overrides(config, {"mesh.data": 2, "mesh.model": 4}), jax.devices(), 3)
+        configs.apply_overrides(config, {"mesh.data": 2, "mesh.model": 4}), jax.devices(), 2)
     for got, want in zip(metrics, reference_metrics):
         np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=1e-5)
     for name in reference:
@@ -178,25 +180,28 @@ def test_matryoshka_batchtopk_absorbs_less_and_sweeps_resumes_and_exports(tmp_pa
                            report=False)
     assert [r["status"] for r in rows] == ["done", "done"]
     assert rows[0]["flops_per_token"] > rows[1]["flops_per_token"]  # the prefix's decode
-    results = {}
-    for (variant, overrides), row in zip(points.items(), rows):
-        results[variant] = matryoshka_absorption.measure(
-            configs.apply_overrides(config, overrides), row["run_dir"])
+    folders = [os.path.join(tmp_path, "sweep", row["run_dir"]) for row in rows]
+    results = {variant: matryoshka_absorption.measure(
+        configs.apply_overrides(config, overrides), folder)
+        for (variant, overrides), folder in zip(points.items(), folders)}
     assert results["batchtopk"]["absorption"] > results["matryoshka"]["absorption"] + 0.1, (
         results)
     assert results["matryoshka"]["mmcs"] > 0.9, results
-    workdir = rows[0]["run_dir"]
+    workdir = folders[0]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert records[-1]["fvu_prefix_4"] > records[-1]["fvu"]  # 4 latents reconstruct worse
 
-    # Resuming from the first checkpoint gives the run that never stopped.
-    resumed = str(tmp_path / "resumed")
-    shutil.copytree(workdir, resumed)
-    steps = sorted(os.listdir(os.path.join(resumed, "checkpoints")), key=int)
-    shutil.rmtree(os.path.join(resumed, "checkpoints", steps[-1]))
-    train.train_and_evaluate(configs.apply_overrides(config, points["matryoshka"]), resumed)
-    straight, again = train.load_params(workdir), train.load_params(resumed)
+    # A sweep run again resumes the point that stopped (here, after its first checkpoint) and
+    # finishes it as the run that never stopped.
+    straight = train.load_params(workdir)
+    steps = sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", steps[-1]))
+    os.remove(os.path.join(workdir, "summary.json"))
+    rows = sweep.run_sweep(config, list(points.values()), str(tmp_path / "sweep"),
+                           report=False)
+    assert [r["status"] for r in rows] == ["done", "done"]
+    again = train.load_params(workdir)
     for name in straight:
         np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(straight[name]),
                                       err_msg=name)
