@@ -6,14 +6,25 @@
 
 The data is `data.source="synthetic_hierarchy"` (saejax/data/hierarchy.py): 16 parent features,
 each with 3 children that fire only with it, 64 features in 64 dimensions, 3 active per sample
-on average. Both SAEs have 128 latents (twice the true features) and k = 3; the Matryoshka one
-has nested prefixes of 16 and 128 latents (`sae.matryoshka_widths=(16,)`; the whole dictionary
-is implied), so its first 16 latents must reconstruct on their own. The argument is
-`matryoshka` (the default) or `batchtopk`, optionally followed by `,tiny` (d = 16, 4 parents,
-a few seconds; what the tests run).
+on average. Both SAEs have 128 latents (twice the true features) and k = 3, annealed from 16
+over the first 1000 of 4000 steps x 512 tokens; the Matryoshka one has nested prefixes of 16
+and 128 latents (`sae.matryoshka_widths=(16,)`; the whole dictionary is implied), so its first
+16 latents must reconstruct on their own. The argument is `matryoshka` (the default) or
+`batchtopk`, optionally followed by `,tiny` (d = 32, 4 parents, 500 steps: seconds; what the
+tests run).
 
-Hardware: any; each run about RUNTIME on 2 shared CPU cores. Expected (benchmarks/RESULTS.md,
-"Matryoshka BatchTopK on a hierarchy"): EXPECTED
+Hardware: any; each run about 30 s on 2 shared CPU cores (the benchmark's six runs: 3 min 13 s).
+Expected (2026-12-02, benchmarks/RESULTS.md, "Matryoshka BatchTopK on a hierarchy"), over seeds
+0, 1, 2:
+
+    variant      absorption            MMCS                  FVU
+    matryoshka   0.019 / 0.007 / 0.016  0.959 / 0.957 / 0.959  0.019
+    batchtopk    0.284 / 0.428 / 0.299  0.892 / 0.845 / 0.882  0.0015-0.0020
+
+BatchTopK learns latents at parent + child that fire in the parent's place; Matryoshka's first
+16 latents are the parents (with a little of their children's mean direction), at the price of
+a higher FVU. `,tiny` (the tests): absorption 0.000 against 0.607 at seed 0, Matryoshka's MMCS
+0.93.
 """
 
 import ml_collections
