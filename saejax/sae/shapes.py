@@ -13,9 +13,9 @@ Shapes here:
   al. 2024), so nothing is subtracted from the input before the encoder (the encoder bias is
   the input-side bias); with `skip_connection`, a linear skip `x @ W_skip` is added to the
   reconstruction (Paulo et al. 2025, "Transcoders beat sparse autoencoders").
-A crosscoder (several hooks in and out: `embed_in`/`embed_out` gain a `layer` axis) and
-Matryoshka (nested prefixes of the latents, each reconstructing the target; a shape wrapping
-another) are further values with these methods.
+Matryoshka prefixes wrap either (`matryoshka.Matryoshka`: nested prefixes of the latents,
+each reconstructing the target); a crosscoder (several hooks in and out: `embed_in`/`embed_out`
+gain a `layer` axis) is a further value with these methods.
 
 Params are a plain dict pytree; every function is pure and jit-able. Widths: `d` is an int
 (every entry that wide) or `{hook: width}`.
