@@ -190,4 +190,5 @@ def eval_step(params: dict, input_scale: jax.Array, batch: dict, *,
     x_hat = architecture.decode(params, latents, x)
     target = architecture.shape.target(batch)
     return {"mse": evals.mse(target, x_hat), "fvu": evals.fvu(target, x_hat),
-            "l0": evals.l0(latents)}
+            "l0": evals.l0(latents),
+            **architecture.shape.eval_metrics(params, latents, x, target, x_hat)}

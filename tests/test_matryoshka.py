@@ -191,6 +191,9 @@ def test_matryoshka_batchtopk_absorbs_less_and_sweeps_resumes_and_exports(tmp_pa
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert records[-1]["fvu_prefix_4"] > records[-1]["fvu"]  # 4 latents reconstruct worse
+    with open(os.path.join(workdir, "summary.json")) as f:  # and on the held-out batches
+        summary = json.load(f)
+    assert 0 < summary["fvu"] < summary["fvu_prefix_4"] < 1, summary
 
     # A sweep run again resumes the point that stopped (here, after its first checkpoint) and
     # finishes it as the run that never stopped.

@@ -133,6 +133,10 @@ class Matryoshka(NamedTuple):
         keep = (jnp.arange(latents.shape[-1]) < width).astype(latents.dtype)
         return self.inner.decode(params, latents * keep, x)
 
+    def eval_metrics(self, params, latents, x, target, x_hat) -> dict:
+        """Each listed prefix's `mse_prefix_*` and `fvu_prefix_*` on a held-out batch."""
+        return prefix_metrics(self, params, latents, x, target, x_hat)[1]
+
     def prefixes(self, n_latents: int) -> tuple[int, ...]:
         """The listed widths as latent counts."""
         return resolve_widths(self.widths, n_latents)
@@ -145,25 +149,22 @@ class Matryoshka(NamedTuple):
                 + inner_prefixes * 6 * base._width(d) * n_latents)
 
 
-def _prefix_losses(shape: Matryoshka, params, batch, aux) -> tuple[Any, dict]:
+def prefix_metrics(shape: "Matryoshka", params, latents, x, target, x_hat,
+                   mse=None) -> tuple[Any, dict]:
     """The summed MSE of the prefixes below the whole dictionary, and every listed prefix's
-    `mse_prefix_*` and `fvu_prefix_*` (the whole dictionary's are the step's `mse`, `fvu`)."""
-    if "latents" not in aux:
-        raise ValueError("Matryoshka prefixes decode the dense latents; this mechanism's loss "
-                         "does not form them (a sparse TopK decoder: set "
-                         "sae.topk_decoder='dense').")
-    latents, target = aux["latents"], shape.target(batch)
+    `mse_prefix_*` and `fvu_prefix_*`; `x_hat` (and its `mse`) are the whole dictionary's."""
     n_latents = latents.shape[-1]
     total, metrics = 0.0, {}
     for listed, width in zip(shape.widths, shape.prefixes(n_latents)):
         if width == n_latents:
-            x_hat, mse = aux["x_hat"], aux["mse"]
+            prefix_x_hat = x_hat
+            prefix_mse = ops.mse(target, x_hat) if mse is None else mse
         else:
-            x_hat = shape.decode_prefix(params, latents, width, shape.input(batch))
-            mse = ops.mse(target, x_hat)
-            total = total + mse
-        metrics[f"mse_prefix_{label(listed)}"] = mse
-        metrics[f"fvu_prefix_{label(listed)}"] = ops.fvu(target, x_hat)
+            prefix_x_hat = shape.decode_prefix(params, latents, width, x)
+            prefix_mse = ops.mse(target, prefix_x_hat)
+            total = total + prefix_mse
+        metrics[f"mse_prefix_{label(listed)}"] = prefix_mse
+        metrics[f"fvu_prefix_{label(listed)}"] = ops.fvu(target, prefix_x_hat)
     return total, metrics
 
 
@@ -176,7 +177,12 @@ def compose(mechanism: base.Mechanism, shape: Matryoshka) -> base.Architecture:
     def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
         total, aux = mechanism_loss(params, batch, sae_config, sparsity_coefficient, dead,
                                     step=step)
-        prefix_loss, metrics = _prefix_losses(shape, params, batch, aux)
+        if "latents" not in aux:
+            raise ValueError("Matryoshka prefixes decode the dense latents; this mechanism's "
+                             "loss does not form them (a sparse TopK decoder: set "
+                             "sae.topk_decoder='dense').")
+        prefix_loss, metrics = prefix_metrics(shape, params, aux["latents"], shape.input(batch),
+                                              shape.target(batch), aux["x_hat"], aux["mse"])
         return total + prefix_loss, {**aux, **metrics}
 
     def validate(config, n_latents):

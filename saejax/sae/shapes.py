@@ -166,6 +166,12 @@ class SingleHook(NamedTuple):
         """Each latent's decoder norm `[n_latents]` (what the L1 penalties weight by)."""
         return jnp.linalg.norm(params["W_dec"], axis=-1)
 
+    def eval_metrics(self, params, latents, x, target, x_hat) -> dict:
+        """Metrics of a held-out batch the shape adds to mse, fvu and l0 (Matryoshka's
+        prefixes); none here."""
+        del params, latents, x, target, x_hat
+        return {}
+
     def flops_per_token(self, d, n_latents: int) -> int:
         """FLOPs the layout adds to the mechanism's count (none: it is the dense layout)."""
         del d, n_latents
@@ -253,6 +259,10 @@ class Transcoder(NamedTuple):
 
     def decoder_norms(self, params: dict) -> jax.Array:
         return jnp.linalg.norm(params["W_dec"], axis=-1)
+
+    def eval_metrics(self, params, latents, x, target, x_hat) -> dict:
+        del params, latents, x, target, x_hat
+        return {}
 
     def flops_per_token(self, d, n_latents: int) -> int:
         """The skip's matmul, 2 d_in d_out forward and 4 backward (its weight and none to the
