@@ -43,6 +43,7 @@ def test_widths_are_counts_or_fractions_and_bad_ones_name_the_field():
                             ((0.5, 0.5), r"strictly increasing \(latent counts \(32, 32\)"),
                             ((8, 128), r"goes beyond n_latents=64"),
                             ((0.25, 16), r"mixes fractions and counts"),
+                            (("a", 16), r"must be numbers"),
                             ((0.001,), r"the first prefix has no latent")):
         with pytest.raises(ConfigError, match=r"sae.matryoshka_widths=.*" + message):
             validation.validate(_config(**{"sae.matryoshka_widths": widths}), 8)

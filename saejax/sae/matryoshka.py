@@ -26,6 +26,7 @@ FLOPs per token forward and 4 d n backward.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -40,6 +41,17 @@ def _is_whole(value) -> bool:
     return float(value) == int(float(value))
 
 
+def _numbers(listed) -> list[float]:
+    try:
+        values = [float(v) for v in listed]
+    except (TypeError, ValueError):
+        values = [math.nan]
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"sae.{FIELD}={tuple(listed)!r} must be numbers: latent counts or "
+                          f"fractions of n_latents.")
+    return values
+
+
 def resolve_widths(listed, n_latents: int) -> tuple[int, ...]:
     """`sae.matryoshka_widths` as latent counts, in order (the whole dictionary not added).
 
@@ -50,16 +62,12 @@ def resolve_widths(listed, n_latents: int) -> tuple[int, ...]:
     if not listed:
         raise ConfigError(f"sae.{FIELD} is empty; list the prefix sizes, e.g. (0.0625, 0.25) "
                           f"or (64, 256).")
-    try:
-        values = [float(v) for v in listed]
-    except (TypeError, ValueError):
-        raise ConfigError(f"sae.{FIELD}={listed!r} must be numbers: latent counts or fractions "
-                          f"of n_latents.") from None
+    values = _numbers(listed)
     if any(not _is_whole(v) for v in values):
         if not all(0 < v <= 1 for v in values):
-            raise ConfigError(f"sae.{FIELD}={listed!r} mixes fractions and counts: give every "
-                              f"width as a fraction of n_latents in (0, 1], or every width as a "
-                              f"whole latent count.")
+            raise ConfigError(f"sae.{FIELD}={listed!r} mixes fractions and counts, or has a "
+                              f"fraction above 1: give every width as a fraction of n_latents "
+                              f"in (0, 1], or every width as a whole latent count.")
         widths = tuple(int(round(v * n_latents)) for v in values)
     else:
         widths = tuple(int(v) for v in values)
@@ -84,7 +92,8 @@ def label(value) -> str:
 
 def metric_names(listed) -> tuple[str, ...]:
     """Per listed width, its reconstruction's MSE and FVU on the training batch."""
-    return tuple(f"{metric}_prefix_{label(w)}" for w in listed for metric in ("mse", "fvu"))
+    return tuple(f"{metric}_prefix_{label(w)}" for w in _numbers(listed)
+                 for metric in ("mse", "fvu"))
 
 
 class Matryoshka(NamedTuple):
