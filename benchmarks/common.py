@@ -65,6 +65,8 @@ def add_shape_flags(parser, *, d: int, expansion_factor: int, batch_size: int) -
                         help="sae.topk_decoder: decode only the k selected latents, or densely")
     parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
                         help="train.compute_dtype; the matmul peak is measured in it too")
+    parser.add_argument("--matryoshka_widths", default="",
+                        help="sae.matryoshka_widths, comma-separated (64,256 or 0.0625,0.25)")
     parser.add_argument("--mesh_model", type=int, default=1)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--peak_size", type=int, default=4096,
@@ -83,6 +85,9 @@ def config_from_flags(args):
     config.train.compute_dtype = args.compute_dtype
     config.train.batch_size = args.batch_size
     config.mesh.model = args.mesh_model
+    widths = getattr(args, "matryoshka_widths", "")
+    config.sae.matryoshka_widths = tuple(float(w) if "." in w else int(w)
+                                         for w in widths.split(",") if w)
     return config
 
 

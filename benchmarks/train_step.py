@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --architecture=topk --k=32
     python benchmarks/train_step.py --architecture=topk --expansion_factor=128 --topk_decoder=dense
     python benchmarks/train_step.py --compute_dtype=bfloat16 --d=4096 --expansion_factor=32  # GPU
+    python benchmarks/train_step.py --architecture=batchtopk --matryoshka_widths=0.0625,0.25
 
 Prints tokens/s, achieved FLOP/s (the architecture's FLOPs per token, 10 * d * n_latents for a
 dense step) against the measured matmul rate of the same shapes in the same dtype, and peak memory; the last
@@ -39,6 +40,7 @@ def main():
         "benchmark": "train_step", "architecture": args.architecture, "d": args.d,
         "n_latents": n_latents, "batch_size": args.batch_size, "mesh": step["mesh"],
         "compute_dtype": args.compute_dtype, "topk_decoder": args.topk_decoder,
+        "matryoshka_widths": list(config.sae.matryoshka_widths),
         "seconds_per_step": seconds, "tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s,
         "matmul_flops_per_s": matmul, "fraction_of_matmul_peak": flops_per_s / matmul,
         "peak_memory_bytes": common.peak_memory_bytes(), "machine": common.machine(),

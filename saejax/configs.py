@@ -43,6 +43,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.frequency_decay = 0.99
     config.data.correlated = True
     config.data.n_layers = 3              # synthetic_crosscoder: hooks layer_0 ... layer_{n-1}
+    # synthetic_hierarchy (saejax/data/hierarchy.py): parents, each with children that fire
+    # only with it (one child, with this probability, when the parent fires); magnitudes
+    # U[1 - spread, 1 + spread). data.features_per_sample sets the parents' probability.
+    config.data.hierarchy_parents = 16
+    config.data.hierarchy_children = 4
+    config.data.hierarchy_child_probability = 0.5
+    config.data.hierarchy_magnitude_spread = 0.0
     # store, npy
     config.data.path = ""                 # a store directory or a .npy file
     config.data.shuffle_buffer_chunks = 16  # chunks shuffled together (memory: chunks x rows x d)
@@ -85,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.sae.target_hook = ""
     config.sae.skip_connection = False
     config.sae.hooks = ""
+    # Matryoshka (saejax/sae/matryoshka.py): nested prefixes of the latents, each reconstructing
+    # the target, as latent counts (64, 256) or fractions of n_latents (0.0625, 0.25); the whole
+    # dictionary is the last prefix. Empty: a plain dictionary.
+    config.sae.matryoshka_widths = ()
     for name, field in sae.config_fields().items():
         config.sae[name] = field.default
 

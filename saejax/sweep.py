@@ -159,7 +159,9 @@ def describe(point: Point) -> dict[str, Any]:
                        else None),
         "steps": int(config.train.steps),
         "batch_size": int(config.train.batch_size),
-        "flops_per_token": int(architecture.flops_per_token(d, n_latents, config.sae)),
+        # The architecture as trained (its shape and Matryoshka prefixes change the count).
+        "flops_per_token": int(sae.from_config(config.sae).flops_per_token(d, n_latents,
+                                                                           config.sae)),
         "overrides": point.overrides,
     })
     return row

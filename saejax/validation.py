@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from saejax import data, paths, sae, sharding
-from saejax.data import lockstep
+from saejax.data import hierarchy, lockstep
 from saejax.errors import ConfigError
 
 DECAYS = ("linear", "cosine", "none")
@@ -43,6 +43,8 @@ def validate(config, n_devices: int) -> None:
         _require(0 < config.data.features_per_sample <= config.data.n_features,
                  f"data.features_per_sample={config.data.features_per_sample} must be in "
                  f"(0, data.n_features={config.data.n_features}].")
+    if config.data.source == "synthetic_hierarchy":
+        hierarchy.validate(config.data)
     _check_mesh(config, n_devices, n)
 
 

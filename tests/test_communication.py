@@ -37,7 +37,12 @@ CASES = [
     pytest.param("batchtopk", 8, 1, id="batchtopk-data8-model1"),
     # Switch's experts split over the model axis (8 experts, one per device).
     pytest.param("switch", 1, 8, id="switch-data1-model8"),
+    # Matryoshka prefixes over BatchTopK: a prefix masks the later latents (no slice of the
+    # split latent axis), so its decode moves what the whole dictionary's does.
+    pytest.param("batchtopk", 2, 4, id="matryoshka_batchtopk-data2-model4"),
 ]
+# Overrides of a case beyond its architecture, by id.
+OVERRIDES = {"matryoshka_batchtopk-data2-model4": {"sae.matryoshka_widths": (0.0625, 0.25)}}
 
 
 def _bound(architecture: str, data: int, model: int) -> int:
@@ -74,11 +79,12 @@ def _too_big(found, trainer, bound: int) -> list:
 
 
 @pytest.mark.parametrize("architecture, data, model", CASES)
-def test_collectives_move_activations_not_the_dictionary(architecture, data, model):
+def test_collectives_move_activations_not_the_dictionary(architecture, data, model, request):
     config = toy_config(**{"sae.architecture": architecture, "data.d": D,
                            "sae.expansion_factor": EXPANSION_FACTOR, "train.batch_size": BATCH,
                            "sae.k": K, "sae.k_aux": K_AUX, "sae.switch_experts": 8,
-                           "mesh.data": data, "mesh.model": model})
+                           "mesh.data": data, "mesh.model": model,
+                           **OVERRIDES.get(request.node.callspec.id, {})})
     mesh = sharding.make_mesh(config.mesh)
     trainer, compiled = memory.compile_train_step(config, mesh, d=D,
                                                   compiler_options=FAST_COMPILE)

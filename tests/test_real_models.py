@@ -165,6 +165,9 @@ def test_tiny_experiment_harvests_and_trains_end_to_end(name, tmp_path):
 def test_smollm2_sweep_is_topk_and_relu_at_expansion_8_and_32():
     from experiments import smollm2  # pylint: disable=import-outside-toplevel
     sweep = smollm2.get_sweep()
-    assert sorted((p["sae.architecture"], p["sae.expansion_factor"]) for p in sweep) == [
+    assert sorted({(p["sae.architecture"], p["sae.expansion_factor"]) for p in sweep}) == [
         ("relu", 8), ("relu", 32), ("topk", 8), ("topk", 32)]
+    levels = {p["sae.l1_coefficient"] / p["sae.expansion_factor"] for p in sweep
+              if p["sae.architecture"] == "relu"}
+    assert levels == pytest.approx(set(smollm2.RELU_L1_LEVELS))
     assert all(p["sae.k"] == 32 for p in sweep if p["sae.architecture"] == "topk")

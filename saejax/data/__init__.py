@@ -2,7 +2,8 @@
 
 A source yields batches already sharded on the mesh (`next_batch`), held-out batches
 (`eval_batch`), and a JSON-able position (`state` / `restore`) saved with every checkpoint.
-`synthetic` generates known ground truth; `store` and `npy` read activations from disk
+`synthetic` generates known ground truth (`synthetic_hierarchy`: parents and children,
+`data/hierarchy.py`); `store` and `npy` read activations from disk
 (`data/store/`); `lm` runs the language model on the fly (`data/lm.py`).
 
 Every batch is a dict keyed by hook name, `{hook: [batch, d_hook]}` (one entry for a single
@@ -17,12 +18,14 @@ source); `hook_name` is the one place that decides the name: a store's harvest m
 from __future__ import annotations
 
 from saejax.data import lm, lockstep
+from saejax.data.hierarchy import SyntheticHierarchySource
 from saejax.data.store import ArraySource
 from saejax.data.synthetic import (TRANSCODER_HOOKS, SyntheticCrosscoderSource, SyntheticSource,
                                    SyntheticTranscoderSource, crosscoder_hooks)
 
-SOURCES = ("synthetic", "store", "npy", "lm", "synthetic_transcoder", "synthetic_crosscoder")
-# The synthetic sources (ground truth known; data.n_features, data.features_per_sample, ...).
+SOURCES = ("synthetic", "store", "npy", "lm", "synthetic_transcoder", "synthetic_crosscoder",
+           "synthetic_hierarchy")
+# The sources drawing data.features_per_sample of data.n_features known features.
 SYNTHETIC_SOURCES = ("synthetic", "synthetic_transcoder", "synthetic_crosscoder")
 # The sources whose batches hold several hooks, and those hooks.
 MULTI_HOOK_SOURCES = {"synthetic_transcoder": TRANSCODER_HOOKS}
@@ -97,6 +100,9 @@ def make_source(config, *, mesh, rules):
                                        rules=rules, eval_batches=eval_batches)
     if config.data.source == "synthetic":
         source = SyntheticSource(config.data, batch_size=batch_size, mesh=mesh, rules=rules)
+    elif config.data.source == "synthetic_hierarchy":
+        source = SyntheticHierarchySource(config.data, batch_size=batch_size, mesh=mesh,
+                                          rules=rules)
     elif config.data.source == "lm":
         source = lm.make_source(config, mesh=mesh, rules=rules, eval_batches=eval_batches)
         if isinstance(source, lockstep.LockstepSource):  # keyed already: lm.hook names several

@@ -87,10 +87,7 @@ class SyntheticSource:
         self.config = data_config
         self.d = int(data_config.d)
         self.batch_size = int(batch_size)
-        self.ground_truth = make_ground_truth(
-            seed=int(data_config.seed), d=self.d, n_features=int(data_config.n_features),
-            correlated=bool(data_config.correlated),
-            frequency_decay=float(data_config.frequency_decay))
+        self.ground_truth = self._make_ground_truth(data_config)
         self.true_features = self.ground_truth.features
         self.sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", "embed"), rules))
         train_key, self._eval_key = jax.random.split(jax.random.PRNGKey(int(data_config.seed)))
@@ -101,11 +98,25 @@ class SyntheticSource:
                                             sharding.replicated(mesh))
 
         def generate(ground_truth, key, index):
-            x, codes = sample(GroundTruth(*ground_truth), jax.random.fold_in(key, index),
-                              self.batch_size, float(data_config.features_per_sample))
+            x, codes = self._sample(ground_truth, jax.random.fold_in(key, index))
             return self._entries(x, codes)
 
         self._generate = jax.jit(generate, out_shardings=self.sharding)
+        self._codes = jax.jit(
+            lambda ground_truth, key, index: self._sample(ground_truth,
+                                                          jax.random.fold_in(key, index))[1])
+
+    def _make_ground_truth(self, data_config) -> tuple:
+        """The fixed ground truth (a subclass draws another kind)."""
+        return make_ground_truth(
+            seed=int(data_config.seed), d=self.d, n_features=int(data_config.n_features),
+            correlated=bool(data_config.correlated),
+            frequency_decay=float(data_config.frequency_decay))
+
+    def _sample(self, ground_truth: tuple, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One batch's activations and true codes from `key`."""
+        return sample(GroundTruth(*ground_truth), key, self.batch_size,
+                      float(self.config.features_per_sample))
 
     def _entries(self, x, codes):
         """What a batch holds: the activations (a subclass adds entries made from `codes`)."""
@@ -120,6 +131,10 @@ class SyntheticSource:
     def eval_batch(self, index: int) -> jax.Array:
         """Held-out batch `index`, drawn from a key the training stream never uses."""
         return self._generate(self._ground_truth, self._eval_key, index)
+
+    def eval_codes(self, index: int) -> jax.Array:
+        """The true sparse codes `[batch, n_features]` behind `eval_batch(index)`."""
+        return self._codes(self._ground_truth, self._eval_key, index)
 
     def state(self) -> dict:
         return {"position": self.position}

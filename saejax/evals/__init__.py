@@ -1,8 +1,10 @@
 """Every metric of an SAE, each computed in exactly one place and named the same everywhere.
 
-`mse`, `fvu`, `l0`, `dead_fraction`, `dense_fraction`, the feature-density histogram and `mmcs`
-are pure functions of arrays, usable inside a jitted step or on a restored SAE; the downstream
-metrics (`loss_recovered`, next-token cross-entropies, KL) take the LM's logits.
+`mse`, `fvu`, `l0`, `dead_fraction`, `dense_fraction`, the feature-density histogram, `mmcs`
+and, on a hierarchy of true features, `absorption` are pure functions of arrays, usable inside
+a jitted step or on a restored SAE (`hierarchy_metrics` runs the last two over a source's
+held-out batches); the downstream metrics (`loss_recovered`, next-token cross-entropies, KL)
+take the LM's logits.
 """
 
 from __future__ import annotations
@@ -13,14 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax.sae.ops import batch_sum, fire_counts, mse  # noqa: F401  (one definition each)
-
-
-def fvu(x: jax.Array, x_hat: jax.Array) -> jax.Array:
-    """Fraction of variance unexplained: residual energy over the batch's total variance."""
-    residual = jnp.sum(jnp.square(x - x_hat), dtype=jnp.float32)
-    total = jnp.sum(jnp.square(x - jnp.mean(x, axis=0, keepdims=True)), dtype=jnp.float32)
-    return residual / total
+from saejax.sae.ops import (batch_sum, fire_counts, fvu,  # noqa: F401  (one definition each)
+                            mse)
 
 
 def l0(latents: jax.Array) -> jax.Array:
@@ -104,9 +100,55 @@ def mmcs(decoder: jax.Array, true_features: jax.Array) -> jax.Array:
       decoder: learned dictionary `[n_latents, d]` (rows are directions).
       true_features: ground-truth directions `[n_features, d]`.
     """
+    return jnp.mean(jnp.max(_cosines(decoder, true_features), axis=-1))
+
+
+def _cosines(decoder: jax.Array, true_features: jax.Array) -> jax.Array:
+    """`[n_features, n_latents]` cosine similarities of true features and decoder rows."""
     unit = lambda m: m / jnp.maximum(jnp.linalg.norm(m, axis=-1, keepdims=True), 1e-12)
-    cosine = unit(true_features) @ unit(decoder).T
-    return jnp.mean(jnp.max(cosine, axis=-1))
+    return unit(true_features) @ unit(decoder).T
+
+
+def match_latents(decoder: jax.Array, true_features: jax.Array) -> jax.Array:
+    """For each true feature, the latent whose decoder row is closest in cosine (the match
+    `mmcs` scores): `[n_features]` latent indices."""
+    return jnp.argmax(_cosines(decoder, true_features), axis=-1)
+
+
+def absorption(latents: jax.Array, codes: jax.Array, parents: jax.Array,
+               matched: jax.Array) -> jax.Array:
+    """Feature absorption (Chanin et al. 2024) on ground truth with a hierarchy: among the
+    (row, child) pairs where a child feature and its parent are both active, the fraction where
+    the parent's latent is silent while the child's latent fires; the child's latent has
+    absorbed the parent's direction. 0 when no pair is active.
+
+    Args:
+      latents: `[rows, n_latents]` the SAE's latents of the rows (as it encodes for inference).
+      codes: `[rows, n_features]` the true codes of the same rows (non-zero: active).
+      parents: `[n_features]` each feature's parent, -1 for a feature without one.
+      matched: `[n_features]` each feature's latent (`match_latents`).
+    """
+    fires = jnp.take(latents != 0, matched, axis=-1)               # [rows, n_features]
+    parent = jnp.maximum(parents, 0)
+    is_child = parents >= 0
+    pairs = (codes != 0) & jnp.take(codes != 0, parent, axis=-1) & is_child
+    absorbed = pairs & fires & ~jnp.take(fires, parent, axis=-1)
+    return jnp.sum(absorbed) / jnp.maximum(jnp.sum(pairs), 1)
+
+
+def hierarchy_metrics(encode, decoder, source, batches: int) -> dict[str, float]:
+    """`absorption` and `mmcs` of a trained SAE on `batches` held-out batches of a source with
+    a hierarchy of true features (`data.source="synthetic_hierarchy"`: its `eval_batch`,
+    `eval_codes`, `true_features` and `parents`); `encode` maps a batch to the SAE's latents
+    (as it encodes for inference: BatchTopK's threshold)."""
+    true_features = jnp.asarray(source.true_features)
+    matched = match_latents(jnp.asarray(decoder), true_features)
+    latents = jnp.concatenate([jnp.asarray(encode(source.eval_batch(i)))
+                               for i in range(batches)])
+    codes = jnp.concatenate([jnp.asarray(source.eval_codes(i)) for i in range(batches)])
+    return {"absorption": float(absorption(latents, codes, jnp.asarray(source.parents),
+                                           matched)),
+            "mmcs": float(mmcs(jnp.asarray(decoder), true_features))}
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,14 +1,16 @@
 """SAE architectures by name. Each built-in module defines one sparsity `MECHANISM`
 (`base.Mechanism`), registered composed with the single-hook shape under its name
 (`sae.architecture=topk`); `from_config` composes the named one with the shape `sae.shape`
-picks (`shapes.py`: a transcoder), so a (mechanism, shape) pair has no file of its own.
+picks (`shapes.py`: a transcoder) and the nested prefixes `sae.matryoshka_widths` adds
+(`matryoshka.py`), so a (mechanism, shape) pair has no file of its own.
 `register` adds another architecture (a file of its own, or a test's) without any other file
 knowing it."""
 
 from __future__ import annotations
 
 from saejax.errors import ConfigError
-from saejax.sae import base, batchtopk, gated, jumprelu, relu, shapes, switch, topk
+from saejax.sae import (base, batchtopk, gated, jumprelu, matryoshka, relu, shapes, switch,
+                        topk)
 from saejax.sae.base import Architecture, ConfigField, Mechanism, compose
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -59,18 +61,24 @@ def get(name: str) -> Architecture:
 def from_config(sae_config) -> Architecture:
     """The architecture `sae.architecture` names with the shape `sae.shape` picks: the
     registered one itself for the default `single_hook`, else its mechanism composed with the
-    shape. ConfigError when either is unknown or the pair cannot be composed."""
+    shape. ConfigError when either is unknown or the pair cannot be composed. With
+    `sae.matryoshka_widths`, the shape is wrapped in those nested prefixes."""
     try:
         architecture = get(sae_config.architecture)
     except KeyError as e:
         raise ConfigError(e.args[0]) from None
-    if sae_config.get("shape", shapes.SINGLE_HOOK.name) == shapes.SINGLE_HOOK.name:
+    widths = tuple(sae_config.get(matryoshka.FIELD, ()) or ())
+    if (sae_config.get("shape", shapes.SINGLE_HOOK.name) == shapes.SINGLE_HOOK.name
+            and not widths):
         return architecture  # as registered (an architecture written whole keeps its shape)
     shape = shapes.from_config(sae_config)
     if architecture.mechanism is None:
+        what = (f"sae.{matryoshka.FIELD}={widths}" if widths else f"sae.shape={shape.name!r}")
         raise ConfigError(f"sae.architecture={architecture.name!r} is written for the "
                           f"{architecture.shape.name} shape only (no mechanism to compose with "
-                          f"sae.shape={shape.name!r}).")
+                          f"{what}).")
+    if widths:
+        return matryoshka.compose(architecture.mechanism, matryoshka.Matryoshka(shape, widths))
     return compose(architecture.mechanism, shape)
 
 

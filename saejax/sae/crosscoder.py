@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from saejax.errors import ConfigError
-from saejax.sae.shapes import RESAMPLE, TRANSCODER_AXES, Entry, add_bias
+from saejax.sae.shapes import RESAMPLE, TRANSCODER_AXES, Entry, _no_metrics, add_bias
 
 
 class Crosscoder(NamedTuple):
@@ -81,6 +81,8 @@ class Crosscoder(NamedTuple):
 
     def split_target(self, target: jax.Array) -> dict[str, jax.Array]:
         return dict(zip(self.hooks, jnp.split(target, len(self.hooks), axis=-1)))
+
+    eval_metrics = _no_metrics  # the per-hook FVU is every multi-hook target's (saejax.step)
 
     def spliced_hooks(self, lm_hook: str) -> tuple[str, str]:
         del lm_hook

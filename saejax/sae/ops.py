@@ -1,6 +1,7 @@
-"""The reductions an SAE's loss and step share with the evaluations: the reconstruction error,
-the per-latent sum over a batch, and firing counts. They live here, below both, so the SAEs do
-not import `saejax.evals` (which re-exports them under the same names)."""
+"""The reductions an SAE's loss and step share with the evaluations: the reconstruction error
+and its fraction of the variance, the per-latent sum over a batch, and firing counts. They live
+here, below both, so the SAEs do not import `saejax.evals` (which re-exports them under the
+same names)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ def mse(x: jax.Array, x_hat: jax.Array) -> jax.Array:
     """Element-mean squared error, the reconstruction term of every SAE loss (reduced in
     float32 when the step computes in bfloat16)."""
     return jnp.mean(jnp.square(x_hat - x), dtype=jnp.float32)
+
+
+def fvu(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+    """Fraction of variance unexplained: residual energy over the batch's total variance."""
+    residual = jnp.sum(jnp.square(x - x_hat), dtype=jnp.float32)
+    total = jnp.sum(jnp.square(x - jnp.mean(x, axis=0, keepdims=True)), dtype=jnp.float32)
+    return residual / total
 
 
 def batch_sum(a: jax.Array) -> jax.Array:

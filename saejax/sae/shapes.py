@@ -19,6 +19,8 @@ Shapes here:
   is one matmul, and a decoder row is the latent's decoders of every hook side by side. Its
   decoder norms are free (no unit-norm constraint); an L1 penalty weights each latent by the
   sum of its per-hook decoder norms.
+Matryoshka prefixes wrap any of them (`matryoshka.Matryoshka`: nested prefixes of the latents,
+each reconstructing the target).
 
 Params are a plain dict pytree; every function is pure and jit-able. Widths: `d` is an int
 (every entry that wide) or `{hook: width}`.
@@ -124,6 +126,13 @@ def _one_target(self, target: jax.Array) -> dict[str, jax.Array]:
     return {}
 
 
+def _no_metrics(self, params, latents, x, target, x_hat) -> dict:
+    """Metrics of a held-out batch the shape adds to mse, fvu and l0 (Matryoshka's
+    prefixes); none here."""
+    del self, params, latents, x, target, x_hat
+    return {}
+
+
 def _one_width(d) -> int:
     """The width of a single-hook batch: `d`, or its one value of {hook: width}."""
     if isinstance(d, dict):
@@ -185,6 +194,8 @@ class SingleHook(NamedTuple):
         """(the LM hook it reads, the LM hook its reconstruction replaces) for loss recovered:
         an SAE trained at `lm.hook` reads and replaces that hook."""
         return lm_hook, lm_hook
+
+    eval_metrics = _no_metrics
 
     def flops_per_token(self, d, n_latents: int) -> int:
         """FLOPs the layout adds to the mechanism's count (none: it is the dense layout)."""
@@ -307,6 +318,8 @@ class Transcoder(NamedTuple):
         """The MLP's input (or whatever `input_hook` is) read clean, its output replaced."""
         del lm_hook
         return self.input_hook, self.target_hook
+
+    eval_metrics = _no_metrics
 
     def flops_per_token(self, d, n_latents: int) -> int:
         """The skip's matmul, 2 d_in d_out forward and 4 backward (its weight and none to the

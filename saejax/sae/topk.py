@@ -112,8 +112,9 @@ def validate(config, n_latents, *, shape):
                  f"sae.topk_decoder={config.sae.topk_decoder!r} is not known; choose one of "
                  f"{', '.join(DECODERS)}.")
     base.require(config.sae.topk_decoder != "sparse" or shape.name == base.SINGLE_HOOK.name,
-                 f"sae.topk_decoder='sparse' decodes a single-hook SAE only; with "
-                 f"sae.shape={shape.name!r} set sae.topk_decoder to 'dense' or 'auto'.")
+                 f"sae.topk_decoder='sparse' decodes a single-hook SAE only; the "
+                 f"{shape.name} shape (sae.shape, sae.matryoshka_widths) decodes densely: set "
+                 f"sae.topk_decoder to 'dense' or 'auto'.")
 
 
 def temporaries(sae_config, n_latents, *, shape):

@@ -1,0 +1,236 @@
+"""Matryoshka SAEs (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka Sparse
+Autoencoders"; Nabeshima 2024): nested prefixes of the dictionary each reconstruct the target.
+
+`sae.matryoshka_widths` lists the prefix sizes m_1 < m_2 < ..., as latent counts or as fractions
+of n_latents; the whole dictionary is always the last prefix (added when it is not listed, as
+SAELens does). Prefix m decodes latents [0, m) plus b_dec (and a transcoder's skip). The loss is
+the mechanism's own (its reconstruction by the whole dictionary, its penalty or AuxK) plus the
+reconstruction MSE of every smaller prefix, summed, as SAELens' MatryoshkaBatchTopKTrainingSAE
+sums them (dictionary_learning's trainer takes their mean: the same losses with the
+reconstruction weighted 1 / levels against AuxK). The first latents must reconstruct without
+the later ones, so they keep the general features (a parent) instead of letting the later,
+specific ones (its children) absorb them.
+
+A piece that wraps a shape (`Matryoshka(inner, widths)`) and combines with every mechanism
+whose loss forms the dense latents (relu, topk, batchtopk, jumprelu, gated). Matryoshka
+BatchTopK is then one BatchTopK selection over the whole dictionary, its AuxK on the whole
+reconstruction's residual and its learned inference threshold (batchtopk.py, unchanged), plus
+the prefix losses. Encoding, inference and the SAELens export are the mechanism's: SAELens too
+saves a trained Matryoshka BatchTopK SAE as a JumpReLU SAE. `sae.from_config` applies it.
+
+A prefix is decoded by masking the later latents, not by slicing them off: the latent axis may
+be split over the mesh's model axis, and a slice at an arbitrary width would move decoder rows
+between devices. So each prefix below the whole dictionary costs a full decoder matmul: 2 d n
+FLOPs per token forward and 4 d n backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+
+from saejax.errors import ConfigError
+from saejax.sae import base, ops
+
+FIELD = "matryoshka_widths"
+
+
+def _is_whole(value) -> bool:
+    return float(value) == int(float(value))
+
+
+def _numbers(listed) -> list[float]:
+    try:
+        values = [float(v) for v in listed]
+    except (TypeError, ValueError):
+        values = [math.nan]
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"sae.{FIELD}={tuple(listed)!r} must be numbers: latent counts or "
+                          f"fractions of n_latents.")
+    return values
+
+
+def resolve_widths(listed, n_latents: int) -> tuple[int, ...]:
+    """`sae.matryoshka_widths` as latent counts, in order (the whole dictionary not added).
+
+    Whole numbers are latent counts; a list with any other value is fractions of n_latents, each
+    in (0, 1], rounded to the nearest count. ConfigError naming the field when a width is not
+    positive, above n_latents, or not above the one before it."""
+    listed = tuple(listed)
+    if not listed:
+        raise ConfigError(f"sae.{FIELD} is empty; list the prefix sizes, e.g. (0.0625, 0.25) "
+                          f"or (64, 256).")
+    values = _numbers(listed)
+    if any(not _is_whole(v) for v in values):
+        if not all(0 < v <= 1 for v in values):
+            raise ConfigError(f"sae.{FIELD}={listed!r} mixes fractions and counts, or has a "
+                              f"fraction above 1: give every width as a fraction of n_latents "
+                              f"in (0, 1], or every width as a whole latent count.")
+        widths = tuple(int(round(v * n_latents)) for v in values)
+    else:
+        widths = tuple(int(v) for v in values)
+    what = f"latent counts {widths} of n_latents={n_latents}"
+    if widths[0] < 1:
+        raise ConfigError(f"sae.{FIELD}={listed!r}: the first prefix has no latent ({what}); "
+                          f"make it larger.")
+    if widths[-1] > n_latents:
+        raise ConfigError(f"sae.{FIELD}={listed!r} goes beyond n_latents={n_latents} "
+                          f"(sae.expansion_factor x data.d); the widths are prefixes of the "
+                          f"dictionary.")
+    if any(b <= a for a, b in zip(widths, widths[1:])):
+        raise ConfigError(f"sae.{FIELD}={listed!r} must be strictly increasing ({what}): each "
+                          f"prefix holds the one before it.")
+    return widths
+
+
+def label(value) -> str:
+    """A listed width as it names its metrics: `mse_prefix_64`, `fvu_prefix_0.25`."""
+    return str(int(float(value))) if _is_whole(value) else f"{float(value):g}"
+
+
+def metric_names(listed) -> tuple[str, ...]:
+    """Per listed width, its reconstruction's MSE and FVU on the training batch."""
+    return tuple(f"{metric}_prefix_{label(w)}" for w in _numbers(listed)
+                 for metric in ("mse", "fvu"))
+
+
+class Matryoshka(NamedTuple):
+    """The shape `inner` (what the dictionary reads and reconstructs, its layout) with nested
+    prefixes `widths` (as `sae.matryoshka_widths` lists them). Everything but the prefixes is
+    the inner shape's."""
+
+    inner: Any
+    widths: tuple = ()
+    name: str = "matryoshka"
+
+    @property
+    def param_axes(self) -> dict:
+        return self.inner.param_axes
+
+    @property
+    def resample(self) -> dict:
+        return self.inner.resample
+
+    def entries(self, widths):
+        return self.inner.entries(widths)
+
+    def input(self, batch):
+        return self.inner.input(batch)
+
+    def target(self, batch):
+        return self.inner.target(batch)
+
+    def init_layout(self, key, d, n_latents: int, dtype=jnp.float32) -> dict:
+        return self.inner.init_layout(key, d, n_latents, dtype=dtype)
+
+    def raw(self, params, x):
+        return self.inner.raw(params, x)
+
+    def pre_activations(self, params, x):
+        return self.inner.pre_activations(params, x)
+
+    def decode(self, params, latents, x=None):
+        return self.inner.decode(params, latents, x)
+
+    def decoder_norms(self, params):
+        return self.inner.decoder_norms(params)
+
+    @property
+    def unit_norm_params(self) -> tuple[str, ...]:
+        return self.inner.unit_norm_params
+
+    def split_target(self, target):
+        return self.inner.split_target(target)
+
+    def spliced_hooks(self, lm_hook: str) -> tuple[str, str]:
+        return self.inner.spliced_hooks(lm_hook)
+
+    # SAELens reads a Matryoshka SAE for inference as the inner shape's SAE: the prefixes only
+    # shape its training.
+    def to_saelens(self, form: str, tensors: dict, params: dict):
+        return self.inner.to_saelens(form, tensors, params)
+
+    def saelens_required(self, d_in: int, d_sae: int, cfg: dict) -> dict:
+        return self.inner.saelens_required(d_in, d_sae, cfg)
+
+    def from_saelens(self, params: dict, tensors: dict, cfg: dict, conversion):
+        return self.inner.from_saelens(params, tensors, cfg, conversion)
+
+    def config_fields(self) -> dict:
+        return self.inner.config_fields()
+
+    def decode_prefix(self, params, latents, width: int, x=None):
+        """The reconstruction by latents [0, width) alone (and the biases)."""
+        keep = (jnp.arange(latents.shape[-1]) < width).astype(latents.dtype)
+        return self.inner.decode(params, latents * keep, x)
+
+    def eval_metrics(self, params, latents, x, target, x_hat) -> dict:
+        """Each listed prefix's `mse_prefix_*` and `fvu_prefix_*` on a held-out batch."""
+        return prefix_metrics(self, params, latents, x, target, x_hat)[1]
+
+    def prefixes(self, n_latents: int) -> tuple[int, ...]:
+        """The listed widths as latent counts."""
+        return resolve_widths(self.widths, n_latents)
+
+    def flops_per_token(self, d, n_latents: int) -> int:
+        """The inner layout's, plus a decoder matmul forward (2 d n) and backward (4 d n) per
+        prefix below the whole dictionary (a skip connection is shared by every prefix)."""
+        inner_prefixes = sum(w < n_latents for w in self.prefixes(n_latents))
+        return (self.inner.flops_per_token(d, n_latents)
+                + inner_prefixes * 6 * base._width(d) * n_latents)
+
+
+def prefix_metrics(shape: "Matryoshka", params, latents, x, target, x_hat,
+                   mse=None) -> tuple[Any, dict]:
+    """The summed MSE of the prefixes below the whole dictionary, and every listed prefix's
+    `mse_prefix_*` and `fvu_prefix_*`; `x_hat` (and its `mse`) are the whole dictionary's."""
+    n_latents = latents.shape[-1]
+    total, metrics = 0.0, {}
+    for listed, width in zip(shape.widths, shape.prefixes(n_latents)):
+        if width == n_latents:
+            prefix_x_hat = x_hat
+            prefix_mse = ops.mse(target, x_hat) if mse is None else mse
+        else:
+            prefix_x_hat = shape.decode_prefix(params, latents, width, x)
+            prefix_mse = ops.mse(target, prefix_x_hat)
+            total = total + prefix_mse
+        metrics[f"mse_prefix_{label(listed)}"] = prefix_mse
+        metrics[f"fvu_prefix_{label(listed)}"] = ops.fvu(target, prefix_x_hat)
+    return total, metrics
+
+
+def compose(mechanism: base.Mechanism, shape: Matryoshka) -> base.Architecture:
+    """`mechanism` x `shape.inner` with the prefix losses added to the mechanism's loss."""
+    architecture = base.compose(mechanism, shape)
+    mechanism_loss, mechanism_validate = architecture.loss, architecture.validate
+    mechanism_temporaries = architecture.temporaries
+
+    def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None):
+        total, aux = mechanism_loss(params, batch, sae_config, sparsity_coefficient, dead,
+                                    step=step)
+        if "latents" not in aux:
+            raise ValueError("Matryoshka prefixes decode the dense latents; this mechanism's "
+                             "loss does not form them (a sparse TopK decoder: set "
+                             "sae.topk_decoder='dense').")
+        prefix_loss, metrics = prefix_metrics(shape, params, aux["latents"], shape.input(batch),
+                                              shape.target(batch), aux["x_hat"], aux["mse"])
+        return total + prefix_loss, {**aux, **metrics}
+
+    def validate(config, n_latents):
+        shape.prefixes(n_latents)
+        mechanism_validate(config, n_latents)
+
+    def temporaries(sae_config, n_latents):
+        """The mechanism's, plus per prefix below the whole its masked latents, kept for the
+        decoder's gradient (their gradient adds into the latents' as it is formed)."""
+        counts = mechanism_temporaries(sae_config, n_latents)
+        inner_prefixes = sum(w < n_latents for w in shape.prefixes(n_latents))
+        return counts._replace(latent_arrays=counts.latent_arrays + inner_prefixes)
+
+    single_hook = shape.inner.name == base.SINGLE_HOOK.name
+    return architecture._replace(
+        loss=loss, validate=validate, temporaries=temporaries,
+        metrics=architecture.metrics + metric_names(shape.widths),
+        saelens=mechanism.saelens if single_hook else None)
