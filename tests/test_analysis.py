@@ -424,6 +424,14 @@ def test_steering_and_ablation(run):
     assert pushed.promoted_log_prob_clean == pytest.approx(same.promoted_log_prob_clean,
                                                            abs=1e-6)
 
+    # Named tokens instead of the logit lens's: the measurement is over those.
+    named = steer.steer(model, loaded, tokens, latent, "add", 30 * float(f[-1, latent]),
+                        n_new_tokens=5, promoted=pushed.promoted[:2])
+    assert named.promoted == pushed.promoted[:2]
+    assert named.promoted_log_prob_steered < pushed.promoted_log_prob_steered  # a subset
+    with pytest.raises(AnalysisError, match=r"promoted token ids must be some of"):
+        steer.steer(model, loaded, tokens, latent, "add", 1.0, promoted=[10**6])
+
     with pytest.raises(AnalysisError, match=r"latent 256 is out of range: .* latents 0..255"):
         steer.steer(model, loaded, tokens, 256, "add", 1.0)
     with pytest.raises(AnalysisError, match=r"mode='add' needs a finite value"):

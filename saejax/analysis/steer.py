@@ -123,7 +123,8 @@ def _programs(config, hook: str, loaded_ref: "_Ref"):
 
 
 def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float | None = None,
-          *, n_new_tokens: int = 20, top: int = 10) -> SteeringResult:
+          *, n_new_tokens: int = 20, top: int = 10,
+          promoted: list[int] | None = None) -> SteeringResult:
     """Runs `model` (a `saejax.data.lm.LanguageModel`: config, params, hook) on `tokens` ([seq] or
     [batch, seq] ids) with `latent` of `loaded` clamped/added/ablated at the model's hook.
 
@@ -131,7 +132,10 @@ def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float
     and averaged over the prompt), the tokens whose log-probabilities at the last prompt token
     rise and fall most, and `n_new_tokens` greedy tokens with and without the intervention
     (which applies at every position, the generated ones included); and for the `top` tokens
-    the latent promotes, the log-probability the model gives them, clean and steered.
+    the latent promotes, the log-probability the model gives them, clean and steered. The
+    promoted tokens are the logit lens's (the decoder direction through the unembedding),
+    which at a middle layer of a deep model says little; `promoted` (token ids) names them
+    instead, e.g. the tokens that follow the latent's top contexts on the dashboard.
     """
     if mode not in MODES:
         raise AnalysisError(f"mode={mode!r}: choose one of {list(MODES)}.")
@@ -182,10 +186,15 @@ def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float
     clean = np.asarray(generate_fn(model.params, args(False), buffer, prompt_length))
     steered = np.asarray(generate_fn(model.params, args(True), buffer, prompt_length))
 
-    up_ids, _, _, _ = dashboard_data.promoted_tokens(
-        loaded, np.asarray(models.unembedding(model.params, config), np.float32), [latent],
-        k=top)
-    promoted = [int(i) for i in up_ids[0]]
+    if promoted is None:
+        up_ids, _, _, _ = dashboard_data.promoted_tokens(
+            loaded, np.asarray(models.unembedding(model.params, config), np.float32), [latent],
+            k=top)
+        promoted = [int(i) for i in up_ids[0]]
+    promoted = [int(i) for i in promoted]
+    if not promoted or min(promoted) < 0 or max(promoted) >= config.vocab_size:
+        raise AnalysisError(f"promoted token ids must be some of [0, {config.vocab_size}); got "
+                            f"{promoted}.")
 
     def promoted_log_prob(on):
         logp = jax.nn.log_softmax(logits_fn(model.params, args(on), clean)[0], axis=-1)
@@ -258,7 +267,7 @@ def report(result: SteeringResult, tokenizer=None, *, prompt: str | None = None)
              "Next-token log-probability change at the last prompt token (steered - clean):",
              "  up:   " + "  ".join(f"{token(i)!r} {d:+.3g}" for i, d in result.top_increased),
              "  down: " + "  ".join(f"{token(i)!r} {d:+.3g}" for i, d in result.top_decreased),
-             "Tokens the latent promotes (its decoder direction through the unembedding): "
+             "Tokens the latent promotes: "
              + " ".join(repr(token(i)) for i in result.promoted),
              f"  log P(next token is one of them), mean over the clean text: "
              f"{result.promoted_log_prob_clean:.4g} clean, "
@@ -272,7 +281,7 @@ def report(result: SteeringResult, tokenizer=None, *, prompt: str | None = None)
 def steer_run(path: str, *, latent: int, prompt: str, mode: str = "add",
               value: float | None = None, new_tokens: int = 20, checkpoint: str | None = None,
               hook: str | None = None, top: int = 10, prepend_bos: bool = True,
-              step: int | None = None) -> str:
+              step: int | None = None, promoted: list[str] | None = None) -> str:
     """What the CLI does: steers the SAE of `path` (a run's workdir or a SAELens directory)
     on `prompt` and returns the printed report."""
     loaded = loading.load_sae(path, step=step)
@@ -284,7 +293,16 @@ def steer_run(path: str, *, latent: int, prompt: str, mode: str = "add",
                             "--checkpoint=DIR holding one.")
     tokens = encode_prompt(tokenizer, prompt, prepend_bos=prepend_bos,
                            bos_token_id=model.config.bos_token_id)
-    result = steer(model, loaded, tokens, latent, mode, value, n_new_tokens=new_tokens, top=top)
+    promoted_ids = None
+    if promoted:  # each a token's text, as the dashboard shows it
+        promoted_ids = [tokenizer.token_to_id(t) for t in promoted]
+        if None in promoted_ids:
+            missing = [t for t, i in zip(promoted, promoted_ids) if i is None]
+            raise AnalysisError(f"--promoted: {missing} are not tokens of the vocabulary "
+                                "(a token's text as the tokenizer holds it, e.g. 'ĠRome' for "
+                                "' Rome' in a byte-level BPE).")
+    result = steer(model, loaded, tokens, latent, mode, value, n_new_tokens=new_tokens, top=top,
+                   promoted=promoted_ids)
     return report(result, tokenizer, prompt=prompt)
 
 
@@ -302,6 +320,8 @@ def _define_flags() -> None:
                         "lm.checkpoint).")
     flags.DEFINE_string("hook", None, "Hook point (default: the SAE's).")
     flags.DEFINE_integer("top", 10, "Tokens shown per direction of change.")
+    flags.DEFINE_list("promoted", None, "The tokens to measure the steering on (vocabulary "
+                      "entries, e.g. ĠRome); default: the latent's logit-lens tokens.")
     flags.DEFINE_bool("prepend_bos", True, "Start the prompt with the model's BOS token "
                       "(<|endoftext|> for GPT-2).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -317,7 +337,8 @@ def main(argv):
     print(steer_run(path, latent=values.latent, prompt=values.prompt, mode=values.mode,
                     value=values.value, new_tokens=values.new_tokens,
                     checkpoint=values.checkpoint, hook=values.hook, top=values.top,
-                    prepend_bos=values.prepend_bos, step=values.step))
+                    prepend_bos=values.prepend_bos, step=values.step,
+                    promoted=values.promoted))
 
 
 if __name__ == "__main__":
