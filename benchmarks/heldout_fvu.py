@@ -25,7 +25,7 @@ from saejax.data import store
 def grouped_fvu(x: np.ndarray, x_hat: np.ndarray, groups: dict[str, np.ndarray]) -> dict:
     out = {}
     for name, rows in groups.items():
-        if not rows.any():
+        if rows.sum() < 2:  # no variance about the group's own mean
             continue
         xs, err = x[rows], x[rows] - x_hat[rows]
         out[name] = {"rows": int(rows.sum()),

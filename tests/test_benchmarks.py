@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 from conftest import ROOT
 
 TINY = ["--d=32", "--expansion_factor=2", "--batch_size=64", "--iters=2", "--peak_size=512"]
@@ -77,3 +80,15 @@ def test_harvest_benchmark_ratio_is_the_quotient_of_its_two_rates(tmp_path):
     # 2 blocks of 4 matrices (q, k, v, o) and 3 MLP matrices, and their two norms.
     assert result["params_used"] == 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32)
     assert 0 < result["saejax_flops_per_s"] < 10 * result["matmul_flops_per_s"]
+
+
+def test_heldout_fvu_groups_rows_and_skips_a_group_without_variance():
+    from benchmarks import heldout_fvu  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    x_hat = x * 0.5
+    groups = {"all": np.ones(64, bool), "one": np.arange(64) == 3}
+    out = heldout_fvu.grouped_fvu(x, x_hat, groups)
+    assert set(out) == {"all"} and out["all"]["rows"] == 64
+    expected = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert out["all"]["fvu"] == pytest.approx(expected, rel=1e-5)
