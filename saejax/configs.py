@@ -24,10 +24,8 @@ ALIASES = {"optim.l1_warmup_steps": "optim.sparsity_warmup_steps"}
 BEFORE_FIELD_EXISTED = {"lm.exclude_positions": (), "lm.exclude_token_ids": ""}
 
 
-def base_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-
+def _data_section(config: ml_collections.ConfigDict) -> None:
+    """The config.data section."""
     # Where activations come from: "synthetic" (known ground truth, below), "store" (a
     # tensorstore activation store written by `python -m saejax.harvest`), "npy" (a NumPy array
     # [tokens, d] that the user brings) or "lm" (the LM section's model, run on the fly).
@@ -58,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.npy_chunk_rows = 4096     # npy: rows per shuffling chunk (a store keeps its own)
     config.data.allow_partial = False     # train on the committed rows of an unfinished store
 
+
+def _lm_section(config: ml_collections.ConfigDict) -> None:
+    """The config.lm section."""
     # The language model: a local Hugging Face format GPT-2 checkpoint directory (config.json +
     # model.safetensors), used by data.source="lm" and by the loss-recovered evaluation.
     config.lm = ml_collections.ConfigDict()
@@ -75,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.lm.exclude_positions = (0,)
     config.lm.exclude_token_ids = "special"
 
+
+def _sae_section(config: ml_collections.ConfigDict) -> None:
+    """The config.sae section."""
     # The dictionary. The fields every architecture shares are here; each architecture
     # declares its own (saejax/sae/<name>.py, `config_fields`, with a comment each), and every
     # registered architecture's fields are added when the config is built, so that
@@ -99,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
     for name, field in sae.config_fields().items():
         config.sae[name] = field.default
 
+
+def _optim_section(config: ml_collections.ConfigDict) -> None:
+    """The config.optim section."""
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 3e-3
     config.optim.warmup_steps = 100
@@ -114,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.eps = 1e-8
     config.optim.grad_clip_norm = 0.0     # 0 = off
 
+
+def _group_section(config: ml_collections.ConfigDict) -> None:
+    """The config.group section."""
     # A group trains one SAE per sparsity coefficient in one vmapped step (same shape, same
     # batches): e.g. (0.3, 0.6, 1.2). Empty: a single SAE with sae.l1_coefficient.
     config.group = ml_collections.ConfigDict()
@@ -125,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
     # "auto": vmap on accelerators, map on CPU (a little faster there).
     config.group.vectorize = "auto"
 
+
+def _resample_section(config: ml_collections.ConfigDict) -> None:
+    """The config.resample section."""
     # Dead-latent resampling (Towards Monosemanticity); every_steps = 0 turns it off.
     config.resample = ml_collections.ConfigDict()
     config.resample.every_steps = 0
@@ -133,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.resample.encoder_scale = 0.2
     config.resample.rewarm_steps = 100    # learning-rate re-warm after each resampling
 
+
+def _train_section(config: ml_collections.ConfigDict) -> None:
+    """The config.train section."""
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 1024
     config.train.steps = 4_000
@@ -148,6 +164,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 3
 
+
+def _evals_section(config: ml_collections.ConfigDict) -> None:
+    """The config.evals section."""
     config.evals = ml_collections.ConfigDict()
     config.evals.dead_window_tokens = 100_000
     config.evals.density_window_tokens = 100_000  # feature density histogram window
@@ -157,12 +176,24 @@ def base_config() -> ml_collections.ConfigDict:
     # lm.tokens (held out by harvest --holdout_sequences); 0 = off. Needs lm.checkpoint.
     config.evals.loss_recovered_sequences = 0
 
+
+def _mesh_section(config: ml_collections.ConfigDict) -> None:
+    """The config.mesh section."""
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1
     config.mesh.model = 1
     # Logical axis -> mesh axis. "group" (the members of a group) stays unsplit.
     config.sharding_rules = (("batch", "data"), ("latent", "model"), ("embed", None),
                              ("group", None))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field and its default, a section at a time (the `sae` section gains every
+    registered architecture's fields)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    for section in (_data_section, _lm_section, _sae_section, _optim_section, _group_section, _resample_section, _train_section, _evals_section, _mesh_section):
+        section(config)
     return config
 
 
