@@ -122,21 +122,9 @@ def _programs(config, hook: str, loaded_ref: "_Ref"):
     return logits_fn, generate_fn
 
 
-def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float | None = None,
-          *, n_new_tokens: int = 20, top: int = 10,
-          promoted: list[int] | None = None) -> SteeringResult:
-    """Runs `model` (a `saejax.data.lm.LanguageModel`: config, params, hook) on `tokens` ([seq] or
-    [batch, seq] ids) with `latent` of `loaded` clamped/added/ablated at the model's hook.
-
-    Returns the KL divergence from the clean next-token distribution (at the last prompt token
-    and averaged over the prompt), the tokens whose log-probabilities at the last prompt token
-    rise and fall most, and `n_new_tokens` greedy tokens with and without the intervention
-    (which applies at every position, the generated ones included); and for the `top` tokens
-    the latent promotes, the log-probability the model gives them, clean and steered. The
-    promoted tokens are the logit lens's (the decoder direction through the unembedding),
-    which at a middle layer of a deep model says little; `promoted` (token ids) names them
-    instead, e.g. the tokens that follow the latent's top contexts on the dashboard.
-    """
+def _checked(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value, n_new_tokens):
+    """(latent, value, tokens [batch, seq] int32) of a steering request, or an AnalysisError
+    naming what cannot work."""
     if mode not in MODES:
         raise AnalysisError(f"mode={mode!r}: choose one of {list(MODES)}.")
     latent = loading.check_latent(loaded, latent)
@@ -168,6 +156,27 @@ def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float
         raise AnalysisError(f"{tokens.shape[1]} prompt tokens + {n_new_tokens} new ones exceed "
                             f"the model's {config.max_positions} positions; shorten one.")
     tokens = tokens.astype(np.int32)
+    return latent, value, tokens
+
+
+def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float | None = None,
+          *, n_new_tokens: int = 20, top: int = 10,
+          promoted: list[int] | None = None) -> SteeringResult:
+    """Runs `model` (a `saejax.data.lm.LanguageModel`: config, params, hook) on `tokens` ([seq] or
+    [batch, seq] ids) with `latent` of `loaded` clamped/added/ablated at the model's hook.
+
+    Returns the KL divergence from the clean next-token distribution (at the last prompt token
+    and averaged over the prompt), the tokens whose log-probabilities at the last prompt token
+    rise and fall most, and `n_new_tokens` greedy tokens with and without the intervention
+    (which applies at every position, the generated ones included); and for the `top` tokens
+    the latent promotes, the log-probability the model gives them, clean and steered. The
+    promoted tokens are the logit lens's (the decoder direction through the unembedding),
+    which at a middle layer of a deep model says little; `promoted` (token ids) names them
+    instead, e.g. the tokens that follow the latent's top contexts on the dashboard.
+    """
+    latent, value, tokens = _checked(model, loaded, tokens, latent, mode, value, n_new_tokens)
+    config, hook = model.config, model.hook
+    total = tokens.shape[1] + int(n_new_tokens)
 
     logits_fn, generate_fn = _programs(config, hook, _Ref(loaded))
     args = lambda on: intervention_args(loaded, latent, mode, value, on=on)
