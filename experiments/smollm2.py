@@ -15,20 +15,18 @@ plays (each one document, after SmolLM2's BOS), harvest, train:
         --config.data.path=$RUN/stores/blocks.15.hook_resid_post \
         --config.lm.checkpoint=$ASSETS/smollm2 --config.lm.tokens=$RUN/tokens.npy
     python -m saejax.sweep --config=experiments/smollm2.py --workdir=$RUN/sweep \
-        --config.data.path=... --config.lm.checkpoint=... --config.lm.tokens=...   # all four
+        --config.data.path=... --config.lm.checkpoint=... --config.lm.tokens=...   # every point
 
 The harvest resumes where it stopped when run again. Hardware: a CPU does; on 2 shared CPU
-cores the layer-15 forward ran at 1,862 tokens/s lightly loaded (benchmarks/harvest.py) and the
-harvest at 381 tokens/s end to end under heavy sharing: a million tokens is 10 to 45 minutes
-of harvest and 2.4 GB of float32 store.
-Measured (benchmarks/RESULTS.md, "SAEs on SmolLM2"; 2 shared CPU cores, 2026-12-01): a TopK x8
-SAE, 500 steps x 2,048 tokens from a 409,600-token harvest (18 min harvest, 24 min training
-under load), gave FVU 0.0028 over all held-out rows but 0.104 over positions >= 1, L0 32, dead
-fraction 0.76, loss recovered 0.46, KL 4.08. SmolLM2's first position carries a residual of
-about 135x the others' norm (an attention sink, 97% of the stored squared norm); until harvest
-excludes it, every sequence's first row is in the store and sets the input scale
-(data.normalize_inputs), which is why the all-rows FVU is low and loss recovered is poor. The
-default 4,000-step run and the rest of the sweep are not yet measured.
+cores the harvest ran at 836 tokens/s end to end (20 min for the million tokens, 2.4 GB of
+float32 store), a TopK x8 run trains in about 5 minutes, the three ReLU x8 points together in
+12, and an x32 point in about 30.
+Measured (benchmarks/RESULTS.md, "SAEs on SmolLM2"; 2026-12-02): TopK x8 gives L0 32, FVU 0.23,
+no dead latents, loss recovered 0.984 and KL 0.36; ReLU x8 at L1 levels 0.01 / 0.03 / 0.1 gives
+L0 434 / 248 / 45 at FVU 0.14 / 0.21 / 0.48 (loss recovered 0.998 / 0.991 / 0.880). Leaving
+out position 1 as well as position 0 (SmolLM2's windows start mid-document, and the token after
+the sink often carries a massive activation) lowers TopK's FVU on ordinary tokens from 0.27 to
+0.21.
 
 `get_config("tiny")` is the same pipeline at toy size on the real model (a few sequences of 32
 tokens, a few steps) for tests.
