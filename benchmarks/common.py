@@ -67,6 +67,10 @@ def add_shape_flags(parser, *, d: int, expansion_factor: int, batch_size: int) -
                         help="train.compute_dtype; the matmul peak is measured in it too")
     parser.add_argument("--matryoshka_widths", default="",
                         help="sae.matryoshka_widths, comma-separated (64,256 or 0.0625,0.25)")
+    parser.add_argument("--shape", default="single_hook",
+                        choices=("single_hook", "transcoder", "crosscoder"),
+                        help="sae.shape; transcoder and crosscoder read synthetic hooks")
+    parser.add_argument("--n_layers", type=int, default=3, help="a crosscoder's hooks")
     parser.add_argument("--mesh_model", type=int, default=1)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--peak_size", type=int, default=4096,
@@ -88,6 +92,16 @@ def config_from_flags(args):
     widths = getattr(args, "matryoshka_widths", "")
     config.sae.matryoshka_widths = tuple(float(w) if "." in w else int(w)
                                          for w in widths.split(",") if w)
+    shape = getattr(args, "shape", "single_hook")
+    if shape == "transcoder":
+        from saejax.data import synthetic  # pylint: disable=import-outside-toplevel
+        config.data.source, config.sae.shape = "synthetic_transcoder", "transcoder"
+        config.sae.input_hook, config.sae.target_hook = synthetic.TRANSCODER_HOOKS
+    elif shape == "crosscoder":
+        from saejax.data import synthetic  # pylint: disable=import-outside-toplevel
+        config.data.source, config.sae.shape = "synthetic_crosscoder", "crosscoder"
+        config.data.n_layers = args.n_layers
+        config.sae.hooks = ",".join(synthetic.crosscoder_hooks(args.n_layers))
     return config
 
 
@@ -111,8 +125,10 @@ def time_train_step(config, *, d: int, iters: int = 10, dead_fraction: float = 0
     steps run the dead-latent terms (AuxK) as a long run does; a fresh state has none."""
     batch_size = int(config.train.batch_size)
     with trainer_on_mesh(config, d=d) as (trainer, batch_sharding):
-        batch = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (batch_size, d)),
-                               batch_sharding)
+        from saejax import data  # pylint: disable=import-outside-toplevel
+        hooks = data.batch_hooks(config) or (data.hook_name(config),)
+        batch = {hook: jax.device_put(jax.random.normal(jax.random.PRNGKey(i), (batch_size, d)),
+                                      batch_sharding) for i, hook in enumerate(hooks)}
         state = trainer.init(jax.random.PRNGKey(0))
         if dead_fraction:
             silent = state["tokens_since_fired"]

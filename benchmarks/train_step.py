@@ -5,6 +5,7 @@
     python benchmarks/train_step.py --architecture=topk --expansion_factor=128 --topk_decoder=dense
     python benchmarks/train_step.py --compute_dtype=bfloat16 --d=4096 --expansion_factor=32  # GPU
     python benchmarks/train_step.py --architecture=batchtopk --matryoshka_widths=0.0625,0.25
+    python benchmarks/train_step.py --shape=crosscoder --n_layers=3   # or --shape=transcoder
 
 Prints tokens/s, achieved FLOP/s (the architecture's FLOPs per token, 10 * d * n_latents for a
 dense step) against the measured matmul rate of the same shapes in the same dtype, and peak memory; the last
@@ -32,20 +33,21 @@ def main():
     step = common.time_train_step(config, d=args.d, iters=args.iters)
     seconds = step["seconds_per_step"]
 
+    width = args.d * (args.n_layers if args.shape == "crosscoder" else 1)  # the hooks side by side
     matmul = common.matmul_flops_per_s(
-        shapes=((args.batch_size, args.d, n_latents), (args.batch_size, n_latents, args.d),
+        shapes=((args.batch_size, width, n_latents), (args.batch_size, n_latents, width),
                 (args.peak_size,) * 3), dtype=jnp.dtype(args.compute_dtype))
     tokens_per_s, flops_per_s = step["tokens_per_s"], step["flops_per_s"]
     result = {
         "benchmark": "train_step", "architecture": args.architecture, "d": args.d,
         "n_latents": n_latents, "batch_size": args.batch_size, "mesh": step["mesh"],
         "compute_dtype": args.compute_dtype, "topk_decoder": args.topk_decoder,
-        "matryoshka_widths": list(config.sae.matryoshka_widths),
+        "matryoshka_widths": list(config.sae.matryoshka_widths), "shape": args.shape,
         "seconds_per_step": seconds, "tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s,
         "matmul_flops_per_s": matmul, "fraction_of_matmul_peak": flops_per_s / matmul,
         "peak_memory_bytes": common.peak_memory_bytes(), "machine": common.machine(),
     }
-    print(f"{args.architecture} d={args.d} n_latents={n_latents} batch={args.batch_size}: "
+    print(f"{args.architecture} ({args.shape}) d={args.d} n_latents={n_latents} batch={args.batch_size}: "
           f"{tokens_per_s:,.0f} tokens/s, {flops_per_s / 1e9:.1f} GFLOP/s achieved vs "
           f"{matmul / 1e9:.1f} GFLOP/s measured matmul peak "
           f"({100 * flops_per_s / matmul:.0f}%), peak memory "

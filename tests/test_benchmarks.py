@@ -27,6 +27,13 @@ def test_train_step_benchmark_reports_throughput_against_matmul_peak():
     assert 0 < result["flops_per_s"] < 10 * result["matmul_flops_per_s"]
 
 
+def test_train_step_benchmark_counts_a_crosscoders_hooks():
+    """A ReLU crosscoder of 3 hooks does 3 dictionaries' matmuls: 10 x 3d x n FLOPs a token."""
+    result = _last_json("train_step.py", *TINY, "--shape=crosscoder", "--n_layers=3")
+    assert result["shape"] == "crosscoder" and result["n_latents"] == 64
+    assert result["flops_per_s"] / result["tokens_per_s"] == pytest.approx(10 * 3 * 32 * 64)
+
+
 def test_group_step_benchmark_compares_group_with_separate_steps():
     result = _last_json("group_step.py", *TINY, "--group_size=2")
     assert result["group_size"] == 2
