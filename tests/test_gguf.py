@@ -1,6 +1,7 @@
-"""GGUF conversion: the real SmolLM2-135M and Gemma 3 270M files against transformers' own GGUF
-loading, tiny synthetic files of every architecture written the way llama.cpp writes them, and
-the errors a bad file gets.
+"""GGUF conversion: the real SmolLM2-135M and Gemma 3 270M tokenizers against transformers' own GGUF
+loading (the converted models' logits against it are in tests/test_real_models.py, which loads
+the reference once for every check), tiny synthetic files of every architecture written the
+way llama.cpp writes them, and the errors a bad file gets.
 
 The real models come from `python -m saejax.models.fetch --out=DIR` with SAEJAX_ASSETS=DIR
 (.ci/run does this); without it those tests skip, and under CI=true they fail.
@@ -64,40 +65,6 @@ def test_real_tokenizer_matches_transformers_gguf_loading(name, tmp_path):
         assert ours.encode("Hi").ids[0] == 2  # <bos>, as the file's add_bos_token says
     else:
         assert ours.encode("Hi").ids[0] != 1  # SmolLM2's file adds no BOS
-
-
-@pytest.fixture
-def _fast_reference(monkeypatch):
-    """transformers' GGUF loading opens the file twice and rebuilds gguf's tensor-name map for
-    every module (most of its load time); both are pure, so they are cached here."""
-    import functools
-    monkeypatch.setattr(gguf, "get_tensor_name_map",
-                        functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
-    monkeypatch.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=2)(gguf.GGUFReader))
-
-
-@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
-def test_real_model_matches_transformers_gguf_loading(name, tmp_path, _fast_reference):
-    """The converted directory, loaded by transformers, gives the logits (1e-3) and greedy
-    tokens of transformers' own loading of the GGUF, on real sentences."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer
-    path, out = _assets(name, tmp_path)
-    folder, file = os.path.split(path)
-    tok = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
-    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file,
-                                                            dtype=torch.float32).eval()
-    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for s in SENTENCES[:2]:
-            ids = torch.tensor([tok.encode(s).ids])
-            want, got = ref(ids).logits, model(ids).logits
-            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-3, rtol=0)
-            assert torch.equal(got.argmax(-1), want.argmax(-1))
-        ids = torch.tensor([tok.encode(SENTENCES[0]).ids])
-        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-        assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
 
 
 def test_fetched_text_is_one_document_per_work_without_gutenberg_wrapping():

@@ -98,6 +98,22 @@ def test_logits_match_transformers_gguf_loading(real):
         np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
 
 
+def test_the_converted_directory_loads_in_transformers_as_the_gguf(real):
+    """What `python -m saejax.models.convert` writes, loaded by transformers itself, gives the
+    logits (1e-3) and argmax of transformers' own loading of the GGUF (the same reference
+    model as saejax's forward is compared with above)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(real.dir,
+                                                              dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = model(torch.from_numpy(real.tokens).long()).logits.numpy()
+    want = real.ref_out.logits.numpy()
+    for i, ids in enumerate(real.ids):
+        np.testing.assert_allclose(got[i, :len(ids)], want[i, :len(ids)], atol=1e-3, rtol=0,
+                                   err_msg=SENTENCES[i])
+        np.testing.assert_array_equal(got[i, :len(ids)].argmax(-1),
+                                      want[i, :len(ids)].argmax(-1))
+
+
 def test_middle_layer_resid_post_matches_transformers_hidden_states(real):
     """blocks.L.hook_resid_post is transformers' hidden_states[L + 1], the first (attention
     sink) position of huge norm included."""
