@@ -1,6 +1,6 @@
-"""GGUF conversion: the real SmolLM2-135M and Gemma 3 270M tokenizers against transformers' own GGUF
-loading (the converted models' logits against it are in tests/test_real_models.py, which loads
-the reference once for every check), tiny synthetic files of every architecture written the
+"""GGUF conversion: the real SmolLM2-135M and Gemma 3 270M tokenizers against transformers' own
+GGUF loading (the converted models' logits against it are in tests/test_real_models.py, which
+loads the reference once for every check), tiny synthetic files of every architecture written the
 way llama.cpp writes them, and the errors a bad file gets.
 
 The real models come from `python -m saejax.models.fetch --out=DIR` with SAEJAX_ASSETS=DIR
