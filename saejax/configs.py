@@ -192,7 +192,8 @@ def base_config() -> ml_collections.ConfigDict:
     registered architecture's fields)."""
     config = ml_collections.ConfigDict()
     config.seed = 0
-    for section in (_data_section, _lm_section, _sae_section, _optim_section, _group_section, _resample_section, _train_section, _evals_section, _mesh_section):
+    for section in (_data_section, _lm_section, _sae_section, _optim_section, _group_section,
+                    _resample_section, _train_section, _evals_section, _mesh_section):
         section(config)
     return config
 
