@@ -23,7 +23,9 @@ float32 store), a TopK x8 run trains in about 5 minutes, the three ReLU x8 point
 12, and an x32 point in about 30.
 Measured (benchmarks/RESULTS.md, "SAEs on SmolLM2"; 2026-12-02): TopK x8 gives L0 32, FVU 0.23,
 no dead latents, loss recovered 0.984 and KL 0.36; ReLU x8 at L1 levels 0.01 / 0.03 / 0.1 gives
-L0 434 / 248 / 45 at FVU 0.14 / 0.21 / 0.48 (loss recovered 0.998 / 0.991 / 0.880). Leaving
+L0 434 / 248 / 45 at FVU 0.14 / 0.21 / 0.48 (loss recovered 0.998 / 0.991 / 0.880); after the
+same one pass the x32 points are undertrained (TopK FVU 0.28, loss recovered 0.976; ReLU at
+level 0.1 FVU 0.72, loss recovered 0.69; the other two ReLU x32 levels not run). Leaving
 out position 1 as well as position 0 (SmolLM2's windows start mid-document, and the token after
 the sink often carries a massive activation) lowers TopK's FVU on ordinary tokens from 0.27 to
 0.21.
