@@ -25,6 +25,11 @@ def test_train_step_benchmark_reports_throughput_against_matmul_peak():
     assert {"tokens_per_s", "flops_per_s", "matmul_flops_per_s", "peak_memory_bytes"} <= set(result)
     assert result["n_latents"] == 64 and result["tokens_per_s"] > 0
     assert 0 < result["flops_per_s"] < 10 * result["matmul_flops_per_s"]
+    # The FLOP/s printed are the tokens/s printed times the architecture's own count.
+    from saejax import configs, sae  # pylint: disable=import-outside-toplevel
+    sae_config = configs.apply_overrides(configs.base_config(), {"sae.k": 4}).sae
+    count = sae.get("topk").flops_per_token(32, 64, sae_config)
+    assert result["flops_per_s"] == pytest.approx(result["tokens_per_s"] * count)
 
 
 def test_train_step_benchmark_counts_a_crosscoders_hooks():
