@@ -72,9 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sae.expansion_factor = 8
     config.sae.k = 32
     config.sae.k_aux = 288                # Gao et al.: about d / 2
-    # Read by ReLU only (the sweep's ReLU points set their own); kept at the value the first
-    # runs were trained with, so that their workdirs resume.
-    config.sae.l1_coefficient = 2.4
+    config.sae.l1_coefficient = RELU_L1_LEVELS[1] * 8  # relu at x8 (the sweep sets its own)
     config.sae.b_dec_init = "geometric_median"
 
     config.optim.learning_rate = learning_rate(8)

@@ -63,9 +63,21 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], dict, dict]:
                               and new_flat[k] == defaults[k])
                      and not (k not in new_flat and k not in defaults))
     resumable = [k for k in changed if k.startswith(RESUMABLE_CHANGES)]
+    resumable += _unread_by_the_architecture(changed, old_flat, new_flat)
     if resumable:
         logging.warning("Changed since the run started (allowed): %s.", ", ".join(resumable))
     return [k for k in changed if k not in resumable], old_flat, new_flat
+
+
+def _unread_by_the_architecture(changed: list[str], old_flat: dict, new_flat: dict) -> list[str]:
+    """The changed `sae.<field>`s of other architectures than the run's (a TopK run's
+    `sae.l1_coefficient`): nothing the run trains reads them."""
+    from saejax import sae  # pylint: disable=import-outside-toplevel
+    name = old_flat.get("sae.architecture")
+    if name != new_flat.get("sae.architecture") or name not in sae.ARCHITECTURES:
+        return []
+    own, every = sae.get(name).config_fields, sae.config_fields()
+    return [k for k in changed if k.startswith("sae.") and k[4:] in every and k[4:] not in own]
 
 
 def check_resumable(workdir: str, config) -> None:

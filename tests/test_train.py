@@ -344,8 +344,8 @@ def test_a_group_resumes_into_the_member_folders_of_an_old_workdir(tmp_path):
 
 def test_fields_added_to_the_schema_at_their_default_do_not_block_a_resume():
     """A workdir written before a field existed resumes when the field is at its default, or
-    after a field was removed from the schema; any other difference is refused, and
-    log_every-like changes are allowed."""
+    after a field was removed from the schema, or a field the run's architecture does not
+    read changed; any other difference is refused, and log_every-like changes are allowed."""
     new = json.loads(toy_config("smoke").to_json_best_effort())
     old = json.loads(json.dumps(new))
     del old["train"]["compute_dtype"], old["sae"]["topk_decoder"]
@@ -355,5 +355,11 @@ def test_fields_added_to_the_schema_at_their_default_do_not_block_a_resume():
     assert train.config_changes(old, new)[0] == ["train.compute_dtype"]
     old = json.loads(json.dumps(new))
     new["train"]["log_every"] = 7
+    new["sae"]["l1_coefficient"] = 0.1
+    assert train.config_changes(old, new)[0] == ["sae.l1_coefficient"]
+    # A field only other architectures read (TopK's k on this ReLU run) changes nothing.
+    new["sae"]["l1_coefficient"] = old["sae"]["l1_coefficient"]
     new["sae"]["k"] = 3
-    assert train.config_changes(old, new)[0] == ["sae.k"]
+    assert old["sae"]["architecture"] == "relu" and train.config_changes(old, new)[0] == []
+    new["sae"]["architecture"] = "topk"
+    assert train.config_changes(old, new)[0] == ["sae.architecture", "sae.k"]
