@@ -9,8 +9,9 @@ knowing it."""
 from __future__ import annotations
 
 from saejax.errors import ConfigError
-from saejax.sae import (base, batchtopk, gated, jumprelu, matryoshka, relu, shapes, switch,
-                        topk)
+# crosscoder.py registers its shape with `shapes` when imported.
+from saejax.sae import (base, batchtopk, crosscoder, gated, jumprelu, matryoshka,  # noqa: F401
+                        relu, shapes, switch, topk)
 from saejax.sae.base import Architecture, ConfigField, Mechanism, compose
 
 ARCHITECTURES: dict[str, Architecture] = {}

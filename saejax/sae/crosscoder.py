@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from saejax.errors import ConfigError
+from saejax.sae import shapes
 from saejax.sae.shapes import RESAMPLE, TRANSCODER_AXES, Entry, _no_metrics, add_bias
 
 
@@ -102,3 +103,16 @@ class Crosscoder(NamedTuple):
 
     def config_fields(self) -> dict:
         return {"shape": self.name, "hooks": ",".join(self.hooks)}
+
+
+def from_config(sae_config) -> Crosscoder:
+    """`sae.shape=crosscoder` with its `sae.hooks` (comma-separated)."""
+    hooks = tuple(h.strip() for h in str(sae_config.get("hooks", "")).split(",") if h.strip())
+    if len(hooks) < 2 or len(set(hooks)) != len(hooks):
+        raise ConfigError(f"sae.shape='crosscoder' needs sae.hooks: two or more distinct "
+                          f"hooks it reads and reconstructs, comma-separated (got "
+                          f"{sae_config.get('hooks', '')!r}).")
+    return Crosscoder(hooks)
+
+
+shapes.register("crosscoder", from_config)

@@ -13,12 +13,12 @@ Shapes here:
   al. 2024), so nothing is subtracted from the input before the encoder (the encoder bias is
   the input-side bias); with `skip_connection`, a linear skip `x @ W_skip` is added to the
   reconstruction (Paulo et al. 2025, "Transcoders beat sparse autoencoders").
-- `Crosscoder(hooks)` (crosscoder.py): reads several hooks (layers of one model, or one hook of two models)
-  into one shared code and reconstructs every one of them (Lindsey et al. 2024): the hooks'
-  activations side by side are the input and the target, so an encoder per hook summed
-  is one matmul, and a decoder row is the latent's decoders of every hook side by side. Its
-  decoder norms are free (no unit-norm constraint); an L1 penalty weights each latent by the
-  sum of its per-hook decoder norms.
+- `Crosscoder(hooks)` (crosscoder.py, which registers it here): reads several hooks (layers of
+  one model, or one hook of two models) into one shared code and reconstructs every one of
+  them (Lindsey et al. 2024): the hooks' activations side by side are the input and the
+  target, so an encoder per hook summed is one matmul, and a decoder row is the latent's
+  decoders of every hook side by side. Its decoder norms are free (no unit-norm constraint);
+  an L1 penalty weights each latent by the sum of its per-hook decoder norms.
 Matryoshka prefixes wrap any of them (`matryoshka.Matryoshka`: nested prefixes of the latents,
 each reconstructing the target).
 
@@ -366,8 +366,6 @@ class Transcoder(NamedTuple):
 
 
 
-SHAPES = ("single_hook", "transcoder", "crosscoder")
-
 # The `config.sae` fields that choose and configure the shape (configs.py declares them).
 SHAPE_FIELDS = {
     "shape": "single_hook",
@@ -378,32 +376,35 @@ SHAPE_FIELDS = {
 }
 
 
+def _transcoder_from_config(sae_config) -> Transcoder:
+    for field in ("input_hook", "target_hook"):
+        if not sae_config.get(field):
+            raise ConfigError(f"sae.shape='transcoder' needs sae.{field}: the hook it "
+                              f"{'reads' if field == 'input_hook' else 'reconstructs'}.")
+    if sae_config.input_hook == sae_config.target_hook:
+        raise ConfigError(f"sae.input_hook and sae.target_hook are both "
+                          f"{sae_config.input_hook!r}; a transcoder reconstructs another "
+                          "hook (use sae.shape='single_hook' for an SAE).")
+    return Transcoder(str(sae_config.input_hook), str(sae_config.target_hook),
+                      bool(sae_config.get("skip_connection", False)))
+
+
+# Each `sae.shape` name and what builds it from `config.sae`; a shape in a file of its own
+# (crosscoder.py) adds itself with `register`.
+SHAPES = {"single_hook": lambda sae_config: SINGLE_HOOK, "transcoder": _transcoder_from_config}
+
+
+def register(name: str, build) -> None:
+    """`sae.shape=name` builds `build(sae_config)`."""
+    SHAPES[name] = build
+
+
 def from_config(sae_config):
     """The shape `sae.shape` names, with its fields (`sae.input_hook`, ...)."""
     name = sae_config.get("shape", "single_hook")
-    if name == "single_hook":
-        return SINGLE_HOOK
-    if name == "transcoder":
-        for field in ("input_hook", "target_hook"):
-            if not sae_config.get(field):
-                raise ConfigError(f"sae.shape='transcoder' needs sae.{field}: the hook it "
-                                  f"{'reads' if field == 'input_hook' else 'reconstructs'}.")
-        if sae_config.input_hook == sae_config.target_hook:
-            raise ConfigError(f"sae.input_hook and sae.target_hook are both "
-                              f"{sae_config.input_hook!r}; a transcoder reconstructs another "
-                              "hook (use sae.shape='single_hook' for an SAE).")
-        return Transcoder(str(sae_config.input_hook), str(sae_config.target_hook),
-                          bool(sae_config.get("skip_connection", False)))
-    if name == "crosscoder":
-        hooks = tuple(h.strip() for h in str(sae_config.get("hooks", "")).split(",")
-                      if h.strip())
-        if len(hooks) < 2 or len(set(hooks)) != len(hooks):
-            raise ConfigError(f"sae.shape='crosscoder' needs sae.hooks: two or more distinct "
-                              f"hooks it reads and reconstructs, comma-separated (got "
-                              f"{sae_config.get('hooks', '')!r}).")
-        from saejax.sae.crosscoder import Crosscoder  # it builds on this module's pieces
-        return Crosscoder(hooks)
-    raise ConfigError(f"sae.shape={name!r} is not known; choose one of {SHAPES}.")
+    if name not in SHAPES:
+        raise ConfigError(f"sae.shape={name!r} is not known; choose one of {tuple(SHAPES)}.")
+    return SHAPES[name](sae_config)
 
 
 # SAELens' transcoder classes (sae_lens/saes/transcoder.py) by the SAE form a mechanism exports
