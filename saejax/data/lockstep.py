@@ -29,10 +29,6 @@ def split_paths(path: str) -> list[str]:
     return [p.strip() for p in str(path).split(",") if p.strip()]
 
 
-def _hook(rows) -> str:
-    return str((getattr(rows, "metadata", None) or {}).get("hook") or "")
-
-
 def store_hooks(path: str) -> tuple[str, ...]:
     """The hook of each store `data.path` names (its harvest metadata; a store that cannot be
     read yet is named by its folder, and refused when it is opened)."""
@@ -73,15 +69,14 @@ class LockstepSource:
 
     def __init__(self, data_config, *, batch_size: int, mesh, rules, eval_batches: int = 0):
         store_paths = split_paths(data_config.path)
-        self.sources, hooks = [], []
+        self.sources = []
         for path in store_paths:
             one = data_config.copy_and_resolve_references()
             with one.unlocked():
                 one.path = path
-            source = ArraySource(one, batch_size=batch_size, mesh=mesh, rules=rules,
-                                 eval_batches=eval_batches)
-            self.sources.append(source)
-            hooks.append(_hook(source.rows) or path.rstrip("/").split("/")[-1])
+            self.sources.append(ArraySource(one, batch_size=batch_size, mesh=mesh, rules=rules,
+                                            eval_batches=eval_batches))
+        hooks = store_hooks(data_config.path)
         if len(set(hooks)) != len(hooks):
             raise StoreError(f"data.path names two stores of one hook ({hooks}); give each "
                              "hook's store once.")
