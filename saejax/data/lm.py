@@ -224,8 +224,9 @@ class SharedForward:
         import collections  # pylint: disable=import-outside-toplevel
         import threading  # pylint: disable=import-outside-toplevel
         self.hooks = hooks
-        self.rows = {h: LMRows(model, tokens, batch_sequences=batch_sequences, name=h,
-                               keep=keep, activations=None) for h in hooks}
+        # Which tokens are rows, and their chunks: the same for every hook.
+        self.layout = LMRows(model, tokens, batch_sequences=batch_sequences, name=",".join(hooks),
+                             keep=keep, activations=None)
         self._forward = activations_fn(model, hooks)
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._cache_ranges = int(cache_ranges)
@@ -234,8 +235,7 @@ class SharedForward:
     def read(self, hook: str, start: int, stop: int) -> np.ndarray:
         with self._lock:
             if (start, stop) not in self._cache:
-                self._cache[(start, stop)] = next(iter(self.rows.values())).rows_of(
-                    start, stop, self._forward)
+                self._cache[(start, stop)] = self.layout.rows_of(start, stop, self._forward)
                 while len(self._cache) > self._cache_ranges:
                     self._cache.popitem(last=False)
             return self._cache[(start, stop)][hook]
@@ -245,7 +245,7 @@ class HookRows:
     """One hook's rows of a `SharedForward`, as a `store.Rows` source."""
 
     def __init__(self, shared: SharedForward, hook: str, name: str):
-        rows = shared.rows[hook]
+        rows = shared.layout
         self.shared, self.hook, self.name = shared, hook, name
         self.n_rows, self.d, self.dtype = rows.n_rows, rows.d, rows.dtype
         self.chunk_rows, self.context_length = rows.chunk_rows, rows.context_length
