@@ -126,7 +126,7 @@ def time_train_step(config, *, d: int, iters: int = 10, dead_fraction: float = 0
     batch_size = int(config.train.batch_size)
     with trainer_on_mesh(config, d=d) as (trainer, batch_sharding):
         from saejax import data  # pylint: disable=import-outside-toplevel
-        hooks = data.batch_hooks(config) or (data.hook_name(config),)
+        hooks = data.config_hooks(config)
         batch = {hook: jax.device_put(jax.random.normal(jax.random.PRNGKey(i), (batch_size, d)),
                                       batch_sharding) for i, hook in enumerate(hooks)}
         state = trainer.init(jax.random.PRNGKey(0))

@@ -111,7 +111,7 @@ def memory_report(config, mesh, *, d: int) -> MemoryReport:
     batch_block, latent_block = latents_sharding.shard_shape((batch_size, trainer.n_latents))
     batch_rows = batch_sharding.shard_shape((batch_size, d))[0]
     # Every entry of the batch, whatever the shape reads of it.
-    hooks = data.batch_hooks(config) or (data.DEFAULT_HOOK,)
+    hooks = data.config_hooks(config)
     _, targets = trainer.architecture.shape.entries({hook: d for hook in hooks})
     batch_width = d * len(hooks)
     target_width = sum(entry.width for entry in targets)
@@ -141,7 +141,7 @@ def compile_train_step(config, mesh, *, d: int, compiler_options=None):
         mesh, sharding.logical_to_spec(("batch", "embed"), config.sharding_rules))
     with sharding.activate(mesh, config.sharding_rules):
         trainer = train.make_trainer(config, mesh, d=d, batch_sharding=batch_sharding)
-        hooks = data.batch_hooks(config) or (data.hook_name(config),)
+        hooks = data.config_hooks(config)
         batch = {hook: jax.ShapeDtypeStruct((int(config.train.batch_size), d), jnp.float32,
                                             sharding=batch_sharding) for hook in hooks}
         return trainer, trainer.train_step.lower(trainer.abstract_state, batch).compile(

@@ -47,6 +47,12 @@ def batch_hooks(config) -> tuple[str, ...] | None:
     return None
 
 
+def config_hooks(config) -> tuple[str, ...]:
+    """Every hook of `config`'s batches, known before the source is opened: `batch_hooks`,
+    or the one `hook_name`."""
+    return batch_hooks(config) or (hook_name(config),)
+
+
 def hook_name(config, source=None) -> str:
     """The key of `config`'s source's activations in every batch."""
     if config.data.source == "lm":
