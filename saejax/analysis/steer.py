@@ -180,20 +180,25 @@ def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float
 
     logits_fn, generate_fn = _programs(config, hook, _Ref(loaded))
     args = lambda on: intervention_args(loaded, latent, mode, value, on=on)
-    clean_logits, activation = logits_fn(model.params, args(False), tokens)
-    steered_logits, _ = logits_fn(model.params, args(True), tokens)
-    logp_clean = jax.nn.log_softmax(clean_logits, axis=-1)
-    logp_steered = jax.nn.log_softmax(steered_logits, axis=-1)
-    kl = jnp.sum(jnp.exp(logp_clean) * (logp_clean - logp_steered), axis=-1)   # [b, s]
-    change = np.asarray(jnp.mean(logp_steered[:, -1] - logp_clean[:, -1], axis=0))
-    order = np.argsort(-change, kind="stable")
-    top = min(int(top), len(change))
-
+    n = tokens.shape[1]
     buffer = np.zeros((tokens.shape[0], total), np.int32)
-    buffer[:, :tokens.shape[1]] = tokens
-    prompt_length = jnp.int32(tokens.shape[1])
+    buffer[:, :n] = tokens
+    prompt_length = jnp.int32(n)
     clean = np.asarray(generate_fn(model.params, args(False), buffer, prompt_length))
     steered = np.asarray(generate_fn(model.params, args(True), buffer, prompt_length))
+
+    # One clean and one steered pass over the prompt and its clean continuation serve both the
+    # prompt's figures (causal: its positions do not see the continuation) and the promoted
+    # tokens' measurement over the whole text.
+    clean_logits, activation = logits_fn(model.params, args(False), clean)
+    steered_logits, _ = logits_fn(model.params, args(True), clean)
+    logp_clean = jax.nn.log_softmax(clean_logits, axis=-1)
+    logp_steered = jax.nn.log_softmax(steered_logits, axis=-1)
+    kl = jnp.sum(jnp.exp(logp_clean[:, :n]) * (logp_clean[:, :n] - logp_steered[:, :n]),
+                 axis=-1)   # [b, prompt]
+    change = np.asarray(jnp.mean(logp_steered[:, n - 1] - logp_clean[:, n - 1], axis=0))
+    order = np.argsort(-change, kind="stable")
+    top = min(int(top), len(change))
 
     if promoted is None:
         up_ids, _, _, _ = dashboard_data.promoted_tokens(
@@ -205,22 +210,21 @@ def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float
         raise AnalysisError(f"promoted token ids must be some of [0, {config.vocab_size}); got "
                             f"{promoted}.")
 
-    def promoted_log_prob(on):
-        logp = jax.nn.log_softmax(logits_fn(model.params, args(on), clean)[0], axis=-1)
+    def promoted_log_prob(logp):
         return float(jnp.mean(jax.nn.logsumexp(logp[..., np.asarray(promoted)], axis=-1)))
 
     def promoted_count(generated):
-        return int(np.isin(generated[:, tokens.shape[1]:], promoted).sum())
+        return int(np.isin(generated[:, n:], promoted).sum())
 
     return SteeringResult(
         latent=latent, mode=mode, value=value, hook=hook, prompt_tokens=tokens,
-        clean_tokens=clean[:, tokens.shape[1]:], steered_tokens=steered[:, tokens.shape[1]:],
-        latent_activation=np.asarray(activation),
+        clean_tokens=clean[:, n:], steered_tokens=steered[:, n:],
+        latent_activation=np.asarray(activation)[:, :n],
         kl_last=float(jnp.mean(kl[:, -1])), kl_mean=float(jnp.mean(kl)),
         top_increased=[(int(i), float(change[i])) for i in order[:top]],
         top_decreased=[(int(i), float(change[i])) for i in order[::-1][:top]],
-        promoted=promoted, promoted_log_prob_clean=promoted_log_prob(False),
-        promoted_log_prob_steered=promoted_log_prob(True),
+        promoted=promoted, promoted_log_prob_clean=promoted_log_prob(logp_clean),
+        promoted_log_prob_steered=promoted_log_prob(logp_steered),
         promoted_generated_clean=promoted_count(clean),
         promoted_generated_steered=promoted_count(steered))
 
