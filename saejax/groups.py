@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import jax
 
-from saejax import checkpoint, paths, sae
+from saejax import checkpoint, paths, sae, tracking
 from saejax import workdir as workdirs
 from saejax.step import MEMBER_AXES
 from saejax.workdir import MetricsLog, write_config
@@ -102,8 +102,7 @@ def open_outputs(config, workdir: str, start_step: int,
     members/l1_coefficient-0.3/ is used where it is there)."""
     coefficients = group_coefficients(config)
     if not coefficients:
-        return [Output("", workdir, MetricsLog(paths.join(workdir, "metrics.jsonl"), start_step),
-                       None)]
+        return [Output("", workdir, _metrics_log(config, workdir, start_step), None)]
     names = [member_name(architecture, c) for c in coefficients]
     folders = (tuple(str(f) for f in config.group.member_workdirs)
                or tuple(workdirs.member_folder(workdir, architecture.sparsity_coefficient, c)
@@ -122,9 +121,15 @@ def open_outputs(config, workdir: str, start_step: int,
         # (saved before a kill) will be written again, identically.
         member_ckpt.delete_after(start_step)
         members.append(Output(
-            name, member_dir, MetricsLog(paths.join(member_dir, "metrics.jsonl"), start_step),
+            name, member_dir, _metrics_log(member_config, member_dir, start_step),
             member_ckpt))
     return members
+
+
+def _metrics_log(config, workdir: str, start_step: int) -> MetricsLog:
+    """`workdir/metrics.jsonl`, mirrored to TensorBoard and W&B as `config.logging` asks."""
+    return MetricsLog(paths.join(workdir, "metrics.jsonl"), start_step,
+                      open_mirrors=lambda: tracking.open_mirrors(config, workdir, start_step))
 
 
 def save_members(outputs: list[Output], step: int, state: dict, data_state: dict) -> None:
@@ -134,8 +139,12 @@ def save_members(outputs: list[Output], step: int, state: dict, data_state: dict
             output.ckpt.save(step, member_state(state, i), data_state, force=True)
 
 
-def close(ckpt: checkpoint.Checkpointer, outputs: list[Output]) -> None:
+def close(ckpt: checkpoint.Checkpointer, outputs: list[Output],
+          summaries: list[dict] | None = None) -> None:
+    """Closes the checkpoints and the metrics' mirrors (giving them each SAE's final
+    evaluations, `summaries`, when the run finished)."""
     ckpt.close()
-    for output in outputs:
+    for i, output in enumerate(outputs):
         if output.ckpt is not None:
             output.ckpt.close()
+        output.metrics_log.close(summaries[i] if summaries is not None else None)
