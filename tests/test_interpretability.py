@@ -44,3 +44,20 @@ def test_score_counts_each_named_raters_latest_rating():
     assert score.raters == {"ann": 3, "bob": 3} and score.unnamed == 2
     empty = interp.interpretability_score([])
     assert empty.latents.rated == 0 and math.isnan(empty.latents.fraction)
+
+
+def test_the_sweep_report_scores_the_points_people_rated(tmp_path):
+    from saejax.analysis import ratings  # pylint: disable=import-outside-toplevel
+    path = ratings.ratings_path(str(tmp_path / "x8_k16"))
+    for item, kind, rating in (("latent-1", "latent", "interpretable"),
+                               ("latent-2", "latent", "not"),
+                               ("control-s0-0", "control", "not")):
+        ratings.append(path, {"rater": "ann", "item": item, "kind": kind, "rating": rating,
+                              "latent": 1, "label": "a | b"})
+    lines = ratings.sweep_report_lines(str(tmp_path), ["x8_k16", "x8_k32"])
+    rows = [line for line in lines if line.startswith("| x8")]
+    assert rows == ["| x8_k16 | 1/2 (50.0%) | 9.5% to 90.5% | 0/1 (0.0%) | 0.0% to 79.3% "
+                    "| ann 3 |"]
+    assert ratings.sweep_report_lines(str(tmp_path), ["x8_k32"]) == []
+    report = "\n".join(ratings.report_lines(ratings.summary_for(str(tmp_path / "x8_k16"))))
+    assert "| latent 1 | 1 | 0 | 0 | a \\| b (ann) |" in report

@@ -127,3 +127,26 @@ def report_lines(summary: ReviewSummary) -> list[str]:
         lines.append(f"| {row.title} | {row.counts['interpretable']} | {row.counts['partly']} "
                      f"| {row.counts['not']} | {labels} |")
     return lines
+
+
+def sweep_report_lines(workdir: str, names) -> list[str]:
+    """The sweep report's section: the score of each point (a folder `workdir/<name>`) people
+    have rated; [] when none has been."""
+    scored = [(name, summary_for(os.path.join(workdir, name))) for name in names]
+    scored = [(name, summary) for name, summary in scored if summary is not None]
+    if not scored:
+        return []
+    lines = ["", "## Interpretability (human validation)", "",
+             "Rated with `python -m saejax.analysis.review <point>`; each point's labels are in "
+             "its `analysis/review.md`.", "",
+             "| point | latents interpretable | 95% interval | controls interpretable | "
+             "95% interval | raters |", "|---|---|---|---|---|---|"]
+    for name, summary in scored:
+        latents, controls = summary.score.latents, summary.score.controls
+        raters = ", ".join(f"{r} {n}" for r, n in summary.score.raters.items())
+        lines.append(
+            f"| {name} | {latents.interpretable}/{latents.rated} ({_percent(latents.fraction)}) "
+            f"| {_percent(latents.low)} to {_percent(latents.high)} | "
+            f"{controls.interpretable}/{controls.rated} ({_percent(controls.fraction)}) | "
+            f"{_percent(controls.low)} to {_percent(controls.high)} | {raters} |")
+    return lines + [""]
