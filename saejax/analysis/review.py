@@ -273,7 +273,11 @@ def main(argv):
     if not values.serve:
         return
     from saejax.analysis import review_server  # pylint: disable=import-outside-toplevel
-    server = review_server.make_server(review, values.host, values.port)
+    try:
+        server = review_server.make_server(review, values.host, values.port)
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        raise AnalysisError(f"cannot serve on {values.host}:{values.port} ({e.strerror}); "
+                            "choose another --port (0: any free one) or --host.") from None
     print(f"Review: http://{values.host}:{server.server_address[1]}/ (Ctrl-C stops; ratings "
           f"go to {review.ratings_file})", flush=True)
     logging.info("Serving %d pages.", len(review.items))
