@@ -116,3 +116,18 @@ def test_scalars_are_the_finite_numbers_of_a_record():
     assert tracking.scalars({"step": 3, "loss": 1.5, "l0": 2, "mmcs": None, "x": float("nan"),
                              "log_density_histogram": [1, 2], "architecture": "topk",
                              "ok": True}) == {"loss": 1.5, "l0": 2.0}
+
+
+def test_only_process_zero_opens_the_mirrors(tmp_path, monkeypatch):
+    from saejax import workdir  # pylint: disable=import-outside-toplevel
+    opened = []
+    monkeypatch.setattr(workdir.jax, "process_index", lambda: 1)
+    log = workdir.MetricsLog(str(tmp_path / "metrics.jsonl"), 0,
+                             open_mirrors=lambda: opened.append(1) or [])
+    log.write({"step": 1, "loss": 1.0})
+    log.close({"step": 1})
+    assert opened == [] and not (tmp_path / "metrics.jsonl").exists()
+    monkeypatch.setattr(workdir.jax, "process_index", lambda: 0)
+    workdir.MetricsLog(str(tmp_path / "metrics.jsonl"), 0,
+                       open_mirrors=lambda: opened.append(1) or []).close()
+    assert opened == [1]
