@@ -72,7 +72,7 @@ def test_resume_after_crash_equals_a_store_written_in_one_go(tmp_path, monkeypat
         metadata={"model": "toy", "hook": "resid", "layer": 3})
     writer.write(0, activations(0, 100), tokens(0, 100))  # not chunk-aligned
     # The crash: the data of rows [100, 200) is written, the commit never happens.
-    monkeypatch.setattr(store.ActivationStoreWriter, "_commit",
+    monkeypatch.setattr(store.ActivationStoreWriter, "commit",
                         lambda self, rows: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         writer.write(100, activations(100, 200), tokens(100, 200))
@@ -323,7 +323,7 @@ def test_harvest_loop_resumes_each_hook_where_it_stopped(tmp_path):
     store.harvest_loop(activation_fn, batches(), first)
     # Simulate a crash that left the two stores at different points.
     for hook, rows in (("resid", 5 * b * CTX), ("mlp", 3 * b * CTX)):
-        first[hook]._commit(rows)
+        first[hook].commit(rows)
     calls.clear()
     result = store.harvest_loop(activation_fn, batches(), writers(), progress=False)
     assert len(calls) == n // CTX // b - 3  # batches both stores had were not recomputed
@@ -391,7 +391,7 @@ def test_a_store_with_positions_leaves_rows_out_and_resumes(tmp_path):
     store.harvest_loop(activation_fn, batches(), {"resid": writer("whole")}, progress=False)
     crashed = writer("crashed")
     store.harvest_loop(activation_fn, batches(), {"resid": crashed}, progress=False)
-    crashed._commit(int(row_starts[7]) + 3)   # a crash inside a batch
+    crashed.commit(int(row_starts[7]) + 3)   # a crash inside a batch
     result = store.harvest_loop(activation_fn, batches(), {"resid": writer("crashed")},
                                 progress=False)
     assert result["tokens_skipped"] == row_starts[6]
