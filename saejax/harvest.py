@@ -16,7 +16,13 @@ Attention sinks are left out: no row is written for the positions in `--exclude_
 special tokens and the model's BOS). The store records both settings in its metadata and each
 row's (sequence, position) and (document, offset), which is what traces a row back to its text.
 Interrupt it at any point and run the same command again: it resumes after the last committed
-batch, writing no row twice and losing none.
+chunk, writing no row twice and losing none.
+
+Run on every process of a JAX cluster (`python -m launch.local --processes=2 -- python -m
+saejax.harvest ...`, or launch.tpu / launch.slurm), the processes write each store together:
+each data replica forwards its own run of the sequences and writes whole chunks (shards) of its
+own (`saejax/data/store/parts.py`); the store is the one a single process writes. Killed on any
+host, it resumes with the same or another process count.
 """
 
 from __future__ import annotations
