@@ -114,16 +114,21 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
                  "%s device(s) x %d process(es).", f"{n_rows:,}", n, context_length,
                  f"{n * context_length - n_rows:,}", ", ".join(hooks), checkpoint, n_devices,
                  jax.default_backend(), jax.process_count())
-    ranges = _sequence_ranges(writers.values(), row_starts)
-    batches = _token_batches(sequences, keep, row_starts, ranges, batch_sequences)
+    batches = _token_batches(sequences, keep, row_starts,
+                             _sequence_ranges(writers.values(), row_starts), batch_sequences)
+    seconds = _write_parts(activation_fn, batches, writers, progress_every_s)
+    return {"stores": {h: w.path for h, w in writers.items()}, "tokens_written": rows_todo,
+            "tokens_skipped": n_rows - rows_todo, "seconds": seconds,
+            "tokens_per_s": rows_todo / seconds if seconds > 0 else 0.0}
+
+
+def _write_parts(activation_fn, batches, writers, progress_every_s: float) -> float:
+    """Writes this process's parts of the stores, then waits for every process's; the seconds."""
     t0 = time.perf_counter()
     store.harvest_loop(activation_fn, batches, writers, log_every_s=progress_every_s)
-    # Waits for every process: a slower one may take longer, but not twice this one's time.
+    # A slower process may take longer than this one, but not twice as long.
     store.finish_parts(writers, timeout_s=max(600.0, 2 * (time.perf_counter() - t0)))
-    seconds = time.perf_counter() - t0
-    result = {"tokens_written": rows_todo, "tokens_skipped": n_rows - rows_todo,
-              "seconds": seconds, "tokens_per_s": rows_todo / seconds if seconds > 0 else 0.0}
-    return {"stores": {h: w.path for h, w in writers.items()}, **result}
+    return time.perf_counter() - t0
 
 
 def _exclusion(tokens: np.ndarray, checkpoint: str, model_config, exclude_positions,

@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
     """The tiny GPT-2 (untrained: the rows need not mean anything here) and the stores one
     process harvests from it."""
     directory = str(tmp_path_factory.mktemp("tiny_lm"))
-    checkpoint, text, _ = tiny_lm.make_tiny_lm(directory, steps=1, n_documents=200)
+    checkpoint, text, _ = tiny_lm.make_tiny_lm(directory, steps=0, n_documents=200)
     reference = os.path.join(directory, "single")
     harvest.harvest(checkpoint, text, reference, hooks=HOOKS, **FLAGS)
     return checkpoint, text, reference
