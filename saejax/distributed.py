@@ -57,9 +57,14 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
+class ClusterError(RuntimeError):
+    """Another process of the cluster stopped (or never came): this one cannot go on. `cli.run`
+    reports it as one line and exits at once, as JAX's own shutdown would wait for the dead one."""
+
+
 def barrier(name: str, timeout_s: float) -> None:
     """Waits until every process has reached `barrier(name)` (each name once per run); raises
-    TimeoutError naming the barrier after `timeout_s`. Nothing with one process."""
+    ClusterError if one has died or has not come after `timeout_s`. Nothing with one process."""
     if jax.process_count() == 1:
         return
     # The coordination service's barrier, as orbax's multihost.sync_global_processes uses it:
@@ -68,5 +73,8 @@ def barrier(name: str, timeout_s: float) -> None:
     try:
         jax_distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
     except jax.errors.JaxRuntimeError as e:
-        raise TimeoutError(f"process {jax.process_index()} waited {timeout_s:.0f} s at "
-                           f"barrier {name!r} for the other processes ({e}).") from e
+        why = str(e).strip().splitlines()[0]
+        raise ClusterError(f"process {jax.process_index()} of {jax.process_count()}: another "
+                           f"process stopped or did not reach {name!r} within {timeout_s:.0f} s "
+                           f"({why}). What every process committed stays; run the same command "
+                           "again to go on.") from e

@@ -76,7 +76,9 @@ def test_a_killed_process_stops_the_other_and_the_same_command_finishes(tiny, tm
     assert procs[1].returncode == -9
     survivor = procs[0].communicate(timeout=60)[0]
     assert time.time() - killed_at < 30, survivor
-    assert procs[0].returncode != 0 and "another task died" in survivor, survivor
+    # Stopped at a barrier (saejax's line) or while working (JAX's coordination service's).
+    assert procs[0].returncode != 0, survivor
+    assert "another process stopped" in survivor or "another task died" in survivor, survivor
     for hook in HOOKS:
         # A reader of the half-written store sees only a committed prefix of rows.
         partial = store.open_store(str(out / hook), allow_partial=True)
