@@ -55,7 +55,7 @@ def _reporting_errors(main, errors, argv):
     except distributed.ClusterError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(ERROR_EXIT_CODE)  # pylint: disable=protected-access  (JAX's exit would hang)
+        os._exit(ERROR_EXIT_CODE)  # at once: JAX's exit handler would wait on the dead process
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(ERROR_EXIT_CODE)

@@ -180,8 +180,8 @@ def open_parts(open_writers: Callable[[], dict[str, ActivationStoreWriter]], *, 
     if leader:
         try:
             writers = open_writers()
-        except StoreError as e:  # the others fail alike, after the barrier
-            error = e
+        except Exception as e:  # pylint: disable=broad-except  (raised after the barrier:
+            error = e           # the others then fail alike, rather than wait for process 0)
     distributed.barrier("saejax.store.opened", timeout_s)
     if error is not None:
         raise error
