@@ -1,9 +1,11 @@
 """`python -m saejax.harvest` on two processes of one JAX cluster (launch/local.py) writes, row
 for row, the stores one process writes; one process killed mid-harvest stops the other within
-30 s with a message, and the same command then finishes the stores, with no row lost or twice."""
+30 s with a message, and the same command (or one process) then finishes the stores, with no row
+lost or twice."""
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -84,6 +86,13 @@ def test_a_killed_process_stops_the_other_and_the_same_command_finishes(tiny, tm
         partial = store.open_store(str(out / hook), allow_partial=True)
         assert partial.n_rows < partial.n_tokens
         assert len(store_parts := os.listdir(out / hook / "parts")) >= 1, store_parts
+
+    # One process finishes a copy: the parts are shared out afresh for another process count.
+    shutil.copytree(out, tmp_path / "one")
+    checkpoint, text, reference = tiny
+    result = harvest.harvest(checkpoint, text, str(tmp_path / "one"), hooks=HOOKS, **FLAGS)
+    assert result["tokens_skipped"] > 0 and result["tokens_written"] > 0  # only what was missing
+    _assert_same_stores(tmp_path / "one", reference)
 
     procs = _launch(tiny, out)  # the same command
     outputs = [p.communicate(timeout=240)[0] for p in procs]
