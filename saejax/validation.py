@@ -7,6 +7,7 @@ import os
 
 from saejax import data, paths, sae, sharding
 from saejax.data import hierarchy, lockstep
+from saejax.evals import downstream
 from saejax.errors import ConfigError
 
 DECAYS = ("linear", "cosine", "none")
@@ -162,7 +163,8 @@ def _check_shape(config, architecture: sae.Architecture) -> None:
              f"in data.path, comma-separated (data.source='store'), or use "
              f"data.source='synthetic_transcoder'.")
     architecture.shape.entries({hook: int(config.data.d) for hook in hooks})
-    if config.evals.loss_recovered_sequences:
+    if config.evals.loss_recovered_sequences and not downstream.replaces_layers(
+            architecture.shape):  # a CLT's replacement model replaces every target hook
         architecture.shape.spliced_hooks(str(config.lm.hook))  # ConfigError where it cannot
 
 

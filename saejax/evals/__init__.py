@@ -174,7 +174,7 @@ def loss_recovered(ce_clean, ce_sae, ce_zero_ablation):
     return (ce_zero_ablation - ce_sae) / (ce_zero_ablation - ce_clean)
 
 
-def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstructs, *,
+def downstream_sums(lm_forward, tokens: jax.Array, hook, reconstructs, *,
                     ce_fn=None, kl_fn=None) -> list[dict]:
     """Summed next-token losses and KL of the clean LM, the LM with the activation at `hook`
     replaced by each SAE's reconstruction, and with it zero-ablated, over one token batch.
@@ -182,9 +182,12 @@ def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstructs, *,
     Args:
       lm_forward: `(tokens, interventions) -> logits`, the LM with its params bound.
       tokens: int token ids `[batch, seq]`.
-      hook: the hook point the SAEs were trained on, e.g. "blocks.8.hook_resid_post".
-      reconstructs: per SAE, activation `[batch, seq, d]` -> its reconstruction. The clean and
-        zero-ablated passes are shared by all of them (a group's members).
+      hook: the hook point the SAEs were trained on, e.g. "blocks.8.hook_resid_post"; or
+        several hooks, all zero-ablated together (a cross-layer transcoder's MLP outputs).
+      reconstructs: per SAE, activation `[batch, seq, d]` -> its reconstruction at `hook`; or
+        per SAE the interventions `{hook: fn}` of its one spliced forward pass (the
+        replacement model of a cross-layer transcoder). The clean and zero-ablated passes are
+        shared by all of them (a group's members).
       ce_fn, kl_fn: `(output, tokens) -> [batch, seq - 1]` and `(clean output, output) ->
         [batch, seq]` when `lm_forward` returns something other than logits (the final
         residual, for losses computed over the vocabulary in chunks); default
@@ -195,8 +198,9 @@ def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstructs, *,
     """
     next_token_losses_ = ce_fn or next_token_losses
     kl_divergences_ = kl_fn or kl_divergences
+    hooks = (hook,) if isinstance(hook, str) else tuple(hook)
     clean = lm_forward(tokens, None)
-    ablated = lm_forward(tokens, {hook: jnp.zeros_like})
+    ablated = lm_forward(tokens, {h: jnp.zeros_like for h in hooks})
     shared = {
         "ce_clean": jnp.sum(next_token_losses_(clean, tokens)),
         "ce_zero_ablation": jnp.sum(next_token_losses_(ablated, tokens)),
@@ -205,7 +209,8 @@ def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstructs, *,
     }
     sums = []
     for reconstruct in reconstructs:
-        spliced = lm_forward(tokens, {hook: reconstruct})
+        interventions = reconstruct if isinstance(reconstruct, dict) else {hooks[0]: reconstruct}
+        spliced = lm_forward(tokens, interventions)
         sums.append({**shared, "ce_sae": jnp.sum(next_token_losses_(spliced, tokens)),
                      "kl_sae": jnp.sum(kl_divergences_(clean, spliced)[:, :-1])})
     return sums

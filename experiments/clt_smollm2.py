@@ -1,0 +1,77 @@
+"""A cross-layer transcoder over SmolLM2-135M's layers 4 to 7 (of 30): each layer's encoder reads
+its MLP's normalised input (`blocks.{l}.ln2.hook_normalized`), and its latents decode into the
+MLP outputs (`blocks.{m}.hook_mlp_out`) of that layer and every later one; TopK with k = 32 per
+layer, 2,304 latents per layer (x4 of d = 576). Loss recovered and KL are the replacement
+model's: all four MLP outputs replaced at once, each encoder reading the replaced stream,
+against zero-ablating the four. The sweep adds one per-layer transcoder per layer (same
+mechanism, size and data) for comparison.
+
+Tokens: the first 3,072 windows of 128 of experiments/smollm2.py's Shakespeare token ids (the
+last 64 held out for loss recovered); one harvest of the eight hooks, read in lockstep:
+
+    R=/work/scratch/cltreal; A=/work/assets/real
+    python -c "import numpy as np; np.save('$R/tokens.npy', np.load('$SMOLLM2_RUN/tokens.npy')[:3072])"
+    python -m saejax.harvest --checkpoint=$A/smollm2 --tokens=$R/tokens.npy --out=$R/stores \
+        --hooks=$(python -c "from experiments import clt_smollm2 as c; print(','.join(c.HOOKS))") \
+        --context_length=128 --batch_sequences=8 --holdout_sequences=64 --exclude_positions=0,1
+    P=$(python -c "from experiments import clt_smollm2 as c; print(c.store_paths('$R/stores'))")
+    python -m saejax.main --config=experiments/clt_smollm2.py --workdir=$R/clt \
+        --config.data.path=$P --config.lm.checkpoint=$A/smollm2 --config.lm.tokens=$R/tokens.npy
+    python -m saejax.sweep --config=experiments/clt_smollm2.py --workdir=$R/sweep \
+        --config.data.path=$P --config.lm.checkpoint=$A/smollm2 --config.lm.tokens=$R/tokens.npy
+
+Hardware: a CPU does. On 2 shared CPU cores (CPU-2) the harvest of 378,999 rows at 8 hooks
+took about 8 minutes (7.0 GB of float32 stores); the run and each transcoder of the sweep take
+minutes (benchmarks/RESULTS.md, "A cross-layer transcoder on SmolLM2").
+Expected (measured there): per-layer FVU of the MLP outputs, dead fraction, and the replacement
+model's loss recovered and KL, beside the per-layer transcoders'.
+
+`get_config("tiny")` is the same pipeline at toy size for tests.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments import smollm2
+
+LAYERS = (4, 5, 6, 7)
+INPUT_HOOK = "blocks.{layer}.ln2.hook_normalized"
+TARGET_HOOK = "blocks.{layer}.hook_mlp_out"
+HOOKS = tuple(hook.format(layer=layer) for layer in LAYERS
+              for hook in (INPUT_HOOK, TARGET_HOOK))
+EXPANSION_FACTOR = 4
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = smollm2.get_config(arg)
+    config.sae.shape = "clt"
+    config.sae.layers = ",".join(map(str, LAYERS))
+    config.sae.input_hook = INPUT_HOOK
+    config.sae.target_hook = TARGET_HOOK
+    config.lm.hook = TARGET_HOOK.format(layer=LAYERS[-1])
+    config.resample.every_steps = 0      # a CLT is not resampled; AuxK revives dead latents
+    if not arg:
+        config.sae.expansion_factor = EXPANSION_FACTOR
+        config.optim.learning_rate = smollm2.learning_rate(EXPANSION_FACTOR)
+        # One pass over the 378,999 harvested rows.
+        config.train.steps = 370
+        config.train.checkpoint_every = 370
+        config.evals.dead_window_tokens = 200_000
+        config.evals.density_window_tokens = 200_000
+    return config
+
+
+def store_paths(stores: str) -> str:
+    """`data.path`: the harvest's stores of every hook, comma-separated."""
+    return ",".join(f"{stores.rstrip('/')}/{hook}" for hook in HOOKS)
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """The CLT, then a per-layer transcoder (TopK, the same size) at each of its layers."""
+    if arg:
+        raise ValueError(f"experiments/clt_smollm2.py: get_sweep takes no argument, got "
+                         f"{arg!r}.")
+    return [{}] + [{"sae.shape": "transcoder", "sae.input_hook": INPUT_HOOK.format(layer=layer),
+                    "sae.target_hook": TARGET_HOOK.format(layer=layer),
+                    "lm.hook": TARGET_HOOK.format(layer=layer)} for layer in LAYERS]
