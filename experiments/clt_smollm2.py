@@ -32,6 +32,7 @@ model's loss recovered and KL, beside the per-layer transcoders'.
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 from experiments import smollm2
 
@@ -50,8 +51,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sae.input_hook = INPUT_HOOK
     config.sae.target_hook = TARGET_HOOK
     config.lm.hook = TARGET_HOOK.format(layer=LAYERS[-1])
-    config.resample.every_steps = 0      # a CLT is not resampled; AuxK revives dead latents
     if not arg:
+        # Eight stores: smollm2.py's 32-chunk window, read ahead twice, would hold 3 x 32
+        # chunks x 4,096 rows x 576 floats x 8 stores = 7 GB; 8 chunks a window hold 1.8 GB.
+        config.data.shuffle_buffer_chunks = 8
         config.sae.expansion_factor = EXPANSION_FACTOR
         config.optim.learning_rate = smollm2.learning_rate(EXPANSION_FACTOR)
         # One pass over the 378,999 harvested rows.
@@ -75,3 +78,42 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     return [{}] + [{"sae.shape": "transcoder", "sae.input_hook": INPUT_HOOK.format(layer=layer),
                     "sae.target_hook": TARGET_HOOK.format(layer=layer),
                     "lm.hook": TARGET_HOOK.format(layer=layer)} for layer in LAYERS]
+
+
+def transcoders_replacement(workdirs: list[str], *, batch_sequences: int = 8) -> dict:
+    """The replacement model of per-layer transcoders (one trained run's workdir per layer of
+    LAYERS, e.g. the sweep's transcoder points): each layer's MLP output replaced by its own
+    transcoder, which reads the replaced stream, all at once; loss recovered and KL against
+    zero-ablating the same MLP outputs, on the held-out sequences of the first run's
+    `lm.tokens` (`downstream.evaluate_replacement`, the CLT's evaluation)."""
+    # Imported here: a config module stays importable without the LM stack.
+    import jax  # pylint: disable=import-outside-toplevel
+    from saejax.analysis import loaded as loaded_lib  # pylint: disable=import-outside-toplevel
+    from saejax.data import lm  # pylint: disable=import-outside-toplevel
+    from saejax.evals import downstream  # pylint: disable=import-outside-toplevel
+
+    runs = [loaded_lib.load_run(w) for w in workdirs]
+    hooks = [(run.sae_config.input_hook, run.sae_config.target_hook) for run in runs]
+    lm_config = ml_collections.ConfigDict(loaded_lib.read_run_config(workdirs[0])["lm"])
+    n = int(loaded_lib.read_run_config(workdirs[0])["evals"]["loss_recovered_sequences"])
+    model = lm.from_checkpoint(str(lm_config.checkpoint), hooks[-1][1])
+    _, tokens = lm.split(lm_config, model, n)
+
+    def encode(params, layer, x):
+        weights, scale = params[layer]
+        x = x * scale
+        return runs[layer].architecture.encode(weights, x, runs[layer].sae_config), x
+
+    def decode(params, latents, layer):
+        weights, scale = params[layer]
+        f, x = latents[layer]
+        return runs[layer].architecture.decode(weights, f, x) / scale
+
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    metrics, = downstream.evaluate_replacement(
+        model, tokens, batch_sequences=batch_sequences, mesh=mesh,
+        input_hooks=[h for h, _ in hooks], output_hooks=[h for _, h in hooks],
+        encode=encode, decode=decode,
+        clt_params=[[(run.params, np.float32(run.input_scale)) for run in runs]],
+        keep=lm.keep_mask(tokens, *lm.exclusion(lm_config, model)))
+    return metrics

@@ -13,7 +13,6 @@ them. The assets come from SAEJAX_ASSETS (tests/conftest.py).
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -29,19 +28,18 @@ from saejax.models import hf, layers  # noqa: E402
 LAYERS = (2, 3)
 INPUTS = tuple(f"blocks.{l}.ln2.hook_normalized" for l in LAYERS)
 OUTPUTS = tuple(f"blocks.{l}.hook_mlp_out" for l in LAYERS)
-N_LATENTS, SEQUENCES, CONTEXT = 64, 4, 32
+N_LATENTS, SEQUENCES, CONTEXT = 64, 2, 32
 
 
-def _clt(key, d, mlp, alpha, beta):
+def _clt(seed, d, mlp, alpha, beta):
     """The stand-in's params: numpy, so torch reads the same numbers."""
-    keys = jax.random.split(key, 4)
+    normal = lambda *shape: np.random.default_rng(seed).standard_normal(shape, np.float32)
     n = len(LAYERS)
     return {"alpha": np.float32(alpha), "beta": np.float32(beta),
-            "W_enc": np.asarray(jax.random.normal(keys[0], (n, d, N_LATENTS))) / np.sqrt(d),
-            "b_enc": np.asarray(jax.random.normal(keys[1], (n, N_LATENTS))) * 0.1,
+            "W_enc": normal(n, d, N_LATENTS) / np.sqrt(d), "b_enc": normal(n, N_LATENTS) * 0.1,
             # W_dec[l, m]: layer l's latents into layer m's output (used for m >= l only)
-            "W_dec": np.asarray(jax.random.normal(keys[2], (n, n, N_LATENTS, d))) * 0.05,
-            "b_dec": np.asarray(jax.random.normal(keys[3], (n, d))) * 0.05, "mlp": mlp}
+            "W_dec": normal(n, n, N_LATENTS, d) * 0.05, "b_dec": normal(n, d) * 0.05,
+            "mlp": mlp}
 
 
 def _encode(params, layer, x):
@@ -55,43 +53,49 @@ def _decode(params, latents, target):
     return params["alpha"] * true_mlp + params["beta"] * clt
 
 
-def _torch_losses(ref, tokens, keep, params, *, replaced_reads=True):
-    """(mean CE, mean KL against the clean model) of transformers' SmolLM2 with the MLPs of
-    LAYERS replaced by the stand-in CLT in torch hooks: each hook encodes the MLP's input as
-    this forward pass sees it (`replaced_reads`) or as the clean pass saw it."""
-    t = lambda a: torch.from_numpy(np.asarray(a, np.float32))
-    ids = torch.from_numpy(tokens).long()
-    keep_t = torch.from_numpy(keep)[..., None]
-    with torch.no_grad():
-        clean_inputs, handles = {}, []
-        for i, l in enumerate(LAYERS):
-            handles.append(ref.model.layers[l].mlp.register_forward_hook(
-                lambda m, inp, out, i=i: clean_inputs.__setitem__(i, inp[0])))
-        clean = ref(ids).logits
-        for h in handles:
-            h.remove()
-        latents, handles = {}, []
+class TorchReference:
+    """transformers' SmolLM2 with the MLPs of LAYERS replaced by the stand-in CLT in torch
+    forward hooks; the clean pass (its logits and MLP inputs) runs once."""
+
+    def __init__(self, directory, tokens, keep):
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32).eval()
+        self.ids, self.keep = torch.from_numpy(tokens).long(), torch.from_numpy(keep)[..., None]
+        self.clean_inputs = {}
+        self.clean = self._run(lambda m, inputs, output, i: self.clean_inputs.__setitem__(
+            i, inputs[0]))
+
+    def _run(self, hook):
+        handles = [self.model.model.layers[l].mlp.register_forward_hook(
+            lambda m, inputs, output, i=i: hook(m, inputs, output, i))
+            for i, l in enumerate(LAYERS)]
+        try:
+            with torch.no_grad():
+                return torch.log_softmax(self.model(self.ids).logits.double(), -1)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def losses(self, params, *, replaced_reads=True):
+        """(mean CE, mean KL against the clean model) with the MLPs replaced: each hook encodes
+        the MLP's input as this pass sees it (`replaced_reads`) or as the clean pass saw it."""
+        t = lambda a: torch.from_numpy(np.asarray(a, np.float32))
+        latents = {}
 
         def replace(module, inputs, output, i):
-            x = inputs[0] if replaced_reads else clean_inputs[i]
+            x = inputs[0] if replaced_reads else self.clean_inputs[i]
             latents[i] = torch.relu(x @ t(params["W_enc"][i]) + t(params["b_enc"][i]))
             true_mlp = output if replaced_reads else module.down_proj(
                 module.act_fn(module.gate_proj(x)) * module.up_proj(x))
             clt = t(params["b_dec"][i]) + sum(latents[j] @ t(params["W_dec"][j, i])
                                               for j in range(i + 1))
             new = float(params["alpha"]) * true_mlp + float(params["beta"]) * clt
-            return torch.where(keep_t, new, output)
+            return torch.where(self.keep, new, output)
 
-        for i, l in enumerate(LAYERS):
-            handles.append(ref.model.layers[l].mlp.register_forward_hook(
-                lambda m, inp, out, i=i: replace(m, inp, out, i)))
-        logits = ref(ids).logits
-        for h in handles:
-            h.remove()
-    log_p, log_clean = (torch.log_softmax(a.double(), -1) for a in (logits, clean))
-    ce = -log_p[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-    kl = (log_clean.exp() * (log_clean - log_p)).sum(-1)[:, :-1]
-    return float(ce.mean()), float(kl.mean())
+        log_p = self._run(replace)
+        ce = -log_p[:, :-1].gather(-1, self.ids[:, 1:, None])[..., 0]
+        kl = (self.clean.exp() * (self.clean - log_p)).sum(-1)[:, :-1]
+        return float(ce.mean()), float(kl.mean())
 
 
 def test_replacement_model_on_smollm2_matches_transformers():
@@ -102,14 +106,14 @@ def test_replacement_model_on_smollm2_matches_transformers():
     ids = models.load_tokenizer(directory).encode(text).ids
     tokens = np.asarray(ids[:SEQUENCES * CONTEXT], np.int32).reshape(SEQUENCES, CONTEXT)
     keep = lm.keep_mask(tokens, (0, 1), ())
-    mlp = [jax.tree.map(lambda a, l=l: np.asarray(a[l]), model.params["blocks"]["mlp"])
+    mlp = [{k: np.asarray(v)[l] for k, v in model.params["blocks"]["mlp"].items()}
            for l in LAYERS]
     cases = [(1.0, 0.0), (0.0, 0.0), (0.5, 0.0), (0.0, 1.0)]
-    clts = [_clt(jax.random.PRNGKey(i), model.config.d_model, mlp, *ab)
+    clts = [_clt(i, model.config.d_model, mlp, *ab)
             for i, ab in enumerate(cases)]
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     exact, zero, half, random = downstream.evaluate_replacement(
-        model, tokens, batch_sequences=2, input_hooks=INPUTS, output_hooks=OUTPUTS,
+        model, tokens, batch_sequences=1, input_hooks=INPUTS, output_hooks=OUTPUTS,
         encode=_encode, decode=_decode, clt_params=clts, mesh=mesh, keep=keep)
 
     assert exact["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
@@ -117,18 +121,17 @@ def test_replacement_model_on_smollm2_matches_transformers():
     assert zero["loss_recovered"] == pytest.approx(0.0, abs=1e-5)
     assert zero["kl_sae"] == pytest.approx(zero["kl_zero_ablation"], rel=1e-5)
 
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, dtype=torch.float32).eval()
-    zero_ce, zero_kl = _torch_losses(ref, tokens, keep, clts[1])
+    ref = TorchReference(directory, tokens, keep)
+    zero_ce, zero_kl = ref.losses(clts[1])
     assert exact["ce_zero_ablation"] == pytest.approx(zero_ce, abs=2e-5)
     assert exact["kl_zero_ablation"] == pytest.approx(zero_kl, abs=2e-5)
     for got, params in ((half, clts[2]), (random, clts[3])):
-        ce, kl = _torch_losses(ref, tokens, keep, params)
+        ce, kl = ref.losses(params)
         assert got["ce_sae"] == pytest.approx(ce, abs=2e-5)
         assert got["kl_sae"] == pytest.approx(kl, abs=2e-5)
         assert got["kl_sae"] > 1e-3
         # Encoders reading the clean stream instead are measurably another model.
-        clean_ce, _ = _torch_losses(ref, tokens, keep, params, replaced_reads=False)
+        clean_ce, _ = ref.losses(params, replaced_reads=False)
         assert abs(clean_ce - ce) > 5e-4, (clean_ce, ce)
 
 
