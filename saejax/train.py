@@ -65,7 +65,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         outputs = groups.open_outputs(config, workdir, int(state["step"]), trainer.architecture)
 
         # Loop -------------------------------------------------------------------------------
-        mmcs = _mmcs(source, mesh, grouped=bool(group_coefficients(config)))
+        mmcs = _mmcs(source, mesh, trainer.architecture.shape,
+                     grouped=bool(group_coefficients(config)))
         state, train_seconds = loop.train(config, trainer, state, source, mesh, ckpt, outputs,
                                           mmcs=mmcs, seconds_before=seconds_before)
 
@@ -109,14 +110,14 @@ def _restore_or_init(config, trainer: Trainer, ckpt: checkpoint.Checkpointer,
     return state, seconds_before
 
 
-def _mmcs(source: data.KeyedSource, mesh, *, grouped: bool) -> Callable | None:
-    """W_dec -> its MMCS against the source's true features (per member of a group), or None
-    for a source without them."""
+def _mmcs(source: data.KeyedSource, mesh, shape, *, grouped: bool) -> Callable | None:
+    """params -> their decoder's MMCS against the source's true features (per member of a
+    group; the shape's `decoder_rows`), or None for a source without them."""
     if getattr(source, "true_features", None) is None:
         return None
     true_features = jax.device_put(source.true_features, sharding.replicated(mesh))
     mmcs_fn = jax.jit(jax.vmap(evals.mmcs, in_axes=(0, None)) if grouped else evals.mmcs)
-    return lambda W_dec: mmcs_fn(W_dec, true_features)
+    return lambda params: mmcs_fn(sae.base.decoder_rows(shape, params), true_features)
 
 
 def _evaluate(config, trainer: Trainer, state: dict, source: data.KeyedSource,
@@ -127,9 +128,10 @@ def _evaluate(config, trainer: Trainer, state: dict, source: data.KeyedSource,
                                                 source.eval_batch(i)))
                for i in range(int(config.evals.eval_batches))]
     results = {k: np.mean([r[k] for r in results], axis=0) for k in results[0]}
+    latent_ndim = len(sae.base.latent_axes(trainer.architecture.shape))
     results["dead_fraction"] = np.asarray(evals.dead_fraction(
-        state["tokens_since_fired"], int(config.evals.dead_window_tokens)))
-    return results, None if mmcs is None else np.asarray(mmcs(state["params"]["W_dec"]))
+        state["tokens_since_fired"], int(config.evals.dead_window_tokens), latent_ndim))
+    return results, None if mmcs is None else np.asarray(mmcs(state["params"]))
 
 
 def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: int,

@@ -19,9 +19,11 @@ from saejax.sae.ops import (batch_sum, fire_counts, fvu,  # noqa: F401  (one def
                             mse)
 
 
-def l0(latents: jax.Array) -> jax.Array:
-    """Mean number of non-zero latents per token."""
-    return jnp.mean(jnp.sum(latents != 0, axis=-1).astype(jnp.float32))
+def l0(latents: jax.Array, latent_ndim: int = 1) -> jax.Array:
+    """Mean number of non-zero latents per token; `latent_ndim` trailing axes are latents (a
+    CLT's [batch, layer, latent]: 2, so every layer's count)."""
+    active = jnp.sum(latents != 0, axis=tuple(range(-latent_ndim, 0)))
+    return jnp.mean(active.astype(jnp.float32))
 
 
 def l0_of_counts(counts: jax.Array, n_tokens: int) -> jax.Array:
@@ -38,10 +40,12 @@ def update_tokens_since_fired(tokens_since_fired: jax.Array, counts: jax.Array,
     return jnp.where(counts > 0, 0, count)
 
 
-def dead_fraction(tokens_since_fired: jax.Array, window_tokens: int) -> jax.Array:
+def dead_fraction(tokens_since_fired: jax.Array, window_tokens: int,
+                  latent_ndim: int = 1) -> jax.Array:
     """Fraction of latents that have not fired in the last `window_tokens` tokens (per SAE:
-    the last axis is the latent axis)."""
-    return jnp.mean((tokens_since_fired >= window_tokens).astype(jnp.float32), axis=-1)
+    the last `latent_ndim` axes are latents, 2 for a CLT's [layer, latent])."""
+    return jnp.mean((tokens_since_fired >= window_tokens).astype(jnp.float32),
+                    axis=tuple(range(-latent_ndim, 0)))
 
 
 class Density(NamedTuple):
@@ -52,9 +56,11 @@ class Density(NamedTuple):
     density: jax.Array        # [n_latents] float32, firing frequency over the last full window
 
 
-def init_density(n_latents: int) -> Density:
-    return Density(jnp.zeros((n_latents,), jnp.int32), jnp.zeros((), jnp.int32),
-                   jnp.full((n_latents,), jnp.nan, jnp.float32))
+def init_density(n_latents) -> Density:
+    """`n_latents`: a count, or the shape of a per-latent array (a CLT's (layers, n))."""
+    shape = (n_latents,) if isinstance(n_latents, int) else tuple(n_latents)
+    return Density(jnp.zeros(shape, jnp.int32), jnp.zeros((), jnp.int32),
+                   jnp.full(shape, jnp.nan, jnp.float32))
 
 
 def update_density(density: Density, counts: jax.Array, n_tokens: int,

@@ -30,8 +30,13 @@ def batch_sum(a: jax.Array) -> jax.Array:
     at 8192 latents and 64x slower at 65536 (benchmarks/batch_sum.py); on GPU and TPU both are
     one pass over `a`. Every
     per-latent sum over a batch in the step goes through here: the L1 term, the encoder bias's
-    gradient and the firing counts.
+    gradient and the firing counts. An `a [tokens, layer, n]` (a CLT's latents) is summed over
+    its first axis, the tokens.
     """
+    if a.ndim > 2:
+        ones = jnp.ones((a.shape[0],), a.dtype)
+        return jax.lax.dot_general(ones, a, (((0,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
     ones = jnp.ones((a.shape[-2],), a.dtype)
     return jnp.matmul(ones, a, preferred_element_type=jnp.float32)
 
@@ -41,7 +46,8 @@ def batch_sum(a: jax.Array) -> jax.Array:
 # vector, written out as a whole [tokens, n] array.
 batch_sum = jax.custom_jvp(batch_sum)
 batch_sum.defjvp(lambda primals, tangents: (
-    batch_sum(primals[0]), jnp.sum(tangents[0], axis=-2, dtype=jnp.float32)))
+    batch_sum(primals[0]),
+    jnp.sum(tangents[0], axis=0 if primals[0].ndim > 2 else -2, dtype=jnp.float32)))
 
 
 def fire_counts(latents: jax.Array) -> jax.Array:

@@ -78,7 +78,7 @@ def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None, *, sh
         pre, x_hat, aux = (_sparse_loss if use_sparse else _dense_loss)(params, x, k, kept,
                                                                         shape=shape)
         auxk = topk_family.auxk_loss(params, x, target, x_hat, pre, dead, sae_config.k_aux,
-                              sparse_decode=use_sparse)
+                                     sparse_decode=use_sparse, shape=shape)
         mse = ops.mse(target, x_hat)
         return mse + float(sae_config.auxk_coefficient) * auxk, {
             "mse": mse, "auxk_loss": auxk, "x_hat": x_hat, **aux}

@@ -57,7 +57,8 @@ def validate_auxk(config, n_latents: int) -> None:
 
 
 def auxk_loss(params: dict, x: jax.Array, target: jax.Array, x_hat: jax.Array, pre: jax.Array,
-              dead: jax.Array, k_aux: int, *, sparse_decode: bool = False) -> jax.Array:
+              dead: jax.Array, k_aux: int, *, sparse_decode: bool = False,
+              shape=None) -> jax.Array:
     """AuxK (Gao et al. 2024): the k_aux largest dead latents reconstruct the residual.
 
     `x` is the encoder's input, `target` what the SAE reconstructs. Returns the residual's
@@ -65,7 +66,8 @@ def auxk_loss(params: dict, x: jax.Array, target: jax.Array, x_hat: jax.Array, p
     latent is dead; it trains dead latents back to life with gradients they would not get.
     Skipped (a `lax.cond`) while no latent is dead. With `sparse_decode` the selected dead
     latents are encoded and decoded from their own k_aux rows (``sparse``) instead of a
-    masked [batch, n_latents] matmul.
+    masked [batch, n_latents] matmul (through `shape.decode_latents`, the decoder without its
+    bias, when the shape is given).
     """
     residual = jax.lax.stop_gradient(target - x_hat)
     k_aux = min(int(k_aux), pre.shape[-1])
@@ -81,7 +83,8 @@ def auxk_loss(params: dict, x: jax.Array, target: jax.Array, x_hat: jax.Array, p
         else:
             latents = (jnp.where(dead, jax.nn.relu(pre), 0.0)
                        * sharding.top_k_mask(candidates, k_aux))
-            decoded = latents @ params["W_dec"]
+            decoded = (latents @ params["W_dec"] if shape is None
+                       else shape.decode_latents(params, latents))
         error = jnp.sum(jnp.square(decoded - residual))
         return error / jnp.maximum(jnp.sum(jnp.square(residual)), 1e-12)
 
