@@ -146,3 +146,20 @@ def test_replacement_hooks_must_interleave():
                                            OUTPUTS)
     with pytest.raises(ValueError, match="one input hook per output hook"):
         downstream.check_replacement_hooks(config, INPUTS, OUTPUTS[:1])
+
+
+def test_the_clt_experiment_names_the_harvests_hooks():
+    """experiments/clt_smollm2.py: the CLT and every transcoder of its sweep read hooks of the
+    one harvest (`HOOKS`, `store_paths`), and each config builds its architecture."""
+    from experiments import clt_smollm2  # pylint: disable=import-outside-toplevel
+    from saejax import configs, sae  # pylint: disable=import-outside-toplevel
+    config = clt_smollm2.get_config()
+    shape = sae.from_config(config.sae).shape
+    assert set(shape.input_hooks) | set(shape.target_hooks) == set(clt_smollm2.HOOKS)
+    assert clt_smollm2.store_paths("/s/").split(",") == [f"/s/{h}" for h in clt_smollm2.HOOKS]
+    assert downstream.replaces_layers(shape)
+    for point in clt_smollm2.get_sweep()[1:]:
+        transcoder = sae.from_config(configs.apply_overrides(config, point).sae).shape
+        assert not downstream.replaces_layers(transcoder)
+        assert {transcoder.input_hook, transcoder.target_hook} <= set(clt_smollm2.HOOKS)
+    assert sae.from_config(clt_smollm2.get_config("tiny").sae).shape.name == "clt"
