@@ -160,3 +160,73 @@ def test_clt_config_errors_name_the_field():
              r"mesh.model=4; set mesh.model to one of \[1, 3\]")):
         with pytest.raises(ConfigError, match=message):
             validation.validate(_config(**overrides), 8)
+
+
+# Sharded: 4 layers, so that a layer axis of 2 divides them.
+SPLIT = {"data.n_layers": 4, "sae.layers": "0-3", "train.batch_size": 32}
+LAYER_AND_LATENT = {"mesh.data": 2, "mesh.layer": 2, "mesh.model": 2, "sharding_rules": (
+    ("batch", "data"), ("layer", "layer"), ("latent", "model"), ("embed", None),
+    ("group", None))}
+LAYER_ON_MODEL = {"mesh.data": 2, "mesh.model": 4, "sharding_rules": (
+    ("batch", "data"), ("layer", "model"), ("latent", None), ("embed", None), ("group", None))}
+
+
+def _run_steps(config, devices, n_steps=3):
+    """Params, losses and the last metrics after `n_steps` steps of `config` on `devices`,
+    with the shard shape of W_dec."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    with sharding.activate(mesh, config.sharding_rules):
+        source = data.make_source(config, mesh=mesh, rules=config.sharding_rules)
+        trainer = train.make_trainer(config, mesh, d=source.d, batch_sharding=source.sharding)
+        state = trainer.init(jax.random.PRNGKey(0))
+        state = trainer.init_from_data(state, tuple(source.next_batch() for _ in range(
+            int(config.data.init_batches))))
+        losses = []
+        for _ in range(n_steps):
+            state, metrics = trainer.train_step(state, source.next_batch())
+            losses.append(float(metrics["loss"]))
+    shard = state["params"]["W_dec"].addressable_shards[0].data.shape
+    return jax.tree.map(np.asarray, state["params"]), losses, jax.device_get(metrics), shard
+
+
+@pytest.mark.parametrize("architecture,mesh", [("topk", LAYER_AND_LATENT),
+                                               ("relu", LAYER_ON_MODEL)],
+                         ids=["topk-data2-layer2-model2", "relu-data2-layer_on_model4"])
+def test_sharded_over_layers_and_latents_matches_one_device(architecture, mesh):
+    config = _config(architecture, **SPLIT)
+    validation.validate(_config(architecture, **SPLIT, **mesh), 8)
+    reference, reference_losses, reference_metrics, _ = _run_steps(
+        _config(architecture, **SPLIT, **{"mesh.data": 1, "mesh.model": 1}), jax.devices()[:1])
+    params, losses, metrics, shard = _run_steps(_config(architecture, **SPLIT, **mesh),
+                                                jax.devices())
+    del config
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    for name in reference:
+        np.testing.assert_allclose(params[name], reference[name], rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+    for name in ("fvu", "l0", "fvu/blocks.3.hook_mlp_out"):
+        np.testing.assert_allclose(metrics[name], reference_metrics[name], rtol=1e-5)
+    # The decoder [source layer, target layer, latent, d] is split over its source layers
+    # (2 of 4 per device, or 1 with `layer` on the model axis) and its latents.
+    assert reference["W_dec"].shape == (4, 4, 32, 16)
+    assert shard == ((2, 4, 16, 16) if mesh is LAYER_AND_LATENT else (1, 4, 32, 16))
+
+
+def test_the_memory_model_of_a_layer_x_latent_split_matches_xla():
+    """On data 2 x layer 2 x model 2, the state and batch bytes per device are XLA's argument
+    bytes exactly, and the temporaries are within 1.5x of its temp bytes."""
+    from saejax import memory  # pylint: disable=import-outside-toplevel
+    config = _config("topk", **{**SPLIT, **LAYER_AND_LATENT, "data.d": 32,
+                                "sae.expansion_factor": 16, "train.batch_size": 1024})
+    mesh = sharding.make_mesh(config.mesh)
+    _, compiled = memory.compile_train_step(config, mesh, d=32, compiler_options={
+        "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
+    report, xla = memory.memory_report(config, mesh, d=32), memory.compiled_memory(compiled)
+    assert report.state_bytes + report.batch_bytes == xla["argument_bytes"], (report, xla)
+    assert report.state_bytes == xla["alias_bytes"]
+    # W_enc, W_dec, b_enc split over layer x model; b_dec replicated; Adam doubles each.
+    n, d, layers = 512, 32, 4
+    assert report.params_bytes == 4 * ((layers * d * n + layers ** 2 * n * d
+                                        + layers * n) // 4 + layers * d)
+    ratio = report.temporary_bytes / xla["temp_bytes"]
+    assert 1 / 1.5 <= ratio <= 1.5, (report, xla, ratio)
