@@ -230,3 +230,57 @@ def test_the_memory_model_of_a_layer_x_latent_split_matches_xla():
                                         + layers * n) // 4 + layers * d)
     ratio = report.temporary_bytes / xla["temp_bytes"]
     assert 1 / 1.5 <= ratio <= 1.5, (report, xla, ratio)
+
+
+def test_it_recovers_the_cross_layer_directions_and_resumes(tmp_path):
+    overrides = {"train.steps": 300, "train.log_every": 100, "train.checkpoint_every": 100,
+                 "sae.k_anneal_steps": 100, "sae.k_anneal_start": 8, "evals.eval_batches": 2}
+    workdir = str(tmp_path / "run")
+    summary = train.train_and_evaluate(_config(**overrides), workdir)
+    assert summary["shape"] == "clt" and summary["step"] == 300
+    # Every true feature (its directions into its own and later layers) has a latent whose
+    # decoders into every layer are close to them: 32 latents per layer for 16 features.
+    assert summary["mmcs"] > 0.95, summary
+    for hook in TARGETS:
+        assert summary[f"fvu/{hook}"] < 0.2, summary
+    assert 0 < summary["l0"] <= LAYERS * 2 + 1e-6     # k = 2 per layer
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        first = json.loads(f.readline())
+    assert {f"fvu/{hook}" for hook in TARGETS} <= set(first)
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "300"))
+    assert train.train_and_evaluate(_config(**overrides), resumed)["step"] == 300
+    straight, again = train.load_params(workdir), train.load_params(resumed)
+    for name in straight:
+        np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(straight[name]),
+                                      err_msg=name)
+    # SAELens cannot load a CLT from disk: the export says so.
+    from saejax.analysis import loading, saelens  # pylint: disable=import-outside-toplevel
+    with pytest.raises((ConfigError, loading.AnalysisError),
+                       match=r"SAELens has no cross-layer transcoder"):
+        saelens.export_saelens(workdir, str(tmp_path / "out"))
+
+
+def test_a_group_of_clts_trains_its_members_in_one_step(tmp_path):
+    workdir = str(tmp_path / "group")
+    summaries = train.train_and_evaluate(_config("relu", **{
+        "train.steps": 4, "train.log_every": 2, "train.checkpoint_every": 4,
+        "group.sparsity_coefficients": (0.05, 0.2)}), workdir)
+    assert [s["l1_coefficient"] for s in summaries] == [0.05, 0.2]
+    for summary in summaries:
+        assert summary["shape"] == "clt" and set(f"fvu/{h}" for h in TARGETS) <= set(summary)
+        assert 0 <= summary["dead_fraction"] <= 1
+
+
+def test_the_experiment_config_is_a_valid_clt():
+    from experiments import clt as experiment  # pylint: disable=import-outside-toplevel
+    for arg in (None, "smoke"):
+        config = experiment.get_config(arg)
+        validation.validate(config, 8)
+        shape = sae.from_config(config.sae).shape
+        assert shape == CrossLayerTranscoder((0, 1, 2))
+        # Twice the true features per layer.
+        assert validation.n_latents(config) == 2 * config.data.n_features
+    assert [p["data.seed"] for p in experiment.get_sweep()] == [0, 1, 2]
