@@ -22,7 +22,10 @@ LAYERS = 3
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = toy.get_config("small" if arg in (None, "") else arg)
+    if arg not in (None, "", "smoke"):
+        raise ValueError(f"experiments/clt.py: unknown argument {arg!r}; use 'smoke' or "
+                         "nothing.")
+    config = toy.get_config("small")        # d = 64, batch 256
     config.data.source = "synthetic_clt"
     config.data.n_layers = LAYERS
     config.data.n_features = 64           # per layer
@@ -37,6 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.steps = 1_500
     if arg == "smoke":
         config.train.steps = 20
+        config.train.log_every = 5
+        config.train.checkpoint_every = 10
+        config.evals.eval_batches = 2
     return config
 
 
