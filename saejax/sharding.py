@@ -143,18 +143,19 @@ def _scatter_mask(shape, indices, dtype):
     return mask.reshape(shape)
 
 
-def _rows_spec(x: jax.Array) -> tuple[Any, P]:
-    """(ambient mesh, spec of every axis of `x`) for latents `[..., batch, latent]` or a
-    CLT's `[batch, layer, latent]`: (None, P()) without a mesh and rules."""
-    names = ("batch", "layer", "latent") if x.ndim == 3 else ("batch", "latent")
+def _rows_spec(x: jax.Array, axes: Sequence[str] | None) -> tuple[Any, P]:
+    """(ambient mesh, spec of every axis of `x`) for latents of logical `axes` (default
+    `[..., batch, latent]`, leading axes unsplit; a CLT's are `[batch, layer, latent]`):
+    (None, P()) without a mesh and rules."""
+    names = tuple(axes) if axes is not None else ("batch", "latent")
     mesh, spec = _ambient_axes(names)
     if mesh is None or len(spec) != len(names):
         return None, P()
     return mesh, P(*(None,) * (x.ndim - len(names)), *spec)
 
 
-def _top_k(x: jax.Array, k: int, *, with_mask: bool):
-    mesh, spec = _rows_spec(x)
+def _top_k(x: jax.Array, k: int, *, with_mask: bool, axes: Sequence[str] | None = None):
+    mesh, spec = _rows_spec(x, axes)
     latent_axis = spec[-1] if mesh is not None else None
     row_axes = tuple(a for a in spec[:-1] if a is not None)
     model = 1 if latent_axis is None else mesh.shape[latent_axis]
@@ -193,8 +194,10 @@ def _top_k(x: jax.Array, k: int, *, with_mask: bool):
     return out if with_mask else (*out, None)
 
 
-def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """Exact `jax.lax.top_k` over the last (latent) axis of `x [..., batch, latent]`.
+def top_k(x: jax.Array, k: int, axes: Sequence[str] | None = None
+          ) -> tuple[jax.Array, jax.Array]:
+    """Exact `jax.lax.top_k` over the last (latent) axis of `x [..., batch, latent]` (or of
+    other logical `axes` ending in `latent`: a CLT's `[batch, layer, latent]`).
 
     When the ambient rules split `latent` across a mesh axis, each device takes the top-k of its
     own shard, the k candidates of every shard are gathered (k * shards values per row, not the
@@ -202,20 +205,20 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     concatenated in shard order, so ties break towards the lower index exactly as in
     `jax.lax.top_k`.
     """
-    values, indices, _ = _top_k(x, k, with_mask=False)
+    values, indices, _ = _top_k(x, k, with_mask=False, axes=axes)
     return values, indices
 
 
-def top_k_mask(x: jax.Array, k: int) -> jax.Array:
+def top_k_mask(x: jax.Array, k: int, axes: Sequence[str] | None = None) -> jax.Array:
     """A {0, 1} mask of `x`'s shape and sharding marking each row's k largest entries.
 
     Each device writes only its own shard of the mask; nothing dictionary-sized moves.
     """
-    _, _, mask = _top_k(jax.lax.stop_gradient(x), k, with_mask=True)
+    _, _, mask = _top_k(jax.lax.stop_gradient(x), k, with_mask=True, axes=axes)
     return jax.lax.stop_gradient(mask)
 
 
-def batch_top_k_mask(x: jax.Array, k: int) -> jax.Array:
+def batch_top_k_mask(x: jax.Array, k: int, axes: Sequence[str] | None = None) -> jax.Array:
     """A {0, 1} mask of the k largest entries of the whole `x [batch, latent]` (BatchTopK; a
     CLT's `[batch, layer, latent]` likewise).
 
@@ -225,7 +228,7 @@ def batch_top_k_mask(x: jax.Array, k: int) -> jax.Array:
     continuous activations that is exactly k entries.
     """
     x = jax.lax.stop_gradient(x)
-    mesh, spec = _rows_spec(x)
+    mesh, spec = _rows_spec(x, axes)
     axes = tuple(a for a in spec if a is not None) if mesh is not None else ()
     if not axes:
         threshold = jax.lax.top_k(x.reshape(-1), k)[0][-1]

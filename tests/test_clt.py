@@ -160,3 +160,126 @@ def test_clt_config_errors_name_the_field():
              r"mesh.model=4; set mesh.model to one of \[1, 3\]")):
         with pytest.raises(ConfigError, match=message):
             validation.validate(_config(**overrides), 8)
+
+
+# Sharded: 4 layers, so that a layer axis of 2 divides them.
+SPLIT = {"data.n_layers": 4, "sae.layers": "0-3", "train.batch_size": 32}
+LAYER_AND_LATENT = {"mesh.data": 2, "mesh.layer": 2, "mesh.model": 2, "sharding_rules": (
+    ("batch", "data"), ("layer", "layer"), ("latent", "model"), ("embed", None),
+    ("group", None))}
+LAYER_ON_MODEL = {"mesh.data": 2, "mesh.model": 4, "sharding_rules": (
+    ("batch", "data"), ("layer", "model"), ("latent", None), ("embed", None), ("group", None))}
+
+
+def _run_steps(config, devices, n_steps=3):
+    """Params, losses and the last metrics after `n_steps` steps of `config` on `devices`,
+    with the shard shape of W_dec."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    with sharding.activate(mesh, config.sharding_rules):
+        source = data.make_source(config, mesh=mesh, rules=config.sharding_rules)
+        trainer = train.make_trainer(config, mesh, d=source.d, batch_sharding=source.sharding)
+        state = trainer.init(jax.random.PRNGKey(0))
+        state = trainer.init_from_data(state, tuple(source.next_batch() for _ in range(
+            int(config.data.init_batches))))
+        losses = []
+        for _ in range(n_steps):
+            state, metrics = trainer.train_step(state, source.next_batch())
+            losses.append(float(metrics["loss"]))
+    shard = state["params"]["W_dec"].addressable_shards[0].data.shape
+    return jax.tree.map(np.asarray, state["params"]), losses, jax.device_get(metrics), shard
+
+
+def test_sharded_over_layers_and_latents_matches_one_device():
+    """TopK (k per layer, AuxK) on data 2 x layer 2 x model 2, and with `layer` on the model
+    axis (data 2 x model 4), against one device."""
+    reference, reference_losses, reference_metrics, _ = _run_steps(
+        _config("topk", **SPLIT, **{"mesh.data": 1, "mesh.model": 1}), jax.devices()[:1])
+    assert reference["W_dec"].shape == (4, 4, 32, 16)
+    # The decoder [source layer, target layer, latent, d] is split over its source layers
+    # (2 of 4 per device, or 1 with `layer` on the model axis) and its latents.
+    for mesh, shard in ((LAYER_AND_LATENT, (2, 4, 16, 16)), (LAYER_ON_MODEL, (1, 4, 32, 16))):
+        config = _config("topk", **SPLIT, **mesh)
+        validation.validate(config, 8)
+        params, losses, metrics, shard_shape = _run_steps(config, jax.devices())
+        np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+        for name in reference:
+            np.testing.assert_allclose(params[name], reference[name], rtol=1e-4, atol=1e-6,
+                                       err_msg=name)
+        for name in ("fvu", "l0", "auxk_loss", "fvu/blocks.3.hook_mlp_out"):
+            np.testing.assert_allclose(metrics[name], reference_metrics[name], rtol=1e-5,
+                                       atol=1e-7, err_msg=name)
+        assert shard_shape == shard
+
+
+def test_the_memory_model_of_a_layer_x_latent_split_matches_xla():
+    """On data 2 x layer 2 x model 2, the state and batch bytes per device are XLA's argument
+    bytes exactly, and the temporaries are within 1.5x of its temp bytes."""
+    from saejax import memory  # pylint: disable=import-outside-toplevel
+    config = _config("topk", **{**SPLIT, **LAYER_AND_LATENT, "data.d": 32,
+                                "sae.expansion_factor": 16, "train.batch_size": 1024})
+    mesh = sharding.make_mesh(config.mesh)
+    _, compiled = memory.compile_train_step(config, mesh, d=32, compiler_options={
+        "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
+    report, xla = memory.memory_report(config, mesh, d=32), memory.compiled_memory(compiled)
+    assert report.state_bytes + report.batch_bytes == xla["argument_bytes"], (report, xla)
+    assert report.state_bytes == xla["alias_bytes"]
+    # W_enc, W_dec, b_enc split over layer x model; b_dec replicated; Adam doubles each.
+    n, d, layers = 512, 32, 4
+    assert report.params_bytes == 4 * ((layers * d * n + layers ** 2 * n * d
+                                        + layers * n) // 4 + layers * d)
+    ratio = report.temporary_bytes / xla["temp_bytes"]
+    assert 1 / 1.5 <= ratio <= 1.5, (report, xla, ratio)
+
+
+def test_it_recovers_the_cross_layer_directions_and_resumes(tmp_path):
+    overrides = {"train.steps": 300, "train.log_every": 100, "train.checkpoint_every": 100,
+                 "sae.k_anneal_steps": 100, "sae.k_anneal_start": 8, "evals.eval_batches": 2}
+    workdir = str(tmp_path / "run")
+    summary = train.train_and_evaluate(_config(**overrides), workdir)
+    assert summary["shape"] == "clt" and summary["step"] == 300
+    # Every true feature (its directions into its own and later layers) has a latent whose
+    # decoders into every layer are close to them: 32 latents per layer for 16 features.
+    assert summary["mmcs"] > 0.95, summary
+    for hook in TARGETS:
+        assert summary[f"fvu/{hook}"] < 0.2, summary
+    assert 0 < summary["l0"] <= LAYERS * 2 + 1e-6     # k = 2 per layer
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        first = json.loads(f.readline())
+    assert {f"fvu/{hook}" for hook in TARGETS} <= set(first)
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "300"))
+    assert train.train_and_evaluate(_config(**overrides), resumed)["step"] == 300
+    straight, again = train.load_params(workdir), train.load_params(resumed)
+    for name in straight:
+        np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(straight[name]),
+                                      err_msg=name)
+    # SAELens cannot load a CLT from disk: the export says so.
+    from saejax.analysis import loading, saelens  # pylint: disable=import-outside-toplevel
+    with pytest.raises((ConfigError, loading.AnalysisError),
+                       match=r"SAELens has no cross-layer transcoder"):
+        saelens.export_saelens(workdir, str(tmp_path / "out"))
+
+
+def test_a_group_of_clts_trains_its_members_in_one_step(tmp_path):
+    workdir = str(tmp_path / "group")
+    summaries = list(train.train_and_evaluate(_config("relu", **{
+        "train.steps": 4, "train.log_every": 2, "train.checkpoint_every": 4,
+        "group.sparsity_coefficients": (0.05, 0.2)}), workdir)["members"].values())
+    assert [s["l1_coefficient"] for s in summaries] == [0.05, 0.2]
+    for summary in summaries:
+        assert summary["shape"] == "clt" and set(f"fvu/{h}" for h in TARGETS) <= set(summary)
+        assert 0 <= summary["dead_fraction"] <= 1
+
+
+def test_the_experiment_config_is_a_valid_clt():
+    from experiments import clt as experiment  # pylint: disable=import-outside-toplevel
+    for arg in (None, "smoke"):
+        config = experiment.get_config(arg)
+        validation.validate(config, 8)
+        shape = sae.from_config(config.sae).shape
+        assert shape == CrossLayerTranscoder((0, 1, 2))
+        # Twice the true features per layer.
+        assert validation.n_latents(config) == 2 * config.data.n_features
+    assert [p["data.seed"] for p in experiment.get_sweep()] == [0, 1, 2]

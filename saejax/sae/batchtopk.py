@@ -44,9 +44,9 @@ def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None, *, sh
         # lets latents form for pairs of co-occurring features and recovers less (MMCS 0.963
         # against 0.99 on the toy recipe, benchmarks/RESULTS.md).
         if kept is None:
-            mask = sharding.batch_top_k_mask(active, k * rows)
+            mask = sharding.batch_top_k_mask(active, k * rows, topk_family.rows_axes(shape))
         else:
-            mask = topk_family.top_k_mask(active, k, kept)
+            mask = topk_family.top_k_mask(active, k, kept, shape=shape)
         latents = active * mask
         x_hat = shape.decode(params, latents, x)
         mse = ops.mse(target, x_hat)

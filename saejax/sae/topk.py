@@ -42,7 +42,7 @@ def sparse_decode(sae_config, n_latents: int, shape=base.SINGLE_HOOK) -> bool:
 
 def _encode(params, x, k, kept=None, *, shape):
     pre = shape.pre_activations(params, x)
-    return pre, jax.nn.relu(pre) * topk_family.top_k_mask(pre, k, kept)
+    return pre, jax.nn.relu(pre) * topk_family.top_k_mask(pre, k, kept, shape=shape)
 
 
 def encode(params, x, sae_config, *, shape):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import sharding
-from saejax.sae import sparse
+from saejax.sae import base, sparse
 from saejax.sae.base import ConfigField, require, require_non_negative
 
 K_FIELDS = {
@@ -82,7 +82,7 @@ def auxk_loss(params: dict, x: jax.Array, target: jax.Array, x_hat: jax.Array, p
             decoded = sparse.decode_selected(params["W_dec"], indices, values)
         else:
             latents = (jnp.where(dead, jax.nn.relu(pre), 0.0)
-                       * sharding.top_k_mask(candidates, k_aux))
+                       * sharding.top_k_mask(candidates, k_aux, rows_axes(shape)))
             decoded = (latents @ params["W_dec"] if shape is None
                        else shape.decode_latents(params, latents))
         error = jnp.sum(jnp.square(decoded - residual))
@@ -91,12 +91,23 @@ def auxk_loss(params: dict, x: jax.Array, target: jax.Array, x_hat: jax.Array, p
     return jax.lax.cond(jnp.any(dead), error, lambda: jnp.zeros((), x.dtype))
 
 
-def top_k_mask(pre: jax.Array, k: int, kept: jax.Array | None = None) -> jax.Array:
-    """`sharding.top_k_mask` of each token's k largest pre-activations; with `kept` (a traced
-    count <= k, k annealing) only the `kept` largest of them."""
+def rows_axes(shape) -> tuple[str, ...] | None:
+    """The logical axes of a shape's latents for the sharded top-k: None for [batch, latent],
+    a CLT's ('batch', 'layer', 'latent') (k per token and layer)."""
+    if shape is None:
+        return None
+    axes = base.latent_axes(shape)
+    return None if axes == ("latent",) else ("batch", *axes)
+
+
+def top_k_mask(pre: jax.Array, k: int, kept: jax.Array | None = None, *,
+               shape=None) -> jax.Array:
+    """`sharding.top_k_mask` of each token's k largest pre-activations (per layer too, for a
+    CLT's `shape`); with `kept` (a traced count <= k, k annealing) only the `kept` largest of
+    them."""
     if kept is None:
-        return sharding.top_k_mask(pre, k)
-    values, _ = sharding.top_k(jax.lax.stop_gradient(pre), k)
+        return sharding.top_k_mask(pre, k, rows_axes(shape))
+    values, _ = sharding.top_k(jax.lax.stop_gradient(pre), k, rows_axes(shape))
     kth = jnp.take(values, kept - 1, axis=-1)[..., None]
     return jax.lax.stop_gradient((pre >= kth).astype(pre.dtype))
 
