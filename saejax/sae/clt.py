@@ -198,10 +198,10 @@ class CrossLayerTranscoder(NamedTuple):
 
     def spliced_hooks(self, lm_hook: str) -> tuple[str, str]:
         del lm_hook
-        raise ConfigError("loss recovered splices one hook's reconstruction into the LM; a "
-                          "CLT replaces every MLP output at once (the replacement model), "
-                          "which this evaluation does not do: set "
-                          "evals.loss_recovered_sequences=0.")
+        raise ConfigError("a CLT is not spliced at one hook: it replaces every MLP output at "
+                          "once, and its loss recovered is its replacement model's "
+                          "(saejax.evals.downstream.evaluate_replacement, which a run uses "
+                          "for it).")
 
     def flops_per_token(self, d, n_latents: int) -> int:
         """Encoder 2 L d_in n forward and 2 L d_in n for its weight's gradient (none to the
