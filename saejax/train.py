@@ -18,7 +18,6 @@ import jax
 import numpy as np
 
 from saejax import checkpoint, data, evals, groups, loop, paths, sae, sharding, validation
-from saejax.data import lm
 from saejax.evals import downstream
 from saejax.trainer import Trainer
 from saejax.workdir import write_config, write_json
@@ -138,24 +137,11 @@ def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: in
     n = int(config.evals.loss_recovered_sequences)
     if not n:
         return [{} for _ in range(n_saes)]
-    input_hook, hook = architecture.shape.spliced_hooks(str(config.lm.hook))
-    lm_config = config.lm.copy_and_resolve_references()
-    with lm_config.unlocked():
-        lm_config.hook = hook
-    model = lm.load(lm_config, d=d)
-    _, tokens = lm.split(config.lm, model, n)
-
-    def reconstruct(sae_state, x):
-        params, scale = sae_state
-        x = x * scale
-        return architecture.decode(params, architecture.encode(params, x, config.sae), x) / scale
-
     members = ([member_state(state, i) for i in range(n_saes)] if group_coefficients(config)
                else [state])
-    results = downstream.evaluate(
-        model, tokens, batch_sequences=int(config.lm.batch_sequences), reconstruct=reconstruct,
-        sae_params=[(m["params"], m["input_scale"]) for m in members], mesh=mesh,
-        keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)), input_hook=input_hook)
+    results = downstream.evaluate_run(
+        config, architecture, [(m["params"], m["input_scale"]) for m in members], mesh, d=d,
+        sequences=n)
     for i, result in enumerate(results):
         logging.info("Loss recovered%s: %.4f (CE clean %.4f, with the SAE %.4f, zero-ablated "
                      "%.4f; KL %.4g)", f" ({i})" if n_saes > 1 else "",
