@@ -25,8 +25,12 @@ RUN_FILE = "sweep_run.json"
 EVALS_DIR = "analysis/evals"  # in a run's workdir: one JSON per evaluation (saejax.evals.suite)
 
 # Final metrics copied from each point's summary.json, in this order (those a run reports).
-METRICS = ("mse", "fvu", "l0", "dead_fraction", "mmcs", "loss_recovered", "ce_clean", "ce_sae",
-           "ce_zero_ablation", "kl_sae", "kl_zero_ablation")
+METRICS = ("mse", "fvu", "l0", "dead_fraction", "mmcs", "mcc", "uniqueness",
+           "classification/precision", "classification/recall", "classification/f1_score",
+           "loss_recovered", "kl_score", "ce_clean", "ce_sae", "ce_zero_ablation", "kl_sae",
+           "kl_zero_ablation")
+# The columns of `python -m saejax.evals`' results: "eval:<eval>/<metric>" (eval_metrics).
+EVAL_COLUMN = "eval:"
 # Metrics per hook of a dictionary that reconstructs several (`fvu/<hook>`, saejax.step).
 PER_HOOK = "fvu/"
 # A point's status in the table: finished; trained part way (metrics from its last log line);
@@ -42,7 +46,7 @@ def finished_summary(workdir: str, name: str, steps: int) -> dict | None:
 
 
 def eval_metrics(workdir: str) -> dict[str, Any]:
-    """`{"<eval>/<metric>": value}` of every evaluation result in `WORKDIR/analysis/evals/`
+    """`{"eval:<eval>/<metric>": value}` of every evaluation result in `WORKDIR/analysis/evals/`
     (SAEBench's layout: `eval_result_metrics` is `{category: {metric: value}}`, and metric
     names are unique within an eval)."""
     folder = paths.join(workdir, EVALS_DIR)
@@ -54,7 +58,7 @@ def eval_metrics(workdir: str) -> dict[str, Any]:
             result = workdirs.read_json(paths.join(folder, file)) or {}
             name = result.get("eval_type_id", file[:-len(".json")])
             for metrics in (result.get("eval_result_metrics") or {}).values():
-                flat.update({f"{name}/{k}": v for k, v in (metrics or {}).items()
+                flat.update({f"{EVAL_COLUMN}{name}/{k}": v for k, v in (metrics or {}).items()
                              if v is None or isinstance(v, (int, float))})
     return flat
 

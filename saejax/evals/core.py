@@ -29,6 +29,27 @@ def _weights(params: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(params["W_enc"]).T, np.asarray(params["W_dec"])
 
 
+def _details(params: dict, density, max_encoder, max_decoder) -> list[dict]:
+    """SAEBench core's per-latent details. `consistent_activation_heuristic` (firings per
+    prompt that fires) needs rows grouped by prompt, which shuffled store rows are not: -1,
+    SAEBench's mark of a value it could not compute; so is the encoder-decoder cosine of a
+    dictionary whose input and output widths differ."""
+    encoder_rows, decoder_rows = _weights(params)
+    encoder_norm = np.linalg.norm(encoder_rows, axis=-1)
+    bias = np.asarray(params.get("b_enc", np.zeros(len(density))), np.float32)
+    if encoder_rows.shape == decoder_rows.shape:
+        unit = lambda m: m / np.maximum(np.linalg.norm(m, axis=-1, keepdims=True), 1e-12)
+        enc_dec = np.sum(unit(encoder_rows) * unit(decoder_rows), axis=-1)
+    else:
+        enc_dec = np.full(len(density), -1.0)
+    return [{"index": i, "feature_density": float(density[i]),
+             "consistent_activation_heuristic": -1.0, "encoder_bias": float(bias[i]),
+             "encoder_norm": float(encoder_norm[i]),
+             "encoder_decoder_cosine_sim": float(enc_dec[i]),
+             "max_decoder_cosine_sim": float(max_decoder[i]),
+             "max_encoder_cosine_sim": float(max_encoder[i])} for i in range(len(density))]
+
+
 def _lm_categories(context: suite.Context) -> dict:
     loaded = context.loaded
     result = downstream.evaluate_run(
@@ -59,7 +80,8 @@ def core(context: suite.Context) -> dict:
     rows = int(sums["rows"])
     categories.update({
         "reconstruction_quality": {k: metrics[k] for k in
-                                   ("explained_variance", "mse", "cossim")},
+                                   ("explained_variance", "explained_variance_legacy", "mse",
+                                    "cossim")},
         "shrinkage": {k: metrics[k] for k in ("l2_norm_in", "l2_norm_out", "l2_ratio",
                                               "relative_reconstruction_bias")},
         "sparsity": {"l0": metrics["l0"], "l1": metrics["l1"]},
@@ -70,10 +92,7 @@ def core(context: suite.Context) -> dict:
         "misc_metrics": {**misc, "average_max_encoder_cosine_sim": float(np.mean(max_encoder)),
                          "average_max_decoder_cosine_sim": float(np.mean(max_decoder))},
     })
-    details = [{"index": i, "feature_density": float(density[i]),
-                "max_encoder_cosine_sim": float(max_encoder[i]),
-                "max_decoder_cosine_sim": float(max_decoder[i])}
-               for i in range(len(density))]
+    details = _details(context.loaded.params, density, max_encoder, max_decoder)
     return {"eval_config": {"model_name": context.loaded.lm_checkpoint or "",
                             "n_eval_sparsity_variance_batches": len(context.eval_batches()),
                             "context_size": int(context.config.lm.context_length),
