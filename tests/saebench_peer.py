@@ -8,9 +8,10 @@ activations, reconstructions, latents and true codes, tokens and three runs' log
 result JSON files saejax writes (waited for: the test writes them while this imports). The
 peer scores the arrays with the libraries' own functions: sae_lens.synthetic's MCC,
 uniqueness and classification metrics; sae_lens.evals' sparsity-and-variance and
-downstream-reconstruction metrics (the model, activation store and SAE are stand-ins that hand back the given arrays, so the metric code itself is sae_lens');
-sae_bench core's max cosine and misc metrics; and it validates each result file with
-sae_bench's own result class (CoreEvalOutput for "core"). Prints one JSON line.
+downstream-reconstruction metrics (the model, activation store and SAE are stand-ins that
+hand back the given arrays, so the metric code itself is sae_lens'); sae_bench core's max
+cosine and misc metrics. It validates each result file with sae_bench's own result class
+(CoreEvalOutput for "core"). Prints one JSON line.
 """
 
 import json
