@@ -18,6 +18,8 @@ from saejax import evals, results, train
 from saejax.evals import suite
 from saejax.evals import __main__ as evals_cli
 from test_analysis import run  # noqa: F401  (the fixture: a tiny GPT-2 and its SAE)
+from test_crosscoder import CROSSCODER
+from test_shapes import TINY
 from test_saelens_interop import saelens_python
 
 PEER = os.path.join(ROOT, "tests", "saebench_peer.py")
@@ -155,10 +157,13 @@ def peer_process(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(peer_process):
-    """A tiny synthetic run, evaluated by every registered eval."""
+    """A tiny synthetic crosscoder (three hooks, decoder rows of every hook side by side: the
+    widest case of a batch; the SAE and the transcoder read one entry each), evaluated by
+    every registered eval."""
     workdir = peer_process[1]["synthetic"]
-    config = toy_config("smoke", **{"data.d": 16, "data.n_features": 24, "train.steps": 10,
-                                    "train.batch_size": 64, "sae.expansion_factor": 2})
+    config = toy_config("smoke", **{**TINY, **CROSSCODER, "sae.architecture": "relu",
+                                    "sae.l1_coefficient": 0.3, "sae.expansion_factor": 2,
+                                    "train.steps": 10, "evals.eval_batches": 2})
     train.train_and_evaluate(config, workdir)
     written = suite.run(workdir, options={"eval_batches": 2}, log=lambda *_: None)
     return workdir, written
@@ -261,6 +266,7 @@ def test_registry_on_a_run_summary_and_sweep_table(trained, tmp_path):
     workdir, written = trained
     core, truth = written["core"], written["ground_truth"]
     assert core["eval_type_id"] == "core" and core["sae_cfg_dict"]["d_sae"] == 32
+    assert core["sae_cfg_dict"]["shape"] == "crosscoder"
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
     # The same definitions in summary.json (training's eval batches: the same 2 here).
@@ -278,7 +284,7 @@ def test_registry_on_a_run_summary_and_sweep_table(trained, tmp_path):
     shutil.rmtree(sweep / "p0" / "analysis")
     (sweep / results.MANIFEST).write_text(json.dumps({"points": [{
         "name": "p0", "overrides": {}, "steps": summary["step"], "architecture": "relu",
-        "n_latents": 32, "sparsity_level_name": "l1_coefficient", "sparsity_level": 0.6,
+        "n_latents": 32, "sparsity_level_name": "l1_coefficient", "sparsity_level": 0.3,
         "flops_per_token": summary["flops_per_token"]}]}))
     rows = evals_cli.run_sweep(str(sweep), ["ground_truth"], {"eval_batches": 2},
                                log=lambda *_: None)
@@ -299,20 +305,3 @@ def test_registry_refuses_unknown_evals_and_skips_what_a_run_lacks(trained):
     assert "language model" in suite.missing_needs(lm_eval, context)[0]
     with pytest.raises(ValueError, match="unknown"):
         suite.register("y", needs=("gpu",))
-
-
-def test_ground_truth_of_a_crosscoder_in_summary_and_eval(tmp_path):
-    """Every kind with true features gets them (the transcoder's summary: test_shapes.py): here
-    the batches of several hooks and decoder rows of every hook side by side."""
-    from test_crosscoder import CROSSCODER  # pylint: disable=import-outside-toplevel
-    from test_shapes import TINY  # pylint: disable=import-outside-toplevel
-    workdir = str(tmp_path / "crosscoder")
-    summary = train.train_and_evaluate(
-        toy_config("smoke", **{**TINY, **CROSSCODER, "train.steps": 3}), workdir)
-    truth = suite.run(workdir, ["ground_truth"], {"eval_batches": 1},
-                      log=lambda *_: None)["ground_truth"]["eval_result_metrics"]
-    assert summary["shape"] == "crosscoder"
-    assert truth["recovery"]["mcc"] == pytest.approx(summary["mcc"])
-    assert truth["recovery"]["mmcs"] == pytest.approx(summary["mmcs"])
-    assert truth["classification"]["recall"] == pytest.approx(
-        summary["classification/recall"], abs=1e-6)
