@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import evals, models
-from saejax.data.lm import LanguageModel
+from saejax.data import lm
+from saejax.sae import clt
 
 
-def evaluate(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int, reconstruct,
+def evaluate(model: lm.LanguageModel, tokens: np.ndarray, *, batch_sequences: int, reconstruct,
              sae_params: list, mesh, keep: np.ndarray | None = None,
              input_hook: str | None = None) -> list[dict]:
     """Per SAE of `sae_params`: loss recovered and KL with it spliced in at the model's hook
@@ -53,7 +54,7 @@ def evaluate(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int, 
                      batch_sequences=batch_sequences, mesh=mesh, keep=keep)
 
 
-def evaluate_replacement(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int,
+def evaluate_replacement(model: lm.LanguageModel, tokens: np.ndarray, *, batch_sequences: int,
                          input_hooks: Sequence[str], output_hooks: Sequence[str],
                          encode: Callable, decode: Callable, clt_params: list, mesh,
                          keep: np.ndarray | None = None) -> list[dict]:
@@ -128,7 +129,7 @@ def replacement_interventions(input_hooks: Sequence[str], output_hooks: Sequence
             **{h: write(i) for i, h in enumerate(output_hooks)}}
 
 
-def _evaluate(model: LanguageModel, tokens: np.ndarray, hooks: tuple[str, ...],
+def _evaluate(model: lm.LanguageModel, tokens: np.ndarray, hooks: tuple[str, ...],
               interventions_of, params: list, *, batch_sequences: int, mesh,
               keep: np.ndarray | None) -> list[dict]:
     """`evals.downstream_metrics` per entry of `params`, over `tokens` in batches: the LM clean,
@@ -164,3 +165,52 @@ def _evaluate(model: LanguageModel, tokens: np.ndarray, hooks: tuple[str, ...],
                                   keep[start:start + batch_sequences]))
         total = out if total is None else jax.tree.map(np.add, total, out)
     return [{k: float(v) for k, v in evals.downstream_metrics(t).items()} for t in total]
+
+
+def evaluate_run(config, architecture, sae_params: list, mesh, *, d: int,
+                 sequences: int) -> list[dict]:
+    """`evaluate` for SAEs trained by `config` (`sae_params`: `(params, input_scale)` each) on
+    its LM's last `sequences` sequences of `lm.tokens` (those its training left out), at the
+    hooks its shape splices (`shape.spliced_hooks`: a transcoder reads its input hook and
+    replaces its target's), leaving the tokens `lm.exclude_*` names as they are. A shape that
+    decodes layer by layer (a cross-layer transcoder) is evaluated as its replacement model
+    (`evaluate_replacement`)."""
+    shape = architecture.shape
+    replacement = replaces_layers(shape)
+    input_hook, hook = ((None, shape.target_hooks[-1]) if replacement
+                        else shape.spliced_hooks(str(config.lm.hook)))
+    lm_config = config.lm.copy_and_resolve_references()
+    with lm_config.unlocked():
+        lm_config.hook = hook
+    model = lm.load(lm_config, d=d)
+    _, tokens = lm.split(config.lm, model, sequences)
+    common = dict(batch_sequences=int(config.lm.batch_sequences), mesh=mesh,
+                  keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)))
+    if replacement:
+        encode, decode = _layerwise(architecture, config.sae)
+        return evaluate_replacement(
+            model, tokens, input_hooks=shape.input_hooks, output_hooks=shape.target_hooks,
+            encode=encode, decode=decode, clt_params=sae_params, **common)
+
+    def reconstruct(sae_state, x):
+        params, scale = sae_state
+        x = x * scale
+        return architecture.decode(params, architecture.encode(params, x, config.sae), x) / scale
+
+    return evaluate(model, tokens, reconstruct=reconstruct, sae_params=sae_params,
+                    input_hook=input_hook, **common)
+
+
+def _layerwise(architecture, sae_config):
+    """A cross-layer transcoder's (encode, decode) for its replacement model, on raw
+    activations with its input scale: layer l's latents from its input, and layer m's MLP
+    output from the latents of layers 0 .. m."""
+    def encode(clt_state, layer, x):
+        params, scale = clt_state
+        return clt.encode_layer(architecture, params, x * scale, layer, sae_config)
+
+    def decode(clt_state, latents, layer):
+        params, scale = clt_state
+        return architecture.shape.decode_layer(params, jnp.stack(latents, axis=-2),
+                                               layer) / scale
+    return encode, decode
