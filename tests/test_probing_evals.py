@@ -1,0 +1,174 @@
+"""The probing evaluations (saejax/evals: probing, first_letter, sparse_probing, kpis,
+meta_sae): each score on a hand-computed case, the logistic regression against scikit-learn's,
+and the whole first-letter and sparse-probing pipelines on the tiny LM."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saejax import evals
+from saejax.evals import first_letter, kpis, meta_sae, probing, sparse_probing
+
+PEER_PYTHON = os.environ.get("SAEJAX_SAELENS_PYTHON", "")
+
+
+# ------------------------------------------------------------------------------------------
+# probing: scores by hand, the regression against scikit-learn.
+# ------------------------------------------------------------------------------------------
+def test_f1_scores_count_by_hand():
+    predicted = np.array([[1, 0], [1, 1], [0, 1], [0, 0]], bool)
+    actual = np.array([[1], [0], [1], [0]], bool)
+    # predictor 0: tp 1, fp 1, fn 1 -> 2/(2+1+1); predictor 1: tp 1, fp 1, fn 1 -> 0.5
+    np.testing.assert_allclose(probing.f1_scores(predicted, actual), [[0.5], [0.5]])
+    assert probing.f1([1, 1, 0, 0], [1, 1, 0, 0]) == 1.0
+    assert probing.f1([0, 0], [0, 0]) == 0.0
+
+
+def test_top_k_mean_difference_ranks_by_absolute_gap():
+    x = np.array([[1.0, 0.0, 5.0], [3.0, 0.0, 5.0], [0.0, 4.0, 5.0], [0.0, 0.0, 5.0]])
+    y = np.array([1, 1, 0, 0])  # gaps: |2 - 0| = 2, |0 - 2| = 2, 0 -> stable order 0, 1
+    np.testing.assert_array_equal(probing.top_k_mean_difference(x, y, 2), [0, 1])
+    with pytest.raises(ValueError, match="k=4"):
+        probing.top_k_mean_difference(x, y, 4)
+
+
+def test_balanced_one_vs_rest_draws_negatives_evenly():
+    labels = np.array([0] * 4 + [1] * 10 + [2] * 10)
+    rows, y = probing.balanced_one_vs_rest(labels, 0, np.random.default_rng(0))
+    assert y.sum() == 4 and len(y) == 8
+    negatives = labels[rows[~y]]
+    assert sorted(np.bincount(negatives, minlength=3)[1:]) == [2, 2]
+
+
+@pytest.mark.skipif(not PEER_PYTHON, reason="needs SAEJAX_SAELENS_PYTHON (scikit-learn)")
+def test_fit_logistic_matches_scikit_learn(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)).astype(np.float32)
+    y = (x @ rng.normal(size=6) + 0.3 * rng.normal(size=200) > 0.5).astype(np.int64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    script = (
+        "import json, sys, numpy as np\n"
+        "from sklearn.linear_model import LogisticRegression\n"
+        "d = np.load(sys.argv[1]); out = {}\n"
+        "for cw in (None, 'balanced'):\n"
+        "    m = LogisticRegression(C=0.5, class_weight=cw, max_iter=1000, tol=1e-8)\n"
+        "    m.fit(d['x'], d['y']); out[str(cw)] = m.coef_[0].tolist() + m.intercept_.tolist()\n"
+        "print(json.dumps(out))\n")
+    done = subprocess.run([PEER_PYTHON, "-c", script, str(tmp_path / "data.npz")],
+                          capture_output=True, text=True, check=True)
+    reference = json.loads(done.stdout.strip().splitlines()[-1])
+    for solver in ("newton", "lbfgs"):
+        for balanced, key in ((False, "None"), (True, "balanced")):
+            probe = probing.fit_logistic(x, y, c=0.5, balanced=balanced, tol=1e-6,
+                                         solver=solver)
+            mine = np.append(np.asarray(probe.weight), float(probe.bias))
+            np.testing.assert_allclose(mine, reference[key], rtol=2e-3, atol=2e-3,
+                                       err_msg=solver)
+
+
+# ------------------------------------------------------------------------------------------
+# Absorption: the shared rate, SAEBench's per-word calculation, the feature splits.
+# ------------------------------------------------------------------------------------------
+def test_absorption_rate_counts_silent_main_latents_with_a_carrier():
+    present = jnp.array([True, True, True, False])
+    main_fires = jnp.array([False, True, False, False])
+    carried = jnp.array([True, True, False, True])
+    np.testing.assert_allclose(evals.absorption_rate(present, main_fires, carried), 1 / 3)
+    np.testing.assert_allclose(evals.absorption_rate(present & False, main_fires, carried), 0)
+
+
+def test_absorption_scores_by_hand():
+    # d = 2, the probe along e0; latent 0 (main) is e0, latent 1 is (0.8, 0.6), latent 2 is e1.
+    decoder = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    activations = np.array([[2.0, 0.0],    # main latent carries it all: fraction 0
+                            [1.6, 1.2],    # main silent, latent 1 carries it: full absorption
+                            [1.8, 0.6],    # main 1.0 along, latent 1 0.8 along: 0.8 / 1.8
+                            [1.0, 1.0]])   # only latent 2 fires (cos 0): not absorbed
+    latents = np.array([[2.0, 0, 0], [0, 2.0, 0], [1.0, 1.0, 0], [0, 0, 1.0]])
+    fraction, main_fires, carried = first_letter.absorption_scores(
+        latents, activations, decoder, np.array([3.0, 0.0]), main=[0])
+    np.testing.assert_allclose(fraction, [0.0, 1.0, 0.8 / 1.8, 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(main_fires, [True, False, True, False])
+    np.testing.assert_array_equal(carried, [True, True, True, False])
+    assert float(evals.absorption_rate(jnp.ones(4, bool), jnp.asarray(main_fires),
+                                       jnp.asarray(carried))) == 0.25
+
+
+def test_main_latents_grow_while_f1_jumps():
+    # Letter a is latent 0 on half its words and latent 1 on the other half: k = 2 splits.
+    rng = np.random.default_rng(0)
+    n = 26 * 20
+    letters = np.arange(n) % 26
+    latents = np.zeros((n, 30), np.float32)
+    for i, letter in enumerate(letters):
+        latents[i, 2 + letter] = 1.0 if letter else 0.0
+        if letter == 0:
+            latents[i, (i // 26) % 2] = 1.0 + rng.random()
+    splits, f1 = first_letter.main_latents(latents, letters, latents, letters, max_k=3,
+                                           f1_jump=0.03)
+    assert sorted(splits[0]) == [0, 1], (splits[0], f1[0])
+    assert f1[0, 1] > f1[0, 0] + 0.03
+    assert len(splits[1]) == 1 and splits[1][0] == 3
+
+
+# ------------------------------------------------------------------------------------------
+# KPIs and the meta-SAE's scores.
+# ------------------------------------------------------------------------------------------
+def test_feature_sparsity_by_hand():
+    latents = np.array([[1.0, 0, 0, 0], [2.0, 3.0, 0, 0]])
+    assert kpis.feature_sparsity(latents) == {"sparsity_ratio": 1.5 / 4, "alive_fraction": 0.5}
+
+
+def test_concept_coverage_names_the_matching_latent():
+    latents = np.array([[1.0, 0, 1], [1.0, 0, 1], [0, 1.0, 1], [0, 0, 1]])
+    labels = np.array([0, 0, 1, 2])
+    result = kpis.concept_coverage(latents, labels, ["x", "y", "z"], min_f1=0.6)
+    x, y, z = result["concepts"]
+    assert (x["latent"], x["f1"], x["covered"]) == (0, 1.0, True)
+    assert (y["latent"], y["f1"]) == (1, 1.0)
+    assert (z["latent"], z["covered"]) == (2, False)   # latent 2 fires always: F1 2/5
+    np.testing.assert_allclose(z["f1"], 0.4)
+    np.testing.assert_allclose(z["always_on_f1"], 0.4)
+    assert result["coverage"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="names"):
+        kpis.concept_coverage(latents, labels, ["x"])
+
+
+def test_decomposition_by_hand():
+    rows = np.array([[1.0, 0.0], [0.0, 1.0]])
+    reconstruction = np.array([[0.9, 0.0], [0.0, 0.0]])
+    meta_latents = np.array([[0.5, 0.4], [0.0, 0.0]])
+    result = meta_sae.decomposition(rows, reconstruction, meta_latents)
+    # errors 0.01 + 1.0 over the centred total 0.5 + 0.5; row 0 explains 0.99 with two latents
+    assert result["meta_fvu"] == pytest.approx(1.01)
+    assert result["meta_l0"] == 1.0 and result["decomposed_fraction"] == 0.5
+
+
+def test_meta_sae_trains_on_decoder_rows(tmp_path):
+    # 64 rows, each the sum of two of 8 atoms: a meta-SAE with k = 2 rebuilds most of them.
+    rng = np.random.default_rng(0)
+    atoms = np.linalg.qr(rng.normal(size=(16, 8)))[0].T
+    pairs = [rng.choice(8, 2, replace=False) for _ in range(64)]
+    decoder = np.stack([atoms[a] + atoms[b] for a, b in pairs])
+    result = meta_sae.evaluate(decoder, str(tmp_path / "meta"), k=2, steps=300,
+                               batch_size=64, learning_rate=1e-2)
+    assert result["n_meta_latents"] == 16 and result["meta_l0"] <= 4
+    assert result["meta_fvu"] < 0.5, result
+    assert result["decomposed_fraction"] > 0.3, result
+
+
+# ------------------------------------------------------------------------------------------
+# Sparse probing: split by work; the pipelines on the tiny LM.
+# ------------------------------------------------------------------------------------------
+def test_split_by_work_holds_whole_works_out():
+    works = [sparse_probing.Work(f"w{i}", i % 3, "") for i in range(9)]
+    train, test = sparse_probing.split_by_work(works, test_fraction=0.3)
+    assert {w.name for w in train}.isdisjoint({w.name for w in test})
+    assert sorted(w.label for w in test) == [0, 1, 2] and len(train) == 6
+    with pytest.raises(ValueError, match="two per class"):
+        sparse_probing.split_by_work(works[:3])
