@@ -172,3 +172,76 @@ def test_split_by_work_holds_whole_works_out():
     assert sorted(w.label for w in test) == [0, 1, 2] and len(train) == 6
     with pytest.raises(ValueError, match="two per class"):
         sparse_probing.split_by_work(works[:3])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny LM (untrained: these evals need activations, not predictions) at its last
+    block, and a random TopK SAE (128 latents, k = 8) on it."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import tiny_lm  # pylint: disable=import-outside-toplevel
+    from saejax import configs, models, sae  # pylint: disable=import-outside-toplevel
+    from saejax.data import lm  # pylint: disable=import-outside-toplevel
+    root = tmp_path_factory.mktemp("tiny_probing")
+    checkpoint, _, _ = tiny_lm.make_tiny_lm(str(root), steps=0, n_documents=20)
+    model = lm.from_checkpoint(checkpoint, "blocks.1.hook_resid_post")
+    sae_config = configs.base_config().sae
+    sae_config.update({"architecture": "topk", "k": 8})
+    architecture = sae.from_config(sae_config)
+    import jax  # pylint: disable=import-outside-toplevel
+    params = architecture.init(jax.random.PRNGKey(0), 64, 128, sae_config)
+    encode = lambda x: np.asarray(architecture.encode(params, jnp.asarray(x), sae_config))
+    return (model, models.load_tokenizer(checkpoint), encode, np.asarray(params["W_dec"]),
+            tiny_lm.WORDS)
+
+
+def test_first_letter_absorption_on_the_tiny_lm(tiny):
+    model, tokenizer, encode, decoder, _ = tiny
+    data = first_letter.word_data(model, tokenizer, max_words=0, n_icl_examples=2,
+                                  batch_size=32)
+    train_words, test_words = data.words
+    assert len(train_words.token_ids) >= 3 * len(test_words.token_ids) > 0
+    assert all(w.strip().isalpha() for w in train_words.text + test_words.text)
+    assert data.train[0].shape == (len(train_words.token_ids), 64)
+    result = first_letter.evaluate(encode, decoder, data.train, data.test, probe=data.probe,
+                                   max_k=3, min_probe_f1=0.0)
+    assert len(result["details"]) == 26 and result["letters_evaluated"] >= 1
+    for detail in result["details"]:
+        assert 0 <= detail["mean_absorption_fraction"] <= 1
+        assert 0 <= detail["full_absorption_rate"] <= 1
+        assert 1 <= detail["num_split_features"] <= 3
+    assert sum(d["num_probe_true_positives"] for d in result["details"]) <= len(
+        test_words.token_ids)
+    coverage = kpis.concept_coverage(encode(data.test[0]), data.test[1], list(first_letter.LETTERS))
+    assert 0 <= coverage["coverage"] <= 1 and len(coverage["concepts"]) == 26
+
+
+def test_sparse_probing_on_the_tiny_lm(tiny):
+    # Three classes of "works", each counting through its own third of the words: the model's
+    # activations tell them apart on works it has not seen.
+    model, tokenizer, encode, _, words = tiny
+    from saejax.data import lm  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(0)
+    works = []
+    for label in range(3):
+        vocabulary = words[label * 6:(label + 1) * 6]
+        for copy in range(3):
+            text = " ".join(vocabulary[(i + copy) % 6] for i in range(400) if rng.random() < 0.9)
+            works.append(sparse_probing.Work(f"w{label}{copy}", label, text))
+    train_works, test_works = sparse_probing.split_by_work(works, test_fraction=0.3)
+    forward = lm.activations_fn(model)
+    train, test = (sparse_probing.examples(
+        forward, model.params,
+        *sparse_probing.work_windows(tokenizer, part, context_length=32, windows_per_work=8),
+        batch_size=16) for part in (train_works, test_works))
+    assert train.activations.shape[1:] == (32, 64) and not train.kept[0]
+    llm, _ = sparse_probing.llm_results(train, test, ks=(1, 2), classes=("a", "b", "c"))
+    sae_means, per_class = sparse_probing.evaluate(encode, train, test, ks=(1, 2),
+                                                   classes=("a", "b", "c"))
+    assert llm["llm_test_accuracy"] >= 0.9, llm
+    assert set(sae_means) == {"sae_test_accuracy", "sae_top_1_test_accuracy",
+                              "sae_top_2_test_accuracy"}
+    assert all(0 <= v <= 1 for v in sae_means.values())
+    assert set(per_class["sae_top_1_test_accuracy"]) == {"a", "b", "c"}
+    sparsity = kpis.feature_sparsity(encode(train.activations.reshape(-1, 64)))
+    assert sparsity["sparsity_ratio"] == pytest.approx(8 / 128)

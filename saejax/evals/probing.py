@@ -51,17 +51,19 @@ def fit_logistic(x, y, *, c: float = 1.0, balanced: bool = False,
 
 
 def fit_logistic_many(x, y, *, c: float = 1.0, balanced: bool = False,
-                      max_iter: int = 500, tol: float = 1e-5, solver: str = "auto"
-                      ) -> LinearProbe:
+                      max_iter: int = 500, tol: float = 1e-5, solver: str = "auto",
+                      rows=None) -> LinearProbe:
     """`fit_logistic` of p problems at once (one compiled solve): x `[p, n, d]` (or `[n, d]`
-    shared by all), y `[p, n]`; weight `[p, d]`, bias `[p]`."""
+    shared by all), y `[p, n]`, `rows` `[p, n]` bool the rows each problem has (default all;
+    problems of different sizes padded to one shape); weight `[p, d]`, bias `[p]`."""
     y = jnp.asarray(y, jnp.float32)
     x = jnp.broadcast_to(jnp.asarray(x, jnp.float32), y.shape + (jnp.shape(x)[-1],))
-    n = y.shape[1]
-    positives = jnp.sum(y, axis=1, keepdims=True)
+    rows = jnp.ones_like(y) if rows is None else jnp.asarray(rows, jnp.float32)
+    n = jnp.sum(rows, axis=1, keepdims=True)
+    positives = jnp.sum(y * rows, axis=1, keepdims=True)
     weights = jnp.where(y > 0, n / (2 * jnp.maximum(positives, 1)),
                         n / (2 * jnp.maximum(n - positives, 1)))
-    weights = weights if balanced else jnp.ones_like(y)
+    weights = rows * (weights if balanced else 1.0)
     if solver == "auto":
         solver = "newton" if x.shape[-1] <= NEWTON_MAX_D else "lbfgs"
     if solver == "newton":
@@ -73,7 +75,7 @@ def fit_logistic_many(x, y, *, c: float = 1.0, balanced: bool = False,
     return LinearProbe(weight, bias)
 
 
-NEWTON_MAX_D = 64   # features up to which "auto" solves by Newton's method
+NEWTON_MAX_D = 256  # features up to which "auto" solves by Newton's method
 NEWTON_STEPS = 30
 
 

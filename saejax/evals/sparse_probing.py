@@ -133,19 +133,32 @@ def examples(activations_fn, params, windows, labels, *, exclude_positions=(0,),
 def probe_accuracies(train_x, train_labels, test_x, test_labels, *, ks: Sequence[int] = (),
                      seed: int = 0) -> dict[str, dict[int, float]]:
     """Per class (one vs the rest, SAEBench's balanced sets), the test accuracy of a logistic
-    probe on every feature (`"all"`) and on the top k by mean difference (`k`)."""
+    probe on every feature (`"all"`) and on the top k by mean difference (`k`). The classes'
+    probes are fitted together, their sets padded to one size."""
     rng = np.random.default_rng(seed)
-    results = {"all": {}, **{k: {} for k in ks}}
-    for label in np.unique(train_labels):
-        rows, y = probing.balanced_one_vs_rest(train_labels, label, rng)
-        test_rows, test_y = probing.balanced_one_vs_rest(test_labels, label, rng)
-        x, tx = train_x[rows], test_x[test_rows]
-        probe = probing.fit_logistic(x, y)
-        results["all"][int(label)] = probing.accuracy(probe.logits(tx), test_y)
-        for k in ks:
-            top = probing.top_k_mean_difference(x, y, k)
-            probe = probing.fit_logistic(x[:, top], y)
-            results[k][int(label)] = probing.accuracy(probe.logits(tx[:, top]), test_y)
+    classes = [int(c) for c in np.unique(train_labels)]
+    train_sets = [probing.balanced_one_vs_rest(train_labels, c, rng) for c in classes]
+    test_sets = [probing.balanced_one_vs_rest(test_labels, c, rng) for c in classes]
+    width = max(len(rows) for rows, _ in train_sets)
+    padded = lambda a: np.pad(a, (0, width - len(a)))
+    index = np.stack([padded(rows) for rows, _ in train_sets])            # [classes, width]
+    y = np.stack([padded(labels) for _, labels in train_sets])
+    valid = np.stack([padded(np.ones(len(rows), bool)) for rows, _ in train_sets])
+    x = np.asarray(train_x, np.float32)[index]                            # [classes, width, d]
+    results = {}
+    for key in ("all", *ks):
+        features = [np.arange(x.shape[-1]) if key == "all" else probing.top_k_mean_difference(
+            x[i][valid[i]], y[i][valid[i]], key) for i in range(len(classes))]
+        # Zero columns up to the largest k (their weights stay 0): one compiled solve for all k.
+        pad = 0 if key == "all" else max(ks) - key
+        chosen = np.pad(np.stack([x[i][:, f] for i, f in enumerate(features)]),
+                        ((0, 0), (0, 0), (0, pad)))
+        probes = probing.fit_logistic_many(chosen, y, rows=valid)
+        results[key] = {}
+        for i, (c, (rows, labels)) in enumerate(zip(classes, test_sets)):
+            probe = probing.LinearProbe(probes.weight[i, :len(features[i])], probes.bias[i])
+            results[key][c] = probing.accuracy(
+                probe.logits(np.asarray(test_x, np.float32)[rows][:, features[i]]), labels)
     return results
 
 
