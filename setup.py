@@ -23,7 +23,7 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "matplotlib>=3.8",
-        "scipy>=1.11",        # the scaling fits (saejax/fits.py)
+        "scipy>=1.11",        # the scaling fits (saejax/fits.py), Hungarian matching (evals)
         "safetensors>=0.4",   # Hugging Face format checkpoints (saejax/models)
         "tokenizers>=0.15",   # the checkpoint's own tokenizer.json
         "jinja2>=3.1",        # the dashboard's HTML templates (saejax/analysis/templates)

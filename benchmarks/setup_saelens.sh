@@ -14,6 +14,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${1:-$here/.venv-saelens}"
 torch_version="${TORCH_VERSION:-2.13.0}"
 sae_lens_spec="${SAE_LENS_SPEC:-sae-lens}"
+sae_bench_spec="${SAE_BENCH_SPEC:-sae-bench==0.6.0}"
 python="${PYTHON:-python3}"
 
 "$python" -m venv "$venv"
@@ -24,9 +25,17 @@ echo "torch==$torch_version" > "$constraints"
 # shellcheck disable=SC2086  # TORCH_PIP_ARGS is a list of pip arguments
 "$venv/bin/python" -m pip install ${TORCH_PIP_ARGS:-} "torch==$torch_version"
 "$venv/bin/python" -m pip install -c "$constraints" "$sae_lens_spec"
+# SAEBench, for its metric functions and result classes (tests/test_evals.py): without its
+# dependencies (datasets, openai, sae-probes, torchvision: its evals' data and judges, which
+# the parts the tests import do not read), plus the one its core module imports that
+# sae-lens does not bring.
+"$venv/bin/python" -m pip install -c "$constraints" --no-deps "$sae_bench_spec"
+"$venv/bin/python" -m pip install -c "$constraints" tabulate
 
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as md
 import torch
-print(f"SAELens environment ready: sae-lens {md.version('sae-lens')}, torch {torch.__version__}")
+import sae_bench.evals.core.main  # noqa: F401  (what tests/saebench_peer.py imports)
+print(f"SAELens environment ready: sae-lens {md.version('sae-lens')}, "
+      f"sae-bench {md.version('sae-bench')}, torch {torch.__version__}")
 PY

@@ -7,8 +7,11 @@ table alone) and writes into DIR:
     plots/loss_vs_latents.{png,svg}     FVU against the number of latents, one curve per
                                         sparsity level, with L(N) = c + a N^-b fitted
     plots/sparsity_fidelity.{png,svg}   FVU against L0, one curve per dictionary size
-    plots/dead_and_mmcs.{png,svg}       dead fraction (and MMCS, with ground truth) against size
+    plots/dead_and_mmcs.{png,svg}       dead fraction (and MMCS, MCC, firing F1, with ground
+                                        truth) against size
     plots/loss_vs_compute.{png,svg}     FVU against training FLOPs, with the compute frontier
+    plots/evals.{png,svg}               the evaluations of `python -m saejax.evals` against size
+                                        (only when some point has them)
     report.md                           the figures, the fitted constants with their standard
                                         errors, and the points
 
@@ -233,26 +236,37 @@ def plot_sparsity_fidelity(rows: Sequence[dict], out_dir: str) -> None:
             legend_title="dictionary size")
 
 
-def plot_dead_and_mmcs(rows: Sequence[dict], out_dir: str) -> None:
-    """Dead fraction, and MMCS when the data has known features, against dictionary size."""
-    plotted = _plotted(rows)
-    with_mmcs = [r for r in plotted if r.get("mmcs") is not None]
-    fig = Figure(figsize=(11 if with_mmcs else 6.5, 4.6), layout="constrained")
-    axes = fig.subplots(1, 2 if with_mmcs else 1, squeeze=False)[0]
-    panels = [(axes[0], "dead_fraction", plotted,
-               "dead fraction (latents silent over the dead window)")]
-    if with_mmcs:
-        panels.append((axes[1], "mmcs", with_mmcs,
-                       "MMCS (mean over true features of the best cosine)"))
-    n_features = {r.get("n_features") for r in plotted} - {None}
+# The ground-truth panels of dead_and_mmcs (those some row has): column, axis label.
+GROUND_TRUTH_PANELS = (
+    ("mmcs", "MMCS (mean over true features of the best cosine)"),
+    ("mcc", "MCC (one-to-one Hungarian matching, |cosine|)"),
+    ("classification/f1_score", "firing F1 against the best-matching feature"),
+)
+# The panels of evals.png and the columns of the report's evaluations table, where some row has
+# them (`python -m saejax.evals`' results: "eval:<eval>/<metric>"); column, label.
+EVAL_PANELS = (
+    ("eval:core/ce_loss_score", "CE score (loss recovered)"),
+    ("eval:core/kl_div_score", "KL score"),
+    ("eval:core/explained_variance", "explained variance"),
+    ("eval:core/cossim", "cosine of reconstruction to input"),
+    ("eval:core/l2_ratio", "L2 ratio (reconstruction / input)"),
+    ("eval:core/average_max_decoder_cosine_sim", "mean max decoder cosine to another latent"),
+    ("eval:core/average_max_encoder_cosine_sim", "mean max encoder cosine to another latent"),
+    ("eval:ground_truth/mcc", "MCC (ground truth)"),
+)
+EVAL_TABLE = (*(c for c, _ in EVAL_PANELS), "eval:core/l0", "eval:core/l1",
+              "eval:core/frac_alive", "eval:ground_truth/uniqueness",
+              "eval:ground_truth/f1_score")
+
+
+def _metric_panels(panels: Sequence[tuple]) -> None:
+    """Draws one panel per (axes, column, rows, ylabel): the column against dictionary size,
+    one curve per sparsity level and architecture."""
     for ax, metric, metric_rows, ylabel in panels:
         for curve in _curves(metric_rows, "level"):
             members = sorted(curve.rows, key=lambda r: r["n_latents"])
             _scatter(ax, [r["n_latents"] for r in members], [r[metric] for r in members],
                      members, curve)
-        if metric == "mmcs" and len(n_features) == 1:
-            ax.axvline(n_features.pop(), color="0.3", ls=":", lw=1.2,
-                       label="number of true features")
         if metric_rows:
             _latents_axis(ax)
             _partial_legend_note(ax, metric_rows)
@@ -262,10 +276,50 @@ def plot_dead_and_mmcs(rows: Sequence[dict], out_dir: str) -> None:
         ax.set_xlabel("number of latents N (dictionary size)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.25)
+
+
+def plot_dead_and_mmcs(rows: Sequence[dict], out_dir: str) -> None:
+    """Dead fraction, and when the data has known features MMCS, MCC and firing F1
+    (GROUND_TRUTH_PANELS), against dictionary size."""
+    plotted = _plotted(rows)
+    recovered = [(metric, label, [r for r in plotted if r.get(metric) is not None])
+                 for metric, label in GROUND_TRUTH_PANELS]
+    recovered = [p for p in recovered if p[2]]
+    fig = Figure(figsize=(6.5 + 4.5 * len(recovered), 4.6), layout="constrained")
+    axes = fig.subplots(1, 1 + len(recovered), squeeze=False)[0]
+    _metric_panels([(axes[0], "dead_fraction", plotted,
+                          "dead fraction (latents silent over the dead window)"),
+                         *((ax, m, r, label) for ax, (m, label, r) in zip(axes[1:], recovered))])
+    n_features = {r.get("n_features") for r in plotted} - {None}
+    if recovered and len(n_features) == 1:
+        axes[1].axvline(n_features.pop(), color="0.3", ls=":", lw=1.2,
+                        label="number of true features")
+        axes[1].legend(fontsize=7, title=_levels_title(recovered[0][2]), title_fontsize=7)
     axes[0].set_ylim(bottom=0)
-    fig.suptitle(("Dead latents and feature recovery" if with_mmcs else "Dead latents")
+    fig.suptitle(("Dead latents and feature recovery" if recovered else "Dead latents")
                  + " against dictionary size" + _partial_note(rows), fontsize=10)
     _save(fig, out_dir, "dead_and_mmcs")
+
+
+def plot_evals(rows: Sequence[dict], out_dir: str) -> bool:
+    """The evaluations' metrics (EVAL_PANELS) against dictionary size, one panel each, into
+    evals.png; nothing (False) when no row has any."""
+    plotted = _plotted(rows)
+    panels = [(m, label, [r for r in plotted if r.get(m) is not None]) for m, label in EVAL_PANELS]
+    panels = [p for p in panels if p[2]]
+    if not panels:
+        return False
+    ncols = min(len(panels), 3)
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(4.6 * ncols, 3.8 * nrows), layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    _metric_panels([(ax, m, r, label) for ax, (m, label, r) in zip(axes, panels)])
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Evaluations (python -m saejax.evals) against dictionary size"
+                 + _partial_note(rows), fontsize=10)
+    _save(fig, out_dir, "evals")
+    return True
 
 
 def plot_loss_vs_compute(rows: Sequence[dict], out_dir: str) -> PowerLawFit | None:
@@ -319,6 +373,21 @@ def _fit_row(label: str, fit: PowerLawFit) -> str:
             f"{fit.rms_log_residual:.3f} |")
 
 
+def _evals_section(rows: Sequence[dict]) -> list[str]:
+    """The report's evaluations: the figure and a table of EVAL_TABLE's columns present."""
+    columns = [c for c in EVAL_TABLE if any(r.get(c) is not None for r in rows)]
+    header = [c[len(results.EVAL_COLUMN):] for c in columns]
+    lines = ["", "## Evaluations", "", "![Evaluations against dictionary size](plots/evals.png)",
+             "", "From `python -m saejax.evals` (each point's `analysis/evals/<eval>.json`, in "
+             "SAEBench's layout; all of their metrics are columns `eval:<eval>/<metric>` of "
+             f"`{results.TABLE}`).", "",
+             "| point | " + " | ".join(header) + " |", "|---" * (len(columns) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | "
+                     + " | ".join(_number(r.get(c), ".4g") for c in columns) + " |")
+    return lines
+
+
 def write_report(workdir: str, rows: Sequence[dict] | None = None) -> str:
     """Draws every figure into workdir/plots/ and writes workdir/report.md; returns its path.
     Without `rows`, they come from `results.load_rows(workdir)`: re-collected from a sweep's
@@ -331,6 +400,7 @@ def write_report(workdir: str, rows: Sequence[dict] | None = None) -> str:
     plot_sparsity_fidelity(rows, out_dir)
     plot_dead_and_mmcs(rows, out_dir)
     compute_fit = plot_loss_vs_compute(rows, out_dir)
+    evaluated = plot_evals(rows, out_dir)
 
     done = [r for r in rows if _finished(r)]
     counts = {s: sum(r.get("status") == s for r in rows)
@@ -377,6 +447,8 @@ def write_report(workdir: str, rows: Sequence[dict] | None = None) -> str:
             f"{_number(r.get('wall_seconds'), '.0f')} |")
     lines += ["", "Run wall s: the wall time of the run that trained the point (shared by the "
                   "points of a group), compilation and evaluation included."]
+    if evaluated:
+        lines += _evals_section(rows)
     names = sorted({r["sparsity_level_name"] for r in rows})
     if names:
         lines += ["", "Sparsity level (held fixed along a curve of the first figure): "

@@ -6,6 +6,7 @@ The files of a sweep's workdir that the table is built from:
 
     sweep.json          the points: name, overrides and the config values the table reports
     <point>/summary.json, metrics.jsonl, sweep_run.json   a point's folder (as a run's workdir)
+    <point>/analysis/evals/<eval>.json   what `python -m saejax.evals` wrote (SAEBench's layout)
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ from saejax import paths, workdir as workdirs
 MANIFEST = "sweep.json"
 TABLE = "results.csv"
 RUN_FILE = "sweep_run.json"
+EVALS_DIR = "analysis/evals"  # in a run's workdir: one JSON per evaluation (saejax.evals.suite)
 
 # Final metrics copied from each point's summary.json, in this order (those a run reports).
-METRICS = ("mse", "fvu", "l0", "dead_fraction", "mmcs", "loss_recovered", "ce_clean", "ce_sae",
-           "ce_zero_ablation", "kl_sae", "kl_zero_ablation")
+METRICS = ("mse", "fvu", "l0", "dead_fraction", "mmcs", "mcc", "uniqueness",
+           "classification/precision", "classification/recall", "classification/f1_score",
+           "loss_recovered", "kl_score", "ce_clean", "ce_sae", "ce_zero_ablation", "kl_sae",
+           "kl_zero_ablation")
+# The columns of `python -m saejax.evals`' results: "eval:<eval>/<metric>" (eval_metrics).
+EVAL_COLUMN = "eval:"
 # Metrics per hook of a dictionary that reconstructs several (`fvu/<hook>`, saejax.step).
 PER_HOOK = "fvu/"
 # A point's status in the table: finished; trained part way (metrics from its last log line);
@@ -37,6 +43,24 @@ def finished_summary(workdir: str, name: str, steps: int) -> dict | None:
     """The summary of point `name` if it trained all `steps`, else None."""
     summary = workdirs.read_json(paths.join(workdir, name, "summary.json"))
     return summary if summary and summary.get("step", -1) >= steps else None
+
+
+def eval_metrics(workdir: str) -> dict[str, Any]:
+    """`{"eval:<eval>/<metric>": value}` of every evaluation result in `WORKDIR/analysis/evals/`
+    (SAEBench's layout: `eval_result_metrics` is `{category: {metric: value}}`, and metric
+    names are unique within an eval)."""
+    folder = paths.join(workdir, EVALS_DIR)
+    flat: dict[str, Any] = {}
+    if not paths.isdir(folder):
+        return flat
+    for file in sorted(paths.listdir(folder)):
+        if file.endswith(".json"):
+            result = workdirs.read_json(paths.join(folder, file)) or {}
+            name = result.get("eval_type_id", file[:-len(".json")])
+            for metrics in (result.get("eval_result_metrics") or {}).values():
+                flat.update({f"{EVAL_COLUMN}{name}/{k}": v for k, v in (metrics or {}).items()
+                             if v is None or isinstance(v, (int, float))})
+    return flat
 
 
 def _train_seconds(summary: dict) -> float | None:
@@ -76,6 +100,7 @@ def _row(workdir: str, entry: dict) -> dict[str, Any]:
         row["wall_seconds"] = run_file.get("wall_seconds")
         row["group_size"] = len(run_file.get("points", ()))
     row["run_dir"] = run_file.get("run_dir", name)
+    row.update(eval_metrics(paths.join(workdir, name)))
     if status == FAILED:
         row["error"] = run_file["error"]
     return row

@@ -18,7 +18,6 @@ import jax
 import numpy as np
 
 from saejax import checkpoint, data, evals, groups, loop, paths, sae, sharding, validation
-from saejax.data import lm
 from saejax.evals import downstream
 from saejax.trainer import Trainer
 from saejax.workdir import write_config, write_json
@@ -71,7 +70,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         evaluated, final_mmcs = _evaluate(config, trainer, state, source, mmcs)
         downstream = _downstream(config, state, trainer.architecture, mesh, source.d,
                                  len(outputs))
-        summaries = _summaries(config, trainer, state, evaluated, final_mmcs, downstream,
+        recovery = _recovery(config, trainer, state, source, len(outputs))
+        summaries = _summaries(config, trainer, state, evaluated, final_mmcs,
+                               [{**r, **m} for r, m in zip(recovery, downstream, strict=True)],
                                d=source.d, train_seconds=train_seconds)
         groups.close(ckpt, outputs)
 
@@ -130,6 +131,27 @@ def _evaluate(config, trainer: Trainer, state: dict, source: data.KeyedSource,
     return results, None if mmcs is None else np.asarray(mmcs(state["params"]["W_dec"]))
 
 
+def _recovery(config, trainer: Trainer, state: dict, source: data.KeyedSource,
+              n_saes: int) -> list[dict]:
+    """Per SAE, SAELens' synthetic-benchmark scores (`evals.recovery_metrics`: MCC,
+    uniqueness, firing precision / recall / F1) over the held-out batches of a source with
+    true features; nothing for a source without them."""
+    if getattr(source, "true_features", None) is None:
+        return [{} for _ in range(n_saes)]
+    architecture = trainer.architecture
+    encode = jax.jit(lambda params, scale, batch: architecture.encode(
+        params, architecture.shape.input(
+            {h: x * scale for h, x in data.as_batch(batch).items()}), config.sae))
+    batches = range(int(config.evals.eval_batches))
+    codes = [source.eval_codes(i) for i in batches]
+    members = ([member_state(state, i) for i in range(n_saes)] if group_coefficients(config)
+               else [state])
+    return [evals.recovery_metrics(
+        evals.decoder_rows(architecture.shape, m["params"]), source.true_features,
+        [encode(m["params"], m["input_scale"], source.eval_batch(i)) for i in batches], codes)
+        for m in members]
+
+
 def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: int,
                 n_saes: int) -> list[dict]:
     """Per SAE: loss recovered and KL with it spliced into the LM at `lm.hook` (a transcoder:
@@ -138,24 +160,11 @@ def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: in
     n = int(config.evals.loss_recovered_sequences)
     if not n:
         return [{} for _ in range(n_saes)]
-    input_hook, hook = architecture.shape.spliced_hooks(str(config.lm.hook))
-    lm_config = config.lm.copy_and_resolve_references()
-    with lm_config.unlocked():
-        lm_config.hook = hook
-    model = lm.load(lm_config, d=d)
-    _, tokens = lm.split(config.lm, model, n)
-
-    def reconstruct(sae_state, x):
-        params, scale = sae_state
-        x = x * scale
-        return architecture.decode(params, architecture.encode(params, x, config.sae), x) / scale
-
     members = ([member_state(state, i) for i in range(n_saes)] if group_coefficients(config)
                else [state])
-    results = downstream.evaluate(
-        model, tokens, batch_sequences=int(config.lm.batch_sequences), reconstruct=reconstruct,
-        sae_params=[(m["params"], m["input_scale"]) for m in members], mesh=mesh,
-        keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)), input_hook=input_hook)
+    results = downstream.evaluate_run(
+        config, architecture, [(m["params"], m["input_scale"]) for m in members], mesh, d=d,
+        sequences=n)
     for i, result in enumerate(results):
         logging.info("Loss recovered%s: %.4f (CE clean %.4f, with the SAE %.4f, zero-ablated "
                      "%.4f; KL %.4g)", f" ({i})" if n_saes > 1 else "",
@@ -165,16 +174,16 @@ def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: in
 
 
 def _summaries(config, trainer: Trainer, state: dict, evaluated: dict,
-               mmcs: np.ndarray | None, downstream: list[dict], *, d: int,
+               mmcs: np.ndarray | None, per_sae: list[dict], *, d: int,
                train_seconds: float) -> list[dict]:
-    """Per SAE, what `summary.json` holds: its final evals and what was trained, for how
-    long."""
+    """Per SAE, what `summary.json` holds: its final evals (`per_sae`: each SAE's own, the
+    downstream and ground-truth metrics) and what was trained, for how long."""
     architecture, step = trainer.architecture, int(state["step"])
     batch_size = int(config.train.batch_size)
     coefficients = group_coefficients(config)
     grouped = bool(coefficients)
     summaries = []
-    for i, downstream_metrics in enumerate(downstream):
+    for i, own_metrics in enumerate(per_sae):
         summary: dict[str, Any] = {
             "step": step,
             "tokens": step * batch_size,
@@ -196,7 +205,7 @@ def _summaries(config, trainer: Trainer, state: dict, evaluated: dict,
             summary[architecture.level_field] = config.sae[architecture.level_field]
         if mmcs is not None:
             summary["mmcs"] = float(groups.pick(mmcs, i, grouped))
-        summary.update(downstream_metrics)
+        summary.update(own_metrics)
         summaries.append(summary)
     return summaries
 

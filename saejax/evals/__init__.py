@@ -166,6 +166,190 @@ def hierarchy_metrics(encode, decoder, source, batches: int) -> dict[str, float]
 
 
 # ------------------------------------------------------------------------------------------
+# Ground truth, as SAELens' synthetic benchmark scores it (sae_lens.synthetic.evals): signs
+# ignored (absolute cosines), each latent matched to its best true feature for firing, and
+# decoder rows matched one-to-one to true features for the MCC.
+# ------------------------------------------------------------------------------------------
+def mean_correlation_coefficient(decoder, true_features) -> float:
+    """MCC (Paulo and Belrose 2025, "Mechanistic interpretability should prioritize feature
+    consistency"): the mean absolute cosine of decoder rows and true features over the
+    one-to-one matching that maximises it (Hungarian, `scipy.optimize.linear_sum_assignment`;
+    min(n_latents, n_features) pairs). Host-side: NumPy arrays in, a float out."""
+    from scipy import optimize  # pylint: disable=import-outside-toplevel  (only here)
+    cos = np.abs(np.asarray(_cosines(jnp.asarray(decoder), jnp.asarray(true_features)))).T
+    rows, cols = optimize.linear_sum_assignment(1.0 - cos)
+    return float(np.mean(cos[rows, cols]))
+
+
+def best_matching_features(decoder: jax.Array, true_features: jax.Array) -> jax.Array:
+    """For each latent, the true feature its decoder row is closest to in absolute cosine:
+    `[n_latents]` feature indices (the other direction of `match_latents`)."""
+    return jnp.argmax(jnp.abs(_cosines(decoder, true_features)), axis=0)
+
+
+def feature_uniqueness(decoder: jax.Array, true_features: jax.Array) -> jax.Array:
+    """The number of distinct true features that latents match best
+    (`best_matching_features`), over the number of latents: 1 when every latent tracks a
+    different feature."""
+    matches = best_matching_features(decoder, true_features)
+    hit = jnp.zeros((true_features.shape[0],), bool).at[matches].set(True)
+    return jnp.sum(hit) / decoder.shape[0]
+
+
+def firing_counts(latents: jax.Array, codes: jax.Array, matches: jax.Array) -> jax.Array:
+    """Per latent, `[4, n_latents]` counts of rows (true positives, false positives, false
+    negatives, true negatives) of its firing (non-zero) against its matched true feature's
+    activity (`codes [rows, n_features] > 0`, `matches` from `best_matching_features`);
+    they add over batches."""
+    fires, active = latents != 0, jnp.take(codes, matches, axis=-1) > 0
+    count = lambda m: jnp.sum(m, axis=0, dtype=jnp.float32)
+    return jnp.stack([count(fires & active), count(fires & ~active),
+                      count(~fires & active), count(~fires & ~active)])
+
+
+def firing_classification(counts: jax.Array) -> dict:
+    """Precision, recall, F1 and accuracy of each latent as a detector of its matched feature,
+    from `firing_counts`, averaged over latents; an undefined precision, recall or F1 (nothing
+    fired, nothing active) counts as 0, as sae_lens does."""
+    tp, fp, fn, tn = counts
+    ratio = lambda a, b: jnp.where(b > 0, a / jnp.where(b > 0, b, 1), 0.0)
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    f1 = ratio(2 * precision * recall, precision + recall)
+    accuracy = (tp + tn) / jnp.maximum(tp + fp + fn + tn, 1e-8)
+    return {"precision": jnp.mean(precision), "recall": jnp.mean(recall),
+            "f1_score": jnp.mean(f1), "accuracy": jnp.mean(accuracy)}
+
+
+def decoder_rows(shape, params: dict) -> jax.Array:
+    """The dictionary's decoder rows `[n_latents, width]` in the layout of its source's
+    `true_features`: `W_dec` (an SAE's, a transcoder's output side, a crosscoder's hooks side
+    by side), or what a shape's own `decoder_rows(params)` returns (a shape whose decoder is
+    stored otherwise, e.g. per layer)."""
+    own = getattr(shape, "decoder_rows", None)
+    return own(params) if own is not None else params["W_dec"]
+
+
+RECOVERY_METRICS = ("mcc", "uniqueness", "classification/precision", "classification/recall",
+                    "classification/f1_score", "classification/accuracy")
+
+
+def recovery_metrics(decoder, true_features, latents, codes) -> dict[str, float]:
+    """SAELens' synthetic-benchmark scores of a dictionary (`RECOVERY_METRICS`): the MCC and
+    uniqueness of its decoder rows `[n_latents, w]` against `true_features [n_features, w]`,
+    and `firing_classification` over held-out batches, `latents` and `codes` being sequences
+    of `[rows, n_latents]` and `[rows, n_features]` (the true codes of the same rows)."""
+    decoder, true_features = jnp.asarray(decoder, jnp.float32), jnp.asarray(true_features)
+    matches = best_matching_features(decoder, true_features)
+    counts = sum(jax.device_get(firing_counts(jnp.asarray(l), jnp.asarray(c), matches))
+                 for l, c in zip(latents, codes, strict=True))
+    classification = firing_classification(jnp.asarray(counts))
+    return {"mcc": mean_correlation_coefficient(decoder, true_features),
+            "uniqueness": float(feature_uniqueness(decoder, true_features)),
+            **{f"classification/{k}": float(v) for k, v in classification.items()}}
+
+
+# ------------------------------------------------------------------------------------------
+# SAEBench core (Karvonen et al. 2025; the definitions of sae_lens.evals, which SAEBench's
+# core eval runs): per-batch sums that add over batches, then the metrics of the sums.
+# ------------------------------------------------------------------------------------------
+def reconstruction_sums(x: jax.Array, x_hat: jax.Array, latents: jax.Array) -> dict:
+    """Sums over the rows of `x [n, d]` (what the dictionary reconstructs), `x_hat [n, d]`
+    and `latents [n, n_latents]` that `reconstruction_metrics` turns into SAEBench core's
+    reconstruction, shrinkage and sparsity metrics; they add over batches."""
+    x, x_hat = x.astype(jnp.float32), x_hat.astype(jnp.float32)
+    residual = jnp.sum(jnp.square(x - x_hat), axis=-1)
+    norm_in, norm_out = jnp.linalg.norm(x, axis=-1), jnp.linalg.norm(x_hat, axis=-1)
+    return {
+        "rows": jnp.asarray(x.shape[0], jnp.float32),
+        "sum_x": jnp.sum(x, axis=0),                        # [d]: the mean, for the variance
+        "sum_squared_norm": jnp.sum(jnp.square(norm_in)),
+        "sum_squared_residual": jnp.sum(residual),
+        # sae_lens' earlier formula, per row against this batch's mean (batches of one size).
+        "sum_explained_variance_legacy": jnp.sum(1.0 - residual / jnp.sum(
+            jnp.square(x - jnp.mean(x, axis=0)), axis=-1)),
+        "sum_cossim": jnp.sum(jnp.sum(x * x_hat, axis=-1)
+                              / (jnp.maximum(norm_in, 1e-30) * jnp.maximum(norm_out, 1e-30))),
+        "sum_l2_norm_in": jnp.sum(norm_in),
+        "sum_l2_norm_out": jnp.sum(norm_out),
+        # sae_lens: a row whose input norm is below 1e-4 divides by 1 instead.
+        "sum_l2_ratio": jnp.sum(norm_out / jnp.where(norm_in < 1e-4, 1.0, norm_in)),
+        # sae_lens: a ratio of this batch's means, averaged over batches.
+        "batches": jnp.asarray(1.0, jnp.float32),
+        "sum_relative_reconstruction_bias": jnp.mean(jnp.square(norm_out))
+                                            / jnp.mean(jnp.sum(x * x_hat, axis=-1)),
+        "sum_l0": jnp.sum(latents != 0).astype(jnp.float32),
+        "sum_l1": jnp.sum(jnp.abs(latents)).astype(jnp.float32),
+        "fire_counts": jnp.sum(latents != 0, axis=0).astype(jnp.float32),  # [n_latents]
+    }
+
+
+def reconstruction_metrics(sums: dict) -> dict:
+    """SAEBench core's metrics of `reconstruction_sums` (added over batches): each a mean over
+    rows, except `explained_variance` = 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2) (the
+    variance summed over dimensions; `explained_variance_legacy` is sae_lens' earlier formula,
+    the mean over rows of 1 - ||x - x_hat||^2 / ||x - batch mean||^2) and
+    `relative_reconstruction_bias`, E||x_hat||^2 / E<x, x_hat> (Wright and Sharkey 2024,
+    eq. 10) per batch, averaged over batches. `mse` is E||x - x_hat||^2, summed over
+    dimensions (sae_lens' convention; saejax's training `mse` is the mean over elements)."""
+    n = sums["rows"]
+    variance = sums["sum_squared_norm"] / n - jnp.sum(jnp.square(sums["sum_x"] / n))
+    mse_ = sums["sum_squared_residual"] / n
+    return {
+        "explained_variance": 1.0 - mse_ / variance,
+        "explained_variance_legacy": sums["sum_explained_variance_legacy"] / n,
+        "mse": mse_,
+        "cossim": sums["sum_cossim"] / n,
+        "l2_norm_in": sums["sum_l2_norm_in"] / n,
+        "l2_norm_out": sums["sum_l2_norm_out"] / n,
+        "l2_ratio": sums["sum_l2_ratio"] / n,
+        "relative_reconstruction_bias": sums["sum_relative_reconstruction_bias"]
+                                        / sums["batches"],
+        "l0": sums["sum_l0"] / n,
+        "l1": sums["sum_l1"] / n,
+    }
+
+
+def feature_density(fire_counts_: jax.Array, n_tokens) -> jax.Array:
+    """Per latent, the fraction of tokens on which it fired."""
+    return fire_counts_ / n_tokens
+
+
+def density_metrics(density: jax.Array) -> dict:
+    """SAEBench core's misc density metrics of per-latent densities: the fraction alive (fired
+    at least once), the fractions firing on more than 1% and 10% of tokens, and the share of
+    all firings that those latents make (`normalized_freq_over_*`; 0 when nothing fired)."""
+    total = jnp.sum(density)
+    share = lambda above: jnp.where(total > 0, jnp.sum(jnp.where(above, density, 0)) /
+                                    jnp.maximum(total, 1e-30), 0.0)
+    return {"frac_alive": jnp.mean(density > 0),
+            "freq_over_1_percent": jnp.mean(density > 0.01),
+            "freq_over_10_percent": jnp.mean(density > 0.1),
+            "normalized_freq_over_1_percent": share(density > 0.01),
+            "normalized_freq_over_10_percent": share(density > 0.1)}
+
+
+def max_cosine_to_others(rows: jax.Array, chunk: int = 4096) -> jax.Array:
+    """Per row of `rows [n, d]` (a decoder's rows, an encoder's columns transposed), the
+    largest cosine similarity with any other row: `[n]`. In chunks of rows, so the n x n
+    matrix never exists whole."""
+    unit = rows / jnp.maximum(jnp.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
+    out = []
+    for start in range(0, unit.shape[0], chunk):
+        sims = unit[start:start + chunk] @ unit.T
+        own = jnp.arange(sims.shape[0])
+        out.append(jnp.max(sims.at[own, own + start].set(-jnp.inf), axis=-1))
+    return jnp.concatenate(out)
+
+
+def downstream_score(with_sae, with_ablation, clean=0.0):
+    """SAEBench's normalised downstream scores: the fraction of the gap between zero-ablating
+    the hook and the clean model that the SAE closes. CE score: `(ce_ablation - ce_sae) /
+    (ce_ablation - ce_clean)` (`loss_recovered`); KL score: clean KL is 0, so
+    `(kl_ablation - kl_sae) / kl_ablation`."""
+    return (with_ablation - with_sae) / (with_ablation - clean)
+
+
+# ------------------------------------------------------------------------------------------
 # Downstream: the SAE spliced into the language model at its hook point.
 # ------------------------------------------------------------------------------------------
 def next_token_losses(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -184,8 +368,9 @@ def kl_divergences(clean_logits: jax.Array, logits: jax.Array) -> jax.Array:
 
 def loss_recovered(ce_clean, ce_sae, ce_zero_ablation):
     """Fraction of the loss gap between zero-ablating the hook point and the clean model that
-    the SAE's reconstruction closes: 1 = as good as the clean model, 0 = as bad as ablation."""
-    return (ce_zero_ablation - ce_sae) / (ce_zero_ablation - ce_clean)
+    the SAE's reconstruction closes: 1 = as good as the clean model, 0 = as bad as ablation
+    (SAEBench's CE score, `downstream_score`)."""
+    return downstream_score(ce_sae, ce_zero_ablation, ce_clean)
 
 
 def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstructs, *,
@@ -226,8 +411,10 @@ def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstructs, *,
 
 
 def downstream_metrics(sums: dict) -> dict:
-    """Per-token means of `downstream_sums` (added over batches) and the loss recovered."""
+    """Per-token means of `downstream_sums` (added over batches), the loss recovered (the CE
+    score) and the KL score."""
     n = sums["positions"]
     means = {k: v / n for k, v in sums.items() if k != "positions"}
     return {**means, "loss_recovered": loss_recovered(means["ce_clean"], means["ce_sae"],
-                                                      means["ce_zero_ablation"])}
+                                                      means["ce_zero_ablation"]),
+            "kl_score": downstream_score(means["kl_sae"], means["kl_zero_ablation"])}

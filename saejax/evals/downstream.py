@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import evals, models
-from saejax.data.lm import LanguageModel
+from saejax.data import lm
 
 
-def evaluate(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int, reconstruct,
+def evaluate(model: lm.LanguageModel, tokens: np.ndarray, *, batch_sequences: int, reconstruct,
              sae_params: list, mesh, keep: np.ndarray | None = None,
              input_hook: str | None = None) -> list[dict]:
     """Per SAE of `sae_params`: loss recovered and KL with it spliced in at the model's hook
@@ -71,3 +71,27 @@ def evaluate(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int, 
                                   keep[start:start + batch_sequences]))
         total = out if total is None else jax.tree.map(np.add, total, out)
     return [{k: float(v) for k, v in evals.downstream_metrics(t).items()} for t in total]
+
+
+def evaluate_run(config, architecture, sae_params: list, mesh, *, d: int,
+                 sequences: int) -> list[dict]:
+    """`evaluate` for SAEs trained by `config` (`sae_params`: `(params, input_scale)` each) on
+    its LM's last `sequences` sequences of `lm.tokens` (those its training left out), at the
+    hooks its shape splices (`shape.spliced_hooks`: a transcoder reads its input hook and
+    replaces its target's), leaving the tokens `lm.exclude_*` names as they are."""
+    input_hook, hook = architecture.shape.spliced_hooks(str(config.lm.hook))
+    lm_config = config.lm.copy_and_resolve_references()
+    with lm_config.unlocked():
+        lm_config.hook = hook
+    model = lm.load(lm_config, d=d)
+    _, tokens = lm.split(config.lm, model, sequences)
+
+    def reconstruct(sae_state, x):
+        params, scale = sae_state
+        x = x * scale
+        return architecture.decode(params, architecture.encode(params, x, config.sae), x) / scale
+
+    return evaluate(model, tokens, batch_sequences=int(config.lm.batch_sequences),
+                    reconstruct=reconstruct, sae_params=sae_params, mesh=mesh,
+                    keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)),
+                    input_hook=input_hook)
