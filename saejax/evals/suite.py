@@ -50,7 +50,7 @@ from saejax.analysis import loaded as loaded_lib
 from saejax.workdir import flatten_config, write_json
 
 # Modules that register evaluations when imported; the CLI imports them all.
-EVAL_MODULES = ("saejax.evals.core", "saejax.evals.ground_truth")
+EVAL_MODULES = ("saejax.evals.core", "saejax.evals.ground_truth", "saejax.evals.probing_suite")
 NEEDS = ("lm", "ground_truth")
 
 

@@ -1,0 +1,165 @@
+"""The probing evaluations registered with the suite (`python -m saejax.evals WORKDIR
+--evals=absorption_first_letter,sparse_probing,meta_sae,kpis`):
+
+- "absorption_first_letter": SAEBench's feature absorption (`first_letter`), on the run's LM
+  and its tokenizer alone;
+- "sparse_probing": SAEBench's sparse probing on the plays' genres, split by work
+  (`sparse_probing`; the plays from `--texts`, default `$SAEJAX_ASSETS/shakespeare`);
+- "meta_sae": the decoder-structure evaluation (`meta_sae`), the decoder alone;
+- "kpis": feature sparsity and concept coverage of the first letters and the genres (`kpis`).
+
+What depends only on the model and the hook (the words' and windows' activations, the letter
+probes, the probes on the model's own activations) is computed once per process and shared by
+every run of a sweep.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from saejax.evals import first_letter, kpis, meta_sae, sparse_probing, suite
+
+_SHARED: dict = {}  # (what, checkpoint, hook, options) -> (the model-side data, seconds)
+
+
+def _shared(context: suite.Context, what: str, build):
+    key = (what, str(context.config.lm.checkpoint), context.lm.hook,
+           tuple(sorted((k, str(v)) for k, v in context.options.items())))
+    if key not in _SHARED:
+        start = time.perf_counter()
+        _SHARED[key] = build(), time.perf_counter() - start
+    return _SHARED[key][0]
+
+
+def shared_seconds() -> dict[str, float]:
+    """Seconds each model-side piece took to build (once per process, shared by the runs)."""
+    return {key[0]: seconds for key, (_, seconds) in _SHARED.items()}
+
+
+def _tokenizer(context: suite.Context):
+    from saejax import models  # pylint: disable=import-outside-toplevel
+    return models.load_tokenizer(str(context.config.lm.checkpoint))
+
+
+def _excluded(context: suite.Context) -> tuple[int, ...]:
+    from saejax.data import lm  # pylint: disable=import-outside-toplevel
+    return lm.exclusion(context.config.lm, context.lm)[1]
+
+
+def word_data(context: suite.Context) -> first_letter.WordData:
+    return _shared(context, "words", lambda: first_letter.word_data(
+        context.lm, _tokenizer(context), exclude_ids=_excluded(context),
+        max_words=int(context.options.get("max_words", 4000)),
+        n_icl_examples=int(context.options.get("icl_examples", 10))))
+
+
+def _encode(context: suite.Context):
+    return lambda x: np.asarray(context.loaded.encode(x))
+
+
+@suite.register("absorption_first_letter", needs=("lm",),
+                description="SAEBench feature absorption: first-letter probes on the model's "
+                "vocabulary, k-sparse main latents, absorption fraction and full absorption")
+def absorption(context: suite.Context) -> dict:
+    data = word_data(context)
+    result = first_letter.evaluate(_encode(context), context.loaded.decoder_directions(),
+                                   data.train, data.test, probe=data.probe)
+    details = result.pop("details")
+    saebench_fields = ("first_letter", "mean_absorption_fraction", "full_absorption_rate",
+                       "num_full_absorption", "num_probe_true_positives", "num_split_features")
+    return {"eval_config": {"model_name": str(context.config.lm.checkpoint),
+                            "prompt_template": first_letter.TEMPLATE, "max_k_value": 10,
+                            "f1_jump_threshold": 0.03, "min_GT_probe_f1": 0.6,
+                            "n_words": int(len(data.train[1]) + len(data.test[1]))},
+            "eval_result_metrics": {"mean": {k: v for k, v in result.items()
+                                             if k != "letters_evaluated"}},
+            "eval_result_details": [{k: d[k] for k in saebench_fields} for d in details],
+            "eval_result_unstructured": {"letters_evaluated": result["letters_evaluated"],
+                                         "details": details,
+                                         "model_side_seconds": shared_seconds()}}
+
+
+def texts_folder(context: suite.Context) -> str:
+    folder = context.options.get("texts") or os.path.join(
+        os.environ.get("SAEJAX_ASSETS", ""), "shakespeare")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"sparse_probing reads the plays from --texts={folder!r}, "
+                                "which is not a folder; python -m saejax.models.fetch "
+                                "--only=shakespeare --out=DIR writes DIR/shakespeare.")
+    return folder
+
+
+def genre_examples(context: suite.Context):
+    """(train, test) `sparse_probing.Examples` of the plays at the run's hook, and the LLM's
+    own probe accuracies."""
+    def build():
+        from saejax.data import lm  # pylint: disable=import-outside-toplevel
+        from saejax.models import tokenizer as tokenizers  # pylint: disable=import-outside-toplevel
+        tokenizer = _tokenizer(context)
+        bos = tokenizers.window_bos_id(tokenizer, context.lm.config.bos_token_id)
+        works = sparse_probing.labelled_works(texts_folder(context))
+        forward = lm.activations_fn(context.lm)
+        positions = lm.exclusion(context.config.lm, context.lm)[0] or (0,)
+        parts = [sparse_probing.examples(forward, context.lm.params, *sparse_probing.work_windows(
+            tokenizer, part, context_length=128, bos_token_id=bos,
+            windows_per_work=int(context.options.get("windows_per_work", 24))),
+            exclude_positions=positions) for part in sparse_probing.split_by_work(works)]
+        return parts, sparse_probing.llm_results(*parts)
+    return _shared(context, "genres", build)
+
+
+@suite.register("sparse_probing", needs=("lm",),
+                description="SAEBench sparse probing (k = 1, 2, 5) on the plays' genres, "
+                "split by work, against probes on the model's activations")
+def sparse_probing_eval(context: suite.Context) -> dict:
+    (train, test), (llm, llm_per_class) = genre_examples(context)
+    sae, sae_per_class = sparse_probing.evaluate(_encode(context), train, test)
+    return {"eval_config": {"model_name": str(context.config.lm.checkpoint),
+                            "dataset_names": ["shakespeare_genre"], "k_values": [1, 2, 5],
+                            "context_length": 128, "split": "by work",
+                            "train_windows": int(len(train.labels)),
+                            "test_windows": int(len(test.labels))},
+            "eval_result_metrics": {"llm": llm, "sae": sae},
+            "eval_result_details": [{"dataset_name": "shakespeare_genre_results", **llm, **sae}],
+            "eval_result_unstructured": {"shakespeare_genre_results": {**llm_per_class,
+                                                                       **sae_per_class},
+                                         "model_side_seconds": shared_seconds()}}
+
+
+@suite.register("meta_sae", description="A BatchTopK meta-SAE (k = 4, d meta-latents) on the "
+                "unit decoder rows: its FVU, L0 and the fraction of latents that decompose")
+def meta_sae_eval(context: suite.Context) -> dict:
+    steps = int(context.options.get("meta_steps", 2000))
+    folder = os.path.join(context.workdir, "analysis", "meta_sae")
+    result = meta_sae.evaluate(context.loaded.decoder_directions(), folder, steps=steps)
+    return {"eval_config": {"k": result["k"], "n_meta_latents": result["n_meta_latents"],
+                            "steps": steps, "min_explained": result["min_explained"]},
+            "eval_result_metrics": {"meta_sae": {k: result[k] for k in
+                                                 ("meta_fvu", "meta_l0",
+                                                  "decomposed_fraction")}}}
+
+
+@suite.register("kpis", needs=("lm",), description="Feature sparsity ratio, alive fraction, "
+                "and concept coverage (first letters, genres) at F1 >= 0.5")
+def kpis_eval(context: suite.Context) -> dict:
+    encode = _encode(context)
+    words = word_data(context)
+    (_, test), _ = genre_examples(context)
+    x = test.activations[:, test.kept].reshape(-1, test.activations.shape[-1])
+    token_latents = encode(x)
+    token_genres = np.repeat(test.labels, int(test.kept.sum()))
+    letters = kpis.concept_coverage(encode(words.test[0]), words.test[1],
+                                    list(first_letter.LETTERS))
+    genres = kpis.concept_coverage(token_latents, token_genres, list(sparse_probing.GENRES))
+    concepts = letters["concepts"] + genres["concepts"]
+    return {"eval_config": {"min_f1": letters["min_f1"], "concept_rows": {
+                "first_letters": "test words", "genres": "tokens of the test works"}},
+            "eval_result_metrics": {
+                "sparsity": kpis.feature_sparsity(token_latents),
+                "coverage": {"concept_coverage": float(np.mean([c["covered"] for c in concepts])),
+                             "first_letter_coverage": letters["coverage"],
+                             "genre_coverage": genres["coverage"]}},
+            "eval_result_details": concepts}
