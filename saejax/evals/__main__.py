@@ -20,7 +20,8 @@ from saejax.evals import suite
 
 
 def _define_flags() -> None:
-    flags.DEFINE_list("evals", None, "Evaluations to run (default: every registered one).")
+    flags.DEFINE_list("evals", None, "Evaluations to run (default: every registered one that "
+                      "runs by default; meta_sae, which trains, only when named).")
     flags.DEFINE_integer("eval_batches", 8, "Held-out batches of the run's source.")
     flags.DEFINE_integer("sequences", 32, "Held-out token sequences for the CE and KL scores.")
     flags.DEFINE_list("only", None, "On a sweep: the points whose names match these globs.")

@@ -6,7 +6,8 @@
 - "sparse_probing": SAEBench's sparse probing on the plays' genres and on Shakespeare against
   Milton, split by work (`sparse_probing`; the plays from `--texts`, default
   `$SAEJAX_ASSETS/shakespeare`, Milton from a `milton` folder beside it);
-- "meta_sae": the decoder-structure evaluation (`meta_sae`), the decoder alone;
+- "meta_sae": the decoder-structure evaluation (`meta_sae`), the decoder alone; it trains a
+  meta-SAE, so it runs only when named (`--evals=...,meta_sae`);
 - "kpis": feature sparsity and concept coverage of the first letters and the genres (`kpis`).
 
 What depends only on the model and the hook (the words' and windows' activations, the letter
@@ -156,8 +157,9 @@ def sparse_probing_eval(context: suite.Context) -> dict:
                                          "model_side_seconds": shared_seconds()}}
 
 
-@suite.register("meta_sae", description="A BatchTopK meta-SAE (k = 4, d meta-latents) on the "
-                "unit decoder rows: its FVU, L0 and the fraction of latents that decompose")
+@suite.register("meta_sae", by_default=False,
+                description="A BatchTopK meta-SAE (k = 4, d meta-latents) trained on the unit "
+                "decoder rows: its FVU, L0 and the fraction of latents that decompose")
 def meta_sae_eval(context: suite.Context) -> dict:
     steps = int(context.options.get("meta_steps", 2000))
     folder = os.path.join(context.workdir, "analysis", "meta_sae")

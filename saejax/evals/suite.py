@@ -59,19 +59,23 @@ class Eval(NamedTuple):
     fn: Callable[["Context"], dict]
     needs: tuple[str, ...]
     description: str
+    by_default: bool = True   # run when no names are given (False: it trains, named only)
 
 
 REGISTRY: dict[str, Eval] = {}
 
 
-def register(name: str, *, needs: tuple[str, ...] = (), description: str = ""):
-    """Decorator: registers `fn(context) -> result` as evaluation `name`."""
+def register(name: str, *, needs: tuple[str, ...] = (), description: str = "",
+             by_default: bool = True):
+    """Decorator: registers `fn(context) -> result` as evaluation `name` (`by_default`:
+    whether `run` without names runs it; an eval that trains something is named to run)."""
     unknown = sorted(set(needs) - set(NEEDS))
     if unknown:
         raise ValueError(f"register({name!r}, needs={needs}): unknown {unknown}; one of {NEEDS}.")
 
     def add(fn):
-        REGISTRY[name] = Eval(name, fn, tuple(needs), description or (fn.__doc__ or "").strip())
+        REGISTRY[name] = Eval(name, fn, tuple(needs), description or (fn.__doc__ or "").strip(),
+                              by_default)
         return fn
     return add
 
@@ -236,11 +240,11 @@ def result_path(workdir: str, name: str) -> str:
 
 
 def run(workdir: str, names=None, options: dict | None = None, *, log=print) -> dict:
-    """Runs the registered evals `names` (default all) on one run's workdir and writes each
+    """Runs the registered evals `names` (default every `by_default` one) on one run's workdir and writes each
     one's result (`sae_bench_layout`) to `result_path`; returns {name: written dict, or
     {"skipped": reason}}."""
     registry = load_registry()
-    names = list(registry) if names is None else list(names)
+    names = [n for n, e in registry.items() if e.by_default] if names is None else list(names)
     unknown = [n for n in names if n not in registry]
     if unknown:
         raise loaded_lib.AnalysisError(f"--evals names {unknown}; registered: {sorted(registry)}.")
