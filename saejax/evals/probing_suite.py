@@ -88,8 +88,7 @@ def datasets(context: suite.Context) -> dict[str, tuple]:
     """The labelled sets here: {name: (folders, classes)}. The genres of the plays in
     `--texts` (default `$SAEJAX_ASSETS/shakespeare`); Shakespeare against Milton when a
     `milton` folder sits beside it (`python -m saejax.models.fetch --only=milton`)."""
-    folder = context.options.get("texts") or os.path.join(
-        os.environ.get("SAEJAX_ASSETS", ""), "shakespeare")
+    folder = context.texts_folder
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"sparse_probing reads the plays from --texts={folder!r}, "
                                 "which is not a folder; python -m saejax.models.fetch "
@@ -128,7 +127,7 @@ def dataset_examples(context: suite.Context, name: str):
     return _shared(context, name, build)
 
 
-@suite.register("sparse_probing", needs=("lm",),
+@suite.register("sparse_probing", needs=("lm", "texts"),
                 description="SAEBench sparse probing (k = 1, 2, 5) on the plays' genres and "
                 "Shakespeare against Milton, split by work, against probes on the model's "
                 "activations")
@@ -171,7 +170,7 @@ def meta_sae_eval(context: suite.Context) -> dict:
                                                   "decomposed_fraction")}}}
 
 
-@suite.register("kpis", needs=("lm",), description="Feature sparsity ratio, alive fraction, "
+@suite.register("kpis", needs=("lm", "texts"), description="Feature sparsity ratio, alive fraction, "
                 "and concept coverage (first letters, genres) at F1 >= 0.5")
 def kpis_eval(context: suite.Context) -> dict:
     encode = _encode(context)
