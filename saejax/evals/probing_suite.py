@@ -106,23 +106,48 @@ def context_length(context: suite.Context) -> int:
     return min(128, int(context.lm.config.max_positions))
 
 
-def dataset_examples(context: suite.Context, name: str):
-    """(train, test) `sparse_probing.Examples` of dataset `name` at the run's hook, and the
-    LLM's own probe accuracies."""
-    folders, classes = datasets(context)[name]
-
+def _all_windows(context: suite.Context) -> tuple[dict[str, int], sparse_probing.Examples]:
+    """Every work of every data set run through the model once (the plays belong to both):
+    {path: work index} and the windows' `Examples`, labelled by work index."""
     def build():
         from saejax.data import lm  # pylint: disable=import-outside-toplevel
         from saejax.models import tokenizer as tokenizers  # pylint: disable=import-outside-toplevel
         tokenizer = _tokenizer(context)
         bos = tokenizers.window_bos_id(tokenizer, context.lm.config.bos_token_id)
-        works = sparse_probing.labelled_works(folders, classes)
-        forward = lm.activations_fn(context.lm)
+        texts = {}
+        for folders, classes in datasets(context).values():
+            for work in sparse_probing.labelled_works(folders, classes):
+                texts.setdefault(_path(folders, classes, work), work.text)
+        index = {path: i for i, path in enumerate(sorted(texts))}
+        works = [sparse_probing.Work(path, i, texts[path]) for path, i in index.items()]
+        windows, work_of = sparse_probing.work_windows(
+            tokenizer, works, context_length=context_length(context), bos_token_id=bos,
+            windows_per_work=int(context.options.get("windows_per_work", 24)))
         positions = lm.exclusion(context.config.lm, context.lm)[0] or (0,)
-        parts = [sparse_probing.examples(forward, context.lm.params, *sparse_probing.work_windows(
-            tokenizer, part, context_length=context_length(context), bos_token_id=bos,
-            windows_per_work=int(context.options.get("windows_per_work", 24))),
-            exclude_positions=positions) for part in sparse_probing.split_by_work(works)]
+        return index, sparse_probing.examples(lm.activations_fn(context.lm), context.lm.params,
+                                              windows, work_of, exclude_positions=positions)
+    return _shared(context, "windows", build)
+
+
+def _path(folders, classes, work: sparse_probing.Work) -> str:
+    folder = folders if isinstance(folders, str) else folders[list(classes)[work.label]]
+    return os.path.join(folder, work.name + ".txt")
+
+
+def dataset_examples(context: suite.Context, name: str):
+    """(train, test) `sparse_probing.Examples` of dataset `name` at the run's hook (split by
+    work), and the LLM's own probe accuracies."""
+    folders, classes = datasets(context)[name]
+
+    def build():
+        index, windows = _all_windows(context)
+        parts = []
+        for part in sparse_probing.split_by_work(sparse_probing.labelled_works(folders, classes)):
+            label_of = {index[_path(folders, classes, w)]: w.label for w in part}
+            rows = np.flatnonzero(np.isin(windows.labels, list(label_of)))
+            parts.append(sparse_probing.Examples(
+                windows.activations[rows], np.array([label_of[i] for i in windows.labels[rows]]),
+                windows.kept))
         return parts, sparse_probing.llm_results(*parts, classes=tuple(classes))
     return _shared(context, name, build)
 
