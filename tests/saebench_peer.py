@@ -5,16 +5,19 @@ never importing saejax: the reference side of tests/test_evals.py.
 
 REQUEST.json names an .npz of arrays (decoder rows, encoder, true features, batches of
 activations, reconstructions, latents and true codes, tokens and three runs' logits) and the
-result JSON files saejax wrote. The peer scores the arrays with the libraries' own functions:
-sae_lens.synthetic's MCC, uniqueness and classification metrics; sae_lens.evals'
-sparsity-and-variance and downstream-reconstruction metrics (the model, activation store and
-SAE are stand-ins that hand back the given arrays, so the metric code itself is sae_lens');
-sae_bench core's max cosine and misc metrics; and it validates each result file with
-sae_bench's own result class (CoreEvalOutput for "core"). Prints one JSON line.
+result JSON files saejax writes (waited for: the test writes them while this imports). The
+peer scores the arrays with the libraries' own functions: sae_lens.synthetic's MCC,
+uniqueness and classification metrics; sae_lens.evals' sparsity-and-variance and
+downstream-reconstruction metrics (the model, activation store and SAE are stand-ins that
+hand back the given arrays, so the metric code itself is sae_lens'); sae_bench core's max
+cosine and misc metrics. It validates each result file with sae_bench's own result class
+(CoreEvalOutput for "core"). Prints one JSON line.
 """
 
 import json
+import os
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -116,7 +119,17 @@ LM_CATEGORIES = {"model_behavior_preservation": ("kl_div_score", "kl_div_with_ab
                                                     "ce_loss_with_sae", "ce_loss_without_sae")}
 
 
+def _wait_for(path: str, timeout_s: float = 600.0) -> None:
+    """The test writes the result files while this process imports and scores the arrays."""
+    start = time.time()
+    while not os.path.exists(path):
+        if time.time() - start > timeout_s:
+            raise TimeoutError(f"{path} was not written within {timeout_s} s")
+        time.sleep(0.2)
+
+
 def _validate(path: str) -> dict:
+    _wait_for(path)
     with open(path) as f:
         result = json.load(f)
     cls = VALIDATORS[result["eval_type_id"]]

@@ -70,6 +70,7 @@ def test_it_recovers_the_cross_layer_features_and_resumes(tmp_path):
     assert summary["shape"] == "crosscoder" and summary["step"] == 300
     # Every true feature has a decoder row close to its directions at all three layers.
     assert summary["mmcs"] > 0.9, summary
+    assert summary["mcc"] > 0.9, summary  # one-to-one (SAELens' synthetic benchmark)
     for hook in HOOKS:
         assert summary[f"fvu/{hook}"] < 0.2, summary
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

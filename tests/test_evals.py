@@ -17,6 +17,9 @@ from conftest import ROOT, toy_config
 from saejax import evals, results, train
 from saejax.evals import suite
 from saejax.evals import __main__ as evals_cli
+from test_analysis import run  # noqa: F401  (the fixture: a tiny GPT-2 and its SAE)
+from test_crosscoder import CROSSCODER
+from test_shapes import TINY
 from test_saelens_interop import saelens_python
 
 PEER = os.path.join(ROOT, "tests", "saebench_peer.py")
@@ -133,29 +136,54 @@ def _arrays(rng) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny synthetic run, evaluated by every registered eval."""
-    workdir = str(tmp_path_factory.mktemp("evals") / "run")
-    config = toy_config("smoke", **{"data.d": 16, "data.n_features": 24, "train.steps": 10,
-                                    "train.batch_size": 64, "sae.expansion_factor": 2})
-    train.train_and_evaluate(config, workdir)
-    written = suite.run(workdir, options={"eval_batches": 2})
-    return workdir, written
-
-
-@pytest.fixture(scope="module")
-def peer(tmp_path_factory, trained):
+def peer_process(tmp_path_factory):
+    """tests/saebench_peer.py started first: it imports torch, sae_lens and sae_bench and
+    scores the arrays while the fixtures below train and evaluate, then validates their
+    result files."""
     python = saelens_python()
     work = tmp_path_factory.mktemp("saebench-peer")
     arrays = _arrays(np.random.default_rng(0))
     np.savez(work / "a.npz", **arrays)
+    paths = {"synthetic": str(work / "run"), "lm": str(work / "lm_run")}
     request = {"arrays": str(work / "a.npz"),
-               "results": [suite.result_path(trained[0], "core")]}
+               "results": [suite.result_path(p, "core") for p in paths.values()]}
     (work / "request.json").write_text(json.dumps(request))
-    out = subprocess.run([python, PEER, str(work / "request.json")], capture_output=True,
-                         text=True, timeout=300, check=False, cwd=str(work))
-    assert out.returncode == 0, out.stderr[-4000:]
-    return arrays, json.loads(out.stdout.strip().splitlines()[-1])
+    process = subprocess.Popen([python, PEER, str(work / "request.json")], cwd=str(work),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield arrays, paths, process
+    if process.poll() is None:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def trained(peer_process):
+    """A tiny synthetic crosscoder (three hooks, decoder rows of every hook side by side: the
+    widest case of a batch; the SAE and the transcoder read one entry each), evaluated by
+    every registered eval."""
+    workdir = peer_process[1]["synthetic"]
+    config = toy_config("smoke", **{**TINY, **CROSSCODER, "sae.architecture": "relu",
+                                    "sae.l1_coefficient": 0.3, "sae.expansion_factor": 2,
+                                    "train.steps": 10, "evals.eval_batches": 2})
+    train.train_and_evaluate(config, workdir)
+    written = suite.run(workdir, options={"eval_batches": 2}, log=lambda *_: None)
+    return workdir, written
+
+
+@pytest.fixture(scope="module")
+def lm_core(peer_process, run):  # noqa: F811  (test_analysis' tiny GPT-2 run)
+    """Core on a run with a language model (a copy of test_analysis' tiny GPT-2 SAE)."""
+    workdir = peer_process[1]["lm"]
+    shutil.copytree(run.workdir, workdir, ignore=shutil.ignore_patterns("analysis"))
+    return suite.run(workdir, ["core"], {"eval_batches": 2, "sequences": 8},
+                     log=lambda *_: None)["core"]
+
+
+@pytest.fixture(scope="module")
+def peer(peer_process, trained, lm_core):
+    arrays, _, process = peer_process
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-4000:]
+    return arrays, json.loads(stdout.strip().splitlines()[-1])
 
 
 def test_recovery_metrics_equal_sae_lens_synthetic(peer):
@@ -210,20 +238,35 @@ def test_downstream_scores_equal_sae_lens(peer):
     assert float(got["kl_sae"]) == pytest.approx(want["kl_div_with_sae"] * S / (S - 1), rel=1e-5)
 
 
-def test_core_json_is_a_valid_saebench_core_output(peer, trained):
+def test_core_json_is_a_valid_saebench_core_output(peer, trained, lm_core):
     _, ref = peer
-    (validated,) = ref["validated"].values()
-    assert validated["class"] == "CoreEvalOutput" and validated["extra_fields"] == ["saejax"]
-    # The run has no language model: only the two model categories are left out.
-    assert validated["placeholder_categories"] == ["model_behavior_preservation",
+    synthetic, with_lm = (ref["validated"][suite.result_path(p, "core")]
+                          for p in (trained[0], lm_core["sae_cfg_dict"]["workdir"]))
+    for validated in (synthetic, with_lm):
+        assert validated["class"] == "CoreEvalOutput" and validated["extra_fields"] == ["saejax"]
+    # Without a language model only the two model categories are left out.
+    assert synthetic["placeholder_categories"] == ["model_behavior_preservation",
                                                    "model_performance_preservation"]
-    assert validated["details"] == 32
+    assert synthetic["details"] == 32
+    assert with_lm["placeholder_categories"] == [] and with_lm["details"] == 256
+    # The CE and KL scores of the LM run, as training's loss recovered computes them.
+    behaviour = lm_core["eval_result_metrics"]["model_behavior_preservation"]
+    performance = lm_core["eval_result_metrics"]["model_performance_preservation"]
+    assert performance["ce_loss_without_sae"] < performance["ce_loss_with_sae"] < performance[
+        "ce_loss_with_ablation"]
+    assert 0 < performance["ce_loss_score"] <= 1 and 0 < behaviour["kl_div_score"] <= 1
+    assert performance["ce_loss_score"] == pytest.approx(evals.loss_recovered(
+        performance["ce_loss_without_sae"], performance["ce_loss_with_sae"],
+        performance["ce_loss_with_ablation"]))
+    assert lm_core["eval_result_metrics"]["token_stats"]["total_tokens_eval_reconstruction"] \
+        == 8 * 32
 
 
 def test_registry_on_a_run_summary_and_sweep_table(trained, tmp_path):
     workdir, written = trained
     core, truth = written["core"], written["ground_truth"]
     assert core["eval_type_id"] == "core" and core["sae_cfg_dict"]["d_sae"] == 32
+    assert core["sae_cfg_dict"]["shape"] == "crosscoder"
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
     # The same definitions in summary.json (training's eval batches: the same 2 here).
@@ -241,7 +284,7 @@ def test_registry_on_a_run_summary_and_sweep_table(trained, tmp_path):
     shutil.rmtree(sweep / "p0" / "analysis")
     (sweep / results.MANIFEST).write_text(json.dumps({"points": [{
         "name": "p0", "overrides": {}, "steps": summary["step"], "architecture": "relu",
-        "n_latents": 32, "sparsity_level_name": "l1_coefficient", "sparsity_level": 0.6,
+        "n_latents": 32, "sparsity_level_name": "l1_coefficient", "sparsity_level": 0.3,
         "flops_per_token": summary["flops_per_token"]}]}))
     rows = evals_cli.run_sweep(str(sweep), ["ground_truth"], {"eval_batches": 2},
                                log=lambda *_: None)

@@ -15,7 +15,7 @@ import pytest
 from conftest import toy_config
 from jax.sharding import AbstractMesh, AxisType
 
-from saejax import configs, data, memory, sae, sharding, train, validation
+from saejax import configs, data, evals, memory, sae, sharding, train, validation
 from saejax.analysis import loading, saelens
 from saejax.data import synthetic
 from saejax.sae import shapes
@@ -150,6 +150,7 @@ def test_transcoder_trains_checkpoints_and_resumes(case, tmp_path):
     assert summary["step"] == 40 and summary["fvu"] < 0.5
     assert summary["shape"] == "transcoder"
     assert records[-1]["mmcs"] > records[0]["mmcs"]
+    assert set(evals.RECOVERY_METRICS) <= set(summary)  # SAELens' synthetic benchmark
 
     # Resuming from the checkpoint of step 20 (the run stopped there) gives the run that
     # never stopped.

@@ -265,7 +265,7 @@ def test_group_members_equal_solo_runs(tmp_path):
             assert error < 1e-5, (name, key, error)
         member_summary = json.loads((member_dir / "summary.json").read_text())
         assert member_summary == group["members"][name]
-        for key in ("mse", "fvu", "l0", "mmcs", "dead_fraction"):
+        for key in ("mse", "fvu", "l0", "mmcs", "mcc", "classification/f1_score", "dead_fraction"):
             np.testing.assert_allclose(member_summary[key], solo[key], rtol=1e-4, atol=1e-6)
         assert member_summary["l1_coefficient"] == coefficient
         config = json.loads((member_dir / "config.json").read_text())

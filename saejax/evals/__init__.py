@@ -3,8 +3,13 @@
 `mse`, `fvu`, `l0`, `dead_fraction`, `dense_fraction`, the feature-density histogram, `mmcs`
 and, on a hierarchy of true features, `absorption` are pure functions of arrays, usable inside
 a jitted step or on a restored SAE (`hierarchy_metrics` runs the last two over a source's
-held-out batches); the downstream metrics (`loss_recovered`, next-token cross-entropies, KL)
+held-out batches); SAELens' synthetic-benchmark scores of ground-truth recovery
+(`mean_correlation_coefficient`, `feature_uniqueness`, `firing_classification`, gathered by
+`recovery_metrics`); SAEBench core's reconstruction, sparsity, density and weight metrics
+(`reconstruction_sums` / `reconstruction_metrics`, `density_metrics`, `max_cosine_to_others`);
+the downstream metrics (`loss_recovered`, next-token cross-entropies, KL, `downstream_score`)
 take the LM's logits.
+The named evaluations that `python -m saejax.evals` runs on a workdir are in `suite.py`.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ and optionally `eval_config`, `eval_result_details` (a list of dicts) and
 `eval_result_unstructured`. `run` adds `eval_type_id` (the name), `eval_id`, the time, the
 SAE's config and provenance (`sae_bench_layout`) and writes it to
 `WORKDIR/analysis/evals/<name>.json`; `results.eval_metrics` reads them back as the
-`<name>/<metric>` columns of the sweep's table. `needs` names what the eval cannot run without: "lm" (the run's language model
-and its held-out text), "ground_truth" (a synthetic source's true features) or "texts" (the
-labelled plays of `Context.texts_folder`); an eval whose
-needs a run lacks is skipped with the reason, not failed.
+`eval:<name>/<metric>` columns of the sweep's table. `needs` names what the eval cannot run
+without: "lm" (the run's language model and its held-out text), "ground_truth" (a synthetic
+source's true features) or "texts" (the labelled plays of `Context.texts_folder`); an eval
+whose needs a run lacks is skipped with the reason, not failed.
 
 The `Context` builds each piece on first use and shares it among the evals of one run:
 `workdir`, `options` (the CLI's `--eval_batches`, `--sequences`, ...), `config` (the run's
