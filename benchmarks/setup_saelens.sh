@@ -31,6 +31,8 @@ echo "torch==$torch_version" > "$constraints"
 # sae-lens does not bring.
 "$venv/bin/python" -m pip install -c "$constraints" --no-deps "$sae_bench_spec"
 "$venv/bin/python" -m pip install -c "$constraints" tabulate
+# scikit-learn: the reference for saejax.evals.probing.fit_logistic (tests/test_probing_evals.py).
+"$venv/bin/python" -m pip install -c "$constraints" scikit-learn
 
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as md

@@ -143,8 +143,22 @@ def absorption(latents: jax.Array, codes: jax.Array, parents: jax.Array,
     parent = jnp.maximum(parents, 0)
     is_child = parents >= 0
     pairs = (codes != 0) & jnp.take(codes != 0, parent, axis=-1) & is_child
-    absorbed = pairs & fires & ~jnp.take(fires, parent, axis=-1)
-    return jnp.sum(absorbed) / jnp.maximum(jnp.sum(pairs), 1)
+    return absorption_rate(pairs, jnp.take(fires, parent, axis=-1), fires)
+
+
+def absorption_rate(present: jax.Array, main_fires: jax.Array, absorbed: jax.Array
+                    ) -> jax.Array:
+    """Feature absorption's one definition: among the cases where a concept is present, the
+    fraction where its own latents stay silent while another latent carries it (0 when none is
+    present). The synthetic hierarchy (`absorption`: the concept a parent feature, the carrier
+    its child's latent) and the first-letter evaluation (`first_letter`: the concept a letter
+    the probe sees, the carrier the latent projecting most onto the probe) both count this.
+
+    Args (bool, one shape): present, main_fires (any of the concept's own latents fires),
+      absorbed (another latent carries the concept).
+    """
+    count = jnp.sum(present & ~main_fires & absorbed)
+    return count / jnp.maximum(jnp.sum(present), 1)
 
 
 def hierarchy_metrics(encode, decoder, source, batches: int) -> dict[str, float]:

@@ -20,10 +20,17 @@ from saejax.evals import suite
 
 
 def _define_flags() -> None:
-    flags.DEFINE_list("evals", None, "Evaluations to run (default: every registered one).")
+    flags.DEFINE_list("evals", None, "Evaluations to run (default: every registered one that "
+                      "runs by default; meta_sae, which trains, only when named).")
     flags.DEFINE_integer("eval_batches", 8, "Held-out batches of the run's source.")
     flags.DEFINE_integer("sequences", 32, "Held-out token sequences for the CE and KL scores.")
     flags.DEFINE_list("only", None, "On a sweep: the points whose names match these globs.")
+    flags.DEFINE_string("texts", None, "sparse_probing: the folder of plays (default "
+                        "$SAEJAX_ASSETS/shakespeare).")
+    flags.DEFINE_integer("max_words", 4000, "absorption_first_letter: vocabulary words used.")
+    flags.DEFINE_integer("icl_examples", 10, "absorption_first_letter: examples per prompt.")
+    flags.DEFINE_integer("windows_per_work", 24, "sparse_probing: windows of 128 tokens a play.")
+    flags.DEFINE_integer("meta_steps", 2000, "meta_sae: training steps of the meta-SAE.")
 
 
 def run_sweep(workdir: str, names=None, options=None, only=None, log=print) -> list[dict]:
@@ -49,7 +56,10 @@ def main(argv):
                                       "[--evals=core,...]")
     cli.setup()
     values = flags.FLAGS
-    options = {"eval_batches": values.eval_batches, "sequences": values.sequences}
+    options = {"eval_batches": values.eval_batches, "sequences": values.sequences,
+               "texts": values.texts, "max_words": values.max_words,
+               "icl_examples": values.icl_examples, "windows_per_work": values.windows_per_work,
+               "meta_steps": values.meta_steps}
     if paths.exists(paths.join(path, results.MANIFEST)):
         run_sweep(path, values.evals, options, values.only)
     else:

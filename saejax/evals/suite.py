@@ -19,14 +19,14 @@ and optionally `eval_config`, `eval_result_details` (a list of dicts) and
 SAE's config and provenance (`sae_bench_layout`) and writes it to
 `WORKDIR/analysis/evals/<name>.json`; `results.eval_metrics` reads them back as the
 `eval:<name>/<metric>` columns of the sweep's table. `needs` names what the eval cannot run
-without: "lm" (the run's language model and its held-out text) or "ground_truth" (a synthetic
-source's true features); an eval whose needs a run lacks is skipped with the reason, not
-failed.
+without: "lm" (the run's language model and its held-out text), "ground_truth" (a synthetic
+source's true features) or "texts" (the labelled plays of `Context.texts_folder`); an eval
+whose needs a run lacks is skipped with the reason, not failed.
 
 The `Context` builds each piece on first use and shares it among the evals of one run:
 `workdir`, `options` (the CLI's `--eval_batches`, `--sequences`, ...), `config` (the run's
 resolved config), `loaded` (`analysis.loaded.LoadedSAE`: params, input scale, architecture),
-`mesh`, `source` (the run's data source: `eval_batch(i)`, and `true_features` / `eval_codes`
+`texts_folder` (the labelled plays), `mesh`, `source` (the run's data source: `eval_batch(i)`, and `true_features` / `eval_codes`
 when synthetic), `eval_batches()`, `forward(batch)`, `lm` and `held_out_tokens()`, and `cache`
 (a dict for evals that share a computation).
 """
@@ -36,6 +36,7 @@ from __future__ import annotations
 import datetime
 import functools
 import importlib
+import os
 import time
 import uuid
 from typing import Any, Callable, NamedTuple
@@ -51,8 +52,8 @@ from saejax.analysis import loaded as loaded_lib
 from saejax.workdir import flatten_config, write_json
 
 # Modules that register evaluations when imported; the CLI imports them all.
-EVAL_MODULES = ("saejax.evals.core", "saejax.evals.ground_truth")
-NEEDS = ("lm", "ground_truth")
+EVAL_MODULES = ("saejax.evals.core", "saejax.evals.ground_truth", "saejax.evals.probing_suite")
+NEEDS = ("lm", "ground_truth", "texts")
 
 
 class Eval(NamedTuple):
@@ -60,19 +61,23 @@ class Eval(NamedTuple):
     fn: Callable[["Context"], dict]
     needs: tuple[str, ...]
     description: str
+    by_default: bool = True   # run when no names are given (False: it trains, named only)
 
 
 REGISTRY: dict[str, Eval] = {}
 
 
-def register(name: str, *, needs: tuple[str, ...] = (), description: str = ""):
-    """Decorator: registers `fn(context) -> result` as evaluation `name`."""
+def register(name: str, *, needs: tuple[str, ...] = (), description: str = "",
+             by_default: bool = True):
+    """Decorator: registers `fn(context) -> result` as evaluation `name` (`by_default`:
+    whether `run` without names runs it; an eval that trains something is named to run)."""
     unknown = sorted(set(needs) - set(NEEDS))
     if unknown:
         raise ValueError(f"register({name!r}, needs={needs}): unknown {unknown}; one of {NEEDS}.")
 
     def add(fn):
-        REGISTRY[name] = Eval(name, fn, tuple(needs), description or (fn.__doc__ or "").strip())
+        REGISTRY[name] = Eval(name, fn, tuple(needs), description or (fn.__doc__ or "").strip(),
+                              by_default)
         return fn
     return add
 
@@ -144,6 +149,13 @@ class Context:
         return str(self.config.data.source).startswith("synthetic")
 
     @property
+    def texts_folder(self) -> str:
+        """The labelled plays the probing evals read: `options["texts"]`, else
+        `$SAEJAX_ASSETS/shakespeare`."""
+        return self.options.get("texts") or os.path.join(os.environ.get("SAEJAX_ASSETS", ""),
+                                                         "shakespeare")
+
+    @property
     def has_lm(self) -> bool:
         return bool(self.config.lm.checkpoint) and bool(self.config.lm.tokens)
 
@@ -204,6 +216,9 @@ def missing_needs(entry: Eval, context: Context) -> list[str]:
         reasons.append("the run names no language model (lm.checkpoint, lm.tokens)")
     if "ground_truth" in entry.needs and not context.has_ground_truth:
         reasons.append(f"data.source={context.config.data.source!r} has no true features")
+    if "texts" in entry.needs and not os.path.isdir(context.texts_folder):
+        reasons.append(f"no labelled plays at {context.texts_folder!r} (--texts, default "
+                       "$SAEJAX_ASSETS/shakespeare)")
     return reasons
 
 
@@ -237,11 +252,11 @@ def result_path(workdir: str, name: str) -> str:
 
 
 def run(workdir: str, names=None, options: dict | None = None, *, log=print) -> dict:
-    """Runs the registered evals `names` (default all) on one run's workdir and writes each
+    """Runs the registered evals `names` (default every `by_default` one) on one run's workdir and writes each
     one's result (`sae_bench_layout`) to `result_path`; returns {name: written dict, or
     {"skipped": reason}}."""
     registry = load_registry()
-    names = list(registry) if names is None else list(names)
+    names = [n for n, e in registry.items() if e.by_default] if names is None else list(names)
     unknown = [n for n in names if n not in registry]
     if unknown:
         raise loaded_lib.AnalysisError(f"--evals names {unknown}; registered: {sorted(registry)}.")

