@@ -4,9 +4,10 @@ Parallelism is data, not code (as in MaxText): every array carries logical axis 
 (`batch`, `embed`, `latent`), and one rules table in the config maps them to the mesh axes
 `data` and `model`. Splitting the dictionary means mapping `latent` to `model`. A CLT's params
 and latents carry a `layer` axis too: mapped to `model` (with `latent` to None), or to a third
-mesh axis `layer` (`mesh.layer` > 1, the mesh data x layer x model) beside `latent` on `model`. A dictionary
-whose two sides differ (a transcoder) names them `embed_in` and `embed_out`; a table without
-rules for them (every table written before they existed) maps them as it maps `embed`.
+mesh axis `layer` (`mesh.layer` > 1, the mesh data x layer x model) beside `latent` on `model`.
+A dictionary whose two sides differ (a transcoder) names them `embed_in` and `embed_out`; a
+table without rules for them (every table written before they existed) maps them as it maps
+`embed`.
 
 Functions that need the mesh while tracing (the sharded top-k) read the ambient one set with
 `jax.set_mesh` and the ambient rules set with `flax.linen.logical_axis_rules`; `activate` sets

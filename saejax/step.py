@@ -194,7 +194,8 @@ def eval_step(params: dict, input_scale: jax.Array, batch: dict, *,
     x_hat = architecture.decode(params, latents, x)
     target = architecture.shape.target(batch)
     return {"mse": evals.mse(target, x_hat), "fvu": evals.fvu(target, x_hat),
-            "l0": evals.l0(latents, latents.ndim - 1), **per_hook_fvu(architecture.shape, target, x_hat),
+            "l0": evals.l0(latents, latents.ndim - 1),
+            **per_hook_fvu(architecture.shape, target, x_hat),
             **architecture.shape.eval_metrics(params, latents, x, target, x_hat)}
 
 

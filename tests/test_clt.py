@@ -232,11 +232,11 @@ def test_the_memory_model_of_a_layer_x_latent_split_matches_xla():
 
 
 def test_it_recovers_the_cross_layer_directions_and_resumes(tmp_path):
-    overrides = {"train.steps": 300, "train.log_every": 100, "train.checkpoint_every": 100,
-                 "sae.k_anneal_steps": 100, "sae.k_anneal_start": 8, "evals.eval_batches": 2}
+    overrides = {"train.steps": 200, "train.log_every": 100, "train.checkpoint_every": 100,
+                 "sae.k_anneal_steps": 60, "sae.k_anneal_start": 8, "evals.eval_batches": 1}
     workdir = str(tmp_path / "run")
     summary = train.train_and_evaluate(_config(**overrides), workdir)
-    assert summary["shape"] == "clt" and summary["step"] == 300
+    assert summary["shape"] == "clt" and summary["step"] == 200
     # Every true feature (its directions into its own and later layers) has a latent whose
     # decoders into every layer are close to them: 32 latents per layer for 16 features.
     assert summary["mmcs"] > 0.95, summary
@@ -249,8 +249,8 @@ def test_it_recovers_the_cross_layer_directions_and_resumes(tmp_path):
 
     resumed = str(tmp_path / "resumed")
     shutil.copytree(workdir, resumed)
-    shutil.rmtree(os.path.join(resumed, "checkpoints", "300"))
-    assert train.train_and_evaluate(_config(**overrides), resumed)["step"] == 300
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "200"))
+    assert train.train_and_evaluate(_config(**overrides), resumed)["step"] == 200
     straight, again = train.load_params(workdir), train.load_params(resumed)
     for name in straight:
         np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(straight[name]),
@@ -265,7 +265,7 @@ def test_it_recovers_the_cross_layer_directions_and_resumes(tmp_path):
 def test_a_group_of_clts_trains_its_members_in_one_step(tmp_path):
     workdir = str(tmp_path / "group")
     summaries = list(train.train_and_evaluate(_config("relu", **{
-        "train.steps": 4, "train.log_every": 2, "train.checkpoint_every": 4,
+        "train.steps": 2, "train.log_every": 2, "train.checkpoint_every": 2,
         "group.sparsity_coefficients": (0.05, 0.2)}), workdir)["members"].values())
     assert [s["l1_coefficient"] for s in summaries] == [0.05, 0.2]
     for summary in summaries:

@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from saejax import sharding
+from saejax.sae import clt
 
 
 class GroundTruth(NamedTuple):
@@ -204,8 +205,8 @@ class SyntheticCrosscoderSource(SyntheticSource):
                                      in zip(self.hooks[1:], self._later_features)}}
 
 
-# The hooks of a synthetic CLT batch at layer l, named as an LM's (the CLT's defaults).
-CLT_INPUT_HOOK, CLT_TARGET_HOOK = "blocks.{layer}.ln2.hook_normalized", "blocks.{layer}.hook_mlp_out"
+# The hooks of a synthetic CLT batch at layer l, named as an LM's: the CLT's default templates.
+CLT_INPUT_HOOK, CLT_TARGET_HOOK = clt.DEFAULT_INPUT_HOOK, clt.DEFAULT_TARGET_HOOK
 
 
 def clt_hooks(n_layers: int) -> tuple[str, ...]:
