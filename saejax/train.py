@@ -17,7 +17,8 @@ from absl import logging
 import jax
 import numpy as np
 
-from saejax import checkpoint, data, evals, groups, loop, paths, sae, sharding, validation
+from saejax import (checkpoint, data, evals, groups, loop, models, paths, sae, sharding,
+                    validation)
 from saejax.data import lm
 from saejax.evals import downstream
 from saejax.trainer import Trainer
@@ -52,7 +53,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
         # Model & optimizer: the state's shardings and the jitted steps ---------------------
         trainer = make_trainer(config, mesh, d=source.d, batch_sharding=source.sharding)
-        trainer.architecture.shape.entries(source.widths)  # the batch has what the SAE reads
+        group = groups.members(config)
+        groups.check_widths(trainer.architecture, source.widths, group.hooks)
         logging.info("SAE %s: d=%d, n_latents=%d (x%d), %.3g FLOPs per token.",
                      trainer.architecture.name, source.d, trainer.n_latents,
                      config.sae.expansion_factor, trainer.flops_per_token)
@@ -63,20 +65,20 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         outputs = groups.open_outputs(config, workdir, int(state["step"]), trainer.architecture)
 
         # Loop -------------------------------------------------------------------------------
-        mmcs = _mmcs(source, mesh, grouped=bool(group_coefficients(config)))
+        mmcs = _mmcs(source, mesh, group)
         state, train_seconds = loop.train(config, trainer, state, source, mesh, ckpt, outputs,
                                           mmcs=mmcs, seconds_before=seconds_before)
 
         # Evals ------------------------------------------------------------------------------
         evaluated, final_mmcs = _evaluate(config, trainer, state, source, mmcs)
-        downstream = _downstream(config, state, trainer.architecture, mesh, source.d,
-                                 len(outputs))
+        downstream = _downstream(config, state, trainer.architecture, mesh, source.d, group)
         summaries = _summaries(config, trainer, state, evaluated, final_mmcs, downstream,
-                               d=source.d, train_seconds=train_seconds)
+                               d=source.d, train_seconds=train_seconds,
+                               hook=_single_hook(config, source))
         groups.close(ckpt, outputs)
 
     # Summary --------------------------------------------------------------------------------
-    return _write_summaries(config, workdir, outputs, summaries)
+    return _write_summaries(workdir, group, outputs, summaries)
 
 
 # ------------------------------------------------------------------------------------------
@@ -107,13 +109,14 @@ def _restore_or_init(config, trainer: Trainer, ckpt: checkpoint.Checkpointer,
     return state, seconds_before
 
 
-def _mmcs(source: data.KeyedSource, mesh, *, grouped: bool) -> Callable | None:
+def _mmcs(source: data.KeyedSource, mesh, group: groups.Members) -> Callable | None:
     """W_dec -> its MMCS against the source's true features (per member of a group), or None
-    for a source without them."""
-    if getattr(source, "true_features", None) is None:
+    for a source without them (an LM's, a store's: every hook group's)."""
+    if getattr(source, "true_features", None) is None or group.hooks:
         return None
     true_features = jax.device_put(source.true_features, sharding.replicated(mesh))
-    mmcs_fn = jax.jit(jax.vmap(evals.mmcs, in_axes=(0, None)) if grouped else evals.mmcs)
+    mmcs_fn = jax.jit(jax.vmap(evals.mmcs, in_axes=(0, None)) if group.grouped
+                      else evals.mmcs)
     return lambda W_dec: mmcs_fn(W_dec, true_features)
 
 
@@ -131,54 +134,71 @@ def _evaluate(config, trainer: Trainer, state: dict, source: data.KeyedSource,
 
 
 def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: int,
-                n_saes: int) -> list[dict]:
-    """Per SAE: loss recovered and KL with it spliced into the LM at `lm.hook` (a transcoder:
-    reading its input hook, replacing its target hook; `shape.spliced_hooks`) by
-    `evals.downstream_metrics`, or nothing when `evals.loss_recovered_sequences` is 0."""
+                group: groups.Members) -> list[dict]:
+    """Per SAE: loss recovered and KL with it spliced into the LM at `lm.hook` (a hook group's
+    member: at its hook; a transcoder: reading its input hook, replacing its target hook;
+    `shape.spliced_hooks`) by `evals.downstream_metrics`, or nothing when
+    `evals.loss_recovered_sequences` is 0."""
     n = int(config.evals.loss_recovered_sequences)
     if not n:
-        return [{} for _ in range(n_saes)]
-    input_hook, hook = architecture.shape.spliced_hooks(str(config.lm.hook))
+        return [{} for _ in range(group.size)]
+    member_hooks = [group.hook(i) or str(config.lm.hook) for i in range(group.size)]
     lm_config = config.lm.copy_and_resolve_references()
     with lm_config.unlocked():
-        lm_config.hook = hook
+        lm_config.hook = ",".join(dict.fromkeys(
+            architecture.shape.spliced_hooks(hook)[1] for hook in member_hooks))
     model = lm.load(lm_config, d=d)
     _, tokens = lm.split(config.lm, model, n)
+    keep = lm.keep_mask(tokens, *lm.exclusion(config.lm, model))
 
     def reconstruct(sae_state, x):
         params, scale = sae_state
         x = x * scale
         return architecture.decode(params, architecture.encode(params, x, config.sae), x) / scale
 
-    members = ([member_state(state, i) for i in range(n_saes)] if group_coefficients(config)
-               else [state])
-    results = downstream.evaluate(
-        model, tokens, batch_sequences=int(config.lm.batch_sequences), reconstruct=reconstruct,
-        sae_params=[(m["params"], m["input_scale"]) for m in members], mesh=mesh,
-        keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)), input_hook=input_hook)
+    results = [None] * group.size
+    for hook in dict.fromkeys(member_hooks):  # the members spliced in at each hook
+        input_hook, target_hook = architecture.shape.spliced_hooks(hook)
+        at_hook = [i for i, h in enumerate(member_hooks) if h == hook]
+        states = [group.state(state, i) for i in at_hook]
+        evaluated = downstream.evaluate(
+            model._replace(hook=target_hook, layer=models.hook_layer(target_hook)), tokens,
+            batch_sequences=int(config.lm.batch_sequences), reconstruct=reconstruct,
+            sae_params=[(m["params"], m["input_scale"]) for m in states], mesh=mesh, keep=keep,
+            input_hook=input_hook)
+        for i, result in zip(at_hook, evaluated):
+            results[i] = result
     for i, result in enumerate(results):
         logging.info("Loss recovered%s: %.4f (CE clean %.4f, with the SAE %.4f, zero-ablated "
-                     "%.4f; KL %.4g)", f" ({i})" if n_saes > 1 else "",
+                     "%.4f; KL %.4g)", f" ({i})" if group.grouped else "",
                      result["loss_recovered"], result["ce_clean"], result["ce_sae"],
                      result["ce_zero_ablation"], result["kl_sae"])
     return results
 
 
+def _single_hook(config, source) -> str | None:
+    """The hook a single-hook SAE reads (its batch's one entry), for its summary; None for a
+    dictionary of several hooks. A hook group's members each name their own."""
+    if config.sae.shape != "single_hook" or len(source.widths) != 1:
+        return None
+    (hook,) = source.widths
+    return hook
+
+
 def _summaries(config, trainer: Trainer, state: dict, evaluated: dict,
                mmcs: np.ndarray | None, downstream: list[dict], *, d: int,
-               train_seconds: float) -> list[dict]:
+               train_seconds: float, hook: str | None) -> list[dict]:
     """Per SAE, what `summary.json` holds: its final evals and what was trained, for how
     long."""
     architecture, step = trainer.architecture, int(state["step"])
     batch_size = int(config.train.batch_size)
-    coefficients = group_coefficients(config)
-    grouped = bool(coefficients)
+    group = groups.members(config)
     summaries = []
     for i, downstream_metrics in enumerate(downstream):
         summary: dict[str, Any] = {
             "step": step,
             "tokens": step * batch_size,
-            **{k: float(groups.pick(v, i, grouped)) for k, v in evaluated.items()},
+            **{k: float(group.pick(v, i)) for k, v in evaluated.items()},
             "architecture": architecture.name,
             "shape": architecture.shape.name,
             "d": d,
@@ -188,28 +208,29 @@ def _summaries(config, trainer: Trainer, state: dict, evaluated: dict,
             "train_flops": trainer.flops_per_token * step * batch_size,
             "train_seconds": train_seconds,
         }
+        if group.hook(i) or hook:
+            summary["hook"] = group.hook(i) or hook
         if architecture.sparsity_coefficient:
             summary[architecture.sparsity_coefficient] = (
-                coefficients[i] if grouped
+                group.coefficient(i) if group.coefficients
                 else float(config.sae[architecture.sparsity_coefficient]))
         elif architecture.level_field:
             summary[architecture.level_field] = config.sae[architecture.level_field]
         if mmcs is not None:
-            summary["mmcs"] = float(groups.pick(mmcs, i, grouped))
+            summary["mmcs"] = float(group.pick(mmcs, i))
         summary.update(downstream_metrics)
         summaries.append(summary)
     return summaries
 
 
-def _write_summaries(config, workdir: str, outputs: list[groups.Output],
+def _write_summaries(workdir: str, group: groups.Members, outputs: list[groups.Output],
                      summaries: list[dict]) -> dict:
     """Writes each member's summary in its folder and the run's in the workdir (a group's
     names its members'); stops with an error when the final evaluation is NaN."""
-    grouped = bool(group_coefficients(config))
-    if grouped:
+    if group.grouped:
         for output, member_summary in zip(outputs, summaries, strict=True):
             write_json(paths.join(output.workdir, "summary.json"), member_summary)
-    summary = summaries[0] if not grouped else {
+    summary = summaries[0] if not group.grouped else {
         "step": summaries[0]["step"], "tokens": summaries[0]["tokens"],
         "members": {o.name: s for o, s in zip(outputs, summaries)}}
     write_json(paths.join(workdir, "summary.json"), summary)
