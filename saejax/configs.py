@@ -135,7 +135,8 @@ def _group_section(config: ml_collections.ConfigDict) -> None:
     config.group.hooks = ""
     # Each member's folder, in the order of the members (hook-major: each hook's coefficients;
     # a sweep puts them in its point folders); empty: <workdir>/members/<name>/, named as the
-    # sweep names points (l1-0.3), after the hook in a hook group (blocks.8.hook_resid_post_l1-0.3).
+    # sweep names points (l1-0.3), after the hook in a hook group
+    # (blocks.8.hook_resid_post_l1-0.3).
     config.group.member_workdirs = ()
     # "vmap" the members (batched matmuls), "map" them one after another inside the step, or
     # "auto": vmap on accelerators, map on CPU (a little faster there).

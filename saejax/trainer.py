@@ -39,7 +39,8 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
     With `group.sparsity_coefficients` set, every function handles a group: one SAE per
     coefficient, stacked on a leading member axis and vmapped, all reading the same batch; with
     `group.hooks`, one SAE (or coefficient group) per hook, stacked on a hook axis outside it,
-    each reading its hook's entry of the batch. Call inside `sharding.activate(mesh, rules)`: the sharded top-k reads the ambient mesh.
+    each reading its hook's entry of the batch. Call inside `sharding.activate(mesh, rules)`:
+    the sharded top-k reads the ambient mesh.
     """
     architecture = sae.from_config(config.sae)
     n_latents = validation.n_latents(config)
