@@ -28,14 +28,18 @@ setup(
         "tokenizers>=0.15",   # the checkpoint's own tokenizer.json
         "jinja2>=3.1",        # the dashboard's HTML templates (saejax/analysis/templates)
         "gguf>=0.17",         # GGUF checkpoints: reader and dequantiser (saejax.models.convert)
+        "tensorboardX>=2.6",  # TensorBoard event files of every run, no TensorFlow (tracking.py)
     ],
     extras_require={
         # torch (CPU build, pinned) and transformers only for the parity tests against the
         # reference models (accelerate for transformers' own GGUF loading; 5.x reads the
         # rope_parameters that converted configs hold); never a runtime dependency.
+        # tensorboard: its event reader checks the event files runs write (tests/test_tracking.py).
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=5.0",
-                 "accelerate>=1.0"],
+                 "accelerate>=1.0", "tensorboard>=2.14"],
         # Workdirs and activation stores in gs:// buckets (etils.epath's GCS backend).
         "gcs": ["gcsfs"],
+        # Weights & Biases logging, when a config sets logging.wandb_project (tracking.py).
+        "wandb": ["wandb"],
     },
 )

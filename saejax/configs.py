@@ -194,13 +194,24 @@ def _mesh_section(config: ml_collections.ConfigDict) -> None:
                              ("group", None))
 
 
+def _logging_section(config: ml_collections.ConfigDict) -> None:
+    """The config.logging section: where metrics.jsonl is mirrored (saejax/tracking.py)."""
+    config.logging = ml_collections.ConfigDict()
+    config.logging.tensorboard = True     # event files in <workdir>/tensorboard/
+    # Weights & Biases (pip install 'saejax[wandb]'): a project name turns it on.
+    config.logging.wandb_project = ""
+    config.logging.wandb_entity = ""      # "": wandb's default entity
+    config.logging.wandb_mode = ""        # "online", "offline", "disabled"; "": WANDB_MODE
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field and its default, a section at a time (the `sae` section gains every
     registered architecture's fields)."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     for section in (_data_section, _lm_section, _sae_section, _optim_section, _group_section,
-                    _resample_section, _train_section, _evals_section, _mesh_section):
+                    _resample_section, _train_section, _evals_section, _mesh_section,
+                    _logging_section):
         section(config)
     return config
 

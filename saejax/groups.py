@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from saejax import checkpoint, paths, sae
+from saejax import checkpoint, paths, sae, tracking
 from saejax import workdir as workdirs
 from saejax.data import lockstep
 from saejax.errors import ConfigError
@@ -240,24 +240,29 @@ def open_outputs(config, workdir: str, start_step: int,
     <workdir>/members/<member name>/."""
     group = members(config)
     if not group.grouped:
-        return [Output("", workdir, MetricsLog(paths.join(workdir, "metrics.jsonl"), start_step),
-                       None)]
+        return [Output("", workdir, _metrics_log(config, workdir, start_step), None)]
     names = [member_name(architecture, group.coefficient(i), group.hook(i))
              for i in range(group.size)]
     outputs = []
     for i, (name, member_dir) in enumerate(
             zip(names, _member_folders(config, workdir, group, names), strict=True)):
         paths.makedirs(member_dir)
-        write_config(member_config(config, architecture, group.hook(i), group.coefficient(i)),
-                     member_dir)
+        one = member_config(config, architecture, group.hook(i), group.coefficient(i))
+        write_config(one, member_dir)
         member_ckpt = open_checkpointer(config, member_dir)
         # Member checkpoints are copies of the group's: steps past the group's restored step
         # (saved before a kill) will be written again, identically.
         member_ckpt.delete_after(start_step)
         outputs.append(Output(
-            name, member_dir, MetricsLog(paths.join(member_dir, "metrics.jsonl"), start_step),
+            name, member_dir, _metrics_log(one, member_dir, start_step),
             member_ckpt))
     return outputs
+
+
+def _metrics_log(config, workdir: str, start_step: int) -> MetricsLog:
+    """`workdir/metrics.jsonl`, mirrored to TensorBoard and W&B as `config.logging` asks."""
+    return MetricsLog(paths.join(workdir, "metrics.jsonl"), start_step,
+                      open_mirrors=lambda: tracking.open_mirrors(config, workdir, start_step))
 
 
 def save_members(group: Members, outputs: list[Output], step: int, state: dict,
@@ -268,8 +273,12 @@ def save_members(group: Members, outputs: list[Output], step: int, state: dict,
             output.ckpt.save(step, group.state(state, i), data_state, force=True)
 
 
-def close(ckpt: checkpoint.Checkpointer, outputs: list[Output]) -> None:
+def close(ckpt: checkpoint.Checkpointer, outputs: list[Output],
+          summaries: list[dict] | None = None) -> None:
+    """Closes the checkpoints and the metrics' mirrors (giving them each SAE's final
+    evaluations, `summaries`, when the run finished)."""
     ckpt.close()
-    for output in outputs:
+    for i, output in enumerate(outputs):
         if output.ckpt is not None:
             output.ckpt.close()
+        output.metrics_log.close(summaries[i] if summaries is not None else None)

@@ -10,7 +10,8 @@ table alone) and writes into DIR:
     plots/dead_and_mmcs.{png,svg}       dead fraction (and MMCS, with ground truth) against size
     plots/loss_vs_compute.{png,svg}     FVU against training FLOPs, with the compute frontier
     report.md                           the figures, the fitted constants with their standard
-                                        errors, and the points
+                                        errors, the points, and the interpretability score
+                                        of the points people rated (analysis.review)
 
 Unfinished points (partial, failed) are drawn hollow from their last logged training metrics,
 each title says how many points are finished, and fits use finished points only.
@@ -30,6 +31,7 @@ from matplotlib.figure import Figure
 import numpy as np
 
 from saejax import cli, paths, results
+from saejax.analysis import ratings
 # The fits, re-exported: plots.fit_power_law keeps working.
 from saejax.fits import MIN_FIT_POINTS, PowerLawFit, compute_frontier, fit_power_law  # noqa: F401
 
@@ -384,6 +386,7 @@ def write_report(workdir: str, rows: Sequence[dict] | None = None) -> str:
                   + ". The L1 term of relu and gated is a mean over latents, so "
                     "l1_coefficient / expansion_factor is the coefficient that stays "
                     "comparable across dictionary sizes."]
+    lines += ratings.sweep_report_lines(workdir, [r["name"] for r in rows])
     path = paths.join(workdir, REPORT)
     paths.write_text(path, "\n".join(lines) + "\n")
     return path

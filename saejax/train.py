@@ -4,7 +4,8 @@ the pure step in `saejax.step`, the jitted, sharded functions in `saejax.trainer
 member axis and folders in `saejax.groups`, the loop in `saejax.loop`.
 
 Everything a run produces lives under its workdir: `config.json` (the resolved config),
-`checkpoints/` (orbax), `metrics.jsonl` (one line per logging step) and `summary.json`.
+`checkpoints/` (orbax), `metrics.jsonl` (one line per logging step, mirrored to TensorBoard
+event files in `tensorboard/` and to W&B when asked: `saejax.tracking`) and `summary.json`.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         summaries = _summaries(config, trainer, state, evaluated, final_mmcs, downstream,
                                d=source.d, train_seconds=train_seconds,
                                hook=_single_hook(config, source))
-        groups.close(ckpt, outputs)
+        groups.close(ckpt, outputs, summaries)
 
     # Summary --------------------------------------------------------------------------------
     return _write_summaries(workdir, group, outputs, summaries)

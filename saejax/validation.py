@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from saejax import data, groups, paths, sae, sharding
+from saejax import data, groups, paths, sae, sharding, tracking
 from saejax.data import hierarchy, lockstep
 from saejax.errors import ConfigError
 
@@ -46,6 +46,7 @@ def validate(config, n_devices: int) -> None:
     if config.data.source == "synthetic_hierarchy":
         hierarchy.validate(config.data)
     _check_mesh(config, n_devices, n)
+    tracking.validate(config)
 
 
 # Fields that count something (steps, tokens, rows) and must be positive, or may be zero.

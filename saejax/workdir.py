@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -25,7 +25,7 @@ RESUMABLE_CHANGES = ("mesh.", "train.log_every", "train.checkpoint_every",
                      "evals.density_window_tokens", "evals.dense_threshold",
                      "evals.loss_recovered_sequences", "data.prefetch_windows",
                      "lm.batch_sequences", "group.member_workdirs",
-                     "train.preemption_check_every")
+                     "train.preemption_check_every", "logging.")
 CONFIG_FILE = "config.json"
 MEMBERS_DIR = "members"
 
@@ -157,12 +157,19 @@ def last_record(path: str) -> dict | None:
 class MetricsLog:
     """`metrics.jsonl`: one JSON line per logging step. On resume, lines from steps after the
     restored checkpoint (which will be trained again) are dropped so each step appears once.
-    A bucket cannot append, so there the whole file is rewritten at each logging step."""
+    A bucket cannot append, so there the whole file is rewritten at each logging step.
 
-    def __init__(self, path: str, resume_step: int):
+    It is also the one place the records reach their mirrors (`saejax.tracking`: TensorBoard,
+    W&B), which `open_mirrors()` opens, called on process 0 only; `close` gives them the final
+    evaluations (summary.json's) and closes them."""
+
+    def __init__(self, path: str, resume_step: int,
+                 open_mirrors: Callable[[], list] | None = None):
         self.path = path
         self.enabled = jax.process_index() == 0
         self._lines: list[str] = []
+        self._mirrors = (list(open_mirrors())
+                         if self.enabled and open_mirrors is not None else [])
         if self.enabled and paths.exists(path):
             for line in paths.read_text(path).splitlines(keepends=True):
                 try:
@@ -182,6 +189,16 @@ class MetricsLog:
         else:
             with open(self.path, "a") as f:
                 f.write(line)
+        for mirror in self._mirrors:
+            mirror.write(record)
+
+    def close(self, summary: dict | None = None) -> None:
+        """Closes the mirrors, after giving them `summary` (the final evaluations) if any."""
+        mirrors, self._mirrors = self._mirrors, []
+        for mirror in mirrors:
+            if summary is not None:
+                mirror.write_summary(summary, int(summary["step"]))
+            mirror.close()
 
 
 # ------------------------------------------------------------------------------------------

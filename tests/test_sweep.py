@@ -190,7 +190,8 @@ def test_sweep_in_a_bucket_goes_through_paths_only(tmp_path, monkeypatch):
         ("done", 5, "groups/x1_l1-0.1+0.3")] * 2
     for name in ("x1_l1-0.1", "x1_l1-0.3"):
         assert sorted(os.listdir(os.path.join(workdir, name))) == [
-            "checkpoints", "config.json", "metrics.jsonl", "summary.json", "sweep_run.json"]
+            "checkpoints", "config.json", "metrics.jsonl", "summary.json", "sweep_run.json",
+            "tensorboard"]  # each point's event files (saejax/tracking.py)
     monkeypatch.setattr(train, "train_and_evaluate", refuse)
     assert [r["status"] for r in sweep.run_sweep(_tiny_config(5), TINY_SWEEP[:2], workdir,
                                                  report=False)] == ["done"] * 2

@@ -5,6 +5,9 @@
 - `top_activations`: one sharded pass over an activation store keeping each latent's top
   activating tokens with their context, density, mean activation and histogram.
 - `dashboard`: static HTML pages per latent and an index (`python -m saejax.analysis.dashboard`).
+- `review`: human validation in the browser (`python -m saejax.analysis.review`): a rating panel
+  on each latent's page, blind with random-direction controls; `ratings`: the ratings file and
+  the score and labels the pages and report show (the score: `saejax.evals.interpretability`).
 - `steer`: the LM with a latent clamped, added or ablated at its hook
   (`python -m saejax.analysis.steer`).
 - `saelens`: export to and import from SAELens' on-disk format (SAEs and transcoders).

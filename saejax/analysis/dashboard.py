@@ -7,7 +7,9 @@ DIR is a run's workdir (its config.json names the store, `data.path`, and the mo
 exported it and they are still where they were). The top
 activations are computed in one pass over the store (`top_activations.py`) unless
 `DIR/analysis/top_activations/` already holds them for the same SAE, store and settings. Writes
-`DIR/dashboard/index.html` (latents sorted by density) and one page per latent: its top contexts
+`DIR/dashboard/index.html` (latents sorted by density; the interpretability score and labels
+of `DIR/analysis/ratings.jsonl` when people have rated latents with
+`python -m saejax.analysis.review`) and one page per latent: its top contexts
 with the activating token highlighted, its activation histogram, and the output tokens its
 decoder direction promotes most through the unembedding. Pages are self-contained: no scripts,
 styles or fonts are fetched from anywhere.
@@ -20,18 +22,19 @@ activations and writes the files.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from absl import flags, logging
 import numpy as np
 
 from saejax import cli, models
-from saejax.analysis import dashboard_data, loading, pages, top_activations
+from saejax.analysis import dashboard_data, loading, pages, ratings, top_activations
 from saejax.analysis.dashboard_data import N_PROMOTED, parse_latents, promoted_tokens
 from saejax.analysis.loading import AnalysisError, LoadedSAE
 
-__all__ = ["N_PROMOTED", "parse_latents", "promoted_tokens", "resolve_store", "run",
-           "top_activations_for", "write_dashboard"]
+__all__ = ["N_PROMOTED", "Prepared", "define_page_flags", "page_options", "parse_latents",
+           "prepare", "promoted_tokens", "resolve_store", "run", "top_activations_for",
+           "write_dashboard"]
 
 _ANALYSIS = os.path.join("analysis", "top_activations")
 
@@ -65,7 +68,8 @@ def write_dashboard(top: top_activations.TopActivations, out_dir: str, *, loaded
     index = os.path.join(out_dir, "index.html")
     with open(index, "w", encoding="utf-8") as f:
         f.write(pages.index_page(dashboard_data.index_view(
-            top, latents, loaded=loaded, token_text=token_text, promotes=promotes)))
+            top, latents, loaded=loaded, token_text=token_text, promotes=promotes),
+            review=ratings.summary_for(loaded.source)))
     return index
 
 
@@ -111,14 +115,28 @@ def top_activations_for(loaded: LoadedSAE, store: str, *, results_dir: str, top_
     return top
 
 
-def run(path: str, *, latents: str | Sequence[int] | None = "all",
-        top_n: int = top_activations.DEFAULT_TOP_N, store: str | None = None,
-        checkpoint: str | None = None, out: str | None = None, step: int | None = None,
-        max_rows: int | None = None, batch_sequences: int | None = None,
-        mesh_model: int | None = None, recompute: bool = False,
-        context_before: int = top_activations.CONTEXT_BEFORE,
-        context_after: int = top_activations.CONTEXT_AFTER) -> str:
-    """What the CLI does; returns the path of the dashboard's index.html."""
+class Prepared(NamedTuple):
+    """What the pages of a run are made from (the review's too): the SAE, the latents chosen,
+    the activation store read, its top activations, the tokenizer and the unembedding (None
+    without a model checkpoint)."""
+
+    loaded: LoadedSAE
+    latents: list[int]
+    store: str
+    top: top_activations.TopActivations
+    tokenizer: object
+    unembedding: np.ndarray | None
+
+
+def prepare(path: str, *, latents: str | Sequence[int] | None = "all",
+            top_n: int = top_activations.DEFAULT_TOP_N, store: str | None = None,
+            checkpoint: str | None = None, step: int | None = None,
+            max_rows: int | None = None, batch_sequences: int | None = None,
+            mesh_model: int | None = None, recompute: bool = False,
+            context_before: int = top_activations.CONTEXT_BEFORE,
+            context_after: int = top_activations.CONTEXT_AFTER) -> Prepared:
+    """Reads the SAE at `path`, its store and model, and computes (or reuses) the top
+    activations in `path/analysis/top_activations/`."""
     loaded = loading.load_sae(path, step=step)
     chosen = parse_latents(latents, loaded.n_latents)
     store = resolve_store(loaded, store)
@@ -140,16 +158,25 @@ def run(path: str, *, latents: str | Sequence[int] | None = "all",
         loading.check_width(loaded, model_config.d_model, f"the model at {checkpoint}",
                             "Pass the checkpoint the SAE was trained on (--checkpoint).")
         unembedding = np.asarray(models.unembedding(params, model_config), np.float32)
-    out = out or os.path.join(loaded.source, "dashboard")
-    return write_dashboard(top, out, loaded=loaded, latents=chosen, tokenizer=tokenizer,
-                           unembedding=unembedding)
+    return Prepared(loaded=loaded, latents=chosen, store=store, top=top, tokenizer=tokenizer,
+                    unembedding=unembedding)
+
+
+def run(path: str, *, out: str | None = None, **options) -> str:
+    """What the CLI does (`options`: those of `prepare`); returns the path of the dashboard's
+    index.html."""
+    prepared = prepare(path, **options)
+    out = out or os.path.join(prepared.loaded.source, "dashboard")
+    return write_dashboard(prepared.top, out, loaded=prepared.loaded, latents=prepared.latents,
+                           tokenizer=prepared.tokenizer, unembedding=prepared.unembedding)
 
 
 # ------------------------------------------------------------------------------------------
 # Command line (saejax/cli.py): flags defined only when this module runs as the program, so
 # importing it as a library defines none and cannot clash with another tool's flags.
 # ------------------------------------------------------------------------------------------
-def _define_flags() -> None:
+def define_page_flags() -> None:
+    """The flags of what the pages are made from (`prepare`'s options); the review's too."""
     flags.DEFINE_string("latents", "all", "Pages for: all, N (the first N latents), or indices "
                         "and ranges such as 3,17,40:48.")
     flags.DEFINE_integer("top_n", top_activations.DEFAULT_TOP_N,
@@ -158,7 +185,6 @@ def _define_flags() -> None:
                         "data.path).")
     flags.DEFINE_string("checkpoint", None, "Model checkpoint for the tokenizer and unembedding "
                         "(default: the run's lm.checkpoint, else the store's model).")
-    flags.DEFINE_string("out", None, "Output directory (default: DIR/dashboard).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     flags.DEFINE_integer("max_rows", 0, "Read at most this many store rows (0: all).")
     flags.DEFINE_integer("batch_sequences", 0, "Sequences per step (0: about 4096 tokens).")
@@ -173,18 +199,27 @@ def _define_flags() -> None:
     cli.define_device_flags()
 
 
+def page_options(values) -> dict:
+    """`prepare`'s options from the parsed `define_page_flags`."""
+    return dict(latents=values.latents, top_n=values.top_n, store=values.store,
+                checkpoint=values.checkpoint, step=values.step,
+                max_rows=values.max_rows or None,
+                batch_sequences=values.batch_sequences or None,
+                mesh_model=values.mesh_model or None, recompute=values.recompute,
+                context_before=values.context_before, context_after=values.context_after)
+
+
+def _define_flags() -> None:
+    define_page_flags()
+    flags.DEFINE_string("out", None, "Output directory (default: DIR/dashboard).")
+
+
 def main(argv):
     (path,) = cli.positional(argv, 1, "python -m saejax.analysis.dashboard DIR [--latents=...] "
                                       "[--top_n=N] (DIR: a run's workdir or a SAELens SAE "
                                       "directory)")
     cli.setup_from_flags()
-    values = flags.FLAGS
-    index = run(path, latents=values.latents, top_n=values.top_n, store=values.store,
-                checkpoint=values.checkpoint, out=values.out, step=values.step,
-                max_rows=values.max_rows or None,
-                batch_sequences=values.batch_sequences or None,
-                mesh_model=values.mesh_model or None, recompute=values.recompute,
-                context_before=values.context_before, context_after=values.context_after)
+    index = run(path, out=flags.FLAGS.out, **page_options(flags.FLAGS))
     print(f"Dashboard: {index}")
 
 

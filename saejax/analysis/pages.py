@@ -46,5 +46,6 @@ def latent_page(view: LatentView) -> str:
     return render("latent.html", view=view)
 
 
-def index_page(view: IndexView) -> str:
-    return render("index.html", view=view)
+def index_page(view: IndexView, review=None) -> str:
+    """The index; `review` (a ratings.ReviewSummary) adds the score and labels of the ratings."""
+    return render("index.html", view=view, review=review)
