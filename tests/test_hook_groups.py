@@ -122,7 +122,8 @@ def test_a_hook_group_from_one_lm_forward_equals_single_hook_runs(tmp_path):
                                        context_length=16, vocab_size=64)
     lm_common = {**COMMON, "data.source": "lm", "lm.checkpoint": checkpoint, "lm.tokens": tokens,
                  "lm.context_length": 16, "lm.batch_sequences": 8, "train.steps": 8,
-                 "train.checkpoint_every": 8, "evals.loss_recovered_sequences": 8}
+                 "train.checkpoint_every": 8, "train.log_every": 8, "evals.eval_batches": 1,
+                 "data.normalize_inputs": False, "evals.loss_recovered_sequences": 8}
     group = train.train_and_evaluate(
         toy_config(**lm_common, **{"lm.hook": ",".join(HOOKS), "group.hooks": ",".join(HOOKS)}),
         str(tmp_path / "group"))
