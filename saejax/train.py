@@ -16,12 +16,14 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from saejax import (checkpoint, data, evals, groups, loop, models, paths, sae, sharding,
                     validation)
 from saejax.data import lm
 from saejax.evals import downstream
+from saejax.sae import clt
 from saejax.trainer import Trainer
 from saejax.workdir import write_config, write_json
 # Re-exported where user code, tests and benchmarks have always found them (train.load_params,
@@ -66,7 +68,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         outputs = groups.open_outputs(config, workdir, int(state["step"]), trainer.architecture)
 
         # Loop -------------------------------------------------------------------------------
-        mmcs = _mmcs(source, mesh, group)
+        mmcs = _mmcs(source, mesh, trainer.architecture.shape, group)
         state, train_seconds = loop.train(config, trainer, state, source, mesh, ckpt, outputs,
                                           mmcs=mmcs, seconds_before=seconds_before)
 
@@ -110,15 +112,16 @@ def _restore_or_init(config, trainer: Trainer, ckpt: checkpoint.Checkpointer,
     return state, seconds_before
 
 
-def _mmcs(source: data.KeyedSource, mesh, group: groups.Members) -> Callable | None:
-    """W_dec -> its MMCS against the source's true features (per member of a group), or None
-    for a source without them (an LM's, a store's: every hook group's)."""
+def _mmcs(source: data.KeyedSource, mesh, shape, group: groups.Members) -> Callable | None:
+    """params -> their decoder's MMCS against the source's true features (per member of a
+    group; the shape's `decoder_rows`), or None for a source without them (an LM's, a store's:
+    every hook group's)."""
     if getattr(source, "true_features", None) is None or group.hooks:
         return None
     true_features = jax.device_put(source.true_features, sharding.replicated(mesh))
     mmcs_fn = jax.jit(jax.vmap(evals.mmcs, in_axes=(0, None)) if group.grouped
                       else evals.mmcs)
-    return lambda W_dec: mmcs_fn(W_dec, true_features)
+    return lambda params: mmcs_fn(sae.base.decoder_rows(shape, params), true_features)
 
 
 def _evaluate(config, trainer: Trainer, state: dict, source: data.KeyedSource,
@@ -129,52 +132,86 @@ def _evaluate(config, trainer: Trainer, state: dict, source: data.KeyedSource,
                                                 source.eval_batch(i)))
                for i in range(int(config.evals.eval_batches))]
     results = {k: np.mean([r[k] for r in results], axis=0) for k in results[0]}
+    latent_ndim = len(sae.base.latent_axes(trainer.architecture.shape))
     results["dead_fraction"] = np.asarray(evals.dead_fraction(
-        state["tokens_since_fired"], int(config.evals.dead_window_tokens)))
-    return results, None if mmcs is None else np.asarray(mmcs(state["params"]["W_dec"]))
+        state["tokens_since_fired"], int(config.evals.dead_window_tokens), latent_ndim))
+    return results, None if mmcs is None else np.asarray(mmcs(state["params"]))
 
 
 def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: int,
                 group: groups.Members) -> list[dict]:
     """Per SAE: loss recovered and KL with it spliced into the LM at `lm.hook` (a hook group's
     member: at its hook; a transcoder: reading its input hook, replacing its target hook;
-    `shape.spliced_hooks`) by `evals.downstream_metrics`, or nothing when
+    `shape.spliced_hooks`), or a cross-layer transcoder's replacement model (every MLP output
+    it covers replaced at once), by `evals.downstream_metrics`; nothing when
     `evals.loss_recovered_sequences` is 0."""
     n = int(config.evals.loss_recovered_sequences)
     if not n:
         return [{} for _ in range(group.size)]
+    shape = architecture.shape
+    replacement = downstream.replaces_layers(shape)
     member_hooks = [group.hook(i) or str(config.lm.hook) for i in range(group.size)]
+    # (input hook, target hook) of the members of each hook
+    spliced = {hook: (None, shape.target_hooks[-1]) if replacement else shape.spliced_hooks(hook)
+               for hook in dict.fromkeys(member_hooks)}
     lm_config = config.lm.copy_and_resolve_references()
     with lm_config.unlocked():
-        lm_config.hook = ",".join(dict.fromkeys(
-            architecture.shape.spliced_hooks(hook)[1] for hook in member_hooks))
+        lm_config.hook = ",".join(dict.fromkeys(target for _, target in spliced.values()))
     model = lm.load(lm_config, d=d)
     _, tokens = lm.split(config.lm, model, n)
-    keep = lm.keep_mask(tokens, *lm.exclusion(config.lm, model))
+    common = dict(batch_sequences=int(config.lm.batch_sequences), mesh=mesh,
+                  keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)))
+    results = [None] * group.size
+    for hook, (input_hook, target_hook) in spliced.items():
+        at_hook = [i for i, h in enumerate(member_hooks) if h == hook]
+        params = [(m["params"], m["input_scale"]) for m in (group.state(state, i)
+                                                             for i in at_hook)]
+        at = model._replace(hook=target_hook, layer=models.hook_layer(target_hook))
+        for i, result in zip(at_hook, _spliced_in(config, architecture, at, tokens, params,
+                                                   input_hook, replacement, common)):
+            results[i] = result
+    for i, result in enumerate(results):
+        logging.info("Loss recovered%s%s: %.4f (CE clean %.4f, with the SAE %.4f, zero-ablated "
+                     "%.4f; KL %.4g)", " (replacement model)" if replacement else "",
+                     f" ({i})" if group.grouped else "", result["loss_recovered"],
+                     result["ce_clean"], result["ce_sae"], result["ce_zero_ablation"],
+                     result["kl_sae"])
+    return results
+
+
+def _spliced_in(config, architecture: sae.Architecture, model, tokens, params: list,
+                input_hook: str | None, replacement: bool, common: dict) -> list[dict]:
+    """`downstream.evaluate` of SAEs spliced in at `model.hook`, or a cross-layer
+    transcoder's replacement model."""
+    if replacement:
+        shape = architecture.shape
+        encode, decode = _layerwise(architecture, config.sae)
+        return downstream.evaluate_replacement(
+            model, tokens, input_hooks=shape.input_hooks, output_hooks=shape.target_hooks,
+            encode=encode, decode=decode, clt_params=params, **common)
 
     def reconstruct(sae_state, x):
         params, scale = sae_state
         x = x * scale
-        return architecture.decode(params, architecture.encode(params, x, config.sae), x) / scale
+        return architecture.decode(params, architecture.encode(params, x, config.sae),
+                                   x) / scale
+    return downstream.evaluate(model, tokens, reconstruct=reconstruct, sae_params=params,
+                               input_hook=input_hook, **common)
 
-    results = [None] * group.size
-    for hook in dict.fromkeys(member_hooks):  # the members spliced in at each hook
-        input_hook, target_hook = architecture.shape.spliced_hooks(hook)
-        at_hook = [i for i, h in enumerate(member_hooks) if h == hook]
-        states = [group.state(state, i) for i in at_hook]
-        evaluated = downstream.evaluate(
-            model._replace(hook=target_hook, layer=models.hook_layer(target_hook)), tokens,
-            batch_sequences=int(config.lm.batch_sequences), reconstruct=reconstruct,
-            sae_params=[(m["params"], m["input_scale"]) for m in states], mesh=mesh, keep=keep,
-            input_hook=input_hook)
-        for i, result in zip(at_hook, evaluated):
-            results[i] = result
-    for i, result in enumerate(results):
-        logging.info("Loss recovered%s: %.4f (CE clean %.4f, with the SAE %.4f, zero-ablated "
-                     "%.4f; KL %.4g)", f" ({i})" if group.grouped else "",
-                     result["loss_recovered"], result["ce_clean"], result["ce_sae"],
-                     result["ce_zero_ablation"], result["kl_sae"])
-    return results
+
+def _layerwise(architecture: sae.Architecture, sae_config):
+    """A cross-layer transcoder's (encode, decode) for its replacement model, on raw
+    activations with its input scale: layer l's latents from its input, and layer m's MLP
+    output from the latents of layers 0 .. m."""
+    def encode(clt_state, layer, x):
+        params, scale = clt_state
+        return clt.encode_layer(architecture, params, x * scale, layer, sae_config)
+
+    def decode(clt_state, latents, layer):
+        params, scale = clt_state
+        return architecture.shape.decode_layer(params, jnp.stack(latents, axis=-2),
+                                               layer) / scale
+    return encode, decode
 
 
 def _single_hook(config, source) -> str | None:
