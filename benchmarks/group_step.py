@@ -2,6 +2,13 @@
 
     python benchmarks/group_step.py --group_size=4 --d=256 --expansion_factor=4 --batch_size=1024
     python benchmarks/group_step.py --group_size=4 --source=lm    # GPT-2-small width, layer 2
+    python benchmarks/group_step.py --group_size=4 --over=hooks   # G hooks from one forward
+
+--over picks what the members differ in: `coefficients` (group.sparsity_coefficients, every
+member reading the same batch) or `hooks` (group.hooks, --source=lm implied: the SAEs read G
+hooks of block --layer, hook_resid_pre, hook_resid_mid, hook_mlp_out, hook_resid_post, ...,
+whose rows one LM forward gives; G separate runs are G runs at one hook each, each paying a
+forward to the same block: the solo run is measured at the last of the hooks).
 
 Two measurements: the step alone on a fixed batch, and the step with its input, which a group
 produces once for all members while G separate runs produce it G times. Prints times per step,
@@ -101,7 +108,8 @@ def _lm_config(config, args, workdir):
     config.data.prefetch_windows = 0
     config.lm.checkpoint = checkpoint
     config.lm.tokens = tokens
-    config.lm.hook = f"blocks.{args.layer}.hook_resid_post"
+    config.lm.hook = (_group_hooks(args)[-1] if args.over == "hooks"
+                      else f"blocks.{args.layer}.hook_resid_post")
     config.lm.context_length = args.context_length
     config.lm.batch_sequences = batch_sequences
     return {"model": {"n_layer": args.n_layer, "n_embd": args.d, "n_head": args.n_head,
@@ -113,13 +121,36 @@ def _lm_config(config, args, workdir):
             + 2 * (args.layer + 1) * args.context_length * args.d}
 
 
-def main():
+# The hooks of one block a hook group reads (--over=hooks), in this order.
+BLOCK_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
+               "hook_attn_out", "hook_mlp_in", "ln2.hook_normalized")
+
+
+def _group_hooks(args) -> tuple[str, ...]:
+    if not 1 <= args.group_size <= len(BLOCK_HOOKS):
+        raise SystemExit(f"--over=hooks reads at most {len(BLOCK_HOOKS)} hooks of a block; "
+                         f"--group_size={args.group_size}.")
+    return tuple(f"blocks.{args.layer}.{hook}" for hook in BLOCK_HOOKS[:args.group_size])
+
+
+def _as_group(config, args) -> None:
+    """`config` (the solo run) turned into the group: G coefficients, or G hooks read from one
+    forward."""
+    if args.over == "coefficients":
+        config.group.sparsity_coefficients = tuple(0.3 * 2**i for i in range(args.group_size))
+        return
+    config.lm.hook = config.group.hooks = ",".join(_group_hooks(args))
+
+
+def _parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group_size", type=int, default=4)
     parser.add_argument("--vectorize", default="auto", choices=("auto", "vmap", "map"),
                         help="group.vectorize: vmap the members, or map them one by one")
     parser.add_argument("--source", default="synthetic", choices=("synthetic", "lm"),
                         help="the step's input: the toy generator, or a GPT-2 run on the fly")
+    parser.add_argument("--over", default="coefficients", choices=("coefficients", "hooks"),
+                        help="the members differ in their sparsity coefficient or their hook")
     common.add_shape_flags(parser, d=None, expansion_factor=4, batch_size=1024)
     lm_flags = parser.add_argument_group("--source=lm", "the GPT-2 (its width is --d)")
     gpt2 = models.GPT2Config()
@@ -130,8 +161,41 @@ def main():
                           help="the SAEs read blocks.LAYER.hook_resid_post")
     lm_flags.add_argument("--context_length", type=int, default=128)
     args = parser.parse_args()
+    if args.over == "hooks":
+        args.source = "lm"
     if args.d is None:
         args.d = LM_D if args.source == "lm" else SYNTHETIC_D
+    return args
+
+
+def _print(result: dict, args) -> None:
+    g, group, solo = args.group_size, result["group_seconds_per_step"], result[
+        "solo_seconds_per_step"]
+    group_with_input = result["group_seconds_per_step_with_input"]
+    print(f"group of {g} {args.architecture} SAEs, one per "
+          f"{'hook of one forward' if args.over == 'hooks' else 'coefficient'} (d={args.d}, "
+          f"n_latents={result['n_latents']}, batch {args.batch_size}):")
+    if "input_seconds_per_batch" in result:
+        print(f"  input: {result['hook']} of a random GPT-2 ({args.n_layer} layers, "
+              f"{args.n_head} heads), {result['lm_batch_sequences']} x {args.context_length} "
+              f"tokens per forward: {result['input_seconds_per_batch'] * 1e3:.1f} ms per batch "
+              f"({result['lm_flops_per_s'] / 1e9:.1f} GFLOP/s)")
+    print(f"  step only:  group {group * 1e3:.1f} ms vs {g} separate {g * solo * 1e3:.1f} ms "
+          f"-> {result['speedup_step_only']:.2f}x")
+    print(f"  with input: group {group_with_input * 1e3:.1f} ms vs {g} separate "
+          f"{g * result['solo_seconds_per_step_with_input'] * 1e3:.1f} ms -> "
+          f"{result['speedup_with_input']:.2f}x")
+    print(f"  per SAE: {result['tokens_per_s_per_sae']:,.0f} tokens/s in the group, "
+          f"{result['separate_tokens_per_s_per_sae']:,.0f} in {g} separate runs")
+    print(f"  {result['tokens_per_s']:,.0f} SAE-tokens/s, group step at "
+          f"{result['flops_per_s'] / 1e9:.1f} GFLOP/s of "
+          f"{result['matmul_flops_per_s'] / 1e9:.1f} measured matmul peak, peak memory "
+          f"{result['peak_memory_bytes'] / 2**20:.0f} MiB")
+    print(json.dumps(result))
+
+
+def main():
+    args = _parse_args()
     config = common.config_from_flags(args)
     config.group.vectorize = args.vectorize
 
@@ -140,7 +204,7 @@ def main():
         lm_facts = _lm_config(config, args, workdir) if workdir else None
         solo, solo_with_input, *input_only = _step_seconds(config, args.iters,
                                                            time_input=lm_facts is not None)
-        config.group.sparsity_coefficients = tuple(0.3 * 2**i for i in range(args.group_size))
+        _as_group(config, args)
         group, group_with_input = _step_seconds(config, args.iters)
     finally:
         if workdir:
@@ -149,40 +213,30 @@ def main():
     g = args.group_size
     flops_per_token = sae.get(args.architecture).flops_per_token(
         args.d, args.d * args.expansion_factor, config.sae)
-    matmul = common.matmul_flops_per_s(shapes=((args.peak_size,) * 3,))
     result = {
         "benchmark": "group_step", "source": args.source, "architecture": args.architecture,
-        "group_size": g, "d": args.d, "n_latents": args.d * args.expansion_factor,
-        "batch_size": args.batch_size,
+        "over": args.over, "group_size": g, "d": args.d,
+        "n_latents": args.d * args.expansion_factor, "batch_size": args.batch_size,
         "solo_seconds_per_step": solo, "group_seconds_per_step": group,
         "speedup_step_only": g * solo / group,
         "solo_seconds_per_step_with_input": solo_with_input,
         "group_seconds_per_step_with_input": group_with_input,
         "speedup_with_input": g * solo_with_input / group_with_input,
         "tokens_per_s": g * args.batch_size / group_with_input,  # SAE-tokens
+        # Each SAE's tokens/s: in the group, and in G separate runs one after another.
+        "tokens_per_s_per_sae": args.batch_size / group_with_input,
+        "separate_tokens_per_s_per_sae": args.batch_size / (g * solo_with_input),
         "flops_per_s": g * args.batch_size * flops_per_token / group,
-        "matmul_flops_per_s": matmul,
+        "matmul_flops_per_s": common.matmul_flops_per_s(shapes=((args.peak_size,) * 3,)),
         "peak_memory_bytes": common.peak_memory_bytes(), "machine": common.machine(),
     }
     if lm_facts is not None:
         result.update(lm_facts)
         result["input_seconds_per_batch"] = input_only[0]
         result["lm_flops_per_s"] = args.batch_size * lm_facts["lm_flops_per_token"] / input_only[0]
-    print(f"group of {g} {args.architecture} SAEs (d={args.d}, n_latents="
-          f"{result['n_latents']}, batch {args.batch_size}):")
-    if lm_facts is not None:
-        print(f"  input: {lm_facts['hook']} of a random GPT-2 ({args.n_layer} layers, "
-              f"{args.n_head} heads), {lm_facts['lm_batch_sequences']} x {args.context_length} "
-              f"tokens per forward: {input_only[0] * 1e3:.1f} ms per batch "
-              f"({result['lm_flops_per_s'] / 1e9:.1f} GFLOP/s)")
-    print(f"  step only:  group {group * 1e3:.1f} ms vs {g} separate {g * solo * 1e3:.1f} ms "
-          f"-> {result['speedup_step_only']:.2f}x")
-    print(f"  with input: group {group_with_input * 1e3:.1f} ms vs {g} separate "
-          f"{g * solo_with_input * 1e3:.1f} ms -> {result['speedup_with_input']:.2f}x")
-    print(f"  {result['tokens_per_s']:,.0f} SAE-tokens/s, group step at "
-          f"{result['flops_per_s'] / 1e9:.1f} GFLOP/s of {matmul / 1e9:.1f} measured matmul "
-          f"peak, peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB")
-    print(json.dumps(result))
+    if args.over == "hooks":
+        result["hooks"] = list(_group_hooks(args))
+    _print(result, args)
 
 
 if __name__ == "__main__":

@@ -132,8 +132,15 @@ def _group_section(config: ml_collections.ConfigDict) -> None:
     # batches): e.g. (0.3, 0.6, 1.2). Empty: a single SAE with sae.l1_coefficient.
     config.group = ml_collections.ConfigDict()
     config.group.sparsity_coefficients = ()
-    # Each member's folder, in the order of sparsity_coefficients (a sweep puts them in its
-    # point folders); empty: <workdir>/members/<name>/, named as the sweep names points (l1-0.3).
+    # A hook group trains one SAE (one per coefficient, with sparsity_coefficients) at each of
+    # these hooks (comma-separated), from batches holding every hook's rows of the same tokens:
+    # lm.hook or data.path naming those hooks, one LM forward (or one read) for all. Empty: the
+    # batch's one hook.
+    config.group.hooks = ""
+    # Each member's folder, in the order of the members (hook-major: each hook's coefficients;
+    # a sweep puts them in its point folders); empty: <workdir>/members/<name>/, named as the
+    # sweep names points (l1-0.3), after the hook in a hook group
+    # (blocks.8.hook_resid_post_l1-0.3).
     config.group.member_workdirs = ()
     # "vmap" the members (batched matmuls), "map" them one after another inside the step, or
     # "auto": vmap on accelerators, map on CPU (a little faster there).

@@ -29,7 +29,7 @@ def train(config, trainer: Trainer, state: dict, source: data.KeyedSource, mesh,
     log_every = int(config.train.log_every)
     checkpoint_every = int(config.train.checkpoint_every)
     preemption_check_every = int(config.train.preemption_check_every)
-    grouped = bool(groups.group_coefficients(config))
+    group = groups.members(config)
     serialize_steps = _serialize_steps(mesh)
     single_process = jax.process_count() == 1
     start_step = last_checked = int(state["step"])
@@ -70,12 +70,12 @@ def train(config, trainer: Trainer, state: dict, source: data.KeyedSource, mesh,
                 if mmcs is not None:
                     metrics["mmcs"] = mmcs(state["params"])
                 _log(config, outputs, metrics, done=done, tokens_per_s=tokens_per_s,
-                     train_seconds=train_seconds, resampled=resampled, grouped=grouped)
+                     train_seconds=train_seconds, resampled=resampled, group=group)
                 resampled[:] = 0
             if save_now:
                 data_state = {**source.state(), "train_seconds": train_seconds}
                 ckpt.save(done, state, data_state, force=True)
-                groups.save_members(outputs, done, state, data_state)
+                groups.save_members(group, outputs, done, state, data_state)
             if preempted:
                 groups.close(ckpt, outputs)
                 raise Preempted(done)
@@ -114,7 +114,7 @@ def _check_finite(metrics: dict, ckpt: checkpoint.Checkpointer, *, first: int,
 
 def _log(config, outputs: list[groups.Output], metrics: dict, *, done: int,
          tokens_per_s: float, train_seconds: float, resampled: np.ndarray,
-         grouped: bool) -> None:
+         group: groups.Members) -> None:
     """A progress line, and per SAE a line of `metrics.jsonl` and of the log."""
     total_steps, batch_size = int(config.train.steps), int(config.train.batch_size)
     eta = (total_steps - done) * batch_size / tokens_per_s if tokens_per_s else 0.0
@@ -122,13 +122,13 @@ def _log(config, outputs: list[groups.Output], metrics: dict, *, done: int,
                  cli.format_duration(eta))
     for i, output in enumerate(outputs):
         record = {"step": done, "tokens": done * batch_size,
-                  **{k: jsonable(groups.pick(v, i, grouped)) for k, v in metrics.items()},
+                  **{k: jsonable(group.pick(v, i)) for k, v in metrics.items()},
                   "tokens_per_s": tokens_per_s,
                   "train_seconds": train_seconds,
                   "resampled_latents": int(resampled[i])}
         output.metrics_log.write(record)
         logging.info("  %sloss %.4g | L0 %.2f | FVU %.4f | dead %.3f%s",
-                     f"{output.name}: " if grouped else "", record["loss"], record["l0"],
+                     f"{output.name}: " if group.grouped else "", record["loss"], record["l0"],
                      record["fvu"], record["dead_fraction"],
                      f" | MMCS {record['mmcs']:.4f}" if "mmcs" in record else "")
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import data, sharding, train
+from saejax import data, groups, sharding, train
 from saejax.sae import base as sae_base
 
 # ------------------------------------------------------------------------------------------
@@ -105,7 +105,8 @@ def memory_report(config, mesh, *, d: int) -> MemoryReport:
     other_state_bytes = _per_device_bytes(
         {k: v for k, v in state.items() if k not in ("params", "opt_state")})
     itemsize = state["params"]["W_enc"].dtype.itemsize
-    members = len(train.group_coefficients(config)) or 1
+    group = groups.members(config)
+    members = group.size
 
     # This device's block of a [batch, n_latents] activation (a CLT's [batch, layer, n]) and
     # of the [batch, d] batch.
@@ -118,7 +119,8 @@ def memory_report(config, mesh, *, d: int) -> MemoryReport:
     batch_rows = batch_sharding.shard_shape((batch_size, d))[0]
     # Every entry of the batch, whatever the shape reads of it.
     hooks = data.config_hooks(config)
-    _, targets = trainer.architecture.shape.entries({hook: d for hook in hooks})
+    # A hook group's members each read one of them (counted once per member below).
+    _, targets = trainer.architecture.shape.entries({hook: d for hook in group.hooks[:1] or hooks})
     batch_width = d * len(hooks)
     target_width = sum(entry.width for entry in targets)
     batch_bytes = batch_rows * batch_width * itemsize

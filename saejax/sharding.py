@@ -87,8 +87,9 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
                          axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-# Logical axes that follow another's rule when the table has none of their own.
-FALLBACKS = {"embed_in": "embed", "embed_out": "embed"}
+# Logical axes that follow another's rule when the table has none of their own (a hook
+# group's hook axis, groups.py, stays unsplit as a coefficient group's member axis does).
+FALLBACKS = {"embed_in": "embed", "embed_out": "embed", "hook": "group"}
 
 
 def full_rules(rules) -> tuple[tuple, ...]:

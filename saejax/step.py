@@ -37,18 +37,25 @@ def init_train_state(key: jax.Array, sparsity_coefficient: jax.Array, *,
 # others (the step, the RNG, the input scale) are shared by every member.
 MEMBER_AXES = {"step": None, "params": 0, "opt_state": 0, "tokens_since_fired": 0,
                "density": 0, "input_scale": None, "sparsity_coefficient": 0, "rng": None}
+# A hook group's state (groups.py) is stacked once more, on a leading hook axis: each hook's
+# SAE (or coefficient group) has its own input scale; the step and the RNG stay shared (every
+# hook's SAE starts from the seed, as it would alone).
+HOOK_AXES = {key: None if key in ("step", "rng") else 0 for key in MEMBER_AXES}
 
 
 def state_logical_axes(architecture: sae.Architecture, tx: optax.GradientTransformation,
-                       abstract_state: dict, *, grouped: bool = False) -> dict:
-    """Logical axes of every array of the state; optimizer moments follow their params; the
-    member axis of a group is `group`."""
+                       abstract_state: dict, *, levels: tuple[tuple[str, dict], ...] = ()
+                       ) -> dict:
+    """Logical axes of every array of the state; optimizer moments follow their params.
+    `levels` are a group's stacked member levels, outermost first, as (logical axis, which
+    entries it stacks) (`groups.Members.levels`: ("hook", HOOK_AXES), ("group", MEMBER_AXES))."""
     axes = architecture.param_axes
     latent = sae.base.latent_axes(architecture.shape)
     opt_state = abstract_state["opt_state"]
-    if grouped:  # tree_map_params needs the per-member structure, not the stacked one
-        opt_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), opt_state)
-    single = {
+    if levels:  # tree_map_params needs the per-member structure, not the stacked one
+        opt_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[len(levels):], a.dtype),
+                                 opt_state)
+    logical = {
         "step": (),
         "params": axes,
         "opt_state": optax.tree_map_params(tx, lambda _, a: a, opt_state, axes,
@@ -60,11 +67,11 @@ def state_logical_axes(architecture: sae.Architecture, tx: optax.GradientTransfo
         "sparsity_coefficient": (),
         "rng": (None,),
     }
-    if not grouped:
-        return single
-    return {key: value if MEMBER_AXES[key] is None else
-            jax.tree.map(lambda a: ("group", *a), value, is_leaf=sharding.is_axes)
-            for key, value in single.items()}
+    for name, level in reversed(levels):
+        logical = {key: value if level[key] is None else
+                   jax.tree.map(lambda a, name=name: (name, *a), value, is_leaf=sharding.is_axes)
+                   for key, value in logical.items()}
+    return logical
 
 
 def _all_finite(tree) -> jax.Array:

@@ -102,17 +102,20 @@ def apply_overrides(config: ml_collections.ConfigDict,
 
 def expand(config: ml_collections.ConfigDict, sweep: Sequence[dict[str, Any]]) -> list[Point]:
     """The sweep's points: `config` with each override dict applied, named by its overrides."""
-    if tuple(config.group.sparsity_coefficients) or tuple(config.group.member_workdirs):
-        raise ConfigError("A sweep groups its points itself: leave group.sparsity_coefficients "
-                          "and group.member_workdirs empty and sweep the sparsity coefficient "
-                          "instead.")
+    if (tuple(config.group.sparsity_coefficients) or tuple(config.group.member_workdirs)
+            or str(config.group.hooks)):
+        raise ConfigError("A sweep groups its points itself: leave group.sparsity_coefficients, "
+                          "group.hooks and group.member_workdirs empty and sweep the sparsity "
+                          "coefficient instead (a hook group is one run: python -m "
+                          "saejax.main with group.hooks).")
     points, seen = [], {}
     for overrides in sweep:
         overrides = dict(overrides)
-        if {"group.sparsity_coefficients", "group.member_workdirs"} & set(overrides):
-            raise ConfigError("A sweep point may not set group.sparsity_coefficients or "
-                              "group.member_workdirs; the sweep groups points that differ only "
-                              "in that coefficient.")
+        if ({"group.sparsity_coefficients", "group.member_workdirs", "group.hooks"}
+                & set(overrides)):
+            raise ConfigError("A sweep point may not set group.sparsity_coefficients, "
+                              "group.hooks or group.member_workdirs; the sweep groups points "
+                              "that differ only in that coefficient.")
         name = run_name(overrides)
         if name in seen:
             raise ConfigError(f"Two sweep points are both named {name!r} ({seen[name]} and "

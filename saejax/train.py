@@ -52,7 +52,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
         # Model & optimizer: the state's shardings and the jitted steps ---------------------
         trainer = make_trainer(config, mesh, d=source.d, batch_sharding=source.sharding)
-        trainer.architecture.shape.entries(source.widths)  # the batch has what the SAE reads
+        group = groups.members(config)
+        groups.check_widths(trainer.architecture, source.widths, group.hooks)
         logging.info("SAE %s: d=%d, n_latents=%d (x%d), %.3g FLOPs per token.",
                      trainer.architecture.name, source.d, trainer.n_latents,
                      config.sae.expansion_factor, trainer.flops_per_token)
@@ -63,23 +64,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         outputs = groups.open_outputs(config, workdir, int(state["step"]), trainer.architecture)
 
         # Loop -------------------------------------------------------------------------------
-        mmcs = _mmcs(source, mesh, trainer.architecture.shape,
-                     grouped=bool(group_coefficients(config)))
+        mmcs = _mmcs(source, mesh, trainer.architecture.shape, group)
         state, train_seconds = loop.train(config, trainer, state, source, mesh, ckpt, outputs,
                                           mmcs=mmcs, seconds_before=seconds_before)
 
         # Evals ------------------------------------------------------------------------------
         evaluated, final_mmcs = _evaluate(config, trainer, state, source, mmcs)
-        downstream = _downstream(config, state, trainer.architecture, mesh, source.d,
-                                 len(outputs))
-        recovery = _recovery(config, trainer, state, source, len(outputs))
+        downstream = _downstream(config, state, trainer.architecture, mesh, source.d, group)
+        recovery = _recovery(config, trainer, state, source, group)
         summaries = _summaries(config, trainer, state, evaluated, final_mmcs,
                                [{**r, **m} for r, m in zip(recovery, downstream, strict=True)],
-                               d=source.d, train_seconds=train_seconds)
+                               d=source.d, train_seconds=train_seconds,
+                               hook=_single_hook(config, source))
         groups.close(ckpt, outputs, summaries)
 
     # Summary --------------------------------------------------------------------------------
-    return _write_summaries(config, workdir, outputs, summaries)
+    return _write_summaries(workdir, group, outputs, summaries)
 
 
 # ------------------------------------------------------------------------------------------
@@ -110,13 +110,15 @@ def _restore_or_init(config, trainer: Trainer, ckpt: checkpoint.Checkpointer,
     return state, seconds_before
 
 
-def _mmcs(source: data.KeyedSource, mesh, shape, *, grouped: bool) -> Callable | None:
+def _mmcs(source: data.KeyedSource, mesh, shape, group: groups.Members) -> Callable | None:
     """params -> their decoder's MMCS against the source's true features (per member of a
-    group; the shape's `decoder_rows`), or None for a source without them."""
-    if getattr(source, "true_features", None) is None:
+    group; the shape's `decoder_rows`), or None for a source without them (an LM's, a store's:
+    every hook group's)."""
+    if getattr(source, "true_features", None) is None or group.hooks:
         return None
     true_features = jax.device_put(source.true_features, sharding.replicated(mesh))
-    mmcs_fn = jax.jit(jax.vmap(evals.mmcs, in_axes=(0, None)) if grouped else evals.mmcs)
+    mmcs_fn = jax.jit(jax.vmap(evals.mmcs, in_axes=(0, None)) if group.grouped
+                      else evals.mmcs)
     return lambda params: mmcs_fn(sae.base.decoder_rows(shape, params), true_features)
 
 
@@ -135,20 +137,19 @@ def _evaluate(config, trainer: Trainer, state: dict, source: data.KeyedSource,
 
 
 def _recovery(config, trainer: Trainer, state: dict, source: data.KeyedSource,
-              n_saes: int) -> list[dict]:
+              group: groups.Members) -> list[dict]:
     """Per SAE, SAELens' synthetic-benchmark scores (`evals.recovery_metrics`: MCC,
     uniqueness, firing precision / recall / F1) over the held-out batches of a source with
     true features; nothing for a source without them."""
     if getattr(source, "true_features", None) is None:
-        return [{} for _ in range(n_saes)]
+        return [{} for _ in range(group.size)]
     architecture = trainer.architecture
     encode = jax.jit(lambda params, scale, batch: architecture.encode(
         params, architecture.shape.input(
             {h: x * scale for h, x in data.as_batch(batch).items()}), config.sae))
     batches = range(int(config.evals.eval_batches))
     codes = [source.eval_codes(i) for i in batches]
-    members = ([member_state(state, i) for i in range(n_saes)] if group_coefficients(config)
-               else [state])
+    members = [group.state(state, i) for i in range(group.size)]
     return [evals.recovery_metrics(
         evals.decoder_rows(architecture.shape, m["params"]), source.true_features,
         [encode(m["params"], m["input_scale"], source.eval_batch(i)) for i in batches], codes)
@@ -156,44 +157,57 @@ def _recovery(config, trainer: Trainer, state: dict, source: data.KeyedSource,
 
 
 def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: int,
-                n_saes: int) -> list[dict]:
-    """Per SAE: loss recovered and KL with it spliced into the LM at `lm.hook` (a transcoder:
-    reading its input hook, replacing its target hook; `shape.spliced_hooks`), or a
-    cross-layer transcoder's replacement model (every MLP output it covers replaced at once),
-    by `evals.downstream_metrics`; nothing when `evals.loss_recovered_sequences` is 0."""
+                group: groups.Members) -> list[dict]:
+    """Per SAE: loss recovered and KL with it spliced into the LM at `lm.hook` (a hook group's
+    member: at its hook; a transcoder: reading its input hook, replacing its target hook;
+    `shape.spliced_hooks`), or a cross-layer transcoder's replacement model (every MLP output
+    it covers replaced at once), by `evals.downstream_metrics`; nothing when
+    `evals.loss_recovered_sequences` is 0."""
     n = int(config.evals.loss_recovered_sequences)
     if not n:
-        return [{} for _ in range(n_saes)]
-    members = ([member_state(state, i) for i in range(n_saes)] if group_coefficients(config)
-               else [state])
-    results = downstream.evaluate_run(
-        config, architecture, [(m["params"], m["input_scale"]) for m in members], mesh, d=d,
-        sequences=n)
+        return [{} for _ in range(group.size)]
+    member_hooks = [group.hook(i) or str(config.lm.hook) for i in range(group.size)]
+    results = [None] * group.size
+    for hook in dict.fromkeys(member_hooks):  # a hook group's members, each at its own hook
+        at_hook = [i for i, h in enumerate(member_hooks) if h == hook]
+        params = [(m["params"], m["input_scale"]) for m in (group.state(state, i)
+                                                             for i in at_hook)]
+        for i, result in zip(at_hook, downstream.evaluate_run(
+                config, architecture, params, mesh, d=d, sequences=n, hook=hook), strict=True):
+            results[i] = result
     for i, result in enumerate(results):
         logging.info("Loss recovered%s%s: %.4f (CE clean %.4f, with the SAE %.4f, zero-ablated "
                      "%.4f; KL %.4g)", " (replacement model)"
                      if downstream.replaces_layers(architecture.shape) else "",
-                     f" ({i})" if n_saes > 1 else "", result["loss_recovered"],
+                     f" ({i})" if group.grouped else "", result["loss_recovered"],
                      result["ce_clean"], result["ce_sae"], result["ce_zero_ablation"],
                      result["kl_sae"])
     return results
 
 
+def _single_hook(config, source) -> str | None:
+    """The hook a single-hook SAE reads (its batch's one entry), for its summary; None for a
+    dictionary of several hooks. A hook group's members each name their own."""
+    if config.sae.shape != "single_hook" or len(source.widths) != 1:
+        return None
+    (hook,) = source.widths
+    return hook
+
+
 def _summaries(config, trainer: Trainer, state: dict, evaluated: dict,
                mmcs: np.ndarray | None, per_sae: list[dict], *, d: int,
-               train_seconds: float) -> list[dict]:
+               train_seconds: float, hook: str | None) -> list[dict]:
     """Per SAE, what `summary.json` holds: its final evals (`per_sae`: each SAE's own, the
     downstream and ground-truth metrics) and what was trained, for how long."""
     architecture, step = trainer.architecture, int(state["step"])
     batch_size = int(config.train.batch_size)
-    coefficients = group_coefficients(config)
-    grouped = bool(coefficients)
+    group = groups.members(config)
     summaries = []
     for i, own_metrics in enumerate(per_sae):
         summary: dict[str, Any] = {
             "step": step,
             "tokens": step * batch_size,
-            **{k: float(groups.pick(v, i, grouped)) for k, v in evaluated.items()},
+            **{k: float(group.pick(v, i)) for k, v in evaluated.items()},
             "architecture": architecture.name,
             "shape": architecture.shape.name,
             "d": d,
@@ -203,28 +217,29 @@ def _summaries(config, trainer: Trainer, state: dict, evaluated: dict,
             "train_flops": trainer.flops_per_token * step * batch_size,
             "train_seconds": train_seconds,
         }
+        if group.hook(i) or hook:
+            summary["hook"] = group.hook(i) or hook
         if architecture.sparsity_coefficient:
             summary[architecture.sparsity_coefficient] = (
-                coefficients[i] if grouped
+                group.coefficient(i) if group.coefficients
                 else float(config.sae[architecture.sparsity_coefficient]))
         elif architecture.level_field:
             summary[architecture.level_field] = config.sae[architecture.level_field]
         if mmcs is not None:
-            summary["mmcs"] = float(groups.pick(mmcs, i, grouped))
+            summary["mmcs"] = float(group.pick(mmcs, i))
         summary.update(own_metrics)
         summaries.append(summary)
     return summaries
 
 
-def _write_summaries(config, workdir: str, outputs: list[groups.Output],
+def _write_summaries(workdir: str, group: groups.Members, outputs: list[groups.Output],
                      summaries: list[dict]) -> dict:
     """Writes each member's summary in its folder and the run's in the workdir (a group's
     names its members'); stops with an error when the final evaluation is NaN."""
-    grouped = bool(group_coefficients(config))
-    if grouped:
+    if group.grouped:
         for output, member_summary in zip(outputs, summaries, strict=True):
             write_json(paths.join(output.workdir, "summary.json"), member_summary)
-    summary = summaries[0] if not grouped else {
+    summary = summaries[0] if not group.grouped else {
         "step": summaries[0]["step"], "tokens": summaries[0]["tokens"],
         "members": {o.name: s for o, s in zip(outputs, summaries)}}
     write_json(paths.join(workdir, "summary.json"), summary)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from saejax import groups, optim, sae, sharding, validation
-from saejax.step import (MEMBER_AXES, eval_step, init_from_data, init_train_state, resample_step,
-                         state_logical_axes, train_step)
+from saejax.step import (HOOK_AXES, MEMBER_AXES, eval_step, init_from_data, init_train_state,
+                         resample_step, state_logical_axes, train_step)
 
 
 class Trainer(NamedTuple):
@@ -37,8 +37,10 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
     """Builds the sharded init, train step and eval step for `config` on `mesh`.
 
     With `group.sparsity_coefficients` set, every function handles a group: one SAE per
-    coefficient, stacked on a leading member axis and vmapped, all reading the same batch.
-    Call inside `sharding.activate(mesh, rules)`: the sharded top-k reads the ambient mesh.
+    coefficient, stacked on a leading member axis and vmapped, all reading the same batch; with
+    `group.hooks`, one SAE (or coefficient group) per hook, stacked on a hook axis outside it,
+    each reading its hook's entry of the batch. Call inside `sharding.activate(mesh, rules)`:
+    the sharded top-k reads the ambient mesh.
     """
     architecture = sae.from_config(config.sae)
     n_latents = validation.n_latents(config)
@@ -49,9 +51,9 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
         config, architecture, tx, d=d, n_latents=n_latents)
 
     abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
-    grouped = bool(groups.group_coefficients(config))
     state_shardings = sharding.named_shardings(
-        mesh, state_logical_axes(architecture, tx, abstract_state, grouped=grouped),
+        mesh, state_logical_axes(architecture, tx, abstract_state,
+                                 levels=groups.members(config).levels),
         config.sharding_rules)
     replicated = sharding.replicated(mesh)
     return Trainer(
@@ -81,7 +83,8 @@ def make_trainer(config, mesh, *, d: int, batch_sharding) -> Trainer:
 def _step_functions(config, architecture: sae.Architecture, tx: optax.GradientTransformation,
                     *, d: int, n_latents: int) -> tuple[Callable, ...]:
     """The init, train, resample, data-init and eval functions with `config`'s settings bound,
-    over a group's members where there is a group; not yet jitted."""
+    over a group's members where there is a group (and its hooks outside them); not yet
+    jitted."""
     total_steps = int(config.train.steps)
     coefficients = groups.group_coefficients(config)
     dead_window_tokens = int(config.evals.dead_window_tokens)
@@ -118,4 +121,23 @@ def _step_functions(config, architecture: sae.Architecture, tx: optax.GradientTr
         resample = over_members(resample, extra=True)
         from_data = over_members(from_data, extra=False)
         evaluate = jax.vmap(evaluate, in_axes=(0, None, None))
+    hooks = groups.group_hooks(config)
+    if hooks:
+        init = _over_hooks_init(init, len(hooks))
+        step = groups.over_hooks(config, step, extra=True)
+        resample = groups.over_hooks(config, resample, extra=True)
+        from_data = groups.over_hooks(config, from_data, extra=False)
+        evaluate = _over_hooks_eval(evaluate, hooks)
     return init, step, resample, from_data, evaluate
+
+
+def _over_hooks_init(init: Callable, n_hooks: int) -> Callable:
+    """Every hook's SAE (or coefficient group) initialised from the one key, as each would be
+    alone with the run's seed."""
+    return jax.vmap(init, in_axes=None, out_axes=HOOK_AXES, axis_size=n_hooks)
+
+
+def _over_hooks_eval(evaluate: Callable, hooks: tuple[str, ...]) -> Callable:
+    """(params, input_scale, batch) -> metrics, over a hook group's hook axis."""
+    return lambda params, input_scale, batch: jax.vmap(evaluate)(
+        params, input_scale, groups.stack_hooks(batch, hooks))

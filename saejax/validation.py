@@ -7,7 +7,7 @@ import os
 
 import jax
 
-from saejax import data, paths, sae, sharding, tracking
+from saejax import data, groups, paths, sae, sharding, tracking
 from saejax.data import hierarchy, lockstep
 from saejax.evals import downstream
 from saejax.errors import ConfigError
@@ -116,7 +116,18 @@ def _check_choices(config) -> None:
 def _check_group(config, architecture: sae.Architecture) -> None:
     _require(config.group.vectorize in ("auto", "vmap", "map"),
              f"group.vectorize={config.group.vectorize!r} must be 'auto', 'vmap' or 'map'.")
-    coefficients = tuple(config.group.sparsity_coefficients)
+    group = groups.members(config)
+    if not group.grouped:
+        return
+    _check_hook_group(config, group.hooks)
+    workdirs = tuple(config.group.member_workdirs)
+    _require(not workdirs or (len(workdirs) == group.size
+                              and len(set(workdirs)) == len(workdirs)),
+             f"group.member_workdirs has {len(workdirs)} folders for {group.size} members "
+             f"({max(len(group.hooks), 1)} group.hooks x {max(len(group.coefficients), 1)} "
+             f"group.sparsity_coefficients); give one distinct folder per member, or none "
+             f"for <workdir>/members/<name>/.")
+    coefficients = group.coefficients
     if not coefficients:
         return
     groupable = [a.name for a in sae.ARCHITECTURES.values() if a.sparsity_coefficient]
@@ -124,16 +135,35 @@ def _check_group(config, architecture: sae.Architecture) -> None:
              f"group.sparsity_coefficients={coefficients} needs an architecture with a "
              f"sparsity coefficient; sae.architecture={architecture.name!r} has none. Use "
              f"one of {', '.join(groupable)}, or an empty group.")
-    workdirs = tuple(config.group.member_workdirs)
-    _require(not workdirs or (len(workdirs) == len(coefficients)
-                              and len(set(workdirs)) == len(workdirs)),
-             f"group.member_workdirs has {len(workdirs)} folders for {len(coefficients)} "
-             f"group.sparsity_coefficients; give one distinct folder per coefficient, or "
-             f"none for <workdir>/members/<name>/.")
     names = {f"{c:g}" for c in coefficients}
     _require(all(c >= 0 for c in coefficients) and len(names) == len(coefficients),
              f"group.sparsity_coefficients={coefficients} must be >= 0 and distinct to 6 "
              f"significant digits (they name the members' folders).")
+
+
+def _check_hook_group(config, hooks: tuple[str, ...]) -> None:
+    """A hook group's hooks are distinct hooks of the batches of an LM or of stores, and each
+    member is an SAE of one hook."""
+    if not hooks:
+        return
+    _require(len(set(hooks)) == len(hooks),
+             f"group.hooks={config.group.hooks!r} names a hook twice; name each once.")
+    _require(config.data.source in ("lm", "store"),
+             f"group.hooks={config.group.hooks!r} trains an SAE per hook of an LM's or a "
+             f"harvest's activations; data.source={config.data.source!r} is neither: use "
+             f"data.source='lm' with lm.hook naming the hooks, or 'store' with data.path "
+             f"naming their stores.")
+    _require(config.sae.shape == "single_hook",
+             f"group.hooks={config.group.hooks!r} trains one single-hook SAE per hook; "
+             f"sae.shape={config.sae.shape!r} reads several hooks at once: set "
+             f"sae.shape='single_hook', or leave group.hooks empty.")
+    given = data.batch_hooks(config) or ()
+    where = "lm.hook" if config.data.source == "lm" else "data.path"
+    missing = [hook for hook in hooks if hook not in given]
+    _require(not missing,
+             f"group.hooks={config.group.hooks!r}: {missing} are not hooks of the batches "
+             f"(their hooks: {list(given) or 'one'}); name every hook in {where}, "
+             f"comma-separated (one forward pass or one read gives them all).")
 
 
 def _check_mesh(config, n_devices: int, n: int) -> None:
@@ -195,11 +225,12 @@ def _check_shape(config, architecture: sae.Architecture) -> None:
     """The data's batches hold what the shape reads and reconstructs."""
     hooks = data.batch_hooks(config)
     if config.sae.shape == "single_hook":
-        _require(hooks is None,
+        _require(hooks is None or bool(groups.group_hooks(config)),
                  f"data.source={config.data.source!r} (data.path={config.data.path!r}) gives "
                  f"the hooks {list(hooks or ())}; a single-hook SAE reads one: set sae.shape "
                  f"to one that reads several (sae.shape='transcoder' with sae.input_hook and "
-                 f"sae.target_hook among them), or name one store in data.path.")
+                 f"sae.target_hook among them), train an SAE at each (group.hooks naming "
+                 f"them), or name one store in data.path.")
         return
     _require(hooks is not None,
              f"sae.shape={architecture.shape.name!r} reads several hooks; "

@@ -71,6 +71,17 @@ def test_group_step_benchmark_with_the_lm_as_input():
     assert result["solo_seconds_per_step_with_input"] > 0
 
 
+def test_group_step_benchmark_over_hooks_of_one_forward():
+    # 2 SAEs at two hooks of block 1, from one forward per batch, against 2 runs at one hook.
+    result = _last_json("group_step.py", *TINY, "--group_size=2", "--over=hooks", "--n_layer=2",
+                        "--layer=1", "--n_head=2", "--vocab_size=64", "--context_length=16")
+    assert result["over"] == "hooks" and result["source"] == "lm"
+    assert result["hooks"] == ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid"]
+    assert result["hook"] == "blocks.1.hook_resid_mid"  # the separate run's
+    assert result["tokens_per_s_per_sae"] * 2 == pytest.approx(result["tokens_per_s"])
+    assert result["separate_tokens_per_s_per_sae"] > 0 and result["speedup_with_input"] > 0
+
+
 def test_batch_sum_benchmark_times_both_sums():
     result = _last_json("batch_sum.py", "--batch_size=64", "--n_latents=128", "--iters=2")
     assert result["jnp.sum(a, axis=0)"] > 0 and result["evals.batch_sum(a)"] > 0

@@ -89,14 +89,17 @@ def read_run_config(workdir: str) -> dict:
 def load_run(workdir: str, step: int | None = None) -> LoadedSAE:
     """A saejax run's workdir: its newest checkpoint, or `step`."""
     config = read_run_config(workdir)
-    members = tuple(config.get("group", {}).get("sparsity_coefficients", ()) or ())
-    if members:
+    group = config.get("group", {})
+    members = tuple(group.get("sparsity_coefficients", ()) or ())
+    hooks = [h for h in str(group.get("hooks", "")).split(",") if h.strip()]
+    if members or hooks:
         folders = list(config["group"].get("member_workdirs") or ())
         if not folders and os.path.isdir(os.path.join(workdir, "members")):
             folders = [os.path.join(workdir, "members", name)
                        for name in sorted(os.listdir(os.path.join(workdir, "members")))]
         raise AnalysisError(
-            f"{workdir} trained a group of {len(members)} SAEs in one run; point at one "
+            f"{workdir} trained a group of {max(len(members), 1) * max(len(hooks), 1)} SAEs in "
+            f"one run; point at one "
             f"member's directory instead"
             + (f": one of {folders}." if folders else f": {workdir}/members/<name>."))
     sae_config = configs.base_config().sae

@@ -13,7 +13,8 @@ source); `hook_name` is the one place that decides the name: a store's harvest m
 `synthetic_crosscoder` one per layer (`layer_0`, ...), `synthetic_clt` each layer's MLP input
 and output (`blocks.{l}.ln2.hook_normalized`, `blocks.{l}.hook_mlp_out`); a
 `data.path` naming several stores of one harvest (comma-separated) reads them in lockstep
-(`lockstep.py`), one entry per store's hook. The LM with several hooks comes with issue 16.
+(`lockstep.py`), one entry per store's hook, and `lm.hook` naming several gives the same from
+one LM forward per chunk (`lm.py`).
 """
 
 from __future__ import annotations

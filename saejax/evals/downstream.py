@@ -167,18 +167,19 @@ def _evaluate(model: lm.LanguageModel, tokens: np.ndarray, hooks: tuple[str, ...
     return [{k: float(v) for k, v in evals.downstream_metrics(t).items()} for t in total]
 
 
-def evaluate_run(config, architecture, sae_params: list, mesh, *, d: int,
-                 sequences: int) -> list[dict]:
+def evaluate_run(config, architecture, sae_params: list, mesh, *, d: int, sequences: int,
+                 hook: str | None = None) -> list[dict]:
     """`evaluate` for SAEs trained by `config` (`sae_params`: `(params, input_scale)` each) on
     its LM's last `sequences` sequences of `lm.tokens` (those its training left out), at the
     hooks its shape splices (`shape.spliced_hooks`: a transcoder reads its input hook and
-    replaces its target's), leaving the tokens `lm.exclude_*` names as they are. A shape that
+    replaces its target's; `hook`: the one the SAEs read, default `lm.hook`, a hook group's
+    member's own), leaving the tokens `lm.exclude_*` names as they are. A shape that
     decodes layer by layer (a cross-layer transcoder) is evaluated as its replacement model
     (`evaluate_replacement`)."""
     shape = architecture.shape
     replacement = replaces_layers(shape)
     input_hook, hook = ((None, shape.target_hooks[-1]) if replacement
-                        else shape.spliced_hooks(str(config.lm.hook)))
+                        else shape.spliced_hooks(hook or str(config.lm.hook)))
     lm_config = config.lm.copy_and_resolve_references()
     with lm_config.unlocked():
         lm_config.hook = hook
