@@ -23,8 +23,8 @@ TABLE = "results.csv"
 RUN_FILE = "sweep_run.json"
 
 # Final metrics copied from each point's summary.json, in this order (those a run reports).
-METRICS = ("mse", "fvu", "l0", "dead_fraction", "mmcs", "loss_recovered", "ce_clean", "ce_sae",
-           "ce_zero_ablation", "kl_sae", "kl_zero_ablation")
+METRICS = ("mse", "fvu", "l0", "dead_fraction", "mmcs", "absorption", "loss_recovered",
+           "ce_clean", "ce_sae", "ce_zero_ablation", "kl_sae", "kl_zero_ablation")
 # Metrics per hook of a dictionary that reconstructs several (`fvu/<hook>`, saejax.step).
 PER_HOOK = "fvu/"
 # A point's status in the table: finished; trained part way (metrics from its last log line);

@@ -70,9 +70,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
         # Evals ------------------------------------------------------------------------------
         evaluated, final_mmcs = _evaluate(config, trainer, state, source, mmcs)
+        hierarchy = _hierarchy(config, trainer, state, source)
         downstream = _downstream(config, state, trainer.architecture, mesh, source.d,
                                  len(outputs))
-        summaries = _summaries(config, trainer, state, evaluated, final_mmcs, downstream,
+        summaries = _summaries(config, trainer, state, evaluated, final_mmcs,
+                               [{**h, **m} for h, m in zip(hierarchy, downstream)],
                                d=source.d, train_seconds=train_seconds)
         groups.close(ckpt, outputs, summaries)
 
@@ -129,6 +131,24 @@ def _evaluate(config, trainer: Trainer, state: dict, source: data.KeyedSource,
     results["dead_fraction"] = np.asarray(evals.dead_fraction(
         state["tokens_since_fired"], int(config.evals.dead_window_tokens)))
     return results, None if mmcs is None else np.asarray(mmcs(state["params"]["W_dec"]))
+
+
+def _hierarchy(config, trainer: Trainer, state: dict, source: data.KeyedSource) -> list[dict]:
+    """Per SAE, its `absorption` on the held-out batches of a source with a hierarchy of true
+    features (`evals.hierarchy_metrics`, with the SAE's inference encoding: BatchTopK's
+    threshold), or nothing for other sources."""
+    grouped = bool(group_coefficients(config))
+    n_saes = len(group_coefficients(config)) if grouped else 1
+    if getattr(source, "parents", None) is None:
+        return [{} for _ in range(n_saes)]
+    architecture = trainer.architecture
+    members = [member_state(state, i) for i in range(n_saes)] if grouped else [state]
+    encode = jax.jit(lambda params, scale, batch: architecture.encode(
+        params, architecture.shape.input(batch) * scale, config.sae))
+    return [{"absorption": evals.hierarchy_metrics(
+                lambda batch, m=m: encode(m["params"], m["input_scale"], batch),
+                m["params"]["W_dec"], source, int(config.evals.eval_batches))["absorption"]}
+            for m in members]
 
 
 def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: int,

@@ -35,6 +35,7 @@ from saejax.errors import ConfigError
 from saejax.sae import base, ops
 
 FIELD = "matryoshka_widths"
+WEIGHTS = "matryoshka_weights"
 
 
 def _is_whole(value) -> bool:
@@ -85,6 +86,22 @@ def resolve_widths(listed, n_latents: int) -> tuple[int, ...]:
     return widths
 
 
+def resolve_weights(listed, widths: tuple[int, ...], n_latents: int) -> tuple[float, ...]:
+    """`sae.matryoshka_weights`: the factor on each prefix loss below the whole dictionary
+    (empty: 1 each; one number: that for each). ConfigError naming the field when the count
+    does not match the prefixes or a weight is negative."""
+    inner = sum(w < n_latents for w in widths)
+    listed = tuple(listed)
+    values = tuple(float(v) for v in listed) if listed else (1.0,)
+    if len(values) == 1:
+        values = values * inner
+    if len(values) != inner or any(not (math.isfinite(v) and v >= 0) for v in values):
+        raise ConfigError(f"sae.{WEIGHTS}={listed!r} must be one non-negative number, or one "
+                          f"per prefix below the whole dictionary ({inner} for "
+                          f"sae.{FIELD}={widths}).")
+    return values
+
+
 def label(value) -> str:
     """A listed width as it names its metrics: `mse_prefix_64`, `fvu_prefix_0.25`."""
     return str(int(float(value))) if _is_whole(value) else f"{float(value):g}"
@@ -104,6 +121,7 @@ class Matryoshka(NamedTuple):
     inner: Any
     widths: tuple = ()
     name: str = "matryoshka"
+    weights: tuple = ()   # sae.matryoshka_weights: each smaller prefix's loss factor
 
     @property
     def param_axes(self) -> dict:
@@ -174,6 +192,10 @@ class Matryoshka(NamedTuple):
         """The listed widths as latent counts."""
         return resolve_widths(self.widths, n_latents)
 
+    def prefix_weights(self, n_latents: int) -> tuple[float, ...]:
+        """The factor on each prefix loss below the whole dictionary."""
+        return resolve_weights(self.weights, self.prefixes(n_latents), n_latents)
+
     def flops_per_token(self, d, n_latents: int) -> int:
         """The inner layout's, plus a decoder matmul forward (2 d n) and backward (4 d n) per
         prefix below the whole dictionary (a skip connection is shared by every prefix)."""
@@ -184,10 +206,12 @@ class Matryoshka(NamedTuple):
 
 def prefix_metrics(shape: "Matryoshka", params, latents, x, target, x_hat,
                    mse=None) -> tuple[Any, dict]:
-    """The summed MSE of the prefixes below the whole dictionary, and every listed prefix's
-    `mse_prefix_*` and `fvu_prefix_*`; `x_hat` (and its `mse`) are the whole dictionary's."""
+    """The MSE of the prefixes below the whole dictionary, summed with their weights, and
+    every listed prefix's `mse_prefix_*` and `fvu_prefix_*`; `x_hat` (and its `mse`) are the
+    whole dictionary's."""
     n_latents = latents.shape[-1]
     total, metrics = 0.0, {}
+    weights = iter(shape.prefix_weights(n_latents))
     for listed, width in zip(shape.widths, shape.prefixes(n_latents)):
         if width == n_latents:
             prefix_x_hat = x_hat
@@ -195,7 +219,7 @@ def prefix_metrics(shape: "Matryoshka", params, latents, x, target, x_hat,
         else:
             prefix_x_hat = shape.decode_prefix(params, latents, width, x)
             prefix_mse = ops.mse(target, prefix_x_hat)
-            total = total + prefix_mse
+            total = total + next(weights) * prefix_mse
         metrics[f"mse_prefix_{label(listed)}"] = prefix_mse
         metrics[f"fvu_prefix_{label(listed)}"] = ops.fvu(target, prefix_x_hat)
     return total, metrics
@@ -219,7 +243,7 @@ def compose(mechanism: base.Mechanism, shape: Matryoshka) -> base.Architecture:
         return total + prefix_loss, {**aux, **metrics}
 
     def validate(config, n_latents):
-        shape.prefixes(n_latents)
+        shape.prefix_weights(n_latents)
         mechanism_validate(config, n_latents)
 
     def temporaries(sae_config, n_latents):
