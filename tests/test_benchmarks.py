@@ -39,6 +39,16 @@ def test_train_step_benchmark_counts_a_crosscoders_hooks():
     assert result["flops_per_s"] / result["tokens_per_s"] == pytest.approx(10 * 3 * 32 * 64)
 
 
+def test_train_step_benchmark_counts_a_matryoshka_skip_transcoders_own_flops():
+    """A Matryoshka BatchTopK skip transcoder: the dense step (10 d n), the skip's matmul
+    forward and backward (6 d d) and the prefix's masked decode forward and backward (6 d n)."""
+    result = _last_json("train_step.py", *TINY, "--architecture=batchtopk", "--k=4",
+                        "--shape=transcoder", "--skip_connection", "--matryoshka_widths=16")
+    assert result["shape"] == "transcoder" and result["matryoshka_widths"] == [16]
+    assert result["flops_per_s"] / result["tokens_per_s"] == pytest.approx(
+        10 * 32 * 64 + 6 * 32 * 32 + 6 * 32 * 64)
+
+
 def test_group_step_benchmark_compares_group_with_separate_steps():
     result = _last_json("group_step.py", *TINY, "--group_size=2")
     assert result["group_size"] == 2
