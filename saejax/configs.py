@@ -108,6 +108,9 @@ def _sae_section(config: ml_collections.ConfigDict) -> None:
     # latents back from their children's mean direction ("balance Matryoshka", Chanin et al.
     # 2025, "Feature Hedging"); experiments/matryoshka.py uses it.
     config.sae.matryoshka_weights = ()
+    # AuxK per prefix (TopK family only): the dead latents each prefix adds reconstruct that
+    # prefix's residual (SAELens' use_matryoshka_aux_loss).
+    config.sae.matryoshka_auxk = False
     for name, field in sae.config_fields().items():
         config.sae[name] = field.default
 

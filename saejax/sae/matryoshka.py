@@ -32,10 +32,11 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 
 from saejax.errors import ConfigError
-from saejax.sae import base, ops
+from saejax.sae import base, ops, topk_family
 
 FIELD = "matryoshka_widths"
 WEIGHTS = "matryoshka_weights"
+AUXK = "matryoshka_auxk"
 
 
 def _is_whole(value) -> bool:
@@ -205,12 +206,14 @@ class Matryoshka(NamedTuple):
 
 
 def prefix_metrics(shape: "Matryoshka", params, latents, x, target, x_hat,
-                   mse=None) -> tuple[Any, dict]:
+                   mse=None, auxk=None) -> tuple[Any, dict]:
     """The MSE of the prefixes below the whole dictionary, summed with their weights, and
     every listed prefix's `mse_prefix_*` and `fvu_prefix_*`; `x_hat` (and its `mse`) are the
-    whole dictionary's."""
+    whole dictionary's. With `auxk(prefix_x_hat, start, width)` (the prefix AuxK below), its
+    value for each of those prefixes is added to the sum and reported as
+    `auxk_loss_prefix_*`."""
     n_latents = latents.shape[-1]
-    total, metrics = 0.0, {}
+    total, metrics, start = 0.0, {}, 0
     weights = iter(shape.prefix_weights(n_latents))
     for listed, width in zip(shape.widths, shape.prefixes(n_latents)):
         if width == n_latents:
@@ -220,9 +223,30 @@ def prefix_metrics(shape: "Matryoshka", params, latents, x, target, x_hat,
             prefix_x_hat = shape.decode_prefix(params, latents, width, x)
             prefix_mse = ops.mse(target, prefix_x_hat)
             total = total + next(weights) * prefix_mse
+            if auxk is not None:
+                metrics[f"auxk_loss_prefix_{label(listed)}"] = auxk(prefix_x_hat, start, width)
+                total = total + metrics[f"auxk_loss_prefix_{label(listed)}"]
+            start = width
         metrics[f"mse_prefix_{label(listed)}"] = prefix_mse
         metrics[f"fvu_prefix_{label(listed)}"] = ops.fvu(target, prefix_x_hat)
     return total, metrics
+
+
+def prefix_auxk(shape: "Matryoshka", params, x, target, dead, sae_config):
+    """`sae.matryoshka_auxk`: AuxK per prefix (SAELens' `use_matryoshka_aux_loss`; Chanin et
+    al.'s Matryoshka SAEs): the dead latents of the latents a prefix adds to the one before it,
+    [start, width), reconstruct that prefix's residual, weighted by `sae.auxk_coefficient`.
+    The mechanism's own AuxK (the whole dictionary's residual) stays. A dead latent among the
+    first ones is then pulled to what the first prefix misses (a parent no first latent
+    holds), which the whole dictionary's residual no longer shows."""
+    pre = shape.pre_activations(params, x)
+    index = jnp.arange(pre.shape[-1])
+
+    def auxk(prefix_x_hat, start, width):
+        in_prefix = dead & (index >= start) & (index < width)
+        return float(sae_config.auxk_coefficient) * topk_family.auxk_loss(
+            params, x, target, prefix_x_hat, pre, in_prefix, sae_config.k_aux)
+    return auxk
 
 
 def compose(mechanism: base.Mechanism, shape: Matryoshka) -> base.Architecture:
@@ -238,12 +262,18 @@ def compose(mechanism: base.Mechanism, shape: Matryoshka) -> base.Architecture:
             raise ValueError("Matryoshka prefixes decode the dense latents; this mechanism's "
                              "loss does not form them (a sparse TopK decoder: set "
                              "sae.topk_decoder='dense').")
-        prefix_loss, metrics = prefix_metrics(shape, params, aux["latents"], shape.input(batch),
-                                              shape.target(batch), aux["x_hat"], aux["mse"])
+        x, target = shape.input(batch), shape.target(batch)
+        auxk = (prefix_auxk(shape, params, x, target, dead, sae_config)
+                if sae_config.get(AUXK, False) else None)
+        prefix_loss, metrics = prefix_metrics(shape, params, aux["latents"], x, target,
+                                              aux["x_hat"], aux["mse"], auxk=auxk)
         return total + prefix_loss, {**aux, **metrics}
 
     def validate(config, n_latents):
         shape.prefix_weights(n_latents)
+        if config.sae.get(AUXK, False) and "k_aux" not in mechanism.config_fields:
+            raise ConfigError(f"sae.{AUXK}=True needs a mechanism with AuxK (topk, batchtopk); "
+                              f"sae.architecture={mechanism.name!r} has none: set it False.")
         mechanism_validate(config, n_latents)
 
     def temporaries(sae_config, n_latents):
@@ -251,7 +281,10 @@ def compose(mechanism: base.Mechanism, shape: Matryoshka) -> base.Architecture:
         decoder's gradient (their gradient adds into the latents' as it is formed)."""
         counts = mechanism_temporaries(sae_config, n_latents)
         inner_prefixes = sum(w < n_latents for w in shape.prefixes(n_latents))
-        return counts._replace(latent_arrays=counts.latent_arrays + inner_prefixes)
+        # The prefix AuxK's masked dead latents, one more array per prefix (not yet checked
+        # against XLA's buffer assignment as the prefixes are).
+        per_prefix = 2 if sae_config.get(AUXK, False) else 1
+        return counts._replace(latent_arrays=counts.latent_arrays + per_prefix * inner_prefixes)
 
     single_hook = shape.inner.name == base.SINGLE_HOOK.name
     return architecture._replace(
