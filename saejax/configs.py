@@ -108,6 +108,8 @@ def _sae_section(config: ml_collections.ConfigDict) -> None:
     # latents back from their children's mean direction ("balance Matryoshka", Chanin et al.
     # 2025, "Feature Hedging"); experiments/matryoshka.py uses it.
     config.sae.matryoshka_weights = ()
+    # The step from which those weights apply (each is 1 before it).
+    config.sae.matryoshka_weights_from_step = 0
     # AuxK per prefix (TopK family only): the dead latents each prefix adds reconstruct that
     # prefix's residual (SAELens' use_matryoshka_aux_loss).
     config.sae.matryoshka_auxk = False

@@ -119,7 +119,7 @@ def test_prefix_weights_and_prefix_auxk_add_to_the_loss():
     latents, W_dec = np.asarray(plain_aux["latents"]), np.asarray(params["W_dec"])
     pre = (np.asarray(x) - np.asarray(params["b_dec"])) @ np.asarray(params["W_enc"]) + \
         np.asarray(params["b_enc"])
-    expected, start = float(plain_loss), 0
+    expected, unit, start = float(plain_loss), float(plain_loss), 0
     for width, weight in zip(widths, weights):
         residual = np.asarray(x) - (np.where(np.arange(64) < width, latents, 0) @ W_dec
                                     + np.asarray(params["b_dec"]))
@@ -128,10 +128,18 @@ def test_prefix_weights_and_prefix_auxk_add_to_the_loss():
         np.testing.assert_allclose(aux[f"auxk_loss_prefix_{width}"],
                                    config.sae.auxk_coefficient * auxk, rtol=1e-4)
         expected += weight * np.mean(residual ** 2) + config.sae.auxk_coefficient * auxk
+        unit += np.mean(residual ** 2) + config.sae.auxk_coefficient * auxk
         start = width
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # Before sae.matryoshka_weights_from_step every prefix weighs 1.
+    config = configs.apply_overrides(config, {"sae.matryoshka_weights_from_step": 5})
+    for step, want in ((4, unit), (5, expected)):
+        got, _ = architecture.loss(params, {"activations": x}, config.sae, 0.0, dead,
+                                   step=jnp.int32(step))
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"step {step}")
     for overrides, message in (({"sae.matryoshka_weights": (1, 1, 1)}, "one per prefix"),
                                ({"sae.matryoshka_weights": (-1,)}, "non-negative"),
+                               ({"sae.matryoshka_weights_from_step": -1}, "integer >= 0"),
                                ({"sae.architecture": "relu", "sae.matryoshka_auxk": True},
                                 "needs a mechanism with AuxK")):
         with pytest.raises(ConfigError, match=message):
@@ -233,6 +241,9 @@ def test_matryoshka_batchtopk_absorbs_less_and_sweeps_resumes_and_exports(tmp_pa
     assert results["batchtopk"]["absorption"] > results["matryoshka"]["absorption"] + 0.1, (
         results)
     assert results["matryoshka"]["mmcs"] > 0.9, results
+    # The run's own evaluation (summary.json, the sweep's table) reports the same absorption.
+    for row, result in zip(rows, results.values()):
+        assert row["absorption"] == pytest.approx(result["absorption"], abs=1e-6), (row, result)
     workdir = folders[0]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]

@@ -37,6 +37,7 @@ from saejax.sae import base, ops, topk_family
 FIELD = "matryoshka_widths"
 WEIGHTS = "matryoshka_weights"
 AUXK = "matryoshka_auxk"
+WEIGHTS_FROM = "matryoshka_weights_from_step"
 
 
 def _is_whole(value) -> bool:
@@ -206,15 +207,15 @@ class Matryoshka(NamedTuple):
 
 
 def prefix_metrics(shape: "Matryoshka", params, latents, x, target, x_hat,
-                   mse=None, auxk=None) -> tuple[Any, dict]:
+                   mse=None, auxk=None, weighted=True) -> tuple[Any, dict]:
     """The MSE of the prefixes below the whole dictionary, summed with their weights, and
     every listed prefix's `mse_prefix_*` and `fvu_prefix_*`; `x_hat` (and its `mse`) are the
     whole dictionary's. With `auxk(prefix_x_hat, start, width)` (the prefix AuxK below), its
     value for each of those prefixes is added to the sum and reported as
-    `auxk_loss_prefix_*`."""
+    `auxk_loss_prefix_*`. `weighted` (a traced bool) False: every prefix at weight 1."""
     n_latents = latents.shape[-1]
     total, metrics, start = 0.0, {}, 0
-    weights = iter(shape.prefix_weights(n_latents))
+    weights = iter(jnp.where(weighted, w, 1.0) for w in shape.prefix_weights(n_latents))
     for listed, width in zip(shape.widths, shape.prefixes(n_latents)):
         if width == n_latents:
             prefix_x_hat = x_hat
@@ -265,12 +266,21 @@ def compose(mechanism: base.Mechanism, shape: Matryoshka) -> base.Architecture:
         x, target = shape.input(batch), shape.target(batch)
         auxk = (prefix_auxk(shape, params, x, target, dead, sae_config)
                 if sae_config.get(AUXK, False) else None)
+        # The listed weights from sae.matryoshka_weights_from_step on, 1 before: the first
+        # prefix places the parents at full weight, then the lower weight takes the children's
+        # mean back out of them (benchmarks/RESULTS.md, "Matryoshka BatchTopK on a hierarchy").
+        weighted = True if step is None else step >= int(sae_config.get(WEIGHTS_FROM, 0))
         prefix_loss, metrics = prefix_metrics(shape, params, aux["latents"], x, target,
-                                              aux["x_hat"], aux["mse"], auxk=auxk)
+                                              aux["x_hat"], aux["mse"], auxk=auxk,
+                                              weighted=weighted)
         return total + prefix_loss, {**aux, **metrics}
 
     def validate(config, n_latents):
         shape.prefix_weights(n_latents)
+        start = config.sae.get(WEIGHTS_FROM, 0)
+        if not (int(start) == start and start >= 0):
+            raise ConfigError(f"sae.{WEIGHTS_FROM}={start!r} must be a step, an integer >= 0 "
+                              f"(0: sae.{WEIGHTS} from the start).")
         if config.sae.get(AUXK, False) and "k_aux" not in mechanism.config_fields:
             raise ConfigError(f"sae.{AUXK}=True needs a mechanism with AuxK (topk, batchtopk); "
                               f"sae.architecture={mechanism.name!r} has none: set it False.")
