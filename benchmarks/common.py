@@ -68,12 +68,15 @@ def add_shape_flags(parser, *, d: int, expansion_factor: int, batch_size: int) -
     parser.add_argument("--matryoshka_widths", default="",
                         help="sae.matryoshka_widths, comma-separated (64,256 or 0.0625,0.25)")
     parser.add_argument("--shape", default="single_hook",
-                        choices=("single_hook", "transcoder", "crosscoder"),
-                        help="sae.shape; transcoder and crosscoder read synthetic hooks")
-    parser.add_argument("--n_layers", type=int, default=3, help="a crosscoder's hooks")
+                        choices=("single_hook", "transcoder", "crosscoder", "clt"),
+                        help="sae.shape; transcoder, crosscoder and clt read synthetic hooks")
+    parser.add_argument("--n_layers", type=int, default=3,
+                        help="a crosscoder's hooks, a CLT's layers")
     parser.add_argument("--skip_connection", action="store_true",
                         help="sae.skip_connection: a transcoder's linear skip W_skip")
     parser.add_argument("--mesh_model", type=int, default=1)
+    parser.add_argument("--mesh_layer", type=int, default=1,
+                        help="mesh.layer: a CLT's layers split over a third mesh axis")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--peak_size", type=int, default=4096,
                         help="the square matmul (n^3) also timed for the machine's peak")
@@ -105,6 +108,15 @@ def config_from_flags(args):
         config.data.source, config.sae.shape = "synthetic_crosscoder", "crosscoder"
         config.data.n_layers = args.n_layers
         config.sae.hooks = ",".join(synthetic.crosscoder_hooks(args.n_layers))
+    elif shape == "clt":
+        config.data.source, config.sae.shape = "synthetic_clt", "clt"
+        config.data.n_layers = args.n_layers
+        config.sae.layers = f"0-{args.n_layers - 1}"
+    mesh_layer = getattr(args, "mesh_layer", 1)
+    if mesh_layer > 1:  # the layer axis over its own mesh axis, the latents over `model`
+        config.mesh.layer = mesh_layer
+        config.sharding_rules = (("batch", "data"), ("layer", "layer"), ("latent", "model"),
+                                 ("embed", None), ("group", None))
     return config
 
 

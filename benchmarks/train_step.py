@@ -6,10 +6,15 @@
     python benchmarks/train_step.py --compute_dtype=bfloat16 --d=4096 --expansion_factor=32  # GPU
     python benchmarks/train_step.py --architecture=batchtopk --matryoshka_widths=0.0625,0.25
     python benchmarks/train_step.py --shape=crosscoder --n_layers=3   # or --shape=transcoder
+    python benchmarks/train_step.py --shape=clt --n_layers=4 --architecture=topk --memory
+    python benchmarks/train_step.py --shape=clt --n_layers=4 --mesh_layer=2 --mesh_model=2 --memory
 
 Prints tokens/s, achieved FLOP/s (the architecture's FLOPs per token, 10 * d * n_latents for a
 dense step) against the measured matmul rate of the same shapes in the same dtype, and peak memory; the last
-line is one JSON object (tokens_per_s, flops_per_s, matmul_flops_per_s, ...).
+line is one JSON object (tokens_per_s, flops_per_s, matmul_flops_per_s, ...). A CLT's FLOPs are
+its own (`CrossLayerTranscoder.flops_per_token`: L encoders, the full L x L masked decoder); with
+`--memory` the step's bytes per device from the memory model (`saejax.memory.memory_report`)
+are printed beside XLA's memory analysis of the compiled step.
 """
 
 import argparse
@@ -27,10 +32,13 @@ from benchmarks import common  # noqa: E402
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_shape_flags(parser, d=512, expansion_factor=16, batch_size=4096)
+    parser.add_argument("--memory", action="store_true",
+                        help="also the memory model's bytes per device against XLA's")
     args = parser.parse_args()
     config = common.config_from_flags(args)
     n_latents = args.d * args.expansion_factor
     step = common.time_train_step(config, d=args.d, iters=args.iters)
+    memory_check = _memory_check(config, args.d) if args.memory else {}
     seconds = step["seconds_per_step"]
 
     width = args.d * (args.n_layers if args.shape == "crosscoder" else 1)  # the hooks side by side
@@ -46,13 +54,28 @@ def main():
         "seconds_per_step": seconds, "tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s,
         "matmul_flops_per_s": matmul, "fraction_of_matmul_peak": flops_per_s / matmul,
         "peak_memory_bytes": common.peak_memory_bytes(), "machine": common.machine(),
+        "flops_per_token": step["flops_per_token"], **memory_check,
     }
     print(f"{args.architecture} ({args.shape}) d={args.d} n_latents={n_latents} batch={args.batch_size}: "
           f"{tokens_per_s:,.0f} tokens/s, {flops_per_s / 1e9:.1f} GFLOP/s achieved vs "
           f"{matmul / 1e9:.1f} GFLOP/s measured matmul peak "
           f"({100 * flops_per_s / matmul:.0f}%), peak memory "
           f"{result['peak_memory_bytes'] / 2**20:.0f} MiB")
+    if memory_check:
+        print(f"memory model {memory_check['memory_model_bytes'] / 2**20:.1f} MiB per device vs "
+              f"XLA {memory_check['xla_bytes'] / 2**20:.1f} MiB (ratio "
+              f"{memory_check['memory_model_bytes'] / memory_check['xla_bytes']:.2f})")
     print(json.dumps(result))
+
+
+def _memory_check(config, d: int) -> dict:
+    """The memory model's bytes per device of the step against XLA's compiled analysis."""
+    from saejax import memory, sharding  # pylint: disable=import-outside-toplevel
+    mesh = sharding.make_mesh(config.mesh)
+    _, compiled = memory.compile_train_step(config, mesh, d=d)
+    report, xla = memory.memory_report(config, mesh, d=d), memory.compiled_memory(compiled)
+    return {"memory_model_bytes": report.total_bytes, "xla_bytes": xla["total_bytes"],
+            "memory_model": report.as_dict(), "xla_memory": xla}
 
 
 if __name__ == "__main__":

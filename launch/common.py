@@ -6,6 +6,8 @@ The environment variables a launcher sets for saejax (read by saejax/main.py):
   SAEJAX_COORDINATOR_ADDRESS    host:port of process 0   } each passed on when set, None
   SAEJAX_NUM_PROCESSES          total processes          } otherwise (JAX detects them on
   SAEJAX_PROCESS_ID             this process, 0-based    } Cloud TPU and under SLURM)
+  SAEJAX_HEARTBEAT_TIMEOUT_S    (optional, none set it) seconds a process may be silent
+                                before it counts as dead and JAX stops the others; 20
 """
 
 import os

@@ -1,7 +1,7 @@
 """The one pattern of every saejax command: absl flags defined only when the module runs as
 the program, `app.run`, a `main` that calls a library function, and `run` around it, which
 turns saejax's known errors into one line on stderr and exit code 2 (SIGTERM: a checkpoint,
-then exit code 143). Also what every command does before its work (`setup`): readable logs,
+then exit code 143; a dead process of the cluster: exit code 2 at once). Also what every command does before its work (`setup`): readable logs,
 simulated CPU devices when asked, and joining a multi-process cluster when a launcher asks
 (`saejax/distributed.py`).
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging as std_logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -51,6 +52,10 @@ def _reporting_errors(main, errors, argv):
     except UsageError as e:
         print(e, file=sys.stderr)
         sys.exit(ERROR_EXIT_CODE)
+    except distributed.ClusterError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(ERROR_EXIT_CODE)  # at once: JAX's exit handler would wait on the dead process
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(ERROR_EXIT_CODE)

@@ -99,6 +99,10 @@ def _sae_section(config: ml_collections.ConfigDict) -> None:
     config.sae.target_hook = ""
     config.sae.skip_connection = False
     config.sae.hooks = ""
+    # "clt" (cross-layer transcoder, saejax/sae/clt.py) reads sae.input_hook at each layer of
+    # sae.layers ("0-3" or "0,1,2,3") and reconstructs sae.target_hook at that layer and every
+    # later one; both are templates with {layer} (empty: the MLP's input and output).
+    config.sae.layers = ""
     # Matryoshka (saejax/sae/matryoshka.py): nested prefixes of the latents, each reconstructing
     # the target, as latent counts (64, 256) or fractions of n_latents (0.0625, 0.25); the whole
     # dictionary is the last prefix. Empty: a plain dictionary.
@@ -195,6 +199,9 @@ def _mesh_section(config: ml_collections.ConfigDict) -> None:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1
     config.mesh.model = 1
+    # Devices along a third mesh axis, `layer` (1: the mesh is data x model); a CLT's layer
+    # axis is split over it with the rule ("layer", "layer") in sharding_rules.
+    config.mesh.layer = 1
     # Logical axis -> mesh axis. "group" (the members of a group) stays unsplit.
     config.sharding_rules = (("batch", "data"), ("latent", "model"), ("embed", None),
                              ("group", None))

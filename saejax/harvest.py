@@ -16,12 +16,19 @@ Attention sinks are left out: no row is written for the positions in `--exclude_
 special tokens and the model's BOS). The store records both settings in its metadata and each
 row's (sequence, position) and (document, offset), which is what traces a row back to its text.
 Interrupt it at any point and run the same command again: it resumes after the last committed
-batch, writing no row twice and losing none.
+chunk, writing no row twice and losing none.
+
+Run on every process of a JAX cluster (`python -m launch.local --processes=2 -- python -m
+saejax.harvest ...`, or launch.tpu / launch.slurm), the processes write each store together:
+each data replica forwards its own run of the sequences and writes whole chunks (shards) of its
+own (`saejax/data/store/parts.py`); the store is the one a single process writes. Killed on any
+host, it resumes with the same or another process count.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Sequence
 
 from absl import flags, logging
@@ -66,8 +73,8 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
         raise ConfigError(f"--exclude_positions={list(exclude_positions)} and "
                           f"--exclude_token_ids leave no token of --tokens={tokens!r} to store.")
 
-    # The batch of sequences is split over every device; the model is replicated.
-    devices = jax.devices()
+    # The batch of sequences is split over this process's devices; the model is replicated.
+    devices = jax.local_devices()
     n_devices = len(devices) if batch_sequences % len(devices) == 0 else 1
     mesh = jax.make_mesh((n_devices,), ("data",), devices=devices[:n_devices],
                          axis_types=(jax.sharding.AxisType.Auto,))
@@ -77,12 +84,15 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
     token_sharding = NamedSharding(mesh, P("data"))
 
     def activation_fn(batch: np.ndarray):
-        if len(batch) % n_devices:  # a last, smaller batch
-            return forward(params, batch)[1]
-        return forward(params, jax.device_put(batch, token_sharding))[1]
+        # A smaller batch (the last of a process's run of sequences) is padded: one compiled
+        # shape, and a sequence's activations do not depend on where the processes' runs end.
+        rows = len(batch)
+        batch = np.pad(batch, ((0, batch_sequences - rows), (0, 0)))
+        acts = forward(params, jax.device_put(batch, token_sharding))[1]
+        return {hook: x[:rows] for hook, x in acts.items()}
 
-    writers = {
-        hook: store.ActivationStoreWriter.create_or_open(
+    def open_writers():
+        return {hook: store.ActivationStoreWriter.create_or_open(
             paths.join(out, hook), d=model_config.d_model, dtype=dtype,
             context_length=context_length, n_tokens=int(row_starts[-1]),
             chunk_rows=chunk_rows, shard_rows=shard_rows or None, positions=True,
@@ -91,22 +101,34 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
                       "holdout_sequences": holdout_sequences,
                       "exclude_positions": list(exclude_positions),
                       "exclude_token_ids": list(exclude_token_ids)})
-        for hook in hooks}
-    # Sequences [0, done) are wholly committed in every store.
-    done = int(np.searchsorted(row_starts, min(w.committed_rows for w in writers.values()),
-                               "right")) - 1
-    if done:
-        logging.info("Resuming the harvest after %d of %d sequences.", done, n)
+            for hook in hooks}
+
+    # Every process writes whole chunks (shards) of its data replica's part of each store.
+    replica, replicas = _data_replica()
+    writers, rows_todo = store.open_parts(open_writers, replica=replica, replicas=replicas)
+    n_rows = int(row_starts[-1])
+    if rows_todo < n_rows:
+        logging.info("Resuming the harvest: %s of %s rows are committed.",
+                     f"{n_rows - rows_todo:,}", f"{n_rows:,}")
     logging.info("Harvesting %s tokens (%d sequences x %d, %s excluded) at %s from %s on %d "
-                 "%s device(s).", f"{row_starts[-1]:,}", n, context_length,
-                 f"{n * context_length - row_starts[-1]:,}", ", ".join(hooks), checkpoint,
-                 n_devices, jax.default_backend())
-    # Start at the batch holding the first uncommitted row: nothing before it is recomputed.
-    first = done // batch_sequences * batch_sequences
-    batches = _token_batches(sequences, keep, row_starts, first, batch_sequences)
-    result = store.harvest_loop(activation_fn, batches, writers, log_every_s=progress_every_s)
-    result["tokens_skipped"] += int(row_starts[first])
-    return {"stores": {h: w.path for h, w in writers.items()}, **result}
+                 "%s device(s) x %d process(es).", f"{n_rows:,}", n, context_length,
+                 f"{n * context_length - n_rows:,}", ", ".join(hooks), checkpoint, n_devices,
+                 jax.default_backend(), jax.process_count())
+    batches = _token_batches(sequences, keep, row_starts,
+                             _sequence_ranges(writers.values(), row_starts), batch_sequences)
+    seconds = _write_parts(activation_fn, batches, writers, progress_every_s)
+    return {"stores": {h: w.path for h, w in writers.items()}, "tokens_written": rows_todo,
+            "tokens_skipped": n_rows - rows_todo, "seconds": seconds,
+            "tokens_per_s": rows_todo / seconds if seconds > 0 else 0.0}
+
+
+def _write_parts(activation_fn, batches, writers, progress_every_s: float) -> float:
+    """Writes this process's parts of the stores, then waits for every process's; the seconds."""
+    t0 = time.perf_counter()
+    store.harvest_loop(activation_fn, batches, writers, log_every_s=progress_every_s)
+    # A slower process may take longer than this one, but not twice as long.
+    store.finish_parts(writers, timeout_s=max(600.0, 2 * (time.perf_counter() - t0)))
+    return time.perf_counter() - t0
 
 
 def _exclusion(tokens: np.ndarray, checkpoint: str, model_config, exclude_positions,
@@ -119,18 +141,38 @@ def _exclusion(tokens: np.ndarray, checkpoint: str, model_config, exclude_positi
     return positions, token_ids, lm.keep_mask(tokens, positions, token_ids)
 
 
-def _token_batches(sequences, keep: np.ndarray, row_starts: np.ndarray, first: int,
-                   batch_sequences: int):
-    """`store.TokenBatch`es of `batch_sequences` sequences from sequence `first` on, each token
+def _data_replica() -> tuple[int, int]:
+    """(this process's data replica, replicas): the processes that forward the same sequences
+    (a model-parallel group) form one replica; for now every process is one."""
+    return jax.process_index(), jax.process_count()
+
+
+def _sequence_ranges(writers, row_starts: np.ndarray) -> list[tuple[int, int]]:
+    """The runs of sequences [a, b) whose rows this process writes (in order, merged)."""
+    ranges = []
+    for start, stop in sorted(p for w in writers for p in w.parts):
+        a = int(np.searchsorted(row_starts, start, "right")) - 1
+        b = int(np.searchsorted(row_starts, stop, "left"))
+        if ranges and a <= ranges[-1][1]:
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], b))
+        else:
+            ranges.append((a, b))
+    return ranges
+
+
+def _token_batches(sequences, keep: np.ndarray, row_starts: np.ndarray,
+                   ranges: list[tuple[int, int]], batch_sequences: int):
+    """`store.TokenBatch`es of `batch_sequences` sequences of each run of `ranges`, each token
     with its (sequence, position) and (document, offset)."""
     n, context_length = sequences.tokens.shape
     traced = np.stack([sequences.documents, sequences.offsets], axis=-1)
     where = np.stack(np.broadcast_arrays(np.arange(n, dtype=np.int32)[:, None],
                                          np.arange(context_length, dtype=np.int32)), axis=-1)
-    for s in range(first, n, batch_sequences):
-        b = slice(s, s + batch_sequences)
-        yield store.TokenBatch(int(row_starts[s]), sequences.tokens[b], keep[b], where[b],
-                               traced[b])
+    for first, stop in ranges:
+        for s in range(first, stop, batch_sequences):
+            b = slice(s, min(s + batch_sequences, stop))
+            yield store.TokenBatch(int(row_starts[s]), sequences.tokens[b], keep[b], where[b],
+                                   traced[b])
 
 
 # ------------------------------------------------------------------------------------------
@@ -175,6 +217,8 @@ def main(argv):
                      chunk_rows=values.chunk_rows, shard_rows=values.shard_rows,
                      exclude_positions=values.exclude_positions,
                      exclude_token_ids=values.exclude_token_ids)
+    if jax.process_index():
+        return  # process 0 reports for all
     print(f"Harvested {result['tokens_written']:,} tokens at {result['tokens_per_s']:,.0f} "
           f"tok/s ({result['tokens_skipped']:,} already there).")
     for hook, path in result["stores"].items():

@@ -68,7 +68,7 @@ def train(config, trainer: Trainer, state: dict, source: data.KeyedSource, mesh,
                 tokens_per_s = ((done - first_done) * int(config.train.batch_size)
                                 / session_seconds if done > first_done else 0.0)
                 if mmcs is not None:
-                    metrics["mmcs"] = mmcs(state["params"]["W_dec"])
+                    metrics["mmcs"] = mmcs(state["params"])
                 _log(config, outputs, metrics, done=done, tokens_per_s=tokens_per_s,
                      train_seconds=train_seconds, resampled=resampled, grouped=grouped)
                 resampled[:] = 0

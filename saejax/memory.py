@@ -23,12 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import data, sharding, train
+from saejax.sae import base as sae_base
 
 # ------------------------------------------------------------------------------------------
 # Memory.
 # ------------------------------------------------------------------------------------------
 # [batch, d] arrays: the scaled batch, x - b_dec, x_hat, the residual and its gradient (with
-# several entries, the scaled batch counts each; the rest are as wide as the target).
+# several entries, the scaled batch counts each; the rest are as wide as the target). A CLT's
+# latents are [batch, layer, n]: its activation block is this device's share of all layers'.
 EMBED_ARRAYS = 4
 
 
@@ -105,10 +107,14 @@ def memory_report(config, mesh, *, d: int) -> MemoryReport:
     itemsize = state["params"]["W_enc"].dtype.itemsize
     members = len(train.group_coefficients(config)) or 1
 
-    # This device's block of a [batch, n_latents] activation and of the [batch, d] batch.
+    # This device's block of a [batch, n_latents] activation (a CLT's [batch, layer, n]) and
+    # of the [batch, d] batch.
+    shape = trainer.architecture.shape
     latents_sharding = jax.sharding.NamedSharding(
-        mesh, sharding.logical_to_spec(("batch", "latent"), rules))
-    batch_block, latent_block = latents_sharding.shard_shape((batch_size, trainer.n_latents))
+        mesh, sharding.logical_to_spec(("batch", *sae_base.latent_axes(shape)), rules))
+    batch_block, *latent_dims = latents_sharding.shard_shape(
+        (batch_size, *sae_base.latent_shape(shape, trainer.n_latents)))
+    latent_block = math.prod(latent_dims)
     batch_rows = batch_sharding.shard_shape((batch_size, d))[0]
     # Every entry of the batch, whatever the shape reads of it.
     hooks = data.config_hooks(config)

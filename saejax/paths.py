@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 from etils import epath
@@ -47,6 +48,14 @@ def makedirs(path: str) -> None:
         epath.Path(path).mkdir(parents=True, exist_ok=True)
     else:
         os.makedirs(path, exist_ok=True)
+
+
+def rmtree(path: str) -> None:
+    """Removes a directory and everything in it; nothing if it does not exist."""
+    if is_remote(path):
+        epath.Path(path).rmtree(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def read_bytes(path: str) -> bytes:

@@ -2,7 +2,9 @@
 
 Parallelism is data, not code (as in MaxText): every array carries logical axis names
 (`batch`, `embed`, `latent`), and one rules table in the config maps them to the mesh axes
-`data` and `model`. Splitting the dictionary means mapping `latent` to `model`. A dictionary
+`data` and `model`. Splitting the dictionary means mapping `latent` to `model`. A CLT's params
+and latents carry a `layer` axis too: mapped to `model` (with `latent` to None), or to a third
+mesh axis `layer` (`mesh.layer` > 1, the mesh data x layer x model) beside `latent` on `model`. A dictionary
 whose two sides differ (a transcoder) names them `embed_in` and `embed_out`; a table without
 rules for them (every table written before they existed) maps them as it maps `embed`.
 
@@ -24,12 +26,30 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from saejax.errors import ConfigError  # noqa: F401  (re-exported: saejax.sharding.ConfigError)
 
 MESH_AXES = ("data", "model")
+# With `mesh.layer` > 1 a third axis between them splits a CLT's layers (rule ("layer", "layer")).
+LAYER_MESH_AXES = ("data", "layer", "model")
 # The default table: the batch is split across `data`, the dictionary across `model`.
 DEFAULT_RULES = (("batch", "data"), ("latent", "model"), ("embed", None), ("group", None))
 
 
+def mesh_layer(mesh_config) -> int:
+    """`mesh.layer`: devices along the `layer` mesh axis (1, the default: no such axis)."""
+    layer = int(getattr(mesh_config, "layer", 1) or 1)
+    if layer < 1:
+        raise ConfigError(f"mesh.layer={layer}: it must be a positive integer (1: no layer "
+                          "axis).")
+    return layer
+
+
 def mesh_shape(mesh_config, n_devices: int) -> tuple[int, int]:
-    """Resolves `mesh.data` x `mesh.model` (-1 = fill in) against the device count."""
+    """Resolves `mesh.data` x `mesh.model` (-1 = fill in) against the device count (over
+    `mesh.layer` when there is a layer axis: data x model is then the devices per layer
+    group)."""
+    layer = mesh_layer(mesh_config)
+    if n_devices % layer:
+        raise ConfigError(f"mesh.layer={layer} does not divide the {n_devices} available "
+                          f"devices; choose a divisor of {n_devices}.")
+    n_devices //= layer
     data, model = int(mesh_config.data), int(mesh_config.model)
     for name, size in (("data", data), ("model", model)):
         if size == 0 or size < -1:
@@ -54,10 +74,16 @@ def mesh_shape(mesh_config, n_devices: int) -> tuple[int, int]:
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, model) mesh over `devices` (default: all devices)."""
+    """A (data, model) mesh over `devices` (default: all devices); (data, layer, model) when
+    `mesh.layer` > 1."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(mesh_config, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+    data, model = mesh_shape(mesh_config, len(devices))
+    layer = mesh_layer(mesh_config)
+    if layer == 1:
+        return jax.make_mesh((data, model), MESH_AXES, axis_types=(AxisType.Auto,) * 2,
+                             devices=devices)
+    return jax.make_mesh((data, layer, model), LAYER_MESH_AXES,
+                         axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 # Logical axes that follow another's rule when the table has none of their own.
@@ -117,21 +143,31 @@ def _scatter_mask(shape, indices, dtype):
     return mask.reshape(shape)
 
 
-def _top_k(x: jax.Array, k: int, *, with_mask: bool):
-    mesh, spec = _ambient_axes(("batch", "latent"))
-    latent_axis = spec[-1] if len(spec) == 2 else None
-    batch_axis = spec[0] if len(spec) == 2 else None
+def _rows_spec(x: jax.Array, axes: Sequence[str] | None) -> tuple[Any, P]:
+    """(ambient mesh, spec of every axis of `x`) for latents of logical `axes` (default
+    `[..., batch, latent]`, leading axes unsplit; a CLT's are `[batch, layer, latent]`):
+    (None, P()) without a mesh and rules."""
+    names = tuple(axes) if axes is not None else ("batch", "latent")
+    mesh, spec = _ambient_axes(names)
+    if mesh is None or len(spec) != len(names):
+        return None, P()
+    return mesh, P(*(None,) * (x.ndim - len(names)), *spec)
+
+
+def _top_k(x: jax.Array, k: int, *, with_mask: bool, axes: Sequence[str] | None = None):
+    mesh, spec = _rows_spec(x, axes)
+    latent_axis = spec[-1] if mesh is not None else None
+    row_axes = tuple(a for a in spec[:-1] if a is not None)
     model = 1 if latent_axis is None else mesh.shape[latent_axis]
-    if (mesh is None or (model == 1 and batch_axis is None) or x.shape[-1] % model
-            or (batch_axis is not None and x.shape[-2] % mesh.shape[batch_axis])
+    if (mesh is None or (model == 1 and not row_axes) or x.shape[-1] % model
+            or any(a is not None and size % mesh.shape[a] for a, size in zip(spec, x.shape))
             or k > x.shape[-1] // model):
         # Unsplit, or not evenly divisible: XLA's own top-k on the (gathered) axis is exact.
         values, indices = jax.lax.top_k(x, k)
         mask = _scatter_mask(x.shape, indices, x.dtype) if with_mask else None
         return values, indices, mask
     shard_size = x.shape[-1] // model
-    lead = (None,) * (x.ndim - 2)
-    sharded, gathered = P(*lead, batch_axis, latent_axis), P(*lead, batch_axis, None)
+    sharded, gathered = spec, P(*spec[:-1], None)
 
     def local_top_k(x_shard):
         values, indices = jax.lax.top_k(x_shard, k)
@@ -158,8 +194,10 @@ def _top_k(x: jax.Array, k: int, *, with_mask: bool):
     return out if with_mask else (*out, None)
 
 
-def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """Exact `jax.lax.top_k` over the last (latent) axis of `x [..., batch, latent]`.
+def top_k(x: jax.Array, k: int, axes: Sequence[str] | None = None
+          ) -> tuple[jax.Array, jax.Array]:
+    """Exact `jax.lax.top_k` over the last (latent) axis of `x [..., batch, latent]` (or of
+    other logical `axes` ending in `latent`: a CLT's `[batch, layer, latent]`).
 
     When the ambient rules split `latent` across a mesh axis, each device takes the top-k of its
     own shard, the k candidates of every shard are gathered (k * shards values per row, not the
@@ -167,21 +205,22 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     concatenated in shard order, so ties break towards the lower index exactly as in
     `jax.lax.top_k`.
     """
-    values, indices, _ = _top_k(x, k, with_mask=False)
+    values, indices, _ = _top_k(x, k, with_mask=False, axes=axes)
     return values, indices
 
 
-def top_k_mask(x: jax.Array, k: int) -> jax.Array:
+def top_k_mask(x: jax.Array, k: int, axes: Sequence[str] | None = None) -> jax.Array:
     """A {0, 1} mask of `x`'s shape and sharding marking each row's k largest entries.
 
     Each device writes only its own shard of the mask; nothing dictionary-sized moves.
     """
-    _, _, mask = _top_k(jax.lax.stop_gradient(x), k, with_mask=True)
+    _, _, mask = _top_k(jax.lax.stop_gradient(x), k, with_mask=True, axes=axes)
     return jax.lax.stop_gradient(mask)
 
 
-def batch_top_k_mask(x: jax.Array, k: int) -> jax.Array:
-    """A {0, 1} mask of the k largest entries of the whole `x [batch, latent]` (BatchTopK).
+def batch_top_k_mask(x: jax.Array, k: int, axes: Sequence[str] | None = None) -> jax.Array:
+    """A {0, 1} mask of the k largest entries of the whole `x [batch, latent]` (BatchTopK; a
+    CLT's `[batch, layer, latent]` likewise).
 
     Sharded like `x`: each device takes the top-k of its own block, the candidates of every
     block are gathered (at most k * devices values, never the activations), and the k-th
@@ -189,7 +228,7 @@ def batch_top_k_mask(x: jax.Array, k: int) -> jax.Array:
     continuous activations that is exactly k entries.
     """
     x = jax.lax.stop_gradient(x)
-    mesh, spec = _ambient_axes(("batch", "latent"))
+    mesh, spec = _rows_spec(x, axes)
     axes = tuple(a for a in spec if a is not None) if mesh is not None else ()
     if not axes:
         threshold = jax.lax.top_k(x.reshape(-1), k)[0][-1]

@@ -18,12 +18,13 @@ def init_train_state(key: jax.Array, sparsity_coefficient: jax.Array, *,
                      n_latents: int, sae_config) -> dict:
     params_key, rng = jax.random.split(key)
     params = architecture.init(params_key, d, n_latents, sae_config)
+    latent_shape = sae.base.latent_shape(architecture.shape, n_latents)
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "opt_state": tx.init(params),
-        "tokens_since_fired": jnp.zeros((n_latents,), jnp.int32),
-        "density": evals.init_density(n_latents),
+        "tokens_since_fired": jnp.zeros(latent_shape, jnp.int32),
+        "density": evals.init_density(latent_shape),
         # Inputs are multiplied by this before the SAE sees them (data.normalize_inputs).
         "input_scale": jnp.ones((), jnp.float32),
         # The weight of the sparsity term after warmup; differs between members of a group.
@@ -43,6 +44,7 @@ def state_logical_axes(architecture: sae.Architecture, tx: optax.GradientTransfo
     """Logical axes of every array of the state; optimizer moments follow their params; the
     member axis of a group is `group`."""
     axes = architecture.param_axes
+    latent = sae.base.latent_axes(architecture.shape)
     opt_state = abstract_state["opt_state"]
     if grouped:  # tree_map_params needs the per-member structure, not the stacked one
         opt_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), opt_state)
@@ -52,8 +54,8 @@ def state_logical_axes(architecture: sae.Architecture, tx: optax.GradientTransfo
         "opt_state": optax.tree_map_params(tx, lambda _, a: a, opt_state, axes,
                                            transform_non_params=lambda _: (),
                                            is_leaf=sharding.is_axes),
-        "tokens_since_fired": ("latent",),
-        "density": evals.Density(counts=("latent",), window_tokens=(), density=("latent",)),
+        "tokens_since_fired": latent,
+        "density": evals.Density(counts=latent, window_tokens=(), density=latent),
         "input_scale": (),
         "sparsity_coefficient": (),
         "rng": (None,),
@@ -121,7 +123,8 @@ def train_step(state: dict, batch: dict, *, architecture: sae.Architecture,
         "mse": aux["mse"],
         "fvu": evals.fvu(target, aux["x_hat"]),
         "l0": evals.l0_of_counts(counts, n_tokens),
-        "dead_fraction": evals.dead_fraction(tokens_since_fired, dead_window_tokens),
+        "dead_fraction": evals.dead_fraction(tokens_since_fired, dead_window_tokens,
+                                             tokens_since_fired.ndim),
         "dense_fraction": evals.dense_fraction(density.density, dense_threshold),
         "log_density_histogram": evals.log_density_histogram(density.density),
         "grad_norm": optax.tree.norm(grads),
@@ -191,7 +194,7 @@ def eval_step(params: dict, input_scale: jax.Array, batch: dict, *,
     x_hat = architecture.decode(params, latents, x)
     target = architecture.shape.target(batch)
     return {"mse": evals.mse(target, x_hat), "fvu": evals.fvu(target, x_hat),
-            "l0": evals.l0(latents), **per_hook_fvu(architecture.shape, target, x_hat),
+            "l0": evals.l0(latents, latents.ndim - 1), **per_hook_fvu(architecture.shape, target, x_hat),
             **architecture.shape.eval_metrics(params, latents, x, target, x_hat)}
 
 

@@ -16,11 +16,13 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from saejax import checkpoint, data, evals, groups, loop, paths, sae, sharding, validation
 from saejax.data import lm
 from saejax.evals import downstream
+from saejax.sae import clt
 from saejax.trainer import Trainer
 from saejax.workdir import write_config, write_json
 # Re-exported where user code, tests and benchmarks have always found them (train.load_params,
@@ -64,7 +66,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         outputs = groups.open_outputs(config, workdir, int(state["step"]), trainer.architecture)
 
         # Loop -------------------------------------------------------------------------------
-        mmcs = _mmcs(source, mesh, grouped=bool(group_coefficients(config)))
+        mmcs = _mmcs(source, mesh, trainer.architecture.shape,
+                     grouped=bool(group_coefficients(config)))
         state, train_seconds = loop.train(config, trainer, state, source, mesh, ckpt, outputs,
                                           mmcs=mmcs, seconds_before=seconds_before)
 
@@ -110,14 +113,14 @@ def _restore_or_init(config, trainer: Trainer, ckpt: checkpoint.Checkpointer,
     return state, seconds_before
 
 
-def _mmcs(source: data.KeyedSource, mesh, *, grouped: bool) -> Callable | None:
-    """W_dec -> its MMCS against the source's true features (per member of a group), or None
-    for a source without them."""
+def _mmcs(source: data.KeyedSource, mesh, shape, *, grouped: bool) -> Callable | None:
+    """params -> their decoder's MMCS against the source's true features (per member of a
+    group; the shape's `decoder_rows`), or None for a source without them."""
     if getattr(source, "true_features", None) is None:
         return None
     true_features = jax.device_put(source.true_features, sharding.replicated(mesh))
     mmcs_fn = jax.jit(jax.vmap(evals.mmcs, in_axes=(0, None)) if grouped else evals.mmcs)
-    return lambda W_dec: mmcs_fn(W_dec, true_features)
+    return lambda params: mmcs_fn(sae.base.decoder_rows(shape, params), true_features)
 
 
 def _evaluate(config, trainer: Trainer, state: dict, source: data.KeyedSource,
@@ -128,9 +131,10 @@ def _evaluate(config, trainer: Trainer, state: dict, source: data.KeyedSource,
                                                 source.eval_batch(i)))
                for i in range(int(config.evals.eval_batches))]
     results = {k: np.mean([r[k] for r in results], axis=0) for k in results[0]}
+    latent_ndim = len(sae.base.latent_axes(trainer.architecture.shape))
     results["dead_fraction"] = np.asarray(evals.dead_fraction(
-        state["tokens_since_fired"], int(config.evals.dead_window_tokens)))
-    return results, None if mmcs is None else np.asarray(mmcs(state["params"]["W_dec"]))
+        state["tokens_since_fired"], int(config.evals.dead_window_tokens), latent_ndim))
+    return results, None if mmcs is None else np.asarray(mmcs(state["params"]))
 
 
 def _hierarchy(config, trainer: Trainer, state: dict, source: data.KeyedSource) -> list[dict]:
@@ -154,35 +158,61 @@ def _hierarchy(config, trainer: Trainer, state: dict, source: data.KeyedSource) 
 def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: int,
                 n_saes: int) -> list[dict]:
     """Per SAE: loss recovered and KL with it spliced into the LM at `lm.hook` (a transcoder:
-    reading its input hook, replacing its target hook; `shape.spliced_hooks`) by
-    `evals.downstream_metrics`, or nothing when `evals.loss_recovered_sequences` is 0."""
+    reading its input hook, replacing its target hook; `shape.spliced_hooks`), or a
+    cross-layer transcoder's replacement model (every MLP output it covers replaced at once),
+    by `evals.downstream_metrics`; nothing when `evals.loss_recovered_sequences` is 0."""
     n = int(config.evals.loss_recovered_sequences)
     if not n:
         return [{} for _ in range(n_saes)]
-    input_hook, hook = architecture.shape.spliced_hooks(str(config.lm.hook))
+    shape = architecture.shape
+    replacement = downstream.replaces_layers(shape)
+    input_hook, hook = ((None, shape.target_hooks[-1]) if replacement
+                        else shape.spliced_hooks(str(config.lm.hook)))
     lm_config = config.lm.copy_and_resolve_references()
     with lm_config.unlocked():
         lm_config.hook = hook
     model = lm.load(lm_config, d=d)
     _, tokens = lm.split(config.lm, model, n)
-
-    def reconstruct(sae_state, x):
-        params, scale = sae_state
-        x = x * scale
-        return architecture.decode(params, architecture.encode(params, x, config.sae), x) / scale
-
     members = ([member_state(state, i) for i in range(n_saes)] if group_coefficients(config)
                else [state])
-    results = downstream.evaluate(
-        model, tokens, batch_sequences=int(config.lm.batch_sequences), reconstruct=reconstruct,
-        sae_params=[(m["params"], m["input_scale"]) for m in members], mesh=mesh,
-        keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)), input_hook=input_hook)
+    params = [(m["params"], m["input_scale"]) for m in members]
+    common = dict(batch_sequences=int(config.lm.batch_sequences), mesh=mesh,
+                  keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)))
+    if replacement:
+        encode, decode = _layerwise(architecture, config.sae)
+        results = downstream.evaluate_replacement(
+            model, tokens, input_hooks=shape.input_hooks, output_hooks=shape.target_hooks,
+            encode=encode, decode=decode, clt_params=params, **common)
+    else:
+        def reconstruct(sae_state, x):
+            params, scale = sae_state
+            x = x * scale
+            return architecture.decode(params, architecture.encode(params, x, config.sae),
+                                       x) / scale
+        results = downstream.evaluate(model, tokens, reconstruct=reconstruct,
+                                      sae_params=params, input_hook=input_hook, **common)
     for i, result in enumerate(results):
-        logging.info("Loss recovered%s: %.4f (CE clean %.4f, with the SAE %.4f, zero-ablated "
-                     "%.4f; KL %.4g)", f" ({i})" if n_saes > 1 else "",
-                     result["loss_recovered"], result["ce_clean"], result["ce_sae"],
-                     result["ce_zero_ablation"], result["kl_sae"])
+        logging.info("Loss recovered%s%s: %.4f (CE clean %.4f, with the SAE %.4f, zero-ablated "
+                     "%.4f; KL %.4g)", " (replacement model)" if replacement else "",
+                     f" ({i})" if n_saes > 1 else "", result["loss_recovered"],
+                     result["ce_clean"], result["ce_sae"], result["ce_zero_ablation"],
+                     result["kl_sae"])
     return results
+
+
+def _layerwise(architecture: sae.Architecture, sae_config):
+    """A cross-layer transcoder's (encode, decode) for its replacement model, on raw
+    activations with its input scale: layer l's latents from its input, and layer m's MLP
+    output from the latents of layers 0 .. m."""
+    def encode(clt_state, layer, x):
+        params, scale = clt_state
+        return clt.encode_layer(architecture, params, x * scale, layer, sae_config)
+
+    def decode(clt_state, latents, layer):
+        params, scale = clt_state
+        return architecture.shape.decode_layer(params, jnp.stack(latents, axis=-2),
+                                               layer) / scale
+    return encode, decode
 
 
 def _summaries(config, trainer: Trainer, state: dict, evaluated: dict,

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from saejax import data, paths, sae, sharding, tracking
 from saejax.data import hierarchy, lockstep
+from saejax.evals import downstream
 from saejax.errors import ConfigError
 
 DECAYS = ("linear", "cosine", "none")
@@ -93,9 +96,21 @@ def _check_choices(config) -> None:
                  f"resample.until_step={config.resample.until_step} never resamples; set "
                  f"resample.until_step to the last step that may resample.")
     rules = dict(map(tuple, config.sharding_rules))
-    _require(rules.get("batch") in (None, "data") and rules.get("latent") in (None, "model"),
-             f"sharding_rules={config.sharding_rules}: `batch` may map to `data` (or None) and "
-             f"`latent` to `model` (or None); other mesh axes do not exist.")
+    _require(rules.get("batch") in (None, "data") and rules.get("latent") in (None, "model")
+             and rules.get("layer") in (None, "model", "layer"),
+             f"sharding_rules={config.sharding_rules}: `batch` may map to `data` (or None), "
+             f"`latent` to `model` (or None) and `layer` to `layer` or `model` (or None); "
+             f"other mesh axes do not exist.")
+    _require(rules.get("layer") is None or rules.get("layer") != rules.get("latent"),
+             f"sharding_rules={config.sharding_rules} map `layer` and `latent` both to "
+             f"{rules.get('layer')!r}; one array cannot split two axes over one mesh axis: map "
+             f"`latent` to None, or `layer` to `layer` with mesh.layer > 1.")
+    has_layer_axis = sharding.mesh_layer(config.mesh) > 1
+    _require((rules.get("layer") == "layer") == has_layer_axis,
+             f"sharding_rules map `layer` to {rules.get('layer')!r} with "
+             f"mesh.layer={config.mesh.get('layer', 1)}: the rule ('layer', 'layer') and "
+             f"mesh.layer > 1 go together (the mesh has a `layer` axis only then); set both or "
+             f"neither.")
 
 
 def _check_group(config, architecture: sae.Architecture) -> None:
@@ -129,10 +144,39 @@ def _check_mesh(config, n_devices: int, n: int) -> None:
              f"data.d={config.data.d}) is not divisible by mesh.model={n_model}: the dictionary "
              f"is split evenly across the model axis. Choose mesh.model among the divisors of "
              f"{n} or change sae.expansion_factor.")
+    _check_split_params(config, n_devices)
     _require(int(config.train.batch_size) % n_data == 0,
              f"train.batch_size={config.train.batch_size} is not divisible by mesh.data="
              f"{n_data}: the batch is split evenly across the data axis. Use a multiple of "
              f"{n_data} or change mesh.data.")
+
+
+def _check_split_params(config, n_devices: int) -> None:
+    """Every param dimension the rules split divides over its mesh axis (a CLT's layers over
+    the axis `layer` maps to)."""
+    rules = dict(map(tuple, sharding.full_rules(config.sharding_rules)))
+    if rules.get("layer") is None:  # the other split axes have their own checks
+        return
+    n_data, n_model = sharding.mesh_shape(config.mesh, n_devices)
+    sizes = {"data": n_data, "model": n_model, "layer": sharding.mesh_layer(config.mesh)}
+    architecture = sae.from_config(config.sae)
+    hooks = data.batch_hooks(config) or (data.hook_name(config),)
+    d = {hook: int(config.data.d) for hook in hooks}
+    abstract = jax.eval_shape(lambda key: architecture.init(key, d, n_latents(config),
+                                                            config.sae), jax.random.PRNGKey(0))
+    for name, value in abstract.items():
+        for axis, size in zip(architecture.param_axes.get(name, ()), value.shape):
+            mesh_axis = rules.get(axis)
+            if mesh_axis is None or axis == "latent" or size % sizes[mesh_axis] == 0:
+                continue
+            divisors = [m for m in range(1, size + 1) if size % m == 0]
+            field = "layer" if mesh_axis == "layer" else mesh_axis
+            _require(False, f"{name}'s `{axis}` axis has {size} entries (sae.layers: the CLT's "
+                     f"layers), which do not split over mesh.{field}={sizes[mesh_axis]}; set "
+                     f"mesh.{field} to one of {divisors} (it must divide {size})."
+                     if axis == "layer" else
+                     f"{name}'s `{axis}` axis ({size}) does not split over "
+                     f"mesh.{field}={sizes[mesh_axis]}; choose one of {divisors}.")
 
 
 def _check_architecture(config, architecture: sae.Architecture, n: int) -> None:
@@ -163,7 +207,8 @@ def _check_shape(config, architecture: sae.Architecture) -> None:
              f"in data.path, comma-separated (data.source='store'), or use "
              f"data.source='synthetic_transcoder'.")
     architecture.shape.entries({hook: int(config.data.d) for hook in hooks})
-    if config.evals.loss_recovered_sequences:
+    if config.evals.loss_recovered_sequences and not downstream.replaces_layers(
+            architecture.shape):  # a CLT's replacement model replaces every target hook
         architecture.shape.spliced_hooks(str(config.lm.hook))  # ConfigError where it cannot
 
 

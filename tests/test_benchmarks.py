@@ -49,6 +49,17 @@ def test_train_step_benchmark_counts_a_matryoshka_skip_transcoders_own_flops():
         10 * 32 * 64 + 6 * 32 * 32 + 6 * 32 * 64)
 
 
+def test_train_step_benchmark_counts_a_clts_layers_and_checks_its_memory_model():
+    """A TopK CLT of 3 layers: 3 encoders and the full 3 x 3 masked decoder, 4 L d n + 6 L^2 n d
+    FLOPs a token; its memory model within 1.5x of XLA's analysis."""
+    result = _last_json("train_step.py", *TINY, "--shape=clt", "--n_layers=3",
+                        "--architecture=topk", "--k=4", "--memory")
+    assert result["shape"] == "clt" and result["n_latents"] == 64
+    assert result["flops_per_s"] / result["tokens_per_s"] == pytest.approx(
+        4 * 3 * 32 * 64 + 6 * 9 * 64 * 32)
+    assert 1 / 1.5 <= result["memory_model_bytes"] / result["xla_bytes"] <= 1.5, result
+
+
 def test_group_step_benchmark_compares_group_with_separate_steps():
     result = _last_json("group_step.py", *TINY, "--group_size=2")
     assert result["group_size"] == 2

@@ -130,6 +130,33 @@ def test_other_shapes_move_activations_not_the_dictionary(shape):
     assert any("model" in c.mesh_axes for c in found)
 
 
+def test_a_clt_split_over_layers_and_latents_moves_activations_not_the_dictionary():
+    """A TopK CLT of 4 layers on data 2 x layer 2 x model 2: its collectives are partial sums
+    of the targets (a few [batch, L d]) and the top-k candidates, never a decoder shard."""
+    layers, expansion = 4, 64
+    config = toy_config(**{"sae.architecture": "topk", "data.d": D, "train.batch_size": BATCH,
+                           "sae.expansion_factor": expansion, "sae.k": K, "sae.k_aux": K_AUX,
+                           "data.source": "synthetic_clt", "data.n_layers": layers,
+                           "sae.shape": "clt", "sae.layers": f"0-{layers - 1}",
+                           "mesh.data": 2, "mesh.layer": 2, "mesh.model": 2,
+                           "sharding_rules": (("batch", "data"), ("layer", "layer"),
+                                              ("latent", "model"), ("embed", None),
+                                              ("group", None))})
+    mesh = sharding.make_mesh(config.mesh)
+    assert dict(mesh.shape) == {"data": 2, "layer": 2, "model": 2}
+    trainer, compiled = memory.compile_train_step(config, mesh, d=D,
+                                                  compiler_options=FAST_COMPILE)
+    found = memory.collectives(compiled.as_text(), mesh)
+    rows = BATCH // 2
+    bound = 4 * rows * D * layers + rows * layers * (K + K_AUX) * 2
+    shard = layers * layers * D * expansion * D // 4      # W_dec over layer x model
+    assert bound <= shard // 8
+    too_big = _too_big(found, trainer, bound)
+    listing = "\n".join(f"  {'TOO BIG ' if c in too_big else ''}{c}" for c in found)
+    assert not too_big, listing
+    assert any("layer" in c.mesh_axes for c in found), listing
+
+
 def test_collectives_parser_reads_async_forms_and_device_groups():
     """GPU programs use the async forms; device groups come in several notations."""
     hlo = "\n".join([

@@ -304,3 +304,37 @@ def test_the_lm_source_with_several_hooks_is_one_forward_in_lockstep(tiny):
                                    rtol=1e-5, atol=1e-5)
     source.close()
     alone.close()
+
+
+def test_a_clt_run_reports_its_replacement_models_loss_recovered(tiny, tmp_path):
+    """A CLT over both layers of the tiny model, trained from the `lm` source with the four
+    hooks: summary.json holds its replacement model's loss recovered and KL (both MLP outputs
+    replaced at once, against zero-ablating both), and they are what
+    `downstream.evaluate_replacement` gives for the saved params."""
+    from saejax.evals import downstream  # pylint: disable=import-outside-toplevel
+    from saejax.sae import clt  # pylint: disable=import-outside-toplevel
+    hooks = [f"blocks.{l}.{h}" for l in (0, 1) for h in ("ln2.hook_normalized", "hook_mlp_out")]
+    config = _tiny_config(tiny, **{
+        "data.source": "lm", "lm.hook": ",".join(hooks), "lm.batch_sequences": 8,
+        "sae.shape": "clt", "sae.layers": "0,1", "sae.expansion_factor": 1, "sae.k": 4,
+        "sae.k_aux": 8, "train.batch_size": 128, "train.steps": 20, "train.log_every": 10,
+        "train.checkpoint_every": 20, "evals.loss_recovered_sequences": HOLDOUT})
+    summary = train.train_and_evaluate(config, str(tmp_path / "clt"))
+    assert summary["shape"] == "clt"
+    assert summary["ce_clean"] < summary["ce_zero_ablation"]
+    assert np.isfinite(summary["loss_recovered"]) and summary["kl_sae"] >= 0
+
+    saved = train.load_params(str(tmp_path / "clt"))
+    architecture = __import__("saejax").sae.from_config(config.sae)
+    scale = saved.pop("input_scale")
+    model = lm.from_checkpoint(config.lm.checkpoint, hooks[-1])
+    tokens = lm.split(config.lm, model, HOLDOUT)[1]
+    again, = downstream.evaluate_replacement(
+        model, tokens, batch_sequences=8, mesh=jax.make_mesh((8, 1), ("data", "model")),
+        input_hooks=hooks[::2], output_hooks=hooks[1::2],
+        encode=lambda p, l, x: clt.encode_layer(architecture, p, x * scale, l, config.sae),
+        decode=lambda p, f, m: architecture.shape.decode_layer(
+            p, jax.numpy.stack(f, -2), m) / scale,
+        clt_params=[saved], keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)))
+    for key in ("loss_recovered", "kl_sae", "ce_sae", "ce_zero_ablation"):
+        assert summary[key] == pytest.approx(again[key], rel=1e-4, abs=1e-6), key

@@ -72,7 +72,7 @@ def test_resume_after_crash_equals_a_store_written_in_one_go(tmp_path, monkeypat
         metadata={"model": "toy", "hook": "resid", "layer": 3})
     writer.write(0, activations(0, 100), tokens(0, 100))  # not chunk-aligned
     # The crash: the data of rows [100, 200) is written, the commit never happens.
-    monkeypatch.setattr(store.ActivationStoreWriter, "_commit",
+    monkeypatch.setattr(store.ActivationStoreWriter, "commit",
                         lambda self, rows: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         writer.write(100, activations(100, 200), tokens(100, 200))
@@ -323,7 +323,7 @@ def test_harvest_loop_resumes_each_hook_where_it_stopped(tmp_path):
     store.harvest_loop(activation_fn, batches(), first)
     # Simulate a crash that left the two stores at different points.
     for hook, rows in (("resid", 5 * b * CTX), ("mlp", 3 * b * CTX)):
-        first[hook]._commit(rows)
+        first[hook].commit(rows)
     calls.clear()
     result = store.harvest_loop(activation_fn, batches(), writers(), progress=False)
     assert len(calls) == n // CTX // b - 3  # batches both stores had were not recomputed
@@ -391,7 +391,7 @@ def test_a_store_with_positions_leaves_rows_out_and_resumes(tmp_path):
     store.harvest_loop(activation_fn, batches(), {"resid": writer("whole")}, progress=False)
     crashed = writer("crashed")
     store.harvest_loop(activation_fn, batches(), {"resid": crashed}, progress=False)
-    crashed._commit(int(row_starts[7]) + 3)   # a crash inside a batch
+    crashed.commit(int(row_starts[7]) + 3)   # a crash inside a batch
     result = store.harvest_loop(activation_fn, batches(), {"resid": writer("crashed")},
                                 progress=False)
     assert result["tokens_skipped"] == row_starts[6]
@@ -415,3 +415,56 @@ def test_a_store_with_positions_leaves_rows_out_and_resumes(tmp_path):
         plain.write(0, np.zeros((4, D)), np.zeros(4), np.zeros((4, 2)), np.zeros((4, 2)))
     # A store without positions keeps the old metadata: no `positions` field at all.
     assert "positions" not in json.loads((tmp_path / "plain" / "metadata.json").read_text())
+
+
+def _write_parts(writer, parts, *, leader):
+    """A `PartWriter` of `parts` fed every row from its first part on, in batches of 40 rows
+    that ignore part boundaries."""
+    part_writer = store.PartWriter(writer, parts, leader=leader)
+    while (row := part_writer.committed_rows) < writer.n_tokens:
+        stop = min(row + 40, writer.n_tokens)
+        part_writer.write(row, activations(row, stop), tokens(row, stop))
+    return part_writer
+
+
+@pytest.mark.parametrize("shard_rows", [None, 2 * CHUNK])
+def test_parts_of_any_number_of_replicas_make_the_store_one_writer_makes(tmp_path, shard_rows):
+    """Three replicas plan, then each writes some of its parts (and is killed); a reader sees
+    only the committed prefix; one replica then writes what is left: the store is the one
+    `write` writes in order, progress.json complete and no parts left."""
+    n, path, unit = 40 * CTX, str(tmp_path / "parts"), shard_rows or CHUNK
+    open_writer = lambda: store.ActivationStoreWriter.create_or_open(
+        path, d=D, dtype="float32", context_length=CTX, n_tokens=n, chunk_rows=CHUNK,
+        shard_rows=shard_rows, metadata={"model": "toy", "hook": "resid", "layer": 3})
+    writer = open_writer()
+    plans = [store.parts.plan({"h": writer}, replica, 3) for replica in range(3)]
+    assert all(todo == n for _, todo in plans)
+    mine = [parts["h"] for parts, _ in plans]
+    assert sorted(sum(mine, [])) == [(u, min(u + unit, n)) for u in range(0, n, unit)]
+    assert all(a[-1][1] == b[0][0] for a, b in zip(mine, mine[1:]))  # contiguous runs
+    for replica, first_parts in ((1, 2), (2, 1), (0, 1)):
+        _write_parts(writer, mine[replica][:first_parts], leader=replica == 0)
+    # Replica 0 moved progress.json over its first unit; replicas 1 and 2 left parts files
+    # past a gap, which no reader counts.
+    assert store.open_store(path, allow_partial=True).n_rows == unit
+    assert len(os.listdir(os.path.join(path, "parts"))) == 3
+    with pytest.raises(store.StoreError, match="incomplete store"):
+        store.open_store(path)
+
+    writer = open_writer()
+    (parts, todo), = [store.parts.plan({"h": writer}, 0, 1)]
+    assert todo == n - 4 * unit  # four units are committed and not written again
+    part_writer = _write_parts(writer, parts["h"], leader=True)
+    store.finish_parts({"h": part_writer}, timeout_s=10)
+    assert not os.path.exists(os.path.join(path, "parts"))
+    assert json.loads(open(os.path.join(path, "progress.json")).read())["complete"]
+    opened = store.open_store(path)
+    np.testing.assert_array_equal(opened.read(0, n).result(), activations(0, n))
+    np.testing.assert_array_equal(opened.token_ids(0, n), tokens(0, n))
+
+def test_todo_parts_are_the_rows_not_done_cut_at_units():
+    todo = store.parts.todo_parts
+    assert todo(100, 32, [(0, 40), (64, 96)]) == [(40, 64), (96, 100)]
+    assert todo(100, 32, [(0, 0)]) == [(0, 32), (32, 64), (64, 96), (96, 100)]
+    assert todo(64, 32, [(0, 10), (20, 64)]) == [(10, 20)]
+    assert todo(64, 32, [(0, 64)]) == []

@@ -65,6 +65,7 @@ def make_tiny_lm(directory, *, steps=300, n_documents=600):
 
     opt_state = tx.init(params)
     rng = np.random.default_rng(0)
+    loss = float("nan")  # steps=0: the untrained model
     for _ in range(steps):
         batch = sequences[rng.integers(len(sequences), size=16)]
         params, opt_state, loss = step(params, opt_state, batch)

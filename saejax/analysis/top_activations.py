@@ -31,6 +31,7 @@ from saejax.analysis.top_results import (ARRAYS, FORMAT, FORMAT_VERSION, TopActi
 from saejax.analysis.top_step import (HISTOGRAM_BINS, NO_EXPONENT, STATE_AXES, TopState,
                                       init_state, make_step, rebin)
 from saejax.data import store as store_lib
+from saejax.sae import base as sae_base
 
 __all__ = [  # the pass, and the names of its pieces this module has always offered
     "ARRAYS", "CONTEXT_AFTER", "CONTEXT_BEFORE", "DEFAULT_BATCH_TOKENS", "DEFAULT_TOP_N",
@@ -131,6 +132,10 @@ def _plan(loaded: LoadedSAE, store_path: str, mesh, rules, *, top_n: int, contex
           context_after: int, batch_sequences: int | None, max_rows: int | None,
           flush_every: int | None) -> _Plan:
     """Checks the settings against the SAE, the store and the mesh; sizes the batches."""
+    if sae_base.latent_axes(loaded.architecture.shape) != ("latent",):
+        raise AnalysisError(f"top activations read one store into [rows, n_latents] latents; "
+                            f"a {loaded.architecture.shape.name!r} SAE's latents are per layer "
+                            "([rows, layer, n]), which the dashboard does not read yet.")
     for name, value in (("top_n", top_n), ("context_before", context_before + 1),
                         ("context_after", context_after + 1)):
         if int(value) < 1:

@@ -10,7 +10,8 @@ Every batch is a dict keyed by hook name, `{hook: [batch, d_hook]}` (one entry f
 source); `hook_name` is the one place that decides the name: a store's harvest metadata hook,
 `lm.hook` for the LM, and `DEFAULT_HOOK` for synthetic data and a user's .npy array.
 `synthetic_transcoder` emits two entries in lockstep (`synthetic.TRANSCODER_HOOKS`),
-`synthetic_crosscoder` one per layer (`layer_0`, ...); a
+`synthetic_crosscoder` one per layer (`layer_0`, ...), `synthetic_clt` each layer's MLP input
+and output (`blocks.{l}.ln2.hook_normalized`, `blocks.{l}.hook_mlp_out`); a
 `data.path` naming several stores of one harvest (comma-separated) reads them in lockstep
 (`lockstep.py`), one entry per store's hook. The LM with several hooks comes with issue 16.
 """
@@ -20,13 +21,15 @@ from __future__ import annotations
 from saejax.data import lm, lockstep
 from saejax.data.hierarchy import SyntheticHierarchySource
 from saejax.data.store import ArraySource
-from saejax.data.synthetic import (TRANSCODER_HOOKS, SyntheticCrosscoderSource, SyntheticSource,
-                                   SyntheticTranscoderSource, crosscoder_hooks)
+from saejax.data.synthetic import (TRANSCODER_HOOKS, SyntheticCLTSource,
+                                   SyntheticCrosscoderSource, SyntheticSource,
+                                   SyntheticTranscoderSource, clt_hooks, crosscoder_hooks)
 
 SOURCES = ("synthetic", "store", "npy", "lm", "synthetic_transcoder", "synthetic_crosscoder",
-           "synthetic_hierarchy")
+           "synthetic_clt", "synthetic_hierarchy")
 # The sources drawing data.features_per_sample of data.n_features known features.
-SYNTHETIC_SOURCES = ("synthetic", "synthetic_transcoder", "synthetic_crosscoder")
+SYNTHETIC_SOURCES = ("synthetic", "synthetic_transcoder", "synthetic_crosscoder",
+                     "synthetic_clt")
 # The sources whose batches hold several hooks, and those hooks.
 MULTI_HOOK_SOURCES = {"synthetic_transcoder": TRANSCODER_HOOKS}
 # The hook name of activations that come from no LM hook (synthetic ground truth, a .npy file).
@@ -40,6 +43,8 @@ def batch_hooks(config) -> tuple[str, ...] | None:
         return MULTI_HOOK_SOURCES[config.data.source]
     if config.data.source == "synthetic_crosscoder":
         return crosscoder_hooks(config.data.n_layers)
+    if config.data.source == "synthetic_clt":
+        return clt_hooks(config.data.n_layers)
     if config.data.source == "store" and len(lockstep.split_paths(config.data.path)) > 1:
         return lockstep.store_hooks(config.data.path)
     if config.data.source == "lm" and len(lm.split_hooks(config.lm.hook)) > 1:
@@ -101,6 +106,8 @@ def make_source(config, *, mesh, rules):
     if config.data.source == "synthetic_crosscoder":  # keyed already: one hook per layer
         return SyntheticCrosscoderSource(config.data, batch_size=batch_size, mesh=mesh,
                                          rules=rules)
+    if config.data.source == "synthetic_clt":  # keyed already: each layer's input and target
+        return SyntheticCLTSource(config.data, batch_size=batch_size, mesh=mesh, rules=rules)
     if config.data.source == "store" and batch_hooks(config) is not None:  # several stores
         return lockstep.LockstepSource(config.data, batch_size=batch_size, mesh=mesh,
                                        rules=rules, eval_batches=eval_batches)

@@ -202,3 +202,82 @@ class SyntheticCrosscoderSource(SyntheticSource):
     def _entries(self, x, codes):
         return {self.hooks[0]: x, **{hook: codes @ features for hook, features
                                      in zip(self.hooks[1:], self._later_features)}}
+
+
+# The hooks of a synthetic CLT batch at layer l, named as an LM's (the CLT's defaults).
+CLT_INPUT_HOOK, CLT_TARGET_HOOK = "blocks.{layer}.ln2.hook_normalized", "blocks.{layer}.hook_mlp_out"
+
+
+def clt_hooks(n_layers: int) -> tuple[str, ...]:
+    """The hooks of a synthetic CLT batch: every layer's input, then every layer's target."""
+    return tuple(template.format(layer=layer) for template in (CLT_INPUT_HOOK, CLT_TARGET_HOOK)
+                 for layer in range(int(n_layers)))
+
+
+class CLTGroundTruth(NamedTuple):
+    inputs: np.ndarray                 # [L, n_features, d]: layer l's features in its input
+    outputs: np.ndarray                # [L, L, n_features, d]: into layer m's output (m >= l)
+    correlation_cholesky: np.ndarray   # [n_features, n_features]
+    frequency_decay: np.ndarray        # [n_features]
+
+    @property
+    def features(self) -> np.ndarray:
+        """Layer 0's input directions (the source's `true_features` are the outputs')."""
+        return self.inputs[0]
+
+
+class SyntheticCLTSource(SyntheticSource):
+    """Batches of a cross-layer transcoder's ground truth over `data.n_layers` layers: layer
+    l has a sparse code c_l of its own (the SAE recipe's, drawn per layer), read through unit
+    directions E_l into its input hook `blocks.{l}.ln2.hook_normalized`; feature f of layer l
+    writes a unit direction D[l, m, f] into the MLP output `blocks.{m}.hook_mlp_out` of layer l
+    and of every later layer m, so y_m = sum_{l <= m} c_l @ D[l, m]. `true_features`
+    [L * n_features, L * d] are each feature's output directions at every layer side by side
+    (zero before its own layer), unit norm: what a CLT's decoder rows (`decoder_rows`)
+    recover."""
+
+    def __init__(self, data_config, *, batch_size: int, mesh, rules):
+        self.n_layers = int(data_config.n_layers)
+        self.hooks = clt_hooks(self.n_layers)
+        super().__init__(data_config, batch_size=batch_size, mesh=mesh, rules=rules)
+        outputs = self.ground_truth.outputs                       # [L, L, F, d]
+        rows = np.swapaxes(outputs, 1, 2).reshape(self.n_layers * outputs.shape[2], -1)
+        self.true_features = rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+        self.input_features = self.ground_truth.inputs
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {hook: self.d for hook in self.hooks}
+
+    def _make_ground_truth(self, data_config) -> CLTGroundTruth:
+        seed, n_layers, n_features = (int(data_config.seed), int(data_config.n_layers),
+                                      int(data_config.n_features))
+        first = make_ground_truth(seed=seed, d=self.d, n_features=n_features,
+                                  correlated=bool(data_config.correlated),
+                                  frequency_decay=float(data_config.frequency_decay))
+        directions = [make_ground_truth(seed=seed + i, d=self.d, n_features=n_features,
+                                        correlated=False, frequency_decay=1.0).features
+                      for i in range(1, n_layers * (n_layers + 1) + 1)]
+        inputs = np.stack([first.features, *directions[:n_layers - 1]])
+        outputs = np.stack(directions[n_layers - 1:][:n_layers * n_layers]).reshape(
+            n_layers, n_layers, n_features, self.d)
+        causal = np.arange(n_layers)[None, :] >= np.arange(n_layers)[:, None]
+        outputs = outputs * causal[:, :, None, None]
+        return CLTGroundTruth(inputs.astype(np.float32), outputs.astype(np.float32),
+                              first.correlation_cholesky, first.frequency_decay)
+
+    def _sample(self, ground_truth: tuple, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Every layer's input [batch, L, d] and code [batch, L, n_features]."""
+        inputs, _, chol, decay = ground_truth
+        pairs = [sample(GroundTruth(inputs[layer], chol, decay), jax.random.fold_in(key, layer),
+                        self.batch_size, float(self.config.features_per_sample))
+                 for layer in range(self.n_layers)]
+        return (jnp.stack([x for x, _ in pairs], axis=1),
+                jnp.stack([codes for _, codes in pairs], axis=1))
+
+    def _entries(self, x, codes):
+        outputs = jnp.asarray(self.ground_truth.outputs)
+        targets = jnp.einsum("blf,lmfd->bmd", codes, outputs)
+        n_layers = self.n_layers
+        return {**{hook: x[:, layer] for layer, hook in enumerate(self.hooks[:n_layers])},
+                **{hook: targets[:, layer] for layer, hook in enumerate(self.hooks[n_layers:])}}

@@ -19,9 +19,11 @@ from saejax.sae.ops import (batch_sum, fire_counts, fvu,  # noqa: F401  (one def
                             mse)
 
 
-def l0(latents: jax.Array) -> jax.Array:
-    """Mean number of non-zero latents per token."""
-    return jnp.mean(jnp.sum(latents != 0, axis=-1).astype(jnp.float32))
+def l0(latents: jax.Array, latent_ndim: int = 1) -> jax.Array:
+    """Mean number of non-zero latents per token; `latent_ndim` trailing axes are latents (a
+    CLT's [batch, layer, latent]: 2, so every layer's count)."""
+    active = jnp.sum(latents != 0, axis=tuple(range(-latent_ndim, 0)))
+    return jnp.mean(active.astype(jnp.float32))
 
 
 def l0_of_counts(counts: jax.Array, n_tokens: int) -> jax.Array:
@@ -38,10 +40,12 @@ def update_tokens_since_fired(tokens_since_fired: jax.Array, counts: jax.Array,
     return jnp.where(counts > 0, 0, count)
 
 
-def dead_fraction(tokens_since_fired: jax.Array, window_tokens: int) -> jax.Array:
+def dead_fraction(tokens_since_fired: jax.Array, window_tokens: int,
+                  latent_ndim: int = 1) -> jax.Array:
     """Fraction of latents that have not fired in the last `window_tokens` tokens (per SAE:
-    the last axis is the latent axis)."""
-    return jnp.mean((tokens_since_fired >= window_tokens).astype(jnp.float32), axis=-1)
+    the last `latent_ndim` axes are latents, 2 for a CLT's [layer, latent])."""
+    return jnp.mean((tokens_since_fired >= window_tokens).astype(jnp.float32),
+                    axis=tuple(range(-latent_ndim, 0)))
 
 
 class Density(NamedTuple):
@@ -52,9 +56,11 @@ class Density(NamedTuple):
     density: jax.Array        # [n_latents] float32, firing frequency over the last full window
 
 
-def init_density(n_latents: int) -> Density:
-    return Density(jnp.zeros((n_latents,), jnp.int32), jnp.zeros((), jnp.int32),
-                   jnp.full((n_latents,), jnp.nan, jnp.float32))
+def init_density(n_latents) -> Density:
+    """`n_latents`: a count, or the shape of a per-latent array (a CLT's (layers, n))."""
+    shape = (n_latents,) if isinstance(n_latents, int) else tuple(n_latents)
+    return Density(jnp.zeros(shape, jnp.int32), jnp.zeros((), jnp.int32),
+                   jnp.full(shape, jnp.nan, jnp.float32))
 
 
 def update_density(density: Density, counts: jax.Array, n_tokens: int,
@@ -174,7 +180,7 @@ def loss_recovered(ce_clean, ce_sae, ce_zero_ablation):
     return (ce_zero_ablation - ce_sae) / (ce_zero_ablation - ce_clean)
 
 
-def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstructs, *,
+def downstream_sums(lm_forward, tokens: jax.Array, hook, reconstructs, *,
                     ce_fn=None, kl_fn=None) -> list[dict]:
     """Summed next-token losses and KL of the clean LM, the LM with the activation at `hook`
     replaced by each SAE's reconstruction, and with it zero-ablated, over one token batch.
@@ -182,9 +188,12 @@ def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstructs, *,
     Args:
       lm_forward: `(tokens, interventions) -> logits`, the LM with its params bound.
       tokens: int token ids `[batch, seq]`.
-      hook: the hook point the SAEs were trained on, e.g. "blocks.8.hook_resid_post".
-      reconstructs: per SAE, activation `[batch, seq, d]` -> its reconstruction. The clean and
-        zero-ablated passes are shared by all of them (a group's members).
+      hook: the hook point the SAEs were trained on, e.g. "blocks.8.hook_resid_post"; or
+        several hooks, all zero-ablated together (a cross-layer transcoder's MLP outputs).
+      reconstructs: per SAE, activation `[batch, seq, d]` -> its reconstruction at `hook`; or
+        per SAE the interventions `{hook: fn}` of its one spliced forward pass (the
+        replacement model of a cross-layer transcoder). The clean and zero-ablated passes are
+        shared by all of them (a group's members).
       ce_fn, kl_fn: `(output, tokens) -> [batch, seq - 1]` and `(clean output, output) ->
         [batch, seq]` when `lm_forward` returns something other than logits (the final
         residual, for losses computed over the vocabulary in chunks); default
@@ -195,8 +204,9 @@ def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstructs, *,
     """
     next_token_losses_ = ce_fn or next_token_losses
     kl_divergences_ = kl_fn or kl_divergences
+    hooks = (hook,) if isinstance(hook, str) else tuple(hook)
     clean = lm_forward(tokens, None)
-    ablated = lm_forward(tokens, {hook: jnp.zeros_like})
+    ablated = lm_forward(tokens, {h: jnp.zeros_like for h in hooks})
     shared = {
         "ce_clean": jnp.sum(next_token_losses_(clean, tokens)),
         "ce_zero_ablation": jnp.sum(next_token_losses_(ablated, tokens)),
@@ -205,7 +215,8 @@ def downstream_sums(lm_forward, tokens: jax.Array, hook: str, reconstructs, *,
     }
     sums = []
     for reconstruct in reconstructs:
-        spliced = lm_forward(tokens, {hook: reconstruct})
+        interventions = reconstruct if isinstance(reconstruct, dict) else {hooks[0]: reconstruct}
+        spliced = lm_forward(tokens, interventions)
         sums.append({**shared, "ce_sae": jnp.sum(next_token_losses_(spliced, tokens)),
                      "kl_sae": jnp.sum(kl_divergences_(clean, spliced)[:, :-1])})
     return sums

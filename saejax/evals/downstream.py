@@ -1,8 +1,13 @@
 """Loss recovered and KL with SAEs spliced into their language model: the clean, zero-ablated
 and spliced forward passes over held-out token sequences, summed by `evals.downstream_sums`.
-An evaluation of the data layer's `LanguageModel` (saejax.data.lm), so it lives above it."""
+`evaluate` splices one hook (an SAE; a transcoder replacing its MLP's output), and
+`evaluate_replacement` runs a cross-layer transcoder's replacement model, every MLP output it
+covers replaced at once. An evaluation of the data layer's `LanguageModel` (saejax.data.lm),
+so it lives above it."""
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,21 +33,9 @@ def evaluate(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int, 
     others (attention sinks it was not trained on) both the SAE and the zero ablation leave
     the activation as it is.
     """
-
     config = model.config
 
-    @jax.jit
-    def sums(lm_params, sae_params, tokens, keep):
-        def only_kept(replace):
-            return lambda x: jnp.where(keep[..., None], replace(x), x)
-
-        # The final residual, not the logits: the losses run over the vocabulary in chunks.
-        def lm_forward(t, interventions):
-            if interventions:
-                interventions = {h: only_kept(f) for h, f in interventions.items()}
-            return models.forward(lm_params, t, config, interventions=interventions,
-                                  unembed=False)[0]
-
+    def spliced(lm_params, tokens, sae_params):
         reads = None
         if input_hook not in (None, model.hook):  # the clean input, captured once
             reads = models.forward(lm_params, tokens, config, hooks=(input_hook,),
@@ -54,10 +47,110 @@ def evaluate(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int, 
                 flat = reconstruct(params, source.reshape(-1, source.shape[-1]))
                 return flat.reshape(*x.shape[:-1], -1).astype(x.dtype)
             return apply
+        return [splice(p) for p in sae_params]
+
+    return _evaluate(model, tokens, (model.hook,), spliced, sae_params,
+                     batch_sequences=batch_sequences, mesh=mesh, keep=keep)
+
+
+def evaluate_replacement(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int,
+                         input_hooks: Sequence[str], output_hooks: Sequence[str],
+                         encode: Callable, decode: Callable, clt_params: list, mesh,
+                         keep: np.ndarray | None = None) -> list[dict]:
+    """Per cross-layer transcoder of `clt_params`: loss recovered and KL of its replacement
+    model (Ameisen et al. 2025), against the zero ablation of every MLP output it replaces
+    (`evals.downstream_metrics`, the same definitions as `evaluate`'s).
+
+    The LM runs layer by layer: at layer l, `encode(params, l, x [n, d_in]) -> latents [n, k]`
+    reads `input_hooks[l]` from the replacement's own stream (every earlier layer's output
+    already replaced), and `output_hooks[m]` becomes `decode(params, [latents of layers 0..m],
+    m) -> [n, d_out]`. Both apply the CLT with its input scale to raw activations, inside the
+    LM's jitted program. The hooks must interleave in the order the forward pass reaches them
+    (input 0, output 0, input 1, ...), as an MLP's normalised input and its output do.
+    `keep` as in `evaluate`: at the other tokens the MLP outputs stay the model's own.
+    """
+    check_replacement_hooks(model.config, input_hooks, output_hooks)
+
+    def replacements(lm_params, tokens, clt_params):
+        del lm_params, tokens
+        return [replacement_interventions(input_hooks, output_hooks, encode, decode, p)
+                for p in clt_params]
+
+    return _evaluate(model, tokens, tuple(output_hooks), replacements, clt_params,
+                     batch_sequences=batch_sequences, mesh=mesh, keep=keep)
+
+
+def replaces_layers(shape) -> bool:
+    """Whether a dictionary's shape is evaluated as a replacement model (`evaluate_replacement`:
+    a cross-layer transcoder, which decodes each of its layers' MLP outputs on its own) rather
+    than spliced at one hook (`evaluate`)."""
+    return callable(getattr(shape, "decode_layer", None))
+
+
+def check_replacement_hooks(config, input_hooks: Sequence[str],
+                            output_hooks: Sequence[str]) -> None:
+    """A replacement model's hooks exist and interleave as the forward pass reaches them: layer
+    l's encoder must read after every earlier layer's output is replaced, and before its own."""
+    if len(input_hooks) != len(output_hooks) or not input_hooks:
+        raise ValueError(f"a replacement model needs one input hook per output hook; got "
+                         f"{list(input_hooks)} and {list(output_hooks)}.")
+    for hook in (*input_hooks, *output_hooks):
+        models.check_hook(config, hook, "a replacement model's hook")
+    order = {h: i for i, h in enumerate(models.hook_names(config))}
+    hooks = [h for pair in zip(input_hooks, output_hooks) for h in pair]
+    if any(order[a] >= order[b] for a, b in zip(hooks, hooks[1:])):
+        raise ValueError(f"a replacement model's hooks must interleave in the forward pass's "
+                         f"order (input 0, output 0, input 1, ...); got inputs "
+                         f"{list(input_hooks)} and outputs {list(output_hooks)}.")
+
+
+def replacement_interventions(input_hooks: Sequence[str], output_hooks: Sequence[str],
+                              encode: Callable, decode: Callable, params) -> dict:
+    """The interventions of one replacement forward pass: each input hook encodes what it sees
+    (and passes it on unchanged), each output hook is replaced by the decode of the latents
+    encoded so far. The latents ride from one intervention to the next in a carry local to
+    these interventions: the forward pass calls its hooks in order while it is traced."""
+    latents: dict[int, jax.Array] = {}
+
+    def read(layer):
+        def encode_here(x):
+            latents[layer] = encode(params, layer, x.reshape(-1, x.shape[-1]))
+            return x
+        return encode_here
+
+    def write(layer):
+        def decode_here(x):
+            out = decode(params, [latents[i] for i in range(layer + 1)], layer)
+            return out.reshape(*x.shape[:-1], -1).astype(x.dtype)
+        return decode_here
+
+    return {**{h: read(i) for i, h in enumerate(input_hooks)},
+            **{h: write(i) for i, h in enumerate(output_hooks)}}
+
+
+def _evaluate(model: LanguageModel, tokens: np.ndarray, hooks: tuple[str, ...],
+              interventions_of, params: list, *, batch_sequences: int, mesh,
+              keep: np.ndarray | None) -> list[dict]:
+    """`evals.downstream_metrics` per entry of `params`, over `tokens` in batches: the LM clean,
+    with `hooks` zero-ablated, and spliced with each of `interventions_of(lm_params, tokens,
+    params)` (one intervention, or a dict of them, per entry), in one jitted program."""
+    config = model.config
+
+    @jax.jit
+    def sums(lm_params, params, tokens, keep):
+        def only_kept(replace):
+            return lambda x: jnp.where(keep[..., None], replace(x), x)
+
+        # The final residual, not the logits: the losses run over the vocabulary in chunks.
+        def lm_forward(t, interventions):
+            if interventions:
+                interventions = {h: only_kept(f) for h, f in interventions.items()}
+            return models.forward(lm_params, t, config, interventions=interventions,
+                                  unembed=False)[0]
 
         w_u, cap = models.unembedding(lm_params, config), config.final_logit_softcapping
         return evals.downstream_sums(
-            lm_forward, tokens, model.hook, [splice(p) for p in sae_params],
+            lm_forward, tokens, hooks, interventions_of(lm_params, tokens, params),
             ce_fn=lambda h, t: models.vocab.next_token_losses(h, t, w_u, softcap=cap),
             kl_fn=lambda h, g: models.vocab.kl_divergences(h, g, w_u, softcap=cap))
 
@@ -67,7 +160,7 @@ def evaluate(model: LanguageModel, tokens: np.ndarray, *, batch_sequences: int, 
     total = None
     for start in range(0, len(tokens), batch_sequences):
         chunk = np.asarray(tokens[start:start + batch_sequences], np.int32)
-        out = jax.device_get(sums(lm_params, list(sae_params), chunk,
+        out = jax.device_get(sums(lm_params, list(params), chunk,
                                   keep[start:start + batch_sequences]))
         total = out if total is None else jax.tree.map(np.add, total, out)
     return [{k: float(v) for k, v in evals.downstream_metrics(t).items()} for t in total]

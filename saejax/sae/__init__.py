@@ -9,9 +9,9 @@ knowing it."""
 from __future__ import annotations
 
 from saejax.errors import ConfigError
-# crosscoder.py registers its shape with `shapes` when imported.
-from saejax.sae import (base, batchtopk, crosscoder, gated, jumprelu, matryoshka,  # noqa: F401
-                        relu, shapes, switch, topk)
+# crosscoder.py and clt.py register their shapes with `shapes` when imported.
+from saejax.sae import (base, batchtopk, clt, crosscoder, gated, jumprelu,  # noqa: F401
+                        matryoshka, relu, shapes, switch, topk)
 from saejax.sae.base import Architecture, ConfigField, Mechanism, compose
 
 ARCHITECTURES: dict[str, Architecture] = {}

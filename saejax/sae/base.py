@@ -237,6 +237,19 @@ def compose(mechanism: Mechanism, shape=SINGLE_HOOK) -> Architecture:
     def bind(function):
         return functools.partial(function, shape=shape)
 
+    # A mechanism's per-latent params ('latent',) take the shape's latent layout (a CLT's
+    # [layer, latent]); the shape may check the config and add to the step's temporaries.
+    per_latent = latent_axes(shape)
+    shape_validate = getattr(shape, "validate", _no_checks)
+    adjust = getattr(shape, "temporaries", lambda counts: counts)
+
+    def validate(config, n_latents):
+        shape_validate(config, n_latents)
+        mechanism.validate(config, n_latents, shape=shape)
+
+    def temporaries(sae_config, n_latents):
+        return adjust(mechanism.temporaries(sae_config, n_latents, shape=shape))
+
     return Architecture(
         name=mechanism.name,
         init=bind(mechanism.init),
@@ -244,12 +257,14 @@ def compose(mechanism: Mechanism, shape=SINGLE_HOOK) -> Architecture:
         decode=shape.decode,
         loss=bind(mechanism.loss),
         flops_per_token=bind(mechanism.flops_per_token),
-        param_axes={**shape.param_axes, **mechanism.param_axes},
+        param_axes={**shape.param_axes,
+                    **{name: per_latent if axes == ("latent",) else axes
+                       for name, axes in mechanism.param_axes.items()}},
         sparsity_coefficient=mechanism.sparsity_coefficient,
         config_fields=mechanism.config_fields,
-        validate=bind(mechanism.validate),
+        validate=validate,
         metrics=mechanism.metrics,
-        temporaries=bind(mechanism.temporaries),
+        temporaries=temporaries,
         resample={**shape.resample, **mechanism.resample},
         sparsity_mean_over_latents=mechanism.sparsity_mean_over_latents,
         level_field=mechanism.level_field,
@@ -257,6 +272,25 @@ def compose(mechanism: Mechanism, shape=SINGLE_HOOK) -> Architecture:
         shape=shape,
         mechanism=mechanism,
     )
+
+
+def latent_axes(shape) -> tuple[str, ...]:
+    """The logical axes of a shape's per-latent arrays (its latents are [batch, *these]):
+    ('latent',), or a CLT's ('layer', 'latent')."""
+    return tuple(getattr(shape, "latent_axes", ("latent",)))
+
+
+def latent_shape(shape, n_latents: int) -> tuple[int, ...]:
+    """The shape of a per-latent array: (n_latents,), or a CLT's (layers, n_latents)."""
+    layout = getattr(shape, "latent_shape", None)
+    return (int(n_latents),) if layout is None else tuple(layout(n_latents))
+
+
+def decoder_rows(shape, params: dict) -> jax.Array:
+    """The decoder as one row per latent `[latents, d_target]` (what MMCS compares with true
+    directions): `W_dec`, or the shape's own (a CLT's per-layer decoders side by side)."""
+    rows = getattr(shape, "decoder_rows", None)
+    return params["W_dec"] if rows is None else rows(params)
 
 
 def geometric_median(points: jax.Array, iterations: int = 100, eps: float = 1e-8) -> jax.Array:

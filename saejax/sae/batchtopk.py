@@ -6,6 +6,8 @@ the smallest activation the batch top-k kept; `encode` compares each token's pre
 with it, so the saved SAE encodes one token at a time. A mechanism: any shape (`shapes.py`).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +35,8 @@ def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None, *, sh
     del sparsity_coefficient
     pre = shape.pre_activations(params, x)
     active = jax.nn.relu(pre)
-    tokens = x.shape[-2]
+    # k per row of latents: per token, or per token and layer (a CLT's [batch, layer, n]).
+    rows = math.prod(active.shape[:-1])
 
     def loss_at_k(k, kept):
         # While k is annealed each token keeps its own `kept` largest, as TopK does; the
@@ -41,13 +44,14 @@ def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None, *, sh
         # lets latents form for pairs of co-occurring features and recovers less (MMCS 0.963
         # against 0.99 on the toy recipe, benchmarks/RESULTS.md).
         if kept is None:
-            mask = sharding.batch_top_k_mask(active, k * tokens)
+            mask = sharding.batch_top_k_mask(active, k * rows, topk_family.rows_axes(shape))
         else:
-            mask = topk_family.top_k_mask(active, k, kept)
+            mask = topk_family.top_k_mask(active, k, kept, shape=shape)
         latents = active * mask
         x_hat = shape.decode(params, latents, x)
         mse = ops.mse(target, x_hat)
-        auxk = topk_family.auxk_loss(params, x, target, x_hat, pre, dead, sae_config.k_aux)
+        auxk = topk_family.auxk_loss(params, x, target, x_hat, pre, dead, sae_config.k_aux,
+                                     shape=shape)
         smallest_kept = jnp.min(jnp.where(latents > 0, latents, jnp.inf))
         smallest_kept = jnp.where(jnp.isfinite(smallest_kept), smallest_kept,
                                   params["threshold"])

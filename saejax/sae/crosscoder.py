@@ -75,6 +75,9 @@ class Crosscoder(NamedTuple):
         del x
         return latents @ params["W_dec"] + params["b_dec"]
 
+    def decode_latents(self, params: dict, latents: jax.Array) -> jax.Array:
+        return latents @ params["W_dec"]
+
     def decoder_norms(self, params: dict) -> jax.Array:
         W_dec = params["W_dec"]
         per_hook = W_dec.reshape(*W_dec.shape[:-1], len(self.hooks), -1)

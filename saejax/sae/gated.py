@@ -20,8 +20,8 @@ PARAM_AXES = {"r_mag": ("latent",), "b_mag": ("latent",)}  # besides the shape's
 
 def init(key, d, n_latents, sae_config=None, *, shape):
     params = shape.init_layout(key, d, n_latents)
-    params["r_mag"] = jnp.zeros((n_latents,), jnp.float32)
-    params["b_mag"] = jnp.zeros((n_latents,), jnp.float32)
+    params["r_mag"] = jnp.zeros(base.latent_shape(shape, n_latents), jnp.float32)
+    params["b_mag"] = jnp.zeros(base.latent_shape(shape, n_latents), jnp.float32)
     return params
 
 

@@ -65,7 +65,7 @@ heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
 
 def init(key, d, n_latents, sae_config, *, shape):
     params = shape.init_layout(key, d, n_latents)
-    params["log_threshold"] = jnp.full((n_latents,),
+    params["log_threshold"] = jnp.full(base.latent_shape(shape, n_latents),
                                        jnp.log(float(sae_config.jumprelu_init_threshold)))
     return params
 
@@ -84,7 +84,9 @@ def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None, *, sh
     latents = jumprelu(pre, threshold, bandwidth)
     x_hat = shape.decode(params, latents, x)
     mse = ops.mse(target, x_hat)
-    l0 = jnp.mean(jnp.sum(heaviside(pre, threshold, bandwidth), axis=-1))
+    # Every latent of a token counts (a CLT's of every layer): the `l0` metric's number.
+    steps = heaviside(pre, threshold, bandwidth)
+    l0 = jnp.mean(jnp.sum(steps, axis=tuple(range(1, steps.ndim))))
     return mse + sparsity_coefficient * l0, {"mse": mse, "sparsity_loss": l0,
                                              "latents": latents, "x_hat": x_hat}
 

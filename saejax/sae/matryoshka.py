@@ -154,6 +154,9 @@ class Matryoshka(NamedTuple):
     def decode(self, params, latents, x=None):
         return self.inner.decode(params, latents, x)
 
+    def decode_latents(self, params, latents):
+        return self.inner.decode_latents(params, latents)
+
     def decoder_norms(self, params):
         return self.inner.decoder_norms(params)
 

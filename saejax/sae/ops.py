@@ -5,6 +5,8 @@ same names)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -22,7 +24,8 @@ def fvu(x: jax.Array, x_hat: jax.Array) -> jax.Array:
     return residual / total
 
 
-def batch_sum(a: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def batch_sum(a: jax.Array, axis: int = 0) -> jax.Array:
     """The sum over the batch of `a [tokens, n]`, in float32, as a product with a ones vector.
 
     The same sum as `jnp.sum(a, axis=0)`, but XLA's CPU backend reduces a [tokens, n_latents]
@@ -30,18 +33,25 @@ def batch_sum(a: jax.Array) -> jax.Array:
     at 8192 latents and 64x slower at 65536 (benchmarks/batch_sum.py); on GPU and TPU both are
     one pass over `a`. Every
     per-latent sum over a batch in the step goes through here: the L1 term, the encoder bias's
-    gradient and the firing counts.
+    gradient and the firing counts. `axis` is the tokens' axis of a larger array: a CLT's
+    latents `[tokens, layer, n]` are summed over their first, a switch SAE's
+    `[experts, capacity, n]` over their second.
     """
-    ones = jnp.ones((a.shape[-2],), a.dtype)
-    return jnp.matmul(ones, a, preferred_element_type=jnp.float32)
+    axis = axis % a.ndim
+    ones = jnp.ones((a.shape[axis],), a.dtype)
+    if a.ndim == 2 and axis == 0:
+        return jnp.matmul(ones, a, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(ones, a, (((0,), (axis,)), ((), ())),
+                               preferred_element_type=jnp.float32)
 
 
 # Its derivative is a plain sum, whose transpose (the gradient) is a broadcast that XLA fuses
 # into the next elementwise op; the product's own transpose is an outer product with the ones
 # vector, written out as a whole [tokens, n] array.
-batch_sum = jax.custom_jvp(batch_sum)
-batch_sum.defjvp(lambda primals, tangents: (
-    batch_sum(primals[0]), jnp.sum(tangents[0], axis=-2, dtype=jnp.float32)))
+@batch_sum.defjvp
+def _batch_sum_jvp(axis, primals, tangents):
+    return (batch_sum(primals[0], axis),
+            jnp.sum(tangents[0], axis=axis % primals[0].ndim, dtype=jnp.float32))
 
 
 def fire_counts(latents: jax.Array) -> jax.Array:

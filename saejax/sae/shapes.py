@@ -13,6 +13,9 @@ Shapes here:
   al. 2024), so nothing is subtracted from the input before the encoder (the encoder bias is
   the input-side bias); with `skip_connection`, a linear skip `x @ W_skip` is added to the
   reconstruction (Paulo et al. 2025, "Transcoders beat sparse autoencoders").
+- `CrossLayerTranscoder(layers, ...)` (clt.py, which registers it here): layer l's latents,
+  encoded from its MLP input, decode into the MLP outputs of layer l and every later layer
+  (Ameisen et al. 2025); the latents are [batch, layer, latent].
 - `Crosscoder(hooks)` (crosscoder.py, which registers it here): reads several hooks (layers of
   one model, or one hook of two models) into one shared code and reconstructs every one of
   them (Lindsey et al. 2024): the hooks' activations side by side are the input and the
@@ -187,6 +190,10 @@ class SingleHook(NamedTuple):
         del x
         return decode(params, latents)
 
+    def decode_latents(self, params: dict, latents: jax.Array) -> jax.Array:
+        """The decoder's matmul without b_dec (AuxK's reconstruction of the residual)."""
+        return latents @ params["W_dec"]
+
     decoder_norms = _row_norms
     split_target = _one_target
 
@@ -311,6 +318,9 @@ class Transcoder(NamedTuple):
             x_hat = x_hat + x @ params["W_skip"]
         return x_hat
 
+    def decode_latents(self, params: dict, latents: jax.Array) -> jax.Array:
+        return latents @ params["W_dec"]
+
     decoder_norms = _row_norms
     split_target = _one_target
 
@@ -373,6 +383,7 @@ SHAPE_FIELDS = {
     "target_hook": "",
     "skip_connection": False,
     "hooks": "",   # a crosscoder's hooks, comma-separated
+    "layers": "",  # a CLT's layers: "0,1,2" or "0-2"
 }
 
 

@@ -84,7 +84,7 @@ def _forward(params, x, sae_config, *, training: bool, k=None, kept=None):
         # gather of them over the model axis.
         occupied = jnp.zeros((experts * capacity,), jnp.float32).at[slot].set(
             1.0, mode="drop").reshape(experts, capacity, 1)
-        counts = ops.batch_sum((latents != 0) * occupied).reshape(n_latents)
+        counts = ops.batch_sum((latents != 0) * occupied, 1).reshape(n_latents)
         return counts.astype(jnp.int32), x_hat, balance, 1.0 - jnp.mean(fits.astype(x.dtype))
     # Per-token latents in the flat [tokens, n_latents] layout (L0, density, dead counts), with
     # the router weight folded in so that plain `decode` reproduces x_hat.

@@ -42,7 +42,7 @@ def sparse_decode(sae_config, n_latents: int, shape=base.SINGLE_HOOK) -> bool:
 
 def _encode(params, x, k, kept=None, *, shape):
     pre = shape.pre_activations(params, x)
-    return pre, jax.nn.relu(pre) * topk_family.top_k_mask(pre, k, kept)
+    return pre, jax.nn.relu(pre) * topk_family.top_k_mask(pre, k, kept, shape=shape)
 
 
 def encode(params, x, sae_config, *, shape):
@@ -78,7 +78,7 @@ def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None, *, sh
         pre, x_hat, aux = (_sparse_loss if use_sparse else _dense_loss)(params, x, k, kept,
                                                                         shape=shape)
         auxk = topk_family.auxk_loss(params, x, target, x_hat, pre, dead, sae_config.k_aux,
-                              sparse_decode=use_sparse)
+                                     sparse_decode=use_sparse, shape=shape)
         mse = ops.mse(target, x_hat)
         return mse + float(sae_config.auxk_coefficient) * auxk, {
             "mse": mse, "auxk_loss": auxk, "x_hat": x_hat, **aux}

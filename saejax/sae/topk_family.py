@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import sharding
-from saejax.sae import sparse
+from saejax.sae import base, sparse
 from saejax.sae.base import ConfigField, require, require_non_negative
 
 K_FIELDS = {
@@ -57,7 +57,8 @@ def validate_auxk(config, n_latents: int) -> None:
 
 
 def auxk_loss(params: dict, x: jax.Array, target: jax.Array, x_hat: jax.Array, pre: jax.Array,
-              dead: jax.Array, k_aux: int, *, sparse_decode: bool = False) -> jax.Array:
+              dead: jax.Array, k_aux: int, *, sparse_decode: bool = False,
+              shape=None) -> jax.Array:
     """AuxK (Gao et al. 2024): the k_aux largest dead latents reconstruct the residual.
 
     `x` is the encoder's input, `target` what the SAE reconstructs. Returns the residual's
@@ -65,7 +66,8 @@ def auxk_loss(params: dict, x: jax.Array, target: jax.Array, x_hat: jax.Array, p
     latent is dead; it trains dead latents back to life with gradients they would not get.
     Skipped (a `lax.cond`) while no latent is dead. With `sparse_decode` the selected dead
     latents are encoded and decoded from their own k_aux rows (``sparse``) instead of a
-    masked [batch, n_latents] matmul.
+    masked [batch, n_latents] matmul (through `shape.decode_latents`, the decoder without its
+    bias, when the shape is given).
     """
     residual = jax.lax.stop_gradient(target - x_hat)
     k_aux = min(int(k_aux), pre.shape[-1])
@@ -80,20 +82,32 @@ def auxk_loss(params: dict, x: jax.Array, target: jax.Array, x_hat: jax.Array, p
             decoded = sparse.decode_selected(params["W_dec"], indices, values)
         else:
             latents = (jnp.where(dead, jax.nn.relu(pre), 0.0)
-                       * sharding.top_k_mask(candidates, k_aux))
-            decoded = latents @ params["W_dec"]
+                       * sharding.top_k_mask(candidates, k_aux, rows_axes(shape)))
+            decoded = (latents @ params["W_dec"] if shape is None
+                       else shape.decode_latents(params, latents))
         error = jnp.sum(jnp.square(decoded - residual))
         return error / jnp.maximum(jnp.sum(jnp.square(residual)), 1e-12)
 
     return jax.lax.cond(jnp.any(dead), error, lambda: jnp.zeros((), x.dtype))
 
 
-def top_k_mask(pre: jax.Array, k: int, kept: jax.Array | None = None) -> jax.Array:
-    """`sharding.top_k_mask` of each token's k largest pre-activations; with `kept` (a traced
-    count <= k, k annealing) only the `kept` largest of them."""
+def rows_axes(shape) -> tuple[str, ...] | None:
+    """The logical axes of a shape's latents for the sharded top-k: None for [batch, latent],
+    a CLT's ('batch', 'layer', 'latent') (k per token and layer)."""
+    if shape is None:
+        return None
+    axes = base.latent_axes(shape)
+    return None if axes == ("latent",) else ("batch", *axes)
+
+
+def top_k_mask(pre: jax.Array, k: int, kept: jax.Array | None = None, *,
+               shape=None) -> jax.Array:
+    """`sharding.top_k_mask` of each token's k largest pre-activations (per layer too, for a
+    CLT's `shape`); with `kept` (a traced count <= k, k annealing) only the `kept` largest of
+    them."""
     if kept is None:
-        return sharding.top_k_mask(pre, k)
-    values, _ = sharding.top_k(jax.lax.stop_gradient(pre), k)
+        return sharding.top_k_mask(pre, k, rows_axes(shape))
+    values, _ = sharding.top_k(jax.lax.stop_gradient(pre), k, rows_axes(shape))
     kth = jnp.take(values, kept - 1, axis=-1)[..., None]
     return jax.lax.stop_gradient((pre >= kth).astype(pre.dtype))
 

@@ -14,11 +14,15 @@ One directory holds one hook point's activations:
     STORE/documents       zarr v3 int32 [n_tokens, 2] beside positions: (document, index in the
                           document's tokens) of each row; -1 where unknown or inserted (a BOS)
     STORE/progress.json   rows committed; replaced atomically only after their data is on disk
+    STORE/parts/A-B.json  while several processes write the store at once (`store/parts.py`):
+                          rows [A, B) are on disk too, past progress.json's rows; removed once
+                          the store is complete, so a finished store reads as one written by one
 """
 
 from __future__ import annotations
 
 import datetime
+import re
 
 import ml_dtypes
 import numpy as np
@@ -97,10 +101,43 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+PARTS = "parts"   # the folder of the row ranges committed out of order
+
+
 def committed_rows(path: str) -> int:
-    """The rows progress.json says are on disk (0 before the first commit)."""
+    """Rows [0, committed_rows) are on disk: progress.json's rows, and after them every part
+    committed since that joins on (0 before the first commit). Rows past a gap are not counted:
+    readers of a store still being written by several processes read only a whole prefix."""
     progress_path = paths.join(path, "progress.json")
-    return paths.read_json(progress_path)["committed_rows"] if paths.exists(progress_path) else 0
+    rows = paths.read_json(progress_path)["committed_rows"] if paths.exists(progress_path) else 0
+    return joined_rows(rows, committed_parts(path))
+
+
+def part_name(start: int, stop: int) -> str:
+    return f"{int(start)}-{int(stop)}.json"
+
+
+def committed_parts(path: str) -> list[tuple[int, int]]:
+    """The row ranges [start, stop) under STORE/parts/, sorted (none in a store written by one
+    process, or a finished one)."""
+    folder = paths.join(path, PARTS)
+    if not paths.isdir(folder):
+        return []
+    parts = []
+    for name in paths.listdir(folder):
+        match = re.fullmatch(r"(\d+)-(\d+)\.json", name)  # not the temporary files of a write
+        if match:
+            parts.append((int(match[1]), int(match[2])))
+    return sorted(parts)
+
+
+def joined_rows(rows: int, parts) -> int:
+    """`rows` extended over the sorted ranges of `parts` that join on without a gap."""
+    for start, stop in parts:
+        if start > rows:
+            break
+        rows = max(rows, stop)
+    return rows
 
 
 def array_spec(path: str) -> dict:

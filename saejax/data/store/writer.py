@@ -116,6 +116,10 @@ class ActivationStoreWriter(store_format.StoreLayout):
     def complete(self) -> bool:
         return self._committed_rows == self.n_tokens
 
+    def progress(self) -> tuple[int, int]:
+        """(rows written, rows to write), for progress lines."""
+        return self._committed_rows, self.n_tokens
+
     def write(self, start_row: int, activations, token_ids, positions=None,
               documents=None) -> None:
         """Writes rows [start_row, start_row + rows) and then commits them.
@@ -131,6 +135,13 @@ class ActivationStoreWriter(store_format.StoreLayout):
             raise StoreError(f"{self.path}: a write must start at committed_rows="
                              f"{self._committed_rows}, not {start_row} (skip what is committed; "
                              "leave no gap).")
+        self.write_rows(start_row, activations, token_ids, positions, documents)
+        self.commit(start_row + np.shape(activations)[0])
+
+    def write_rows(self, start_row: int, activations, token_ids, positions=None,
+                   documents=None) -> None:
+        """Writes rows [start_row, start_row + rows) (as `write` does) without committing them:
+        for the writers of `store.parts`, which commit the rows they own themselves."""
         activations = np.asarray(activations)
         token_ids = np.asarray(token_ids)
         rows = activations.shape[0]
@@ -158,10 +169,10 @@ class ActivationStoreWriter(store_format.StoreLayout):
                      for name, array in self._trace.items())]
         for future in futures:
             future.result()  # the data is on disk (file_io_sync) before it is committed
-        self._commit(stop)
 
-    def _commit(self, rows: int) -> None:
-        # Atomic: a reader sees the old progress or the new, never a torn file.
+    def commit(self, rows: int) -> None:
+        """Records rows [0, rows) as on disk (their data must be). Atomic: a reader sees the old
+        progress or the new, never a torn file."""
         paths.write_json(paths.join(self.path, "progress.json"), {
             "committed_rows": int(rows), "n_tokens": self.n_tokens,
             "complete": rows == self.n_tokens,
@@ -211,7 +222,6 @@ def harvest_loop(activation_fn: Callable[[np.ndarray], Mapping[str, Any]],
     before the current one is written, so the model and the disk work at the same time.
     Returns row counts and the rate (`tokens_*`: rows written).
     """
-    n_tokens = max(w.n_tokens for w in writers.values())
     t0 = last_log = time.perf_counter()
     written = skipped = 0
 
@@ -257,10 +267,11 @@ def harvest_loop(activation_fn: Callable[[np.ndarray], Mapping[str, Any]],
         now = time.perf_counter()
         if progress and now - last_log >= log_every_s and written:
             last_log = now
-            done = min(w.committed_rows for w in writers.values())
+            # This process's rows: in a multi-process harvest, its part of the store.
+            done, n_tokens = min(w.progress() for w in writers.values())
             rate = written / (now - t0)
             logging.info("harvest: %s/%s tokens (%.1f%%) | %.0f tok/s | ETA %s", f"{done:,}",
-                         f"{n_tokens:,}", 100 * done / n_tokens, rate,
+                         f"{n_tokens:,}", 100 * done / max(n_tokens, 1), rate,
                          cli.format_duration((n_tokens - done) / rate))
     if pending is not None:
         written += write_batch(*pending)
