@@ -72,6 +72,8 @@ def add_shape_flags(parser, *, d: int, expansion_factor: int, batch_size: int) -
                         help="sae.shape; transcoder, crosscoder and clt read synthetic hooks")
     parser.add_argument("--n_layers", type=int, default=3,
                         help="a crosscoder's hooks, a CLT's layers")
+    parser.add_argument("--skip_connection", action="store_true",
+                        help="sae.skip_connection: a transcoder's linear skip W_skip")
     parser.add_argument("--mesh_model", type=int, default=1)
     parser.add_argument("--mesh_layer", type=int, default=1,
                         help="mesh.layer: a CLT's layers split over a third mesh axis")
@@ -100,6 +102,7 @@ def config_from_flags(args):
         from saejax.data import synthetic  # pylint: disable=import-outside-toplevel
         config.data.source, config.sae.shape = "synthetic_transcoder", "transcoder"
         config.sae.input_hook, config.sae.target_hook = synthetic.TRANSCODER_HOOKS
+        config.sae.skip_connection = bool(getattr(args, "skip_connection", False))
     elif shape == "crosscoder":
         from saejax.data import synthetic  # pylint: disable=import-outside-toplevel
         config.data.source, config.sae.shape = "synthetic_crosscoder", "crosscoder"

@@ -9,7 +9,8 @@ parent and one of its children are active, the fraction where the parent's laten
 while the child's fires) and the MMCS of the true directions. Prints a JSON line per run and a
 markdown table for benchmarks/RESULTS.md; the last line is a JSON summary with each seed's
 margin (BatchTopK's absorption minus Matryoshka's). Finished runs are read back, so an
-interrupted table resumes. `--tiny` runs the `,tiny` variants (seconds; what the tests run).
+interrupted table resumes. `--tiny` runs the `,tiny` variants (seconds; what the tests run),
+`--random` the `,random` ones (the recipe's random unit directions instead of orthonormal).
 """
 
 import argparse
@@ -26,18 +27,21 @@ from saejax import configs, data, evals, sharding, train  # noqa: E402
 from saejax.analysis import loading  # noqa: E402
 
 
-def config_for(variant: str, seed: int, *, tiny: bool = False, overrides: dict | None = None):
-    """experiments/matryoshka.py's `variant` (`,tiny`) with its seeds set to `seed`."""
-    config = matryoshka.get_config(variant + (",tiny" if tiny else ""))
+def config_for(variant: str, seed: int, *, tiny: bool = False, random: bool = False,
+               overrides: dict | None = None):
+    """experiments/matryoshka.py's `variant` (`,tiny`, `,random`) with its seeds set to
+    `seed`."""
+    config = matryoshka.get_config(variant + (",tiny" if tiny else "")
+                                   + (",random" if random else ""))
     return configs.apply_overrides(config, {"seed": seed, "data.seed": seed,
                                             **(overrides or {})})
 
 
-def run(variant: str, seed: int, workdir: str, *, tiny: bool = False,
+def run(variant: str, seed: int, workdir: str, *, tiny: bool = False, random: bool = False,
         overrides: dict | None = None) -> dict:
     """Trains (or resumes) one variant at one seed in `workdir`; its summary with the held-out
     `absorption` and `mmcs` on the hierarchy."""
-    config = config_for(variant, seed, tiny=tiny, overrides=overrides)
+    config = config_for(variant, seed, tiny=tiny, random=random, overrides=overrides)
     summary = train.train_and_evaluate(config, workdir)
     return {**summary, **measure(config, workdir), "variant": variant, "seed": seed}
 
@@ -59,6 +63,8 @@ def main():
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--random", action="store_true",
+                        help="the ,random variants: random unit directions, not orthonormal")
     parser.add_argument("--steps", type=int, default=None, help="default: the config's")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
@@ -67,7 +73,7 @@ def main():
     for seed in (int(s) for s in args.seeds.split(",")):
         for variant in matryoshka.VARIANTS:
             result = run(variant, seed, os.path.join(args.workdir, f"{variant}-{seed}"),
-                         tiny=args.tiny, overrides=overrides)
+                         tiny=args.tiny, random=args.random, overrides=overrides)
             results.append(result)
             print(json.dumps({k: result[k] for k in ("variant", "seed", "absorption", "mmcs",
                                                      "fvu", "l0", "dead_fraction")}), flush=True)

@@ -5,26 +5,27 @@
     python benchmarks/matryoshka_absorption.py --workdir=/tmp/saejax/absorption   # 3 seeds
 
 The data is `data.source="synthetic_hierarchy"` (saejax/data/hierarchy.py): 16 parent features,
-each with 3 children that fire only with it, 64 features in 64 dimensions, 3 active per sample
-on average. Both SAEs have 128 latents (twice the true features) and k = 3, annealed from 16
-over the first 1000 of 4000 steps x 512 tokens; the Matryoshka one has nested prefixes of 16
-and 128 latents (`sae.matryoshka_widths=(16,)`; the whole dictionary is implied), so its first
-16 latents must reconstruct on their own. The argument is `matryoshka` (the default) or
-`batchtopk`, optionally followed by `,tiny` (d = 32, 4 parents, 500 steps: seconds; what the
-tests run).
+each with 3 children that fire only with it, 64 orthonormal features in 64 dimensions, 3 active
+per sample on average. Both SAEs have 128 latents (twice the true features) and k = 3, annealed
+from 16 over the first 1000 of 4000 steps x 512 tokens; the Matryoshka one has nested prefixes
+of 16 and 128 latents (`sae.matryoshka_widths=(16,)`; the whole dictionary is implied), so its
+first 16 latents must reconstruct on their own; the prefix's loss weighs 1 up to step 2500 and
+0.1 from then on. The argument is `matryoshka` (the default) or `batchtopk`, optionally followed
+by `,tiny` (d = 32, 4 parents, 500 steps: seconds; what the tests run) and `,random` (random
+unit directions instead of orthonormal: the recipe before session 7).
 
-Hardware: any; each run about 30 s on 2 shared CPU cores (the benchmark's six runs: 3 min 13 s).
-Expected (2026-12-02, benchmarks/RESULTS.md, "Matryoshka BatchTopK on a hierarchy"), over seeds
-0, 1, 2:
+Hardware: any; each run 1.5-2 min of training on 2 CPU cores shared at load 20-30.
+Expected (2026-12-02, benchmarks/RESULTS.md, "Matryoshka BatchTopK on a hierarchy", "MMCS
+0.99"), over seeds 0, 1, 2:
 
-    variant      absorption            MMCS                  FVU
-    matryoshka   0.019 / 0.007 / 0.016  0.959 / 0.957 / 0.959  0.019
-    batchtopk    0.284 / 0.428 / 0.299  0.892 / 0.845 / 0.882  0.0015-0.0020
+    variant      absorption             MMCS                   FVU
+    matryoshka   0.000 / 0.000 / 0.020  0.996 / 0.996 / 0.992  0.0024-0.0028
+    batchtopk    0.696 / 0.779 / 0.609  0.827 / 0.809 / 0.838  0.0000-0.0005
 
-BatchTopK learns latents at parent + child that fire in the parent's place; Matryoshka's first
-16 latents are the parents (with a little of their children's mean direction), at the price of
-a higher FVU. `,tiny` (the tests): absorption 0.000 against 0.607 at seed 0, Matryoshka's MMCS
-0.93.
+BatchTopK learns latents at parent + child that fire in the parent's place. Matryoshka's first
+16 latents are the parents; at weight 1 throughout they keep a share of their children's mean
+direction (MMCS 0.974), which the late weight 0.1 takes out. With `,random` neither reaches
+0.99 (Matryoshka 0.96: children near their parent's direction stay partly absorbed).
 """
 
 import ml_collections
@@ -36,9 +37,9 @@ VARIANTS = ("matryoshka", "batchtopk")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, *options = (arg or "matryoshka").split(",")
-    if variant not in VARIANTS or set(options) - {"tiny"}:
+    if variant not in VARIANTS or set(options) - {"tiny", "random"}:
         raise ValueError(f"experiments/matryoshka.py: unknown argument {arg!r}; use one of "
-                         f"{VARIANTS}, optionally followed by ',tiny'.")
+                         f"{VARIANTS}, optionally followed by ',tiny' and/or ',random'.")
     config = configs.base_config()
     config.data.source = "synthetic_hierarchy"
     config.data.d = 64
@@ -46,6 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.hierarchy_children = 3
     config.data.hierarchy_child_probability = 0.5
     config.data.features_per_sample = 3.0
+    # Orthonormal directions: random ones in d = 64 (`,random`) have pairs at cosine up to
+    # 0.5, and a child near its parent's direction is partly absorbed whatever the loss.
+    config.data.hierarchy_orthogonal = "random" not in options
     config.sae.architecture = "batchtopk"
     config.sae.expansion_factor = 2       # 128 latents: twice the 64 true features
     config.sae.k = 3
@@ -55,6 +59,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sae.k_anneal_steps = 1_000
     config.sae.k_anneal_start = 16
     config.sae.matryoshka_widths = (16,) if variant == "matryoshka" else ()
+    # The first prefix at full weight places one parent on each of the first 16 latents; from
+    # step 2500 at weight 0.1, so that the whole dictionary's loss takes back out of them the
+    # children's mean direction the prefix's own MSE pulls in (feature hedging, Chanin et al.
+    # 2025). At weight 1 throughout the parents stay at cosine 0.98 (MMCS 0.974).
+    config.sae.matryoshka_weights = (0.1,) if variant == "matryoshka" else ()
+    config.sae.matryoshka_weights_from_step = 2_500
     config.train.batch_size = 512
     config.train.steps = 4_000
     config.train.log_every = 500
@@ -70,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.sae.k_anneal_steps = 200
         config.sae.k_anneal_start = 8
         config.sae.matryoshka_widths = (4,) if variant == "matryoshka" else ()
+        config.sae.matryoshka_weights_from_step = 300
         config.train.batch_size = 256
         config.train.steps = 500
         config.train.log_every = 250

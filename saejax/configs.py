@@ -48,6 +48,9 @@ def _data_section(config: ml_collections.ConfigDict) -> None:
     config.data.hierarchy_children = 4
     config.data.hierarchy_child_probability = 0.5
     config.data.hierarchy_magnitude_spread = 0.0
+    # Orthonormal feature directions (needs data.d >= the feature count) instead of random
+    # unit ones, whose pairs in d = 64 reach cosines near 0.5 (saejax/data/hierarchy.py).
+    config.data.hierarchy_orthogonal = False
     # store, npy
     config.data.path = ""                 # a store directory or a .npy file
     config.data.shuffle_buffer_chunks = 16  # chunks shuffled together (memory: chunks x rows x d)
@@ -104,6 +107,16 @@ def _sae_section(config: ml_collections.ConfigDict) -> None:
     # the target, as latent counts (64, 256) or fractions of n_latents (0.0625, 0.25); the whole
     # dictionary is the last prefix. Empty: a plain dictionary.
     config.sae.matryoshka_widths = ()
+    # The factor on each smaller prefix's loss: one number, or one per prefix below the whole
+    # dictionary; empty means 1 each. Below 1 lets the whole dictionary's loss pull the first
+    # latents back from their children's mean direction ("balance Matryoshka", Chanin et al.
+    # 2025, "Feature Hedging"); experiments/matryoshka.py uses it.
+    config.sae.matryoshka_weights = ()
+    # The step from which those weights apply (each is 1 before it).
+    config.sae.matryoshka_weights_from_step = 0
+    # AuxK per prefix (TopK family only): the dead latents each prefix adds reconstruct that
+    # prefix's residual (SAELens' use_matryoshka_aux_loss).
+    config.sae.matryoshka_auxk = False
     for name, field in sae.config_fields().items():
         config.sae[name] = field.default
 

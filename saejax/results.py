@@ -27,8 +27,8 @@ EVALS_DIR = "analysis/evals"  # in a run's workdir: one JSON per evaluation (sae
 # Final metrics copied from each point's summary.json, in this order (those a run reports).
 METRICS = ("mse", "fvu", "l0", "dead_fraction", "mmcs", "mcc", "uniqueness",
            "classification/precision", "classification/recall", "classification/f1_score",
-           "loss_recovered", "kl_score", "ce_clean", "ce_sae", "ce_zero_ablation", "kl_sae",
-           "kl_zero_ablation")
+           "absorption", "loss_recovered", "kl_score", "ce_clean", "ce_sae", "ce_zero_ablation",
+           "kl_sae", "kl_zero_ablation")
 # The columns of `python -m saejax.evals`' results: "eval:<eval>/<metric>" (eval_metrics).
 EVAL_COLUMN = "eval:"
 # Metrics per hook of a dictionary that reconstructs several (`fvu/<hook>`, saejax.step).

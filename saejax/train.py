@@ -72,8 +72,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         evaluated, final_mmcs = _evaluate(config, trainer, state, source, mmcs)
         downstream = _downstream(config, state, trainer.architecture, mesh, source.d, group)
         recovery = _recovery(config, trainer, state, source, group)
+        hierarchy = _hierarchy(config, trainer, state, source, group)
         summaries = _summaries(config, trainer, state, evaluated, final_mmcs,
-                               [{**r, **m} for r, m in zip(recovery, downstream, strict=True)],
+                               [{**r, **h, **m} for r, h, m in
+                                zip(recovery, hierarchy, downstream, strict=True)],
                                d=source.d, train_seconds=train_seconds,
                                hook=_single_hook(config, source))
         groups.close(ckpt, outputs, summaries)
@@ -154,6 +156,24 @@ def _recovery(config, trainer: Trainer, state: dict, source: data.KeyedSource,
         evals.decoder_rows(architecture.shape, m["params"]), source.true_features,
         [encode(m["params"], m["input_scale"], source.eval_batch(i)) for i in batches], codes)
         for m in members]
+
+
+def _hierarchy(config, trainer: Trainer, state: dict, source: data.KeyedSource,
+               group: groups.Members) -> list[dict]:
+    """Per SAE, its `absorption` on the held-out batches of a source with a hierarchy of true
+    features (`evals.hierarchy_metrics`, with the SAE's inference encoding: BatchTopK's
+    threshold), or nothing for other sources."""
+    if getattr(source, "parents", None) is None:
+        return [{} for _ in range(group.size)]
+    architecture = trainer.architecture
+    members = [group.state(state, i) for i in range(group.size)]
+    encode = jax.jit(lambda params, scale, batch: architecture.encode(
+        params, architecture.shape.input(batch) * scale, config.sae))
+    return [{"absorption": evals.hierarchy_metrics(
+                lambda batch, m=m: encode(m["params"], m["input_scale"], batch),
+                evals.decoder_rows(architecture.shape, m["params"]), source,
+                int(config.evals.eval_batches))["absorption"]}
+            for m in members]
 
 
 def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: int,

@@ -39,6 +39,16 @@ def test_train_step_benchmark_counts_a_crosscoders_hooks():
     assert result["flops_per_s"] / result["tokens_per_s"] == pytest.approx(10 * 3 * 32 * 64)
 
 
+def test_train_step_benchmark_counts_a_matryoshka_skip_transcoders_own_flops():
+    """A Matryoshka BatchTopK skip transcoder: the dense step (10 d n), the skip's matmul
+    forward and backward (6 d d) and the prefix's masked decode forward and backward (6 d n)."""
+    result = _last_json("train_step.py", *TINY, "--architecture=batchtopk", "--k=4",
+                        "--shape=transcoder", "--skip_connection", "--matryoshka_widths=16")
+    assert result["shape"] == "transcoder" and result["matryoshka_widths"] == [16]
+    assert result["flops_per_s"] / result["tokens_per_s"] == pytest.approx(
+        10 * 32 * 64 + 6 * 32 * 32 + 6 * 32 * 64)
+
+
 def test_train_step_benchmark_counts_a_clts_layers_and_checks_its_memory_model():
     """A TopK CLT of 3 layers: 3 encoders and the full 3 x 3 masked decoder, 4 L d n + 6 L^2 n d
     FLOPs a token; its memory model within 1.5x of XLA's analysis."""

@@ -93,6 +93,59 @@ def test_loss_is_the_mechanisms_plus_each_smaller_prefixs_mse(mechanism):
             == plain.temporaries(config.sae, 64).latent_arrays + 2)
 
 
+def _auxk(pre, dead, W_dec, residual, k_aux):
+    """AuxK by hand (Gao et al. 2024): the k_aux largest dead pre-activations of each token,
+    rectified, decode the residual; the error over the residual's energy."""
+    candidates = np.where(dead, pre, -np.inf)
+    kth = -np.sort(-candidates, axis=-1)[:, k_aux - 1:k_aux]
+    latents = np.where(dead & (candidates >= kth), np.maximum(pre, 0), 0)
+    return np.sum((latents @ W_dec - residual) ** 2) / np.sum(residual ** 2)
+
+
+def test_prefix_weights_and_prefix_auxk_add_to_the_loss():
+    """`sae.matryoshka_weights` scales each smaller prefix's MSE; `sae.matryoshka_auxk` adds,
+    per prefix, AuxK of the dead latents it adds on its own residual."""
+    widths, weights = (8, 32), (0.5, 0.25)
+    config = _config(**{"sae.architecture": "batchtopk", "sae.matryoshka_weights": weights,
+                        "sae.matryoshka_auxk": True})
+    architecture, plain = sae.from_config(config.sae), sae.get("batchtopk")
+    params = plain.init(jax.random.PRNGKey(0), 16, 64, config.sae)
+    params = {**params, "b_enc": params["b_enc"] + 0.1}
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 16))
+    dead = np.arange(64) % 3 == 0
+    loss, aux = jax.jit(lambda p, x: architecture.loss(p, {"activations": x}, config.sae, 0.0,
+                                                       dead))(params, x)
+    plain_loss, plain_aux = plain.loss(params, {"activations": x}, config.sae, 0.0, dead)
+    latents, W_dec = np.asarray(plain_aux["latents"]), np.asarray(params["W_dec"])
+    pre = (np.asarray(x) - np.asarray(params["b_dec"])) @ np.asarray(params["W_enc"]) + \
+        np.asarray(params["b_enc"])
+    expected, unit, start = float(plain_loss), float(plain_loss), 0
+    for width, weight in zip(widths, weights):
+        residual = np.asarray(x) - (np.where(np.arange(64) < width, latents, 0) @ W_dec
+                                    + np.asarray(params["b_dec"]))
+        auxk = _auxk(pre, dead & (np.arange(64) >= start) & (np.arange(64) < width), W_dec,
+                     residual, 8)
+        np.testing.assert_allclose(aux[f"auxk_loss_prefix_{width}"],
+                                   config.sae.auxk_coefficient * auxk, rtol=1e-4)
+        expected += weight * np.mean(residual ** 2) + config.sae.auxk_coefficient * auxk
+        unit += np.mean(residual ** 2) + config.sae.auxk_coefficient * auxk
+        start = width
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # Before sae.matryoshka_weights_from_step every prefix weighs 1.
+    config = configs.apply_overrides(config, {"sae.matryoshka_weights_from_step": 5})
+    for step, want in ((4, unit), (5, expected)):
+        got, _ = architecture.loss(params, {"activations": x}, config.sae, 0.0, dead,
+                                   step=jnp.int32(step))
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"step {step}")
+    for overrides, message in (({"sae.matryoshka_weights": (1, 1, 1)}, "one per prefix"),
+                               ({"sae.matryoshka_weights": (-1,)}, "non-negative"),
+                               ({"sae.matryoshka_weights_from_step": -1}, "integer >= 0"),
+                               ({"sae.architecture": "relu", "sae.matryoshka_auxk": True},
+                                "needs a mechanism with AuxK")):
+        with pytest.raises(ConfigError, match=message):
+            validation.validate(_config(**overrides), 8)
+
+
 def test_memory_report_counts_the_prefixes_as_xla_does():
     """The estimate is within tests/test_memory.py's factor of XLA's buffer assignment, and
     each prefix below the whole dictionary adds one [batch, n_latents] array to both."""
@@ -188,6 +241,9 @@ def test_matryoshka_batchtopk_absorbs_less_and_sweeps_resumes_and_exports(tmp_pa
     assert results["batchtopk"]["absorption"] > results["matryoshka"]["absorption"] + 0.1, (
         results)
     assert results["matryoshka"]["mmcs"] > 0.9, results
+    # The run's own evaluation (summary.json, the sweep's table) reports the same absorption.
+    for row, result in zip(rows, results.values()):
+        assert row["absorption"] == pytest.approx(result["absorption"], abs=1e-6), (row, result)
     workdir = folders[0]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]

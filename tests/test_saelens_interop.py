@@ -37,6 +37,10 @@ SHAPES = {"sae": shapes.SINGLE_HOOK,
           "transcoder": shapes.Transcoder(*TRANSCODER_HOOKS),
           "skip_transcoder": shapes.Transcoder(*TRANSCODER_HOOKS, skip_connection=True)}
 ATOL = 1e-5
+# Matryoshka BatchTopK (sae.matryoshka_widths) exports as SAELens saves its own
+# MatryoshkaBatchTopKTrainingSAE for inference: a JumpReLU SAE with the learned threshold.
+MATRYOSHKA = ("batchtopk-matryoshka", "batchtopk", "sae")
+MATRYOSHKA_WIDTHS = (12,)
 
 
 def saelens_python() -> str:
@@ -57,20 +61,20 @@ def _cases():
     """(case, architecture, shape) for every registered architecture SAELens has a counterpart
     of in that shape (`saelens.exportable`)."""
     return [(f"{name}-{shape_name}", name, shape_name)
-            for shape_name, shape in SHAPES.items() for name in saelens.exportable(shape)]
+            for shape_name, shape in SHAPES.items()
+            for name in saelens.exportable(shape)] + [MATRYOSHKA]
 
 
-def _sae_config(name: str, shape):
-    fields = {"k": K, **shape.config_fields()}
-    return loading.sae_config_for(name, **fields)
+def _sae_config(name: str, shape, **fields):
+    return loading.sae_config_for(name, k=K, **shape.config_fields(), **fields)
 
 
-def _trained_like(name: str, shape, rng) -> LoadedSAE:
+def _trained_like(name: str, shape, rng, **fields) -> LoadedSAE:
     """An SAE of architecture `name` in `shape` with every parameter away from its init:
     decoder rows of different norms, a skip matrix, each per-latent param shifted by a normal
     draw as wide as its magnitude (a log-threshold of log(1e-3) spans thresholds from ~0 to
     several times the pre-activations' scale), a scalar moved up into that scale."""
-    config = _sae_config(name, shape)
+    config = _sae_config(name, shape, **fields)
     architecture = sae.from_config(config)
     d = D_IN if shape is shapes.SINGLE_HOOK else {shape.input_hook: D_IN,
                                                   shape.target_hook: D_OUT}
@@ -91,10 +95,15 @@ def _trained_like(name: str, shape, rng) -> LoadedSAE:
                      lm_checkpoint="/models/gpt2", context_length=128)
 
 
+def _inner_shape(loaded: LoadedSAE):
+    """The shape a Matryoshka SAE's prefixes wrap; any other SAE's own."""
+    return getattr(loaded.architecture.shape, "inner", loaded.architecture.shape)
+
+
 def _init_params(loaded: LoadedSAE) -> dict:
-    d = loaded.d if loaded.architecture.shape is shapes.SINGLE_HOOK else {
-        loaded.architecture.shape.input_hook: loaded.d,
-        loaded.architecture.shape.target_hook: D_OUT}
+    shape = _inner_shape(loaded)
+    d = loaded.d if shape is shapes.SINGLE_HOOK else {shape.input_hook: loaded.d,
+                                                      shape.target_hook: D_OUT}
     return loaded.architecture.init(jax.random.PRNGKey(1), d, N, loaded.sae_config)
 
 
@@ -128,7 +137,8 @@ def peer(tmp_path_factory):
     python = saelens_python()
     rng = np.random.default_rng(0)
     x = (rng.normal(0.3, 1.0, (64, D_IN))).astype(np.float32)
-    exported = {case: _trained_like(name, SHAPES[shape_name], rng)
+    exported = {case: _trained_like(name, SHAPES[shape_name], rng, **(
+                    {"matryoshka_widths": MATRYOSHKA_WIDTHS} if case == MATRYOSHKA[0] else {}))
                 for case, name, shape_name in _cases()}
     work = _shared_dir(tmp_path_factory) / "saelens-peer"
     load_cases = [{"name": case, "dir": str(work / "export" / case), "x": str(work / "x.npy"),
@@ -174,7 +184,7 @@ def test_saelens_loads_the_export_and_encodes_and_decodes_as_saejax(peer, case):
     loaded, x = peer["exported"][case], peer["x"]
     theirs_latents, theirs_reconstruction = peer["loaded"][case]
     # SAELens read a transcoder as one of its transcoder classes (sae_lens/saes/transcoder.py).
-    transcoder = loaded.architecture.shape is not shapes.SINGLE_HOOK
+    transcoder = _inner_shape(loaded) is not shapes.SINGLE_HOOK
     assert peer["done"]["loaded"][case].endswith("Transcoder") == transcoder, peer["done"]
     latents = np.asarray(loaded.encode(x))
     assert 0.02 < np.mean(latents > 0) < 0.9, "a degenerate test SAE"

@@ -57,6 +57,11 @@ def validate(data_config) -> None:
     if not 0 <= spread < 1:
         raise ConfigError(f"data.hierarchy_magnitude_spread={spread!r} must be in [0, 1): "
                           f"magnitudes are U[1 - spread, 1 + spread).")
+    if data_config.get("hierarchy_orthogonal", False) and n_features(data_config) > int(
+            data_config.d):
+        raise ConfigError(f"data.hierarchy_orthogonal=True needs data.d={data_config.d} >= "
+                          f"the {n_features(data_config)} features (data.hierarchy_parents x "
+                          f"(1 + data.hierarchy_children)); raise data.d or set it False.")
     most = int(data_config.hierarchy_parents) * (1 + q)
     if not 0 < data_config.features_per_sample <= most:
         raise ConfigError(
@@ -65,10 +70,13 @@ def validate(data_config) -> None:
             f"parent firing); lower it or add parents.")
 
 
-def make_hierarchy(*, seed: int, d: int, n_parents: int, n_children: int) -> Hierarchy:
+def make_hierarchy(*, seed: int, d: int, n_parents: int, n_children: int,
+                   orthogonal: bool = False) -> Hierarchy:
     rng = np.random.default_rng(seed)
     total = n_parents * (1 + n_children)
     features = rng.standard_normal((total, d))
+    if orthogonal:  # the rows of a random orthonormal frame
+        features = np.linalg.qr(features.T)[0].T
     features /= np.linalg.norm(features, axis=-1, keepdims=True)
     parents = np.concatenate([np.full((n_parents,), -1),
                               np.repeat(np.arange(n_parents), n_children)])
@@ -104,7 +112,8 @@ class SyntheticHierarchySource(SyntheticSource):
     def _make_ground_truth(self, data_config) -> Hierarchy:
         return make_hierarchy(seed=int(data_config.seed), d=self.d,
                               n_parents=int(data_config.hierarchy_parents),
-                              n_children=int(data_config.hierarchy_children))
+                              n_children=int(data_config.hierarchy_children),
+                              orthogonal=bool(data_config.get("hierarchy_orthogonal", False)))
 
     def _sample(self, ground_truth, key):
         c = self.config

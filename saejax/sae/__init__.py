@@ -79,7 +79,9 @@ def from_config(sae_config) -> Architecture:
                           f"{architecture.shape.name} shape only (no mechanism to compose with "
                           f"{what}).")
     if widths:
-        return matryoshka.compose(architecture.mechanism, matryoshka.Matryoshka(shape, widths))
+        weights = tuple(sae_config.get(matryoshka.WEIGHTS, ()) or ())
+        return matryoshka.compose(architecture.mechanism,
+                                  matryoshka.Matryoshka(shape, widths, weights=weights))
     return compose(architecture.mechanism, shape)
 
 

@@ -32,9 +32,12 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 
 from saejax.errors import ConfigError
-from saejax.sae import base, ops
+from saejax.sae import base, ops, topk_family
 
 FIELD = "matryoshka_widths"
+WEIGHTS = "matryoshka_weights"
+AUXK = "matryoshka_auxk"
+WEIGHTS_FROM = "matryoshka_weights_from_step"
 
 
 def _is_whole(value) -> bool:
@@ -85,6 +88,22 @@ def resolve_widths(listed, n_latents: int) -> tuple[int, ...]:
     return widths
 
 
+def resolve_weights(listed, widths: tuple[int, ...], n_latents: int) -> tuple[float, ...]:
+    """`sae.matryoshka_weights`: the factor on each prefix loss below the whole dictionary
+    (empty: 1 each; one number: that for each). ConfigError naming the field when the count
+    does not match the prefixes or a weight is negative."""
+    inner = sum(w < n_latents for w in widths)
+    listed = tuple(listed)
+    values = tuple(float(v) for v in listed) if listed else (1.0,)
+    if len(values) == 1:
+        values = values * inner
+    if len(values) != inner or any(not (math.isfinite(v) and v >= 0) for v in values):
+        raise ConfigError(f"sae.{WEIGHTS}={listed!r} must be one non-negative number, or one "
+                          f"per prefix below the whole dictionary ({inner} for "
+                          f"sae.{FIELD}={widths}).")
+    return values
+
+
 def label(value) -> str:
     """A listed width as it names its metrics: `mse_prefix_64`, `fvu_prefix_0.25`."""
     return str(int(float(value))) if _is_whole(value) else f"{float(value):g}"
@@ -104,6 +123,7 @@ class Matryoshka(NamedTuple):
     inner: Any
     widths: tuple = ()
     name: str = "matryoshka"
+    weights: tuple = ()   # sae.matryoshka_weights: each smaller prefix's loss factor
 
     @property
     def param_axes(self) -> dict:
@@ -177,6 +197,10 @@ class Matryoshka(NamedTuple):
         """The listed widths as latent counts."""
         return resolve_widths(self.widths, n_latents)
 
+    def prefix_weights(self, n_latents: int) -> tuple[float, ...]:
+        """The factor on each prefix loss below the whole dictionary."""
+        return resolve_weights(self.weights, self.prefixes(n_latents), n_latents)
+
     def flops_per_token(self, d, n_latents: int) -> int:
         """The inner layout's, plus a decoder matmul forward (2 d n) and backward (4 d n) per
         prefix below the whole dictionary (a skip connection is shared by every prefix)."""
@@ -186,11 +210,15 @@ class Matryoshka(NamedTuple):
 
 
 def prefix_metrics(shape: "Matryoshka", params, latents, x, target, x_hat,
-                   mse=None) -> tuple[Any, dict]:
-    """The summed MSE of the prefixes below the whole dictionary, and every listed prefix's
-    `mse_prefix_*` and `fvu_prefix_*`; `x_hat` (and its `mse`) are the whole dictionary's."""
+                   mse=None, auxk=None, weighted=True) -> tuple[Any, dict]:
+    """The MSE of the prefixes below the whole dictionary, summed with their weights, and
+    every listed prefix's `mse_prefix_*` and `fvu_prefix_*`; `x_hat` (and its `mse`) are the
+    whole dictionary's. With `auxk(prefix_x_hat, start, width)` (the prefix AuxK below), its
+    value for each of those prefixes is added to the sum and reported as
+    `auxk_loss_prefix_*`. `weighted` (a traced bool) False: every prefix at weight 1."""
     n_latents = latents.shape[-1]
-    total, metrics = 0.0, {}
+    total, metrics, start = 0.0, {}, 0
+    weights = iter(jnp.where(weighted, w, 1.0) for w in shape.prefix_weights(n_latents))
     for listed, width in zip(shape.widths, shape.prefixes(n_latents)):
         if width == n_latents:
             prefix_x_hat = x_hat
@@ -198,10 +226,31 @@ def prefix_metrics(shape: "Matryoshka", params, latents, x, target, x_hat,
         else:
             prefix_x_hat = shape.decode_prefix(params, latents, width, x)
             prefix_mse = ops.mse(target, prefix_x_hat)
-            total = total + prefix_mse
+            total = total + next(weights) * prefix_mse
+            if auxk is not None:
+                metrics[f"auxk_loss_prefix_{label(listed)}"] = auxk(prefix_x_hat, start, width)
+                total = total + metrics[f"auxk_loss_prefix_{label(listed)}"]
+            start = width
         metrics[f"mse_prefix_{label(listed)}"] = prefix_mse
         metrics[f"fvu_prefix_{label(listed)}"] = ops.fvu(target, prefix_x_hat)
     return total, metrics
+
+
+def prefix_auxk(shape: "Matryoshka", params, x, target, dead, sae_config):
+    """`sae.matryoshka_auxk`: AuxK per prefix (SAELens' `use_matryoshka_aux_loss`; Chanin et
+    al.'s Matryoshka SAEs): the dead latents of the latents a prefix adds to the one before it,
+    [start, width), reconstruct that prefix's residual, weighted by `sae.auxk_coefficient`.
+    The mechanism's own AuxK (the whole dictionary's residual) stays. A dead latent among the
+    first ones is then pulled to what the first prefix misses (a parent no first latent
+    holds), which the whole dictionary's residual no longer shows."""
+    pre = shape.pre_activations(params, x)
+    index = jnp.arange(pre.shape[-1])
+
+    def auxk(prefix_x_hat, start, width):
+        in_prefix = dead & (index >= start) & (index < width)
+        return float(sae_config.auxk_coefficient) * topk_family.auxk_loss(
+            params, x, target, prefix_x_hat, pre, in_prefix, sae_config.k_aux)
+    return auxk
 
 
 def compose(mechanism: base.Mechanism, shape: Matryoshka) -> base.Architecture:
@@ -217,12 +266,27 @@ def compose(mechanism: base.Mechanism, shape: Matryoshka) -> base.Architecture:
             raise ValueError("Matryoshka prefixes decode the dense latents; this mechanism's "
                              "loss does not form them (a sparse TopK decoder: set "
                              "sae.topk_decoder='dense').")
-        prefix_loss, metrics = prefix_metrics(shape, params, aux["latents"], shape.input(batch),
-                                              shape.target(batch), aux["x_hat"], aux["mse"])
+        x, target = shape.input(batch), shape.target(batch)
+        auxk = (prefix_auxk(shape, params, x, target, dead, sae_config)
+                if sae_config.get(AUXK, False) else None)
+        # The listed weights from sae.matryoshka_weights_from_step on, 1 before: the first
+        # prefix places the parents at full weight, then the lower weight takes the children's
+        # mean back out of them (benchmarks/RESULTS.md, "Matryoshka BatchTopK on a hierarchy").
+        weighted = True if step is None else step >= int(sae_config.get(WEIGHTS_FROM, 0))
+        prefix_loss, metrics = prefix_metrics(shape, params, aux["latents"], x, target,
+                                              aux["x_hat"], aux["mse"], auxk=auxk,
+                                              weighted=weighted)
         return total + prefix_loss, {**aux, **metrics}
 
     def validate(config, n_latents):
-        shape.prefixes(n_latents)
+        shape.prefix_weights(n_latents)
+        start = config.sae.get(WEIGHTS_FROM, 0)
+        if not (int(start) == start and start >= 0):
+            raise ConfigError(f"sae.{WEIGHTS_FROM}={start!r} must be a step, an integer >= 0 "
+                              f"(0: sae.{WEIGHTS} from the start).")
+        if config.sae.get(AUXK, False) and "k_aux" not in mechanism.config_fields:
+            raise ConfigError(f"sae.{AUXK}=True needs a mechanism with AuxK (topk, batchtopk); "
+                              f"sae.architecture={mechanism.name!r} has none: set it False.")
         mechanism_validate(config, n_latents)
 
     def temporaries(sae_config, n_latents):
@@ -230,7 +294,10 @@ def compose(mechanism: base.Mechanism, shape: Matryoshka) -> base.Architecture:
         decoder's gradient (their gradient adds into the latents' as it is formed)."""
         counts = mechanism_temporaries(sae_config, n_latents)
         inner_prefixes = sum(w < n_latents for w in shape.prefixes(n_latents))
-        return counts._replace(latent_arrays=counts.latent_arrays + inner_prefixes)
+        # The prefix AuxK's masked dead latents, one more array per prefix (not yet checked
+        # against XLA's buffer assignment as the prefixes are).
+        per_prefix = 2 if sae_config.get(AUXK, False) else 1
+        return counts._replace(latent_arrays=counts.latent_arrays + per_prefix * inner_prefixes)
 
     single_hook = shape.inner.name == base.SINGLE_HOOK.name
     return architecture._replace(
