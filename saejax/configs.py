@@ -182,9 +182,11 @@ def _mesh_section(config: ml_collections.ConfigDict) -> None:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1
     config.mesh.model = 1
-    # Logical axis -> mesh axis. "group" (the members of a group) stays unsplit.
+    # Logical axis -> mesh axis. "group" (the members of a group) stays unsplit; the LM's
+    # heads, MLP and vocabulary split over `model` with the dictionary (sharding.LM_RULES).
     config.sharding_rules = (("batch", "data"), ("latent", "model"), ("embed", None),
-                             ("group", None))
+                             ("group", None), ("heads", "model"), ("kv_heads", "model"),
+                             ("mlp", "model"), ("vocab", "model"), ("layers", None))
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -1,0 +1,102 @@
+"""The tensor-parallel LM on 8 simulated CPU devices: params split by the rules table (heads,
+KV heads, MLP, vocabulary over `model`), created or read straight into their shards, and the
+sharded forward equal to the single-device forward at every hook, for every family."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from saejax import models, sharding
+from saejax.errors import ConfigError
+from saejax.models import layers
+
+RULES = sharding.DEFAULT_RULES
+_WINDOWS = (3, None)
+FAMILIES = {
+    "gpt2": models.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4),
+    # 4 query heads over model=4; 2 KV heads do not divide it, so they are replicated.
+    "llama": models.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=8, max_position_embeddings=32, layer_windows=_WINDOWS),
+    "gemma3": models.GemmaConfig(
+        model_type="gemma3_text", vocab_size=96, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+        query_pre_attn_scalar=8, qk_norm=True, layer_windows=_WINDOWS,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+        rope_local=layers.Rope(theta=1e4), rope_global=layers.Rope(theta=1e6)),
+    "neox": models.NeoXConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4,
+                              max_position_embeddings=32),
+}
+
+
+def _mesh(data=2, model=4):
+    return sharding.make_mesh(SimpleNamespace(data=data, model=model))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_sharded_forward_equals_single_device_at_every_hook(name):
+    config = FAMILIES[name]
+    mesh = _mesh()
+    params = models.init_params(jax.random.PRNGKey(0), config)
+    if name == "llama":  # created straight into their shards, the same values
+        split = models.init_params(jax.random.PRNGKey(0), config, mesh=mesh, rules=RULES)
+        jax.tree.map(np.testing.assert_array_equal, params, split)
+        down = split["blocks"]["mlp"]["down"]
+        assert down.sharding.shard_shape(down.shape) == (2, 16, 32)
+    # Bigger than the init's 0.02 so every branch moves the residual.
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda a: np.asarray(a) + 0.3 * rng.standard_normal(a.shape,
+                                                                             np.float32), params)
+    sharded = models.shard_params(params, config, mesh, RULES)
+    q = sharded["blocks"]["attn"]["q"]
+    assert q.sharding.shard_shape(q.shape)[2] == 1  # 4 query heads over model=4
+    if name in ("llama", "gemma3"):  # KV heads (2, 1) that model=4 does not divide: whole
+        k = sharded["blocks"]["attn"]["k"]
+        assert k.sharding.shard_shape(k.shape) == k.shape
+    up = sharded["blocks"]["mlp"]["up"]
+    assert up.sharding.shard_shape(up.shape)[-1] == up.shape[-1] // 4
+    tokens = np.random.default_rng(0).integers(0, 96, (4, 12)).astype(np.int32)
+    names = models.hook_names(config)
+    forward = models.make_forward(config, hooks=names)
+    logits, cache = forward(params, tokens)
+    with sharding.activate(mesh, RULES):
+        tokens_sharded = jax.device_put(tokens, NamedSharding(mesh, P("data")))
+        logits_tp, cache_tp = forward(sharded, tokens_sharded)
+    # Equal up to the order of the sums the split contractions (o, down) add across devices.
+    close = lambda got, want, hook: np.testing.assert_allclose(
+        got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=hook)
+    for hook in names:
+        close(cache_tp[hook], cache[hook], hook)
+    close(logits_tp, logits, "logits")
+
+
+def test_query_heads_the_model_axis_does_not_divide_are_an_error():
+    # SmolLM2-135M: 9 query heads, 3 KV heads; on 8 devices only an unsplit attention works.
+    smollm = models.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                num_hidden_layers=30, num_attention_heads=9,
+                                num_key_value_heads=3, head_dim=64)
+    with pytest.raises(ConfigError, match=r"9 query heads.*model=2.*mesh.model in \[1\]"):
+        models.param_shardings(smollm, _mesh(4, 2), RULES)
+    # ... unless the rules keep the heads whole.
+    rules = tuple((a, None if a == "heads" else m) for a, m in RULES)
+    up = models.param_shardings(smollm, _mesh(4, 2), rules)["blocks"]["mlp"]["up"]
+    assert up.shard_shape((30, 576, 1536)) == (30, 576, 768)
+    # Gemma 3 270M: 4 query heads and 1 KV head: model 2 and 4 work, the KV head replicated.
+    gemma = models.GemmaConfig(model_type="gemma3_text", vocab_size=262144, hidden_size=640,
+                               intermediate_size=2048, num_hidden_layers=18,
+                               num_attention_heads=4, num_key_value_heads=1,
+                               layer_windows=(None,) * 18)
+    attn = models.param_shardings(gemma, _mesh(2, 4), RULES)["blocks"]["attn"]
+    assert attn["q"].shard_shape((18, 640, 4, 256)) == (18, 640, 1, 256)
+    assert attn["k"].shard_shape((18, 640, 1, 256)) == (18, 640, 1, 256)
+    with pytest.raises(ConfigError, match=r"mesh.model in \[1, 2, 4\]"):
+        models.param_shardings(gemma, _mesh(1, 8), RULES)
