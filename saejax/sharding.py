@@ -112,13 +112,17 @@ def activate(mesh: Mesh, rules):
         yield
 
 
+def split_size(mesh, rules, logical_axis: str) -> int:
+    """How many devices of `mesh` the `rules` split `logical_axis` over (1: it stays whole)."""
+    spec = logical_to_spec((logical_axis,), rules)
+    axes = spec[0] if len(spec) else None
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
 def is_split(logical_axis: str) -> bool:
     """Whether the ambient mesh and rules (`activate`) split `logical_axis` over > 1 device."""
-    mesh, spec = _ambient_axes((logical_axis,))
-    axes = spec[0] if len(spec) else None
-    if mesh is None or axes is None:
-        return False
-    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)) > 1
+    mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+    return not mesh.empty and bool(rules) and split_size(mesh, rules, logical_axis) > 1
 
 
 def _ambient_axes(logical_axes: Sequence[str]) -> tuple[Any, P]:

@@ -142,7 +142,7 @@ def _downstream(config, state: dict, architecture: sae.Architecture, mesh, d: in
     lm_config = config.lm.copy_and_resolve_references()
     with lm_config.unlocked():
         lm_config.hook = hook
-    model = lm.load(lm_config, d=d)
+    model = lm.load(lm_config, d=d, mesh=mesh, rules=config.sharding_rules)
     _, tokens = lm.split(config.lm, model, n)
 
     def reconstruct(sae_state, x):

@@ -100,3 +100,63 @@ def test_query_heads_the_model_axis_does_not_divide_are_an_error():
     assert attn["k"].shard_shape((18, 640, 1, 256)) == (18, 640, 1, 256)
     with pytest.raises(ConfigError, match=r"mesh.model in \[1, 2, 4\]"):
         models.param_shardings(gemma, _mesh(1, 8), RULES)
+
+
+# ------------------------------------------------------------------------------------------
+# What runs the LM: harvest, the `lm` source, loss recovered, steering.
+# ------------------------------------------------------------------------------------------
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp_gpt2")
+    config = FAMILIES["gpt2"]
+    rng = np.random.default_rng(2)
+    params = jax.tree.map(lambda a: np.asarray(a) + 0.3 * rng.standard_normal(a.shape,
+                                                                             np.float32),
+                          models.init_params(jax.random.PRNGKey(0), config))
+    path = models.save_pretrained(str(root / "model"), config, params)
+    tokens = rng.integers(0, 96, (8, 12)).astype(np.int32)
+    np.save(root / "tokens.npy", tokens)
+    return path, str(root / "tokens.npy"), tokens, root
+
+
+def test_harvest_lm_source_loss_recovered_and_steering_run_the_sharded_lm(gpt2_checkpoint):
+    from saejax import harvest, sae  # pylint: disable=import-outside-toplevel
+    from saejax.analysis import loading, steer  # pylint: disable=import-outside-toplevel
+    from saejax.data import lm, store  # pylint: disable=import-outside-toplevel
+    from saejax.evals import downstream  # pylint: disable=import-outside-toplevel
+    path, token_file, tokens, root = gpt2_checkpoint
+    whole = lm.from_checkpoint(path, HOOK)
+    assert whole.mesh is None and lm.from_checkpoint(path, HOOK, mesh=_mesh(8, 1)).mesh is None
+    split = lm.from_checkpoint(path, HOOK, mesh=_mesh())
+    assert split.params["blocks"]["mlp"]["up"].sharding.spec == P(None, None, "model")
+    want = np.asarray(lm.activations_fn(whole)(whole.params, tokens))
+    got = np.asarray(lm.activations_fn(split)(split.params, tokens))
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+    close(got, want)
+    # 2 data x 4 model devices; every token stored, in order.
+    out = harvest.harvest(path, token_file, str(root / "stores"), hooks=[HOOK],
+                          context_length=12, batch_sequences=4, chunk_rows=48,
+                          exclude_positions="", exclude_token_ids="", mesh_model=4,
+                          progress_every_s=1e9)
+    opened = store.open_store(out["stores"][HOOK])
+    close(opened.read(0, opened.n_rows).result(), want.reshape(-1, 32))
+
+    results = [downstream.evaluate(m, tokens, batch_sequences=4, mesh=_mesh(8, 1),
+                                   reconstruct=lambda p, x: x * p, sae_params=[0.5])[0]
+               for m in (whole, split)]
+    for key, value in results[0].items():
+        assert results[1][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+    config = loading.sae_config_for("relu")
+    loaded = loading.LoadedSAE(
+        params=jax.tree.map(np.asarray, sae.get("relu").init(jax.random.PRNGKey(0), 32, 64,
+                                                              config)),
+        input_scale=1.0, architecture=sae.get("relu"), sae_config=config, source=str(root),
+        kind="saejax", hook=HOOK, data_source="lm")
+    runs = [steer.steer(m, loaded, tokens[0], 3, "add", 5.0, n_new_tokens=3, top=3)
+            for m in (whole, split)]
+    assert runs[1].kl_last == pytest.approx(runs[0].kl_last, rel=1e-3, abs=1e-6)
+    np.testing.assert_array_equal(runs[1].steered_tokens, runs[0].steered_tokens)

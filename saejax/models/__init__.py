@@ -14,7 +14,7 @@ from saejax.models.llama import LlamaConfig
 from saejax.models.model import (LM, MODEL_TYPES, config_from_hf_dict, family, forward,
                                  hook_names, init_params, load, load_pretrained, make_forward,
                                  param_axes, param_shardings, param_specs, read_config,
-                                 shard_params, unembedding)
+                                 shard_params, splits, unembedding)
 from saejax.models.neox import NeoXConfig
 from saejax.models.tokenizer import (END_OF_TEXT, load_sequences, load_token_ids,
                                      load_tokenizer, tokenize_texts)
@@ -25,6 +25,6 @@ __all__ = [
     "check_hook", "check_hooks", "config_from_hf_dict", "family", "forward", "hook_error",
     "hook_layer", "hook_names", "init_params", "load", "load_pretrained", "make_forward",
     "param_axes", "param_shardings", "param_specs", "read_config", "save_pretrained",
-    "shard_params", "unembedding", "vocab",
+    "shard_params", "splits", "unembedding", "vocab",
     "END_OF_TEXT", "load_sequences", "load_token_ids", "load_tokenizer", "tokenize_texts",
 ]

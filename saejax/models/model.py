@@ -152,6 +152,16 @@ def _heads_error(config, name: str, size: int, axes, mesh: Mesh):
         f"sharding_rules to replicate the attention.")
 
 
+def splits(mesh: Mesh | None, rules=None) -> bool:
+    """Whether `rules` split the LM's params over more than one device of `mesh` (its heads,
+    MLP or vocabulary over a model axis of size > 1): when they do not, callers keep the LM as
+    it was before sharding existed (one device, bit for bit the same)."""
+    if mesh is None:
+        return False
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    return any(sharding.split_size(mesh, rules, name) > 1 for name, _ in sharding.LM_RULES)
+
+
 def shard_params(params: dict, config, mesh: Mesh, rules=None) -> dict:
     """`params` (already loaded) moved into `param_shardings(config, mesh, rules)`."""
     return jax.device_put(params, param_shardings(config, mesh, rules))
