@@ -160,3 +160,68 @@ def test_harvest_lm_source_loss_recovered_and_steering_run_the_sharded_lm(gpt2_c
             for m in (whole, split)]
     assert runs[1].kl_last == pytest.approx(runs[0].kl_last, rel=1e-3, abs=1e-6)
     np.testing.assert_array_equal(runs[1].steered_tokens, runs[0].steered_tokens)
+
+
+# ------------------------------------------------------------------------------------------
+# Peak host memory of a sharded load.
+# ------------------------------------------------------------------------------------------
+_MEASURE = textwrap.dedent("""
+    import json, os, sys, threading, time
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    sys.path.insert(0, sys.argv[3])
+    from types import SimpleNamespace
+    import jax
+    from saejax import models, sharding
+
+    def anon():  # resident anonymous memory: not the checkpoint's page cache
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
+
+    mesh = sharding.make_mesh(SimpleNamespace(data=1, model=8))
+    jax.block_until_ready(jax.device_put(0.0, sharding.replicated(mesh)))
+    peak, done = [anon()], []
+    def watch():
+        while not done:
+            peak[0] = max(peak[0], anon())
+            time.sleep(0.0005)
+    thread = threading.Thread(target=watch, daemon=True)
+    base = anon()
+    thread.start()
+    if sys.argv[2] == "sharded":
+        params = models.load(sys.argv[1], mesh=mesh).params
+    else:  # each param whole on one device, then split
+        lm = models.load(sys.argv[1])
+        params = models.shard_params(lm.params, lm.config, mesh)
+    jax.block_until_ready(params)
+    done.append(1)
+    thread.join()
+    print(json.dumps({"peak": max(peak[0], anon()) - base}))
+""")
+
+
+def test_a_sharded_load_never_holds_a_whole_param(tmp_path):
+    """On CPU the 8 simulated devices share this one host, so it holds all 8 shards: 1x the
+    checkpoint. What is checkable here is that nothing more is held: a sharded load peaks at
+    about the checkpoint plus one shard, where reading each param whole and then splitting it
+    peaks at about twice the checkpoint (its largest param, the embedding, is most of it). On
+    a real multi-host mesh each host's callbacks read only its own devices' shards."""
+    config = models.GPT2Config(vocab_size=131072, n_positions=16, n_embd=512, n_layer=1,
+                               n_head=8)
+    shapes = jax.eval_shape(lambda: models.init_params(jax.random.PRNGKey(0), config))
+    params = jax.tree.map(lambda s: np.full(s.shape, 0.01, np.float32), shapes)
+    path = models.save_pretrained(str(tmp_path / "model"), config, params)
+    size = sum(a.nbytes for a in jax.tree.leaves(params))
+    del params
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    peak = {}
+    for mode in ("sharded", "whole"):
+        # A fixed mmap threshold: glibc returns every freed block at once, so the peak is
+        # what was held, not what the allocator kept.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        out = subprocess.run([sys.executable, "-c", _MEASURE, path, mode, root], check=True,
+                             capture_output=True, text=True, timeout=120, env=env).stdout
+        peak[mode] = json.loads(out.strip().splitlines()[-1])["peak"] / size
+    print(f"peak host memory / checkpoint size: {peak}")
+    assert peak["sharded"] < 1.3, peak
+    assert peak["whole"] > 1.6, peak

@@ -77,11 +77,27 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=None) -> LM
                                        is_leaf=_is_lazy))
     shardings = param_shardings(config, mesh, rules)
     _check_shapes(config, tensors, path)
+    return LM(config, jax.tree.map(_read_into, tensors, shardings, is_leaf=_is_lazy))
 
-    def put(tensor, where):
-        return jax.make_array_from_callback(tensor.shape, where, tensor.read)
 
-    return LM(config, jax.tree.map(put, tensors, shardings, is_leaf=_is_lazy))
+def _read_into(tensor: lazy.Lazy, where: NamedSharding) -> jax.Array:
+    """`tensor` as a global array of sharding `where`, each distinct block of this host's
+    devices read once and put on its devices before the next is read (what
+    `jax.make_array_from_callback` does, but without holding every block on the host at once:
+    the host's peak is its shards plus one block)."""
+    by_block: dict = {}
+    for device, index in where.addressable_devices_indices_map(tensor.shape).items():
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, tensor.shape))
+        by_block.setdefault(key, []).append(device)
+    shards = {}
+    for key, devices in by_block.items():
+        block = tensor.read(tuple(slice(*k) for k in key))
+        # Blocking: the transfer is done, and the block freed, before the next is read.
+        placed = jax.block_until_ready([jax.device_put(block, d) for d in devices])
+        shards |= dict(zip(devices, placed))
+        del block
+    arrays = [shards[d] for d in where.addressable_devices_indices_map(tensor.shape)]
+    return jax.make_array_from_single_device_arrays(tensor.shape, where, arrays)
 
 
 def _is_lazy(x) -> bool:
