@@ -225,3 +225,23 @@ def test_a_sharded_load_never_holds_a_whole_param(tmp_path):
     print(f"peak host memory / checkpoint size: {peak}")
     assert peak["sharded"] < 1.3, peak
     assert peak["whole"] > 1.6, peak
+
+
+# ------------------------------------------------------------------------------------------
+# The memory model of the sharded forward.
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,data,model", [("llama", 2, 4), ("gemma3", 2, 4), ("gpt2", 8, 1)])
+def test_lm_memory_report_is_within_1_5x_of_xla(name, data, model):
+    from saejax import memory  # pylint: disable=import-outside-toplevel
+    config = FAMILIES[name].replace(**({"n_positions": 256} if name == "gpt2" else
+                                       {"max_position_embeddings": 256}
+                                       if name != "gemma3" else {}))
+    mesh = _mesh(data, model)
+    kwargs = dict(batch_sequences=8, context_length=128)
+    report = memory.lm_memory_report(config, mesh, **kwargs)
+    xla = memory.compiled_memory(memory.compile_lm_forward(
+        config, mesh, hooks=["blocks.1.hook_resid_post"], **kwargs))
+    assert 1 / 1.5 < report.total_bytes / xla["total_bytes"] < 1.5, (report, xla)
+    # Params are this device's shards of all of them (held while harvesting), a little more
+    # than the program's arguments (it prunes those past the hook: the unembedding).
+    assert xla["argument_bytes"] - 8 * 128 * 4 // data <= report.params_bytes
