@@ -61,26 +61,30 @@ def read_config(path: str | os.PathLike) -> base.LMConfig:
     return config_from_hf_dict(hf.read_config(os.fspath(path)))
 
 
-def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=None) -> LM:
+def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=None,
+         dtype=np.float32) -> LM:
     """The model in a local Hugging Face checkpoint directory (config.json + model.safetensors
     or a sharded model.safetensors.index.json); never touches the hub.
 
     With a `mesh` (and `rules`, default `sharding.DEFAULT_RULES`), every param is created
     straight in its shards (`param_shardings`): each device's block is read from the file
     alone (`jax.make_array_from_callback`), so no host ever holds a whole param it does not
-    keep. Without one, each param is read whole, one at a time, onto the default device."""
+    keep. Without one, each param is read whole, one at a time, onto the default device.
+    `dtype` is the params' (e.g. jnp.bfloat16 for half the memory; the forward reads any)."""
     path = os.fspath(path)
     config = read_config(path)
     tensors = family(config).load_params(path, config)
     if mesh is None:
-        return LM(config, jax.tree.map(lambda t: jax.device_put(np.asarray(t)), tensors,
-                                       is_leaf=_is_lazy))
+        return LM(config, jax.tree.map(
+            lambda t: jax.device_put(np.asarray(t).astype(dtype, copy=False)), tensors,
+            is_leaf=_is_lazy))
     shardings = param_shardings(config, mesh, rules)
     _check_shapes(config, tensors, path)
-    return LM(config, jax.tree.map(_read_into, tensors, shardings, is_leaf=_is_lazy))
+    return LM(config, jax.tree.map(lambda t, where: _read_into(t, where, dtype), tensors,
+                                   shardings, is_leaf=_is_lazy))
 
 
-def _read_into(tensor: lazy.Lazy, where: NamedSharding) -> jax.Array:
+def _read_into(tensor: lazy.Lazy, where: NamedSharding, dtype) -> jax.Array:
     """`tensor` as a global array of sharding `where`, each distinct block of this host's
     devices read once and put on its devices before the next is read (what
     `jax.make_array_from_callback` does, but without holding every block on the host at once:
@@ -91,7 +95,7 @@ def _read_into(tensor: lazy.Lazy, where: NamedSharding) -> jax.Array:
         by_block.setdefault(key, []).append(device)
     shards = {}
     for key, devices in by_block.items():
-        block = tensor.read(tuple(slice(*k) for k in key))
+        block = tensor.read(tuple(slice(*k) for k in key)).astype(dtype, copy=False)
         # Blocking: the transfer is done, and the block freed, before the next is read.
         placed = jax.block_until_ready([jax.device_put(block, d) for d in devices])
         shards |= dict(zip(devices, placed))
