@@ -45,6 +45,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     mesh = sharding.make_mesh(config.mesh)
     logging.info("Mesh %s over %d %s devices.", dict(mesh.shape), mesh.size,
                  jax.default_backend())
+    if int(config.evals.loss_recovered_sequences):  # the LM is split like the dictionary
+        lm.check_split(config.lm, mesh, config.sharding_rules)
 
     with sharding.activate(mesh, config.sharding_rules):
         # Input ------------------------------------------------------------------------------

@@ -102,6 +102,18 @@ def test_query_heads_the_model_axis_does_not_divide_are_an_error():
         models.param_shardings(gemma, _mesh(1, 8), RULES)
 
 
+def test_a_run_whose_mesh_cannot_split_its_lm_fails_before_training(tmp_path):
+    from saejax.data import lm  # pylint: disable=import-outside-toplevel
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "vocab_size": 49152}))
+    lm_config = SimpleNamespace(checkpoint=str(tmp_path))
+    lm.check_split(lm_config, _mesh(8, 1), RULES)  # model=1: nothing is split
+    with pytest.raises(ConfigError, match="9 query heads"):
+        lm.check_split(lm_config, _mesh(4, 2), RULES)
+
+
 # ------------------------------------------------------------------------------------------
 # What runs the LM: harvest, the `lm` source, loss recovered, steering.
 # ------------------------------------------------------------------------------------------

@@ -63,6 +63,13 @@ def from_checkpoint(path: str, hook: str, *, what: str = "lm.hook", error=Config
                          mesh, rules if mesh is not None else None)
 
 
+def check_split(lm_config, mesh, rules) -> None:
+    """A ConfigError now, before any training, when `rules` would split `lm.checkpoint`'s
+    model over `mesh` in a way it cannot be (query heads the model axis does not divide)."""
+    if models.splits(mesh, rules):
+        models.param_shardings(models.read_config(str(lm_config.checkpoint)), mesh, rules)
+
+
 def load(lm_config, *, d: int | None = None, mesh=None, rules=None) -> LanguageModel:
     """The checkpoint at `lm.checkpoint`, checked against `lm.hook` (each of its hooks, when it
     names several: the model's hook is then the deepest) and the SAE width `d`; split over
