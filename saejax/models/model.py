@@ -68,8 +68,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=None,
 
     With a `mesh` (and `rules`, default `sharding.DEFAULT_RULES`), every param is created
     straight in its shards (`param_shardings`): each device's block is read from the file
-    alone (`jax.make_array_from_callback`), so no host ever holds a whole param it does not
-    keep. Without one, each param is read whole, one at a time, onto the default device.
+    alone (`_read_into`), so no host ever holds a whole param it does not keep. Without one, each param is read whole, one at a time, onto the default device.
     `dtype` is the params' (e.g. jnp.bfloat16 for half the memory; the forward reads any)."""
     path = os.fspath(path)
     config = read_config(path)
