@@ -11,6 +11,14 @@ estimated (`saejax.memory.memory_report`). Nothing is allocated and the mesh is 
 runs on a laptop for any device count. First it compiles one small step on this machine and
 prints the report next to XLA's memory analysis of it, so the estimate is seen against the real
 thing. The last line is one JSON object.
+
+    python benchmarks/memory.py --lm                     # the language model, tensor parallel
+
+prints instead, for Gemma 2 2B / 9B / 27B and Llama 3 8B / 70B (their config.json shapes; nothing
+allocated), the smallest model-axis size whose harvest step (the forward to the last layer,
+bfloat16) fits a 16 GB, 80 GB and 141 GB device (`saejax.memory.lm_memory_report`), after small
+configs compiled here beside XLA's memory analysis (on 8 devices: XLA_FLAGS=
+--xla_force_host_platform_device_count=8 on a CPU).
 """
 
 import argparse
@@ -21,10 +29,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from jax.sharding import AbstractMesh, AxisType  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from saejax import memory, sharding  # noqa: E402
+from saejax import memory, models, sharding  # noqa: E402
 
 GIB = 2**30
 
@@ -97,6 +106,93 @@ def check(args) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------------------------
+# The language model (--lm): the smallest model axis whose harvest step fits.
+# ------------------------------------------------------------------------------------------
+def _gemma2(hidden, inter, layers, heads, kv, head_dim, scalar):
+    return models.GemmaConfig(vocab_size=256000, hidden_size=hidden, intermediate_size=inter,
+                              num_hidden_layers=layers, num_attention_heads=heads,
+                              num_key_value_heads=kv, head_dim=head_dim,
+                              query_pre_attn_scalar=scalar, attn_logit_softcapping=50.0,
+                              final_logit_softcapping=30.0,
+                              layer_windows=(4096, None) * (layers // 2))
+
+
+def _llama3(hidden, inter, layers, heads):
+    return models.LlamaConfig(vocab_size=128256, hidden_size=hidden, intermediate_size=inter,
+                              num_hidden_layers=layers, num_attention_heads=heads,
+                              num_key_value_heads=8, head_dim=128, max_position_embeddings=8192)
+
+
+# config.json's shapes of each model (no weights).
+LM_CONFIGS = {
+    "gemma-2-2b": lambda: _gemma2(2304, 9216, 26, 8, 4, 256, 256),
+    "gemma-2-9b": lambda: _gemma2(3584, 14336, 42, 16, 8, 256, 256),
+    "gemma-2-27b": lambda: _gemma2(4608, 36864, 46, 32, 16, 128, 144),
+    "llama-3-8b": lambda: _llama3(4096, 14336, 32, 32),
+    "llama-3-70b": lambda: _llama3(8192, 28672, 80, 64),
+}
+DEVICE_GB = (16, 80, 141)
+
+
+def lm_check(args) -> list[dict]:
+    """Small configs compiled here: `lm_memory_report` beside XLA's memory analysis."""
+    small = {"llama": _llama3(256, 1024, 4, 8).replace(vocab_size=4096, num_key_value_heads=2),
+             "gemma": _gemma2(256, 1024, 4, 8, 4, 32, 32).replace(vocab_size=4096)}
+    rows = []
+    print(f"Check: the forward to the last layer, {args.lm_check_batch} x {args.lm_check_context}"
+          f" tokens, float32, compiled on {common.machine()}; bytes per device")
+    for name, lm_config in small.items():
+        for data, model in ((8, 1), (2, 4), (1, 8)):
+            mesh = sharding.make_mesh(argparse.Namespace(data=data, model=model))
+            kwargs = dict(batch_sequences=args.lm_check_batch,
+                          context_length=args.lm_check_context)
+            report = memory.lm_memory_report(lm_config, mesh, **kwargs)
+            hook = f"blocks.{lm_config.n_layers - 1}.hook_resid_post"
+            xla = memory.compiled_memory(memory.compile_lm_forward(lm_config, mesh, hooks=[hook],
+                                                                   **kwargs))
+            ratio = report.total_bytes / xla["total_bytes"]
+            print(f"  {name:6s} data={data} model={model}: lm_memory_report "
+                  f"{memory.format_bytes(report.total_bytes):>10s}, XLA "
+                  f"{memory.format_bytes(xla['total_bytes']):>10s}, ratio {ratio:.2f}")
+            rows.append({"model": name, "mesh": {"data": data, "model": model},
+                         "report": report.as_dict(), "xla": xla, "ratio": ratio})
+    return rows
+
+
+def lm_main(args) -> None:
+    checked = lm_check(args) if jax.device_count() >= 8 else []
+    kwargs = dict(batch_sequences=args.lm_batch_sequences, context_length=args.lm_context,
+                  param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    print(f"\nSmallest model axis whose harvest step fits (the forward to the last layer, "
+          f"{args.lm_batch_sequences} x {args.lm_context} tokens per data replica, bfloat16 "
+          f"params and activations; params exact, activations estimated)")
+    print(f"  {'model':12s} {'params':>10s} | " + " | ".join(f"{f'{gb} GB':>22s}"
+                                                            for gb in DEVICE_GB))
+    results = []
+    for name, make in LM_CONFIGS.items():
+        lm_config = make()
+        reports = {}
+        for model in (1, 2, 4, 8, 16, 32, 64):
+            try:
+                reports[model] = memory.lm_memory_report(lm_config, _abstract_mesh(1, model),
+                                                         **kwargs)
+            except sharding.ConfigError:  # the query heads do not divide this model axis
+                continue
+        cells = []
+        for gb in DEVICE_GB:
+            fitting = [m for m, r in reports.items() if r.total_bytes <= gb * 1e9]
+            model = min(fitting) if fitting else None
+            cells.append(f"{'none':>22s}" if model is None else
+                         f"{f'model={model}':>10s} {memory.format_bytes(reports[model].total_bytes):>11s}")
+            results.append({"model": name, "device_gb": gb, "model_axis": model,
+                            **({} if model is None else reports[model].as_dict())})
+        print(f"  {name:12s} {memory.format_bytes(reports[1].params_bytes):>10s} | "
+              + " | ".join(cells))
+    print(json.dumps({"benchmark": "lm_memory", "results": results, "check": checked,
+                      "machine": common.machine()}))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--architecture", default="relu")
@@ -113,10 +209,20 @@ def main():
     parser.add_argument("--max_expansion_factor", type=int, default=4096)
     parser.add_argument("--device_memory_gib", type=float, default=None,
                         help="per-device memory; default: the device's bytes_limit, else 80")
-    parser.add_argument("--check_d", type=int, default=256)
+    parser.add_argument("--check_d", type=int, default=128)
     parser.add_argument("--check_expansion_factor", type=int, default=16)
     parser.add_argument("--check_batch_size", type=int, default=1024)
+    parser.add_argument("--lm", action="store_true",
+                        help="the LM table instead: the smallest model axis whose harvest step "
+                             "fits 16, 80 and 141 GB, for Gemma 2 and Llama 3")
+    parser.add_argument("--lm_batch_sequences", type=int, default=8)
+    parser.add_argument("--lm_context", type=int, default=1024)
+    parser.add_argument("--lm_check_batch", type=int, default=8)
+    parser.add_argument("--lm_check_context", type=int, default=128)
     args = parser.parse_args()
+    if args.lm:
+        lm_main(args)
+        return
     budget, budget_source = _budget(args)
     ds = [int(v) for v in args.ds.split(",")]
     model_sizes = [int(v) for v in args.model_sizes.split(",")]

@@ -209,9 +209,11 @@ def _mesh_section(config: ml_collections.ConfigDict) -> None:
     # Devices along a third mesh axis, `layer` (1: the mesh is data x model); a CLT's layer
     # axis is split over it with the rule ("layer", "layer") in sharding_rules.
     config.mesh.layer = 1
-    # Logical axis -> mesh axis. "group" (the members of a group) stays unsplit.
+    # Logical axis -> mesh axis. "group" (the members of a group) stays unsplit; the LM's
+    # heads, MLP and vocabulary split over `model` with the dictionary (sharding.LM_RULES).
     config.sharding_rules = (("batch", "data"), ("latent", "model"), ("embed", None),
-                             ("group", None))
+                             ("group", None), ("heads", "model"), ("kv_heads", "model"),
+                             ("mlp", "model"), ("vocab", "model"), ("layers", None))
 
 
 def _logging_section(config: ml_collections.ConfigDict) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 from typing import Sequence
 
 from absl import flags, logging
@@ -36,7 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from saejax import cli, models, paths
+from saejax import cli, models, paths, sharding
 from saejax.data import lm, store
 from saejax.errors import ConfigError
 
@@ -45,13 +46,17 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
             context_length: int, batch_sequences: int = 32, holdout_sequences: int = 0,
             max_sequences: int = 0, dtype: str = "float32", chunk_rows: int = 4096,
             shard_rows: int = 0, exclude_positions=(0,), exclude_token_ids=lm.SPECIAL,
-            progress_every_s: float = 30.0) -> dict:
+            progress_every_s: float = 30.0, mesh_model: int = 1,
+            rules=sharding.DEFAULT_RULES) -> dict:
     """Runs the model over the token sequences and writes `out/<hook>` for every hook; returns
     {"stores": {hook: path}, "tokens_per_s": ..., ...}. Resumes stores that exist.
 
     `exclude_positions` (ints, or "0,1") and `exclude_token_ids` ("special", "" for none, or
-    ids) are the rows left out (`saejax.data.lm.keep_mask`)."""
-    model_config, params = models.load(checkpoint)
+    ids) are the rows left out (`saejax.data.lm.keep_mask`). `mesh_model` devices split the
+    model (tensor parallel, by `rules`: `models.param_shardings`), each group of them reading
+    its params' shards straight from the checkpoint; the batch is split over the rest."""
+    mesh = _mesh(mesh_model, batch_sequences)
+    model_config, params = models.load(checkpoint, mesh=mesh, rules=rules)
     for hook in hooks:
         models.check_hook(model_config, hook, f"--hooks: {hook!r} is not a hook point of "
                           f"{checkpoint}", ConfigError)
@@ -73,12 +78,6 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
         raise ConfigError(f"--exclude_positions={list(exclude_positions)} and "
                           f"--exclude_token_ids leave no token of --tokens={tokens!r} to store.")
 
-    # The batch of sequences is split over this process's devices; the model is replicated.
-    devices = jax.local_devices()
-    n_devices = len(devices) if batch_sequences % len(devices) == 0 else 1
-    mesh = jax.make_mesh((n_devices,), ("data",), devices=devices[:n_devices],
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    params = jax.device_put(params, NamedSharding(mesh, P()))
     forward = models.make_forward(model_config, hooks=tuple(hooks),
                                   stop_at_layer=max(models.hook_layer(h) for h in hooks) + 1)
     token_sharding = NamedSharding(mesh, P("data"))
@@ -88,7 +87,8 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
         # shape, and a sequence's activations do not depend on where the processes' runs end.
         rows = len(batch)
         batch = np.pad(batch, ((0, batch_sequences - rows), (0, 0)))
-        acts = forward(params, jax.device_put(batch, token_sharding))[1]
+        with sharding.activate(mesh, rules):  # traced with the rules: per-shard projections
+            acts = forward(params, jax.device_put(batch, token_sharding))[1]
         return {hook: x[:rows] for hook, x in acts.items()}
 
     def open_writers():
@@ -112,7 +112,7 @@ def harvest(checkpoint: str, tokens: str, out: str, *, hooks: Sequence[str],
                      f"{n_rows - rows_todo:,}", f"{n_rows:,}")
     logging.info("Harvesting %s tokens (%d sequences x %d, %s excluded) at %s from %s on %d "
                  "%s device(s) x %d process(es).", f"{n_rows:,}", n, context_length,
-                 f"{n * context_length - n_rows:,}", ", ".join(hooks), checkpoint, n_devices,
+                 f"{n * context_length - n_rows:,}", ", ".join(hooks), checkpoint, mesh.size,
                  jax.default_backend(), jax.process_count())
     batches = _token_batches(sequences, keep, row_starts,
                              _sequence_ranges(writers.values(), row_starts), batch_sequences)
@@ -129,6 +129,20 @@ def _write_parts(activation_fn, batches, writers, progress_every_s: float) -> fl
     # A slower process may take longer than this one, but not twice as long.
     store.finish_parts(writers, timeout_s=max(600.0, 2 * (time.perf_counter() - t0)))
     return time.perf_counter() - t0
+
+
+def _mesh(mesh_model: int, batch_sequences: int):
+    """A (data, model) mesh of this process's devices: `mesh_model` devices split the model;
+    the batch of sequences is split over as many groups of them as the devices hold and the
+    batch divides (else one). Each process is a data replica of its own (`_data_replica`)."""
+    devices = jax.local_devices()
+    if mesh_model < 1 or len(devices) % mesh_model:
+        raise ConfigError(f"--mesh_model={mesh_model} must be a positive divisor of the "
+                          f"{len(devices)} devices.")
+    data = len(devices) // mesh_model
+    data = data if batch_sequences % data == 0 else 1
+    return sharding.make_mesh(SimpleNamespace(data=data, model=mesh_model),
+                              devices[:data * mesh_model])
 
 
 def _exclusion(tokens: np.ndarray, checkpoint: str, model_config, exclude_positions,
@@ -200,6 +214,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("exclude_token_ids", lm.SPECIAL, "Token ids not stored: 'special' (the "
                         "tokenizer's special tokens and the model's BOS), '' for none, or "
                         "ids '0,1,2'.")
+    flags.DEFINE_integer("mesh_model", 1, "Devices that split the model (tensor parallel: its "
+                         "heads, MLP and vocabulary); the batch is split over the rest. Query "
+                         "heads must divide it.")
     cli.define_device_flags()
     flags.mark_flags_as_required(["checkpoint", "tokens", "out"])
 
@@ -216,7 +233,8 @@ def main(argv):
                      max_sequences=values.max_sequences, dtype=values.dtype,
                      chunk_rows=values.chunk_rows, shard_rows=values.shard_rows,
                      exclude_positions=values.exclude_positions,
-                     exclude_token_ids=values.exclude_token_ids)
+                     exclude_token_ids=values.exclude_token_ids,
+                     mesh_model=values.mesh_model)
     if jax.process_index():
         return  # process 0 reports for all
     print(f"Harvested {result['tokens_written']:,} tokens at {result['tokens_per_s']:,.0f} "

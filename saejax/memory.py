@@ -5,7 +5,8 @@ Adam moments, the rest) exactly, from the trainer's abstract state and its shard
 estimates the step's temporaries (gradients and activations) from the shapes alone: nothing is
 compiled or allocated, so it answers for a dictionary far too big for the machine at hand, on an
 `AbstractMesh` of any size. `compiled_memory` reads XLA's own numbers for a compiled step, which
-the estimate is checked against (tests/test_memory.py).
+the estimate is checked against (tests/test_memory.py). `lm_memory_report` does the same for the
+language model's forward (a harvest step), tensor parallel over the mesh.
 
 `collectives(hlo_text, mesh)` lists the collectives of a compiled program: the elements and
 bytes each one's result holds, the mesh axes its device groups span, and the source line that
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import data, groups, sharding, train
+from saejax import data, groups, models, sharding, train
 from saejax.sae import base as sae_base
 
 # ------------------------------------------------------------------------------------------
@@ -169,6 +170,98 @@ def compiled_memory(compiled) -> dict[str, int]:
     out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
                           + out["temp_bytes"])
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# The language model's forward (a harvest step), tensor parallel.
+# ------------------------------------------------------------------------------------------
+class LMMemoryReport(NamedTuple):
+    """Bytes per device of one LM forward up to a hook (a harvest step). Params and outputs are
+    exact; the activations are estimated from the shapes (one block's live arrays: XLA reuses
+    them block after block)."""
+
+    params_bytes: int        # this device's shards of the LM's params
+    tokens_bytes: int
+    activation_bytes: int    # estimated: one block's residual, attention and MLP arrays, and
+                             # the copies of the block params' slices
+    output_bytes: int        # the hooks' activations (and logits, with unembed)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.params_bytes + self.tokens_bytes + self.activation_bytes + self.output_bytes
+
+    def as_dict(self) -> dict[str, int]:
+        return {**self._asdict(), "total_bytes": self.total_bytes}
+
+    def __str__(self) -> str:
+        return (f"{format_bytes(self.total_bytes)} per device: params "
+                f"{format_bytes(self.params_bytes)}, activations~ "
+                f"{format_bytes(self.activation_bytes)}, outputs "
+                f"{format_bytes(self.output_bytes)}")
+
+
+def lm_memory_report(lm_config, mesh, rules=None, *, batch_sequences: int,
+                     context_length: int, n_hooks: int = 1, unembed: bool = False,
+                     param_dtype=jnp.float32, dtype=jnp.float32) -> LMMemoryReport:
+    """Bytes per device of the forward of `lm_config` (any family) on `mesh` (a `Mesh` or an
+    `AbstractMesh`: nothing is allocated) split by `rules` (`models.param_shardings`), over
+    `batch_sequences` x `context_length` tokens split over the batch's mesh axis, returning
+    `n_hooks` activations (and the logits with `unembed`). The sizes are read from the param
+    specs by logical axis name (heads, kv_heads, head_dim, mlp, vocab), whatever the family."""
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    specs = models.param_specs(lm_config)
+    shardings = models.param_shardings(lm_config, mesh, rules)
+    is_spec = lambda x: isinstance(x, models.base.Spec)
+    item = jnp.dtype(param_dtype).itemsize
+    params_bytes = sum(math.prod(where.shard_shape(spec.shape)) * item for spec, where in zip(
+        jax.tree.leaves(specs, is_leaf=is_spec), jax.tree.leaves(shardings)))
+    # The forward slices the stacked block params (a scanned run of layers, a hooked layer):
+    # XLA materialises those slices, about one more copy of the blocks' shards.
+    blocks_bytes = sum(math.prod(where.shard_shape(spec.shape)) * item for spec, where in zip(
+        jax.tree.leaves(specs["blocks"], is_leaf=is_spec), jax.tree.leaves(shardings["blocks"])))
+    local = _local_sizes(specs, shardings, is_spec)
+    heads, kv_heads = local["heads"], local.get("kv_heads", local["heads"])
+    b = -(-batch_sequences // sharding.split_size(mesh, rules, "batch"))
+    s, d, a = context_length, lm_config.d_model, jnp.dtype(dtype).itemsize
+    # The residual and a branch's output (norms fuse into the matmuls); q, k, v and the heads'
+    # output, the float32 scores and the probabilities; the MLP's hidden units, two arrays.
+    attention = (b * s * (2 * heads + 2 * kv_heads) * local["head_dim"] * a
+                 + b * heads * s * s * (4 + a))
+    mlp = 2 * b * s * local["mlp"] * a
+    activation_bytes = blocks_bytes + 2 * b * s * d * a + max(attention, mlp)
+    output_bytes = n_hooks * b * s * d * a + (b * s * local["vocab"] * 4 if unembed else 0)
+    return LMMemoryReport(params_bytes=params_bytes, tokens_bytes=b * s * 4,
+                          activation_bytes=activation_bytes, output_bytes=output_bytes)
+
+
+def _local_sizes(specs, shardings, is_spec) -> dict[str, int]:
+    """Per logical axis, its size on one device (the largest over the params naming it)."""
+    sizes: dict[str, int] = {}
+    for spec, where in zip(jax.tree.leaves(specs, is_leaf=is_spec), jax.tree.leaves(shardings)):
+        for name, n in zip(spec.axes, where.shard_shape(spec.shape)):
+            sizes[name] = max(sizes.get(name, 0), n)
+    return sizes
+
+
+def compile_lm_forward(lm_config, mesh, rules=None, *, batch_sequences: int,
+                       context_length: int, hooks, unembed: bool = False,
+                       param_dtype=jnp.float32, dtype=jnp.float32):
+    """The forward of `lm_config` up to the deepest of `hooks` (a harvest step), compiled on
+    the concrete `mesh` from abstract arguments: what `compiled_memory` reads."""
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    shardings = models.param_shardings(lm_config, mesh, rules)
+    params = jax.tree.map(lambda spec, where: jax.ShapeDtypeStruct(spec.shape, param_dtype,
+                                                                   sharding=where),
+                          models.param_specs(lm_config), shardings,
+                          is_leaf=lambda x: isinstance(x, models.base.Spec))
+    tokens = jax.ShapeDtypeStruct((batch_sequences, context_length), jnp.int32,
+                                  sharding=jax.sharding.NamedSharding(
+                                      mesh, sharding.logical_to_spec(("batch",), rules)))
+    stop = None if unembed else max(models.hook_layer(h) for h in hooks) + 1
+    forward = models.make_forward(lm_config, hooks=tuple(hooks), stop_at_layer=stop,
+                                  dtype=dtype)
+    with sharding.activate(mesh, rules):
+        return forward.lower(params, tokens).compile()
 
 
 # ------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ both.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -29,8 +30,16 @@ from saejax.errors import ConfigError  # noqa: F401  (re-exported: saejax.shardi
 MESH_AXES = ("data", "model")
 # With `mesh.layer` > 1 a third axis between them splits a CLT's layers (rule ("layer", "layer")).
 LAYER_MESH_AXES = ("data", "layer", "model")
-# The default table: the batch is split across `data`, the dictionary across `model`.
-DEFAULT_RULES = (("batch", "data"), ("latent", "model"), ("embed", None), ("group", None))
+# The default table: the batch is split across `data`, the dictionary across `model`, and so is
+# the LM (tensor parallel, as Megatron splits it): its attention by heads, its MLP by hidden
+# units, its embedding by vocabulary; its layers and width stay whole.
+LM_RULES = (("heads", "model"), ("kv_heads", "model"), ("mlp", "model"), ("vocab", "model"),
+            ("layers", None), ("head_dim", None), ("positions", None))
+DEFAULT_RULES = (("batch", "data"), ("latent", "model"), ("embed", None), ("group", None),
+                 *LM_RULES)
+# Logical axes a param must split evenly when the rules split them (`models.param_shardings`):
+# any other axis the mesh does not divide stays whole instead.
+MUST_DIVIDE = ("heads",)
 
 
 def mesh_layer(mesh_config) -> int:
@@ -94,12 +103,15 @@ FALLBACKS = {"embed_in": "embed", "embed_out": "embed", "hook": "group"}
 
 def full_rules(rules) -> tuple[tuple, ...]:
     """`rules` as a tuple of pairs, plus a rule for each of `FALLBACKS` it lacks (the rule of
-    the axis it follows), so that an old config's table shards every logical axis."""
+    the axis it follows), so that an old config's table shards every logical axis; an LM axis
+    it does not name stays whole (a table written before the LM was sharded keeps it
+    replicated)."""
     rules = tuple(map(tuple, rules))
     named = {name for name, _ in rules}
     extra = tuple((axis, mesh_axis) for axis, follows in FALLBACKS.items() if axis not in named
                   for name, mesh_axis in rules if name == follows)
-    return rules + extra
+    unsplit = tuple((axis, None) for axis, _ in LM_RULES if axis not in named)
+    return rules + extra + unsplit
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules) -> P:
@@ -126,6 +138,19 @@ def activate(mesh: Mesh, rules):
     """Makes `mesh` and `rules` the ambient ones while tracing and running sharded code."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(full_rules(rules)):
         yield
+
+
+def split_size(mesh, rules, logical_axis: str) -> int:
+    """How many devices of `mesh` the `rules` split `logical_axis` over (1: it stays whole)."""
+    spec = logical_to_spec((logical_axis,), rules)
+    axes = spec[0] if len(spec) else None
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
+def is_split(logical_axis: str) -> bool:
+    """Whether the ambient mesh and rules (`activate`) split `logical_axis` over > 1 device."""
+    mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+    return not mesh.empty and bool(rules) and split_size(mesh, rules, logical_axis) > 1
 
 
 def _ambient_axes(logical_axes: Sequence[str]) -> tuple[Any, P]:

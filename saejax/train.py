@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from saejax import checkpoint, data, evals, groups, loop, paths, sae, sharding, validation
+from saejax.data import lm
 from saejax.evals import downstream
 from saejax.trainer import Trainer
 from saejax.workdir import write_config, write_json
@@ -45,6 +46,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     mesh = sharding.make_mesh(config.mesh)
     logging.info("Mesh %s over %d %s devices.", dict(mesh.shape), mesh.size,
                  jax.default_backend())
+    if int(config.evals.loss_recovered_sequences):  # the LM is split like the dictionary
+        lm.check_split(config.lm, mesh, config.sharding_rules)
 
     with sharding.activate(mesh, config.sharding_rules):
         # Input ------------------------------------------------------------------------------

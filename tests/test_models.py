@@ -5,6 +5,7 @@ names, their errors, config checks, sharded checkpoints, the chunked losses)."""
 
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +182,17 @@ def test_sharded_checkpoint_loads_the_same(checkpoints, tmp_path):
     whole, sharded = models.load(path), models.load(tmp_path)
     assert whole.config == sharded.config
     jax.tree.map(np.testing.assert_array_equal, whole.params, sharded.params)
+
+
+def test_sharded_load_reads_the_same_params_for_every_family(checkpoints):
+    # Each device's block read alone from the file (models/lazy.py) equals the whole read.
+    from saejax import sharding  # pylint: disable=import-outside-toplevel
+    mesh = sharding.make_mesh(types.SimpleNamespace(data=2, model=4))
+    for case, (path, _, _) in checkpoints[1].items():
+        whole, split = models.load(path), models.load(path, mesh=mesh)
+        jax.tree.map(np.testing.assert_array_equal, whole.params, split.params)
+        q = split.params["blocks"]["attn"]["q"]
+        assert q.sharding.shard_shape(q.shape)[2] == 1, case
 
 
 def test_config_fields_are_checked(checkpoints, tmp_path):

@@ -6,8 +6,11 @@ directory, loaded as a `LoadedSAE` (`loaded.py`), plus the checks every analysis
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
-from saejax import models
+import jax
+
+from saejax import models, sharding
 from saejax.analysis import saelens
 from saejax.analysis.loaded import (AnalysisError, LoadedSAE, describe,  # noqa: F401
                                     is_run_dir, load_run, read_run_config, sae_config_for)
@@ -58,9 +61,10 @@ def check_width(loaded: LoadedSAE, d: int, what: str, fix: str) -> None:
 
 
 def load_language_model(loaded: LoadedSAE, *, checkpoint: str | None = None,
-                        hook: str | None = None):
+                        hook: str | None = None, mesh_model: int = 1):
     """The LM the SAE reads (`checkpoint`/`hook`, else the ones it was trained with), checked:
-    the hook exists and its width is the SAE's. Returns a `saejax.data.lm.LanguageModel`."""
+    the hook exists and its width is the SAE's. Returns a `saejax.data.lm.LanguageModel`,
+    split over the first `mesh_model` devices (tensor parallel) when that is more than one."""
     from saejax.data import lm  # pylint: disable=import-outside-toplevel
     checkpoint = checkpoint or loaded.lm_checkpoint
     hook = hook or loaded.hook
@@ -72,7 +76,14 @@ def load_language_model(loaded: LoadedSAE, *, checkpoint: str | None = None,
         raise AnalysisError(f"{describe(loaded)} does not record its hook point; pass "
                             "--hook=blocks.<layer>.hook_resid_post (or the hook it was trained "
                             "at).")
-    model = lm.from_checkpoint(checkpoint, hook, what="hook", error=AnalysisError)
+    mesh = None
+    if mesh_model > 1:
+        if mesh_model > jax.device_count():
+            raise AnalysisError(f"--mesh_model={mesh_model} exceeds the "
+                                f"{jax.device_count()} devices.")
+        mesh = sharding.make_mesh(SimpleNamespace(data=1, model=mesh_model),
+                                  jax.devices()[:mesh_model])
+    model = lm.from_checkpoint(checkpoint, hook, what="hook", error=AnalysisError, mesh=mesh)
     check_width(loaded, model.config.d_model, f"{hook} of {checkpoint}",
                 "The SAE was trained on another model (or hook); pass the checkpoint it was "
                 "trained on with --checkpoint, or an SAE trained at this model's hook.")

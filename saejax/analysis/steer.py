@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import cli, models
+from saejax import cli, models, sharding
 from saejax.analysis import dashboard_data, loading
 from saejax.analysis.loading import AnalysisError, LoadedSAE
 
@@ -179,19 +179,23 @@ def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float
     total = tokens.shape[1] + int(n_new_tokens)
 
     logits_fn, generate_fn = _programs(config, hook, _Ref(loaded))
-    args = lambda on: intervention_args(loaded, latent, mode, value, on=on)
+    def args(on):
+        out = intervention_args(loaded, latent, mode, value, on=on)
+        # Beside a model split over a mesh (tensor parallel), the SAE is replicated on it.
+        return out if model.mesh is None else jax.device_put(out, sharding.replicated(model.mesh))
+
     n = tokens.shape[1]
     buffer = np.zeros((tokens.shape[0], total), np.int32)
     buffer[:, :n] = tokens
     prompt_length = jnp.int32(n)
-    clean = np.asarray(generate_fn(model.params, args(False), buffer, prompt_length))
-    steered = np.asarray(generate_fn(model.params, args(True), buffer, prompt_length))
-
-    # One clean and one steered pass over the prompt and its clean continuation serve both the
-    # prompt's figures (causal: its positions do not see the continuation) and the promoted
-    # tokens' measurement over the whole text.
-    clean_logits, activation = logits_fn(model.params, args(False), clean)
-    steered_logits, _ = logits_fn(model.params, args(True), clean)
+    with model.context():
+        clean = np.asarray(generate_fn(model.params, args(False), buffer, prompt_length))
+        steered = np.asarray(generate_fn(model.params, args(True), buffer, prompt_length))
+        # One clean and one steered pass over the prompt and its clean continuation serve both
+        # the prompt's figures (causal: its positions do not see the continuation) and the
+        # promoted tokens' measurement over the whole text.
+        clean_logits, activation = logits_fn(model.params, args(False), clean)
+        steered_logits, _ = logits_fn(model.params, args(True), clean)
     logp_clean = jax.nn.log_softmax(clean_logits, axis=-1)
     logp_steered = jax.nn.log_softmax(steered_logits, axis=-1)
     kl = jnp.sum(jnp.exp(logp_clean[:, :n]) * (logp_clean[:, :n] - logp_steered[:, :n]),
@@ -294,12 +298,14 @@ def report(result: SteeringResult, tokenizer=None, *, prompt: str | None = None)
 def steer_run(path: str, *, latent: int, prompt: str, mode: str = "add",
               value: float | None = None, new_tokens: int = 20, checkpoint: str | None = None,
               hook: str | None = None, top: int = 10, prepend_bos: bool = True,
-              step: int | None = None, promoted: list[str] | None = None) -> str:
+              step: int | None = None, promoted: list[str] | None = None,
+              mesh_model: int = 1) -> str:
     """What the CLI does: steers the SAE of `path` (a run's workdir or a SAELens directory)
-    on `prompt` and returns the printed report."""
+    on `prompt` and returns the printed report; `mesh_model` devices split the LM."""
     loaded = loading.load_sae(path, step=step)
     loading.check_latent(loaded, latent)
-    model = loading.load_language_model(loaded, checkpoint=checkpoint, hook=hook)
+    model = loading.load_language_model(loaded, checkpoint=checkpoint, hook=hook,
+                                        mesh_model=mesh_model)
     tokenizer = loading.load_tokenizer(loaded, checkpoint)
     if tokenizer is None:
         raise AnalysisError("the prompt needs the checkpoint's tokenizer.json; pass "
@@ -338,6 +344,8 @@ def _define_flags() -> None:
     flags.DEFINE_bool("prepend_bos", True, "Start the prompt with the model's BOS token "
                       "(<|endoftext|> for GPT-2).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_integer("mesh_model", 1, "Devices that split the LM (tensor parallel: its "
+                         "heads, MLP and vocabulary); its query heads must divide it.")
 
 
 def main(argv):
@@ -351,7 +359,7 @@ def main(argv):
                     value=values.value, new_tokens=values.new_tokens,
                     checkpoint=values.checkpoint, hook=values.hook, top=values.top,
                     prepend_bos=values.prepend_bos, step=values.step,
-                    promoted=values.promoted))
+                    promoted=values.promoted, mesh_model=values.mesh_model))
 
 
 if __name__ == "__main__":

@@ -15,15 +15,16 @@ and for `python -m saejax.harvest` alike.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
+import contextlib
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
-from saejax import models
+from saejax import models, sharding
 from saejax.data import store
 from saejax.errors import ConfigError
 
@@ -33,24 +34,49 @@ class LanguageModel(NamedTuple):
     params: dict
     hook: str
     layer: int
+    # Set when the params are split over a mesh (tensor parallel: `models.param_shardings`);
+    # the model's programs are traced and run under them (`sharding.activate`).
+    mesh: Any = None
+    rules: Any = None
+
+    def context(self):
+        """The ambient mesh and rules to trace and run this model's programs under."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        return sharding.activate(self.mesh, self.rules)
 
 
-def from_checkpoint(path: str, hook: str, *, what: str = "lm.hook", error=ConfigError
-                    ) -> LanguageModel:
+def from_checkpoint(path: str, hook: str, *, what: str = "lm.hook", error=ConfigError,
+                    mesh=None, rules=None) -> LanguageModel:
     """The model at `path` (any family, `models.load`) with `hook` checked to be one of its
-    hook points; `what` names the setting in the error."""
-    loaded = models.load(path)
-    models.check_hook(loaded.config, hook, f"{what}={hook!r} is not a hook point of {path}",
-                      error)
-    return LanguageModel(loaded.config, loaded.params, hook, models.hook_layer(hook))
+    hook points; `what` names the setting in the error. When `rules` split the LM over `mesh`
+    (`models.splits`), its params are read straight into their shards; else as before, whole
+    on one device."""
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    mesh = mesh if models.splits(mesh, rules) else None
+    config = models.read_config(path)
+    models.check_hook(config, hook, f"{what}={hook!r} is not a hook point of {path}", error)
+    if mesh is not None:
+        models.param_shardings(config, mesh, rules)  # a ConfigError before any weight is read
+    loaded = models.load(path, mesh=mesh, rules=rules)
+    return LanguageModel(loaded.config, loaded.params, hook, models.hook_layer(hook),
+                         mesh, rules if mesh is not None else None)
 
 
-def load(lm_config, *, d: int | None = None) -> LanguageModel:
+def check_split(lm_config, mesh, rules) -> None:
+    """A ConfigError now, before any training, when `rules` would split `lm.checkpoint`'s
+    model over `mesh` in a way it cannot be (query heads the model axis does not divide)."""
+    if models.splits(mesh, rules):
+        models.param_shardings(models.read_config(str(lm_config.checkpoint)), mesh, rules)
+
+
+def load(lm_config, *, d: int | None = None, mesh=None, rules=None) -> LanguageModel:
     """The checkpoint at `lm.checkpoint`, checked against `lm.hook` (each of its hooks, when it
-    names several: the model's hook is then the deepest) and the SAE width `d`."""
+    names several: the model's hook is then the deepest) and the SAE width `d`; split over
+    `mesh` by `rules` when they split it (`from_checkpoint`)."""
     path = str(lm_config.checkpoint)
     hooks = split_hooks(lm_config.hook) or (str(lm_config.hook),)
-    model = from_checkpoint(path, hooks[0])
+    model = from_checkpoint(path, hooks[0], mesh=mesh, rules=rules)
     for hook in hooks[1:]:
         models.check_hook(model.config, hook, f"lm.hook={lm_config.hook!r}: {hook!r} is not a "
                           f"hook point of {path}", ConfigError)
@@ -152,14 +178,29 @@ def split_hooks(value) -> tuple[str, ...]:
 
 def activations_fn(model: LanguageModel, hooks: tuple[str, ...] | None = None):
     """`(params, tokens [b, s]) -> activations [b, s, d]` at the hook (or `{hook: [b, s, d]}`
-    for several `hooks`), jitted, running only the layers up to the deepest."""
+    for several `hooks`), jitted, running only the layers up to the deepest. A sharded model's
+    calls run under its mesh and rules (from any thread), with the batch split over `data`
+    when it divides."""
     if hooks is None:
         forward = models.make_forward(model.config, hooks=(model.hook,),
                                       stop_at_layer=model.layer + 1)
-        return jax.jit(lambda params, tokens: forward(params, tokens)[1][model.hook])
-    deepest = max(models.hook_layer(h) for h in hooks)
-    forward = models.make_forward(model.config, hooks=hooks, stop_at_layer=deepest + 1)
-    return jax.jit(lambda params, tokens: forward(params, tokens)[1])
+        fn = jax.jit(lambda params, tokens: forward(params, tokens)[1][model.hook])
+    else:
+        deepest = max(models.hook_layer(h) for h in hooks)
+        forward = models.make_forward(model.config, hooks=hooks, stop_at_layer=deepest + 1)
+        fn = jax.jit(lambda params, tokens: forward(params, tokens)[1])
+    if model.mesh is None:
+        return fn
+    batch = NamedSharding(model.mesh, sharding.logical_to_spec(("batch",), model.rules))
+    n_data = sharding.split_size(model.mesh, model.rules, "batch")
+
+    def sharded(params, tokens):
+        with model.context():
+            if len(tokens) % n_data == 0:
+                tokens = jax.device_put(np.asarray(tokens), batch)
+            return fn(params, tokens)
+
+    return sharded
 
 
 class LMRows:
@@ -265,7 +306,7 @@ def make_source(config, *, mesh, rules, eval_batches: int):
     (comma-separated), one forward pass per chunk gives every hook's rows, read in lockstep
     (`saejax.data.lockstep`): `{hook: [batch, d]}`."""
     hooks = split_hooks(config.lm.hook)
-    model = load(config.lm, d=int(config.data.d))
+    model = load(config.lm, d=int(config.data.d), mesh=mesh, rules=rules)
     seqs, _ = split(config.lm, model, int(config.evals.loss_recovered_sequences))
     keep = keep_mask(seqs, *exclusion(config.lm, model))
     batch_size, batch_sequences = int(config.train.batch_size), int(config.lm.batch_sequences)

@@ -248,10 +248,13 @@ def recovery_metrics(decoder, true_features, latents, codes) -> dict[str, float]
     """SAELens' synthetic-benchmark scores of a dictionary (`RECOVERY_METRICS`): the MCC and
     uniqueness of its decoder rows `[n_latents, w]` against `true_features [n_features, w]`,
     and `firing_classification` over held-out batches, `latents` and `codes` being sequences
-    of `[rows, n_latents]` and `[rows, n_features]` (the true codes of the same rows)."""
+    of `[rows, n_latents]` and `[rows, n_features]` (the true codes of the same rows); latents
+    and codes per layer (a CLT's `[rows, L, n]`) are read layer-major, as `decoder_rows` and
+    the source's `true_features` lay them out."""
     decoder, true_features = jnp.asarray(decoder, jnp.float32), jnp.asarray(true_features)
     matches = best_matching_features(decoder, true_features)
-    counts = sum(jax.device_get(firing_counts(jnp.asarray(l), jnp.asarray(c), matches))
+    rows = lambda a: jnp.asarray(a).reshape(np.shape(a)[0], -1)
+    counts = sum(jax.device_get(firing_counts(rows(l), rows(c), matches))
                  for l, c in zip(latents, codes, strict=True))
     classification = firing_classification(jnp.asarray(counts))
     return {"mcc": mean_correlation_coefficient(decoder, true_features),

@@ -155,14 +155,17 @@ def _evaluate(model: lm.LanguageModel, tokens: np.ndarray, hooks: tuple[str, ...
             ce_fn=lambda h, t: models.vocab.next_token_losses(h, t, w_u, softcap=cap),
             kl_fn=lambda h, g: models.vocab.kl_divergences(h, g, w_u, softcap=cap))
 
-    lm_params = jax.device_put(model.params, jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec()))
+    # A model split over a mesh (`LanguageModel.mesh`, tensor parallel) runs as it is sharded,
+    # under its rules; else it is replicated over `mesh`.
+    lm_params = model.params if model.mesh is not None else jax.device_put(
+        model.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     keep = np.ones(np.shape(tokens), bool) if keep is None else np.asarray(keep, bool)
     total = None
     for start in range(0, len(tokens), batch_sequences):
         chunk = np.asarray(tokens[start:start + batch_sequences], np.int32)
-        out = jax.device_get(sums(lm_params, list(params), chunk,
-                                  keep[start:start + batch_sequences]))
+        with model.context():
+            out = jax.device_get(sums(lm_params, list(params), chunk,
+                                      keep[start:start + batch_sequences]))
         total = out if total is None else jax.tree.map(np.add, total, out)
     return [{k: float(v) for k, v in evals.downstream_metrics(t).items()} for t in total]
 
@@ -183,7 +186,7 @@ def evaluate_run(config, architecture, sae_params: list, mesh, *, d: int, sequen
     lm_config = config.lm.copy_and_resolve_references()
     with lm_config.unlocked():
         lm_config.hook = hook
-    model = lm.load(lm_config, d=d)
+    model = lm.load(lm_config, d=d, mesh=mesh, rules=config.sharding_rules)
     _, tokens = lm.split(config.lm, model, sequences)
     common = dict(batch_sequences=int(config.lm.batch_sequences), mesh=mesh,
                   keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)))

@@ -1,6 +1,6 @@
 """Hugging Face checkpoint directories: config.json checked field by field, and the weights of
-model.safetensors or a sharded model.safetensors.index.json, read tensor by tensor from local
-files only (nothing is downloaded)."""
+model.safetensors or a sharded model.safetensors.index.json, read lazily (`lazy.py`: a param, or one
+shard of it, at a time) from local files only (nothing is downloaded)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import os
 from typing import Any, Iterable, Mapping
 
-import numpy as np
+from saejax.models import lazy
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -68,11 +68,12 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 class Tensors:
-    """The tensors of a checkpoint directory by name, read one at a time as float32 numpy
-    arrays. `strip` removes a model-class prefix (`model.`, `transformer.`) from names."""
+    """The tensors of a checkpoint directory by name, as `lazy.Lazy` float32 tensors: `take`
+    checks a tensor's shape from the file's header and reads nothing; the loader's transposes
+    and reshapes are recorded, and the bytes are read when the param (or one shard of it) is.
+    `strip` removes a model-class prefix (`model.`, `transformer.`) from names."""
 
     def __init__(self, path: str | os.PathLike, *, strip: Iterable[str] = ()):
-        from safetensors import safe_open  # pylint: disable=import-outside-toplevel
         self.path = os.fspath(path)
         index_file = os.path.join(self.path, WEIGHTS_INDEX_FILE)
         if os.path.isfile(os.path.join(self.path, WEIGHTS_FILE)):
@@ -86,49 +87,39 @@ class Tensors:
                 f"{os.path.join(self.path, WEIGHTS_FILE)} is missing (found {found}). Only "
                 f"safetensors weights are read; convert a pytorch_model.bin by loading it in "
                 f"transformers and calling save_pretrained(dir, safe_serialization=True).")
-        self._where: dict[str, tuple[str, str]] = {}
+        self._where: dict[str, lazy.Source] = {}
         for file in files:
             full = os.path.join(self.path, file)
             if not os.path.isfile(full):
                 raise FileNotFoundError(f"{full}, named by {WEIGHTS_INDEX_FILE}, is missing.")
-            with safe_open(full, framework="numpy") as f:
-                for name in f.keys():
-                    short = name
-                    for prefix in strip:
-                        if short.startswith(prefix):
-                            short = short[len(prefix):]
-                            break
-                    self._where[short] = (full, name)
+            entries, data_offset = lazy.header(full)
+            for name, entry in entries.items():
+                if name == "__metadata__":
+                    continue
+                short = name
+                for prefix in strip:
+                    if short.startswith(prefix):
+                        short = short[len(prefix):]
+                        break
+                self._where[short] = lazy.Source(full, entry, data_offset)
         self._taken: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def _read(self, name: str) -> np.ndarray:
-        from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-        file, full_name = self._where[name]
-        try:
-            with safe_open(file, framework="numpy") as f:
-                return np.asarray(f.get_tensor(full_name), np.float32)
-        except TypeError:
-            # NumPy has no bfloat16, so the numpy reader cannot read a bf16 tensor; JAX's can.
-            import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-            with safe_open(file, framework="flax") as f:
-                return np.asarray(f.get_tensor(full_name).astype(jnp.float32))
-
-    def take(self, name: str, shape: tuple[int, ...], what: str = "") -> np.ndarray:
-        """Tensor `name`, checked to have `shape` (the one config.json implies)."""
+    def take(self, name: str, shape: tuple[int, ...], what: str = "") -> lazy.Lazy:
+        """Tensor `name`, checked to have `shape` (the one config.json implies); not read yet."""
         if name not in self._where:
             raise KeyError(f"tensor {name!r} is missing from the checkpoint in {self.path}"
                            f"{' (' + what + ')' if what else ''}.")
-        value = self._read(name)
+        value = self._where[name]
         if value.shape != tuple(shape):
             raise ValueError(f"tensor {name!r} in {self.path} has shape {value.shape}, but "
                              f"config.json implies {tuple(shape)}.")
         self._taken.add(name)
         return value
 
-    def maybe(self, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    def maybe(self, name: str, shape: tuple[int, ...]) -> lazy.Lazy | None:
         return self.take(name, shape) if name in self._where else None
 
     def check_all_read(self, ignored=lambda name: False) -> None:
@@ -141,16 +132,9 @@ class Tensors:
 
 
 def stack_layers(n_layers: int, layer_fn) -> dict:
-    """{name: [n_layers, ...]} from `layer_fn(i) -> {name: array}` (a nested dict), filled in
-    place layer by layer so the host holds one copy of the weights, not two."""
+    """{name: [n_layers, ...]} from `layer_fn(i) -> {name: tensor}` (a nested dict), each a
+    `lazy.Stacked`: reading a block of it reads that block of each layer into one array."""
     import jax  # pylint: disable=import-outside-toplevel
-    first = layer_fn(0)
-    stacked = jax.tree.map(lambda a: np.empty((n_layers, *a.shape), np.float32), first)
-
-    def put(i, layer):
-        jax.tree.map(lambda out, a: out.__setitem__(i, a), stacked, layer)
-
-    put(0, first)
-    for i in range(1, n_layers):
-        put(i, layer_fn(i))
-    return stacked
+    layers = [layer_fn(i) for i in range(n_layers)]
+    return jax.tree.map(lambda *parts: lazy.Stacked([lazy.as_lazy(p) for p in parts]), *layers,
+                        is_leaf=lambda x: isinstance(x, lazy.Lazy))

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saejax import sharding
+
 Hook = Callable[[str, jax.Array], jax.Array]
 
 
@@ -189,7 +191,11 @@ def project(x: jax.Array, p: Mapping[str, jax.Array], name: str) -> jax.Array:
 
 def project_qkv(x: jax.Array, p: Mapping[str, jax.Array]) -> tuple[jax.Array, ...]:
     """q, k, v from one matmul: the three weights concatenated along the head axis (a copy of
-    the weights, small beside the matmul once a batch holds more tokens than d_model)."""
+    the weights, small beside the matmul once a batch holds more tokens than d_model). When the
+    ambient rules split the heads over devices (tensor parallel), three matmuls instead: each
+    device projects its own heads, where the concatenation would regather them."""
+    if sharding.is_split("heads"):
+        return tuple(project(x, p, name) for name in "qkv")
     h, kv = p["q"].shape[1], p["k"].shape[1]
     w = jnp.concatenate([p["q"], p["k"], p["v"]], axis=1).astype(x.dtype)
     out = jnp.tensordot(x, w, axes=1)

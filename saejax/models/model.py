@@ -11,13 +11,18 @@ of its forward pass: `embed`, `context` (rotary tables for a sequence length), `
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from saejax.models import base, gemma, gpt2, hf, hooks as hook_lib, layers, llama, neox
+from saejax import sharding
+from saejax.errors import ConfigError
+from saejax.models import base, gemma, gpt2, hf, hooks as hook_lib, layers, lazy, llama, neox
 
 FAMILIES = (gpt2, llama, gemma, neox)
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.MODEL_TYPES}
@@ -51,13 +56,64 @@ class LM(NamedTuple):
     params: dict
 
 
-def load(path: str | os.PathLike) -> LM:
+def read_config(path: str | os.PathLike) -> base.LMConfig:
+    """The config of the checkpoint directory at `path` (config.json only; no weights read)."""
+    return config_from_hf_dict(hf.read_config(os.fspath(path)))
+
+
+def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules=None,
+         dtype=np.float32) -> LM:
     """The model in a local Hugging Face checkpoint directory (config.json + model.safetensors
-    or a sharded model.safetensors.index.json); never touches the hub."""
+    or a sharded model.safetensors.index.json); never touches the hub.
+
+    With a `mesh` (and `rules`, default `sharding.DEFAULT_RULES`), every param is created
+    straight in its shards (`param_shardings`): each device's block is read from the file
+    alone (`_read_into`), so no host ever holds a whole param it does not keep. Without one, each param is read whole, one at a time, onto the default device.
+    `dtype` is the params' (e.g. jnp.bfloat16 for half the memory; the forward reads any)."""
     path = os.fspath(path)
-    config = config_from_hf_dict(hf.read_config(path))
-    params = family(config).load_params(path, config)
-    return LM(config, jax.device_put(params))
+    config = read_config(path)
+    tensors = family(config).load_params(path, config)
+    if mesh is None:
+        return LM(config, jax.tree.map(
+            lambda t: jax.device_put(np.asarray(t).astype(dtype, copy=False)), tensors,
+            is_leaf=_is_lazy))
+    shardings = param_shardings(config, mesh, rules)
+    _check_shapes(config, tensors, path)
+    return LM(config, jax.tree.map(lambda t, where: _read_into(t, where, dtype), tensors,
+                                   shardings, is_leaf=_is_lazy))
+
+
+def _read_into(tensor: lazy.Lazy, where: NamedSharding, dtype) -> jax.Array:
+    """`tensor` as a global array of sharding `where`, each distinct block of this host's
+    devices read once and put on its devices before the next is read (what
+    `jax.make_array_from_callback` does, but without holding every block on the host at once:
+    the host's peak is its shards plus one block)."""
+    by_block: dict = {}
+    for device, index in where.addressable_devices_indices_map(tensor.shape).items():
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, tensor.shape))
+        by_block.setdefault(key, []).append(device)
+    shards = {}
+    for key, devices in by_block.items():
+        block = tensor.read(tuple(slice(*k) for k in key)).astype(dtype, copy=False)
+        # Blocking: the transfer is done, and the block freed, before the next is read.
+        placed = jax.block_until_ready([jax.device_put(block, d) for d in devices])
+        shards |= dict(zip(devices, placed))
+        del block
+    arrays = [shards[d] for d in where.addressable_devices_indices_map(tensor.shape)]
+    return jax.make_array_from_single_device_arrays(tensor.shape, where, arrays)
+
+
+def _is_lazy(x) -> bool:
+    return isinstance(x, lazy.Lazy)
+
+
+def _check_shapes(config, tensors, path: str) -> None:
+    got = jax.tree.map(lambda t: tuple(t.shape), tensors, is_leaf=_is_lazy)
+    want = jax.tree.map(lambda s: s.shape, param_specs(config),
+                        is_leaf=lambda x: isinstance(x, base.Spec))
+    if got != want:
+        raise ValueError(f"the params read from {path} have shapes {got}, but "
+                         f"{config.describe()} implies {want}.")
 
 
 def load_pretrained(path: str | os.PathLike):
@@ -75,11 +131,70 @@ def param_axes(config) -> dict:
     return base.axes_of(param_specs(config))
 
 
-def init_params(key: jax.Array, config) -> dict:
+def param_shardings(config, mesh: Mesh, rules=None) -> dict:
+    """The NamedSharding of every param on `mesh` by the logical-axis `rules` (default
+    `sharding.DEFAULT_RULES`: heads, kv_heads, mlp and vocab over `model`).
+
+    A dim whose size the mesh axes it maps to do not divide stays whole (replicated): KV heads
+    fewer than the model axis (SmolLM2's 3, Gemma 3 270M's 1), an odd vocabulary (GPT-2's
+    50257). Query heads are the exception: their split is the tensor-parallel attention, so
+    query heads the axis does not divide are a ConfigError naming the sizes that do."""
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+
+    def of(spec: base.Spec) -> NamedSharding:
+        mesh_axes = list(sharding.logical_to_spec(spec.axes, rules))
+        mesh_axes += [None] * (len(spec.shape) - len(mesh_axes))
+        for dim, (name, size, axes) in enumerate(zip(spec.axes, spec.shape, mesh_axes)):
+            split = math.prod(mesh.shape[a] for a in _names(axes))
+            if size % split == 0:
+                continue
+            if name in sharding.MUST_DIVIDE:
+                _heads_error(config, name, size, axes, mesh)
+            mesh_axes[dim] = None
+        return NamedSharding(mesh, P(*mesh_axes))
+
+    return jax.tree.map(of, param_specs(config), is_leaf=lambda x: isinstance(x, base.Spec))
+
+
+def _names(axes) -> tuple[str, ...]:
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _heads_error(config, name: str, size: int, axes, mesh: Mesh):
+    split = {a: mesh.shape[a] for a in _names(axes)}
+    work = [m for m in range(1, mesh.size + 1) if size % m == 0 and mesh.size % m == 0]
+    raise ConfigError(
+        f"{config.describe()} has {size} {'query heads' if name == 'heads' else name}, which "
+        f"the mesh's {' x '.join(f'{a}={n}' for a, n in split.items())} does not divide: "
+        f"tensor-parallel attention gives each device whole heads. Mesh sizes that work on "
+        f"{mesh.size} devices: mesh.model in {work}; or map {name!r} to None in "
+        f"sharding_rules to replicate the attention.")
+
+
+def splits(mesh: Mesh | None, rules=None) -> bool:
+    """Whether `rules` split the LM's params over more than one device of `mesh` (its heads,
+    MLP or vocabulary over a model axis of size > 1): when they do not, callers keep the LM as
+    it was before sharding existed (one device, bit for bit the same)."""
+    if mesh is None:
+        return False
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    return any(sharding.split_size(mesh, rules, name) > 1 for name, _ in sharding.LM_RULES)
+
+
+def shard_params(params: dict, config, mesh: Mesh, rules=None) -> dict:
+    """`params` (already loaded) moved into `param_shardings(config, mesh, rules)`."""
+    return jax.device_put(params, param_shardings(config, mesh, rules))
+
+
+def init_params(key: jax.Array, config, *, mesh: Mesh | None = None, rules=None) -> dict:
     """Random params of the family's initialisation (GPT-2's for GPT-2; normal(0.02) weights
-    and unit norms elsewhere)."""
+    and unit norms elsewhere); with a `mesh`, created in their shards (`param_shardings`) by
+    one jitted program, never whole on one device."""
     specs = param_specs(config)
-    return jax.jit(lambda k: base.init_from_specs(k, specs))(key)
+    init = lambda k: base.init_from_specs(k, specs)
+    if mesh is None:
+        return jax.jit(init)(key)
+    return jax.jit(init, out_shardings=param_shardings(config, mesh, rules))(key)
 
 
 def hook_names(config) -> list[str]:
