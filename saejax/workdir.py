@@ -20,9 +20,9 @@ from saejax.errors import ConfigError
 # Config fields that may change when resuming a workdir (they do not change what is trained;
 # train.steps does change the learning-rate decay, so it is allowed with a warning, to extend a
 # run); anything else must match what the workdir was started with.
-RESUMABLE_CHANGES = ("mesh.", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.steps", "evals.eval_batches",
-                     "evals.density_window_tokens", "evals.dense_threshold",
+RESUMABLE_CHANGES = ("mesh.", "sharding_rules", "train.log_every",
+                     "train.checkpoint_every", "train.keep_checkpoints", "train.steps",
+                     "evals.eval_batches", "evals.density_window_tokens", "evals.dense_threshold",
                      "evals.loss_recovered_sequences", "data.prefetch_windows",
                      "lm.batch_sequences", "group.member_workdirs",
                      "train.preemption_check_every", "logging.")
