@@ -141,6 +141,14 @@ def _evaluate(config, trainer: Trainer, state: dict, source: data.KeyedSource,
     return results, None if mmcs is None else np.asarray(mmcs(state["params"]))
 
 
+def _inference_encode(config, architecture: sae.Architecture):
+    """`encode(params, input_scale, batch) -> latents`, jitted: an SAE's inference encoding of a
+    raw held-out batch, in the units it trained in, what the ground-truth evaluations read."""
+    return jax.jit(lambda params, scale, batch: architecture.encode(
+        params, architecture.shape.input(
+            {h: x * scale for h, x in data.as_batch(batch).items()}), config.sae))
+
+
 def _recovery(config, trainer: Trainer, state: dict, source: data.KeyedSource,
               group: groups.Members) -> list[dict]:
     """Per SAE, SAELens' synthetic-benchmark scores (`evals.recovery_metrics`: MCC,
@@ -149,9 +157,7 @@ def _recovery(config, trainer: Trainer, state: dict, source: data.KeyedSource,
     if getattr(source, "true_features", None) is None:
         return [{} for _ in range(group.size)]
     architecture = trainer.architecture
-    encode = jax.jit(lambda params, scale, batch: architecture.encode(
-        params, architecture.shape.input(
-            {h: x * scale for h, x in data.as_batch(batch).items()}), config.sae))
+    encode = _inference_encode(config, architecture)
     batches = range(int(config.evals.eval_batches))
     codes = [source.eval_codes(i) for i in batches]
     members = [group.state(state, i) for i in range(group.size)]
@@ -170,8 +176,7 @@ def _hierarchy(config, trainer: Trainer, state: dict, source: data.KeyedSource,
         return [{} for _ in range(group.size)]
     architecture = trainer.architecture
     members = [group.state(state, i) for i in range(group.size)]
-    encode = jax.jit(lambda params, scale, batch: architecture.encode(
-        params, architecture.shape.input(batch) * scale, config.sae))
+    encode = _inference_encode(config, architecture)
     return [{"absorption": evals.hierarchy_metrics(
                 lambda batch, m=m: encode(m["params"], m["input_scale"], batch),
                 evals.decoder_rows(architecture.shape, m["params"]), source,
