@@ -28,7 +28,7 @@ from absl import flags, logging
 import numpy as np
 
 from saejax import cli, sae
-from saejax.analysis import dashboard, dashboard_data, pages, ratings
+from saejax.analysis import dashboard, dashboard_data, pages, ratings, review_server
 from saejax.analysis.loading import AnalysisError, LoadedSAE, sae_config_for
 from saejax.analysis.token_text import TokenText
 from saejax.evals.interpretability import CONTROL, LATENT, RATINGS, latest_ratings
@@ -272,7 +272,6 @@ def main(argv):
     print(f"Report: {review.report_file}")
     if not values.serve:
         return
-    from saejax.analysis import review_server  # pylint: disable=import-outside-toplevel
     try:
         server = review_server.make_server(review, values.host, values.port)
     except OSError as e:  # the port is taken, or the address is not this machine's

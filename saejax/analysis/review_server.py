@@ -16,10 +16,13 @@ import http.server
 import json
 import re
 import urllib.parse
+from typing import TYPE_CHECKING
 
 from absl import logging
 
-from saejax.analysis.review import Review
+if TYPE_CHECKING:  # review.py imports this module to serve; only the annotations need it
+    from saejax.analysis.review import Review
+
 
 _PAGE = re.compile(r"^/(latents|items)/([0-9]+)\.html$")
 MAX_BODY = 16_384  # bytes of a rating
