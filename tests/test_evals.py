@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -80,6 +81,28 @@ def test_downstream_scores_on_a_hand_computed_case():
             "kl_zero_ablation": 4.0, "positions": 2.0}
     m = evals.downstream_metrics(sums)
     assert m["loss_recovered"] == pytest.approx(0.75) and m["kl_score"] == pytest.approx(0.75)
+
+
+def test_downstream_sums_needs_a_dict_of_interventions_for_several_hooks():
+    seen = []
+
+    def lm_forward(tokens, interventions):  # logits from one-hot tokens; records the splices
+        seen.append(sorted(interventions or ()))
+        return jax.nn.one_hot(tokens, 5) * 3.0
+
+    tokens = jnp.array([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"several hooks \['a', 'b'\].*dict of interventions"):
+        evals.downstream_sums(lm_forward, tokens, ("a", "b"), [lambda x: x])
+    seen.clear()
+    out = evals.downstream_sums(lm_forward, tokens, ("a", "b"),
+                                [{"a": lambda x: x, "b": lambda x: x}])
+    # clean, both hooks zero-ablated, then the one spliced pass with both replaced.
+    assert seen == [[], ["a", "b"], ["a", "b"]]
+    assert float(out[0]["positions"]) == 2.0
+    # One hook: a function alone still names its hook.
+    seen.clear()
+    evals.downstream_sums(lm_forward, tokens, "a", [lambda x: x])
+    assert seen == [[], ["a"], ["a"]]
 
 
 def test_mcc_is_one_to_one_where_mmcs_is_not():

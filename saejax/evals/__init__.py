@@ -397,9 +397,9 @@ def downstream_sums(lm_forward, tokens: jax.Array, hook, reconstructs, *,
       tokens: int token ids `[batch, seq]`.
       hook: the hook point the SAEs were trained on, e.g. "blocks.8.hook_resid_post"; or
         several hooks, all zero-ablated together (a cross-layer transcoder's MLP outputs).
-      reconstructs: per SAE, activation `[batch, seq, d]` -> its reconstruction at `hook`; or
-        per SAE the interventions `{hook: fn}` of its one spliced forward pass (the
-        replacement model of a cross-layer transcoder). The clean and zero-ablated passes are
+      reconstructs: per SAE, activation `[batch, seq, d]` -> its reconstruction at `hook` (one
+        hook only); or per SAE the interventions `{hook: fn}` of its one spliced forward pass
+        (the replacement model of a cross-layer transcoder; required with several hooks). The clean and zero-ablated passes are
         shared by all of them (a group's members).
       ce_fn, kl_fn: `(output, tokens) -> [batch, seq - 1]` and `(clean output, output) ->
         [batch, seq]` when `lm_forward` returns something other than logits (the final
@@ -422,6 +422,12 @@ def downstream_sums(lm_forward, tokens: jax.Array, hook, reconstructs, *,
     }
     sums = []
     for reconstruct in reconstructs:
+        if not isinstance(reconstruct, dict) and len(hooks) > 1:
+            # One function cannot say which of several hooks it replaces; splicing it at the
+            # first alone would score a model that the others' ablation never sees replaced.
+            raise ValueError(f"downstream_sums: with several hooks {list(hooks)} each entry of "
+                             f"`reconstructs` must be a dict of interventions keyed by hook "
+                             f"({{hook: fn}}, as the replacement model's), not one function.")
         interventions = reconstruct if isinstance(reconstruct, dict) else {hooks[0]: reconstruct}
         spliced = lm_forward(tokens, interventions)
         sums.append({**shared, "ce_sae": jnp.sum(next_token_losses_(spliced, tokens)),
