@@ -4,7 +4,8 @@
     python benchmarks/memory.py --architecture=topk --device_memory_gib=80 --model_sizes=1,8
 
 For each d and each size of the mesh's model axis (1: the whole dictionary on one device; 8: the
-dictionary split over 8), prints the largest expansion factor (a power of 2) whose step fits in
+dictionary split over 8), prints the largest expansion factor (a power of 2, every one up to
+--max_expansion_factor tried: the bytes need not grow with it) whose step fits in
 the per-device memory (default: what the device reports as its limit, else 80 GiB): params,
 Adam's moments, the rest of the state and the batch are exact, the gradients and activations
 estimated (`saejax.memory.memory_report`). Nothing is allocated and the mesh is abstract, so it
@@ -50,15 +51,17 @@ def _abstract_mesh(data: int, model: int) -> AbstractMesh:
     return AbstractMesh((data, model), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
-def largest_fitting(fits, candidates):
-    """The largest of increasing `candidates` for which `fits` holds, assuming that once one
-    does not fit no larger one does; None if the first does not."""
-    best = None
-    for candidate in candidates:
-        if not fits(candidate):
-            break
-        best = candidate
-    return best
+def largest_fitting(fits, candidates) -> tuple[int | None, list]:
+    """(the largest of `candidates` for which `fits` holds, None if none does; the smaller
+    candidates that do not fit). Every candidate is tried: the bytes need not grow with the
+    width. A TopK step (`sae.topk_decoder=auto`) decodes densely below `topk.SPARSE_RATIO`
+    (k + k_aux) latents and sparsely above, and the sparse decoder's per-token gathered rows,
+    (k + k_aux) d of them, can outweigh the dense decoder's [batch, n_latents] arrays (XLA's
+    own buffer assignment holds them too: tests/test_memory.py), so a width that does not fit
+    may be followed by one that does."""
+    fitting = [c for c in candidates if fits(c)]
+    best = max(fitting, default=None)
+    return best, [c for c in candidates if best is not None and c < best and c not in fitting]
 
 
 def _budget(args) -> tuple[int, str]:
@@ -245,21 +248,22 @@ def main():
         cells = []
         for model in model_sizes:
             fits = lambda f, d=d, model=model: report(d, f, model).total_bytes <= budget
-            factor = largest_fitting(fits, factors)
+            factor, not_fitting = largest_fitting(fits, factors)
             if factor is None:
                 cells.append(f"{'none fits':38s}")
                 results.append({"d": d, "model": model, "expansion_factor": None})
                 continue
             fitted = report(d, factor, model)
-            more = "+" if factor == factors[-1] else ""
+            more = ("+" if factor == factors[-1] else "") + ("*" if not_fitting else "")
             cells.append(f"{f'x{factor}{more}':7s} {factor * d:>11,d} latents "
                          f"{memory.format_bytes(fitted.total_bytes):>10s}")
             results.append({"d": d, "model": model, "expansion_factor": factor,
-                            "n_latents": factor * d, "limit_reached": bool(more),
-                            **fitted.as_dict()})
+                            "n_latents": factor * d, "limit_reached": factor == factors[-1],
+                            "smaller_not_fitting": not_fitting, **fitted.as_dict()})
         print(f"  {d:5d} | " + " | ".join(cells))
     print("  (per device: state and batch exact, gradients and activations estimated; "
-          "+: the largest factor tried)")
+          "+: the largest factor tried; *: some smaller factor does not fit, e.g. TopK's "
+          "sparse decoder above its switch, which --topk_decoder=dense avoids)")
     print(json.dumps({"benchmark": "memory", "architecture": args.architecture,
                       "batch_size": args.batch_size, "mesh_data": args.mesh_data,
                       "budget_bytes": budget, "budget_source": budget_source,

@@ -18,8 +18,9 @@ import jax
 from jax.sharding import AbstractMesh, AxisType
 import pytest
 
+from benchmarks import memory as bench_memory
 from conftest import ROOT, toy_config
-from saejax import memory, sharding
+from saejax import configs, memory, sharding
 
 # LLVM's optimisation level changes the machine code, not the buffer assignment it reports.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -67,6 +68,39 @@ def test_temporaries_estimate_is_close_to_xla(architecture, data, model):
         f"estimate {report.temporary_bytes} (gradients {report.gradient_bytes}, activations "
         f"{report.activation_bytes}) vs XLA temp {xla['temp_bytes']}: ratio {ratio:.2f}")
     assert 1 / TEMPORARIES_FACTOR <= report.total_bytes / xla["total_bytes"] <= TEMPORARIES_FACTOR
+
+
+def test_sparse_topk_decoder_holds_more_than_the_dense_one_in_xla_too():
+    """Where (k + k_aux) d outweighs n_latents, the sparse decoder's gathered decoder rows and
+    the encoder columns' gradients, [batch, k + k_aux, d] each, are most of the step's
+    temporaries, in XLA's buffer assignment as in the estimate: the memory of a TopK step
+    jumps up where `topk_decoder=auto` switches to sparse (so benchmarks/memory.py tries every
+    width)."""
+    d, expansion_factor, batch_size = 512, 4, 256   # n = 2,048 >= SPARSE_RATIO (8 + 32)
+    got = {}
+    for decoder in ("sparse", "dense"):
+        config = configs.apply_overrides(
+            _config("topk", 1, 1, d=d, expansion_factor=expansion_factor,
+                    batch_size=batch_size), {"sae.topk_decoder": decoder})
+        mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+        _, compiled = memory.compile_train_step(config, mesh, d=d, compiler_options=FAST_COMPILE)
+        got[decoder] = (memory.memory_report(config, mesh, d=d), memory.compiled_memory(compiled))
+    (sparse, sparse_xla), (dense, dense_xla) = got["sparse"], got["dense"]
+    assert sparse_xla["temp_bytes"] > 1.5 * dense_xla["temp_bytes"], got
+    gathered = 2 * batch_size * (8 + 32) * d * 4
+    assert sparse_xla["temp_bytes"] > gathered, got
+    ratio = sparse.temporary_bytes / sparse_xla["temp_bytes"]
+    assert 1 / TEMPORARIES_FACTOR <= ratio <= TEMPORARIES_FACTOR, (ratio, got)
+    # auto is sparse here: the report of this width is the sparse one.
+    auto = _config("topk", 1, 1, d=d, expansion_factor=expansion_factor, batch_size=batch_size)
+    assert memory.memory_report(auto, mesh, d=d).total_bytes == sparse.total_bytes
+
+
+def test_largest_fitting_tries_every_width():
+    # Fits at 1, not at 2 or 4 (sparse decode), again at 8: 8, with 2 and 4 named.
+    assert bench_memory.largest_fitting(lambda f: f in (1, 8), [1, 2, 4, 8, 16]) == (8, [2, 4])
+    assert bench_memory.largest_fitting(lambda f: f <= 4, [1, 2, 4, 8]) == (4, [])
+    assert bench_memory.largest_fitting(lambda f: False, [1, 2]) == (None, [])
 
 
 def test_splitting_the_dictionary_over_model_8_cuts_params_per_device_8x():
