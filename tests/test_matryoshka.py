@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import toy_config
+import tiny_steps
 from experiments import matryoshka as experiment
-from saejax import configs, data, evals, memory, sae, sharding, sweep, train, validation
+from saejax import configs, evals, memory, sae, sharding, sweep, train, validation
 from saejax.analysis import loading, saelens
 from saejax.data import hierarchy
 from saejax.errors import ConfigError
@@ -167,16 +168,8 @@ def test_memory_report_counts_the_prefixes_as_xla_does():
 
 
 def _run_steps(config, devices, n_steps):
-    mesh = sharding.make_mesh(config.mesh, devices)
-    with sharding.activate(mesh, config.sharding_rules):
-        source = data.make_source(config, mesh=mesh, rules=config.sharding_rules)
-        trainer = train.make_trainer(config, mesh, d=source.d, batch_sharding=source.sharding)
-        state = trainer.init(jax.random.PRNGKey(0))
-        metrics = []
-        for _ in range(n_steps):
-            state, step_metrics = trainer.train_step(state, source.next_batch())
-            metrics.append({k: float(step_metrics[k]) for k in ("loss", "fvu_prefix_8")})
-    return jax.tree.map(np.asarray, state["params"]), metrics
+    run = tiny_steps.train_steps(config, devices, n_steps, metric_keys=("loss", "fvu_prefix_8"))
+    return run.params, run.metrics
 
 
 def test_sharded_on_2x4_matches_one_device():

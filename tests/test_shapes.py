@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import toy_config
+import tiny_steps
 from jax.sharding import AbstractMesh, AxisType
 
 from saejax import configs, data, evals, memory, sae, sharding, train, validation
@@ -97,27 +98,11 @@ def test_synthetic_two_hook_batches_are_one_code_through_two_directions():
 
 
 def _run_steps(config, devices, n_steps):
-    mesh = sharding.make_mesh(config.mesh, devices)
-    with sharding.activate(mesh, config.sharding_rules):
-        source = data.make_source(config, mesh=mesh, rules=config.sharding_rules)
-        trainer = train.make_trainer(config, mesh, d=source.d, batch_sharding=source.sharding)
-        state = trainer.init(jax.random.PRNGKey(0))
-        state = trainer.init_from_data(state, tuple(source.next_batch() for _ in range(
-            int(config.data.init_batches))))
-        losses = []
-        for _ in range(n_steps):
-            state, metrics = trainer.train_step(state, source.next_batch())
-            losses.append(float(metrics["loss"]))
-        # Resampling points dead latents at badly reconstructed tokens (input and target).
-        state = dict(state, tokens_since_fired=jax.device_put(
-            np.where(np.arange(64) % 3 == 0, 10**6, 0).astype(np.int32),
-            state["tokens_since_fired"].sharding))
-        state, n_dead = trainer.resample_step(state, tuple(
-            source.next_batch() for _ in range(int(config.resample.batches))))
-        assert int(n_dead) == 22
-        state, metrics = trainer.train_step(state, source.next_batch())
-        losses.append(float(metrics["loss"]))
-    return jax.tree.map(np.asarray, state["params"]), losses
+    # Resampling points dead latents at badly reconstructed tokens (input and target).
+    dead = lambda _: np.where(np.arange(64) % 3 == 0, 10**6, 0).astype(np.int32)
+    run = tiny_steps.train_steps(config, devices, n_steps, init_from_data=True, mark_dead=dead)
+    assert int(run.n_dead) == 22
+    return run.params, run.losses
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -7,34 +7,23 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import toy_config
-from saejax import data, sae, sharding, train
+import tiny_steps
+from saejax import data, sae, sharding
 
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
 
 
 def _run_steps(config, devices, n_steps=3):
-    """Params, per-step losses and the state after `n_steps` steps on a mesh of `devices`."""
-    mesh = sharding.make_mesh(config.mesh, devices)
-    with sharding.activate(mesh, config.sharding_rules):
-        source = data.make_source(config, mesh=mesh, rules=config.sharding_rules)
-        trainer = train.make_trainer(config, mesh, d=source.d, batch_sharding=source.sharding)
-        state = trainer.init(jax.random.PRNGKey(0))
-        losses = []
-        for _ in range(n_steps):
-            state, metrics = trainer.train_step(state, source.next_batch())
-            losses.append(np.asarray(metrics["loss"]))
-        if config.resample.every_steps:
-            # Mark every third latent dead (silent for far longer than the window).
-            silent = state["tokens_since_fired"]
-            silent = jax.device_put(
-                jnp.where(jnp.arange(silent.shape[-1]) % 3 == 0, 10**6, silent), silent.sharding)
-            state = dict(state, tokens_since_fired=silent)
-            batches = tuple(source.next_batch() for _ in range(int(config.resample.batches)))
-            state, n_dead = trainer.resample_step(state, batches)
-            assert np.all(np.asarray(n_dead) >= silent.shape[-1] // 3)
-            state, metrics = trainer.train_step(state, source.next_batch())
-            losses.append(np.asarray(metrics["loss"]))
-    return state, losses
+    """The state and per-step losses after `n_steps` steps on a mesh of `devices` (and, with
+    resampling, every third latent marked dead, resampled and one more step)."""
+    def dead(silent):  # silent for far longer than the window
+        return jnp.where(jnp.arange(silent.shape[-1]) % 3 == 0, 10**6, silent)
+
+    run = tiny_steps.train_steps(config, devices, n_steps,
+                                 mark_dead=dead if config.resample.every_steps else None)
+    if config.resample.every_steps:
+        assert np.all(np.asarray(run.n_dead) >= run.state["tokens_since_fired"].shape[-1] // 3)
+    return run.state, run.losses
 
 
 def _config(architecture, mesh_shape, **overrides):
