@@ -182,3 +182,31 @@ def test_the_experiment_config_is_a_valid_crosscoder():
         assert sae.from_config(config.sae).shape == Crosscoder(crosscoder.HOOKS)
     assert [p["data.seed"] for p in crosscoder.get_sweep()] == [0, 1, 2]
 
+
+
+def test_the_smollm2_crosscoder_reports_both_loss_recovered_figures(tmp_path):
+    """experiments/crosscoder_smollm2.py:tiny on the real model, from the `lm` source over a
+    few Shakespeare lines: three residual streams, each with its own input scale (smaller
+    deeper: the residual norm grows with depth), FVU per hook, and loss recovered with all
+    hooks replaced and with each alone, every one between the zero ablation and the clean
+    model's CE."""
+    from conftest import asset  # pylint: disable=import-outside-toplevel
+    from experiments import crosscoder_smollm2  # pylint: disable=import-outside-toplevel
+    checkpoint = os.path.dirname(asset("smollm2", "config.json", what="SmolLM2-135M"))
+    with open(asset("shakespeare", "hamlet.txt", what="Shakespeare"), encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()][200:300]
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = crosscoder_smollm2.get_config("tiny")
+    config.lm.checkpoint, config.lm.tokens = checkpoint, str(text)
+    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+
+    assert summary["shape"] == "crosscoder" and summary["step"] == config.train.steps
+    scales = train.load_params(str(tmp_path / "run"))["input_scale"]
+    assert scales.shape == (3,) and np.all(np.diff(scales) < 0), scales
+    for suffix in ("", *(f"/{hook}" for hook in crosscoder_smollm2.HOOKS)):
+        assert np.isfinite(summary[f"loss_recovered{suffix}"]), (suffix, summary)
+        assert summary["ce_clean"] < summary[f"ce_zero_ablation{suffix}"], suffix
+        assert summary[f"kl_sae{suffix}"] >= 0, suffix
+        if suffix:
+            assert np.isfinite(summary[f"fvu{suffix}"]), suffix
