@@ -48,7 +48,9 @@ def read_state(workdir: str, step: int | None = None):
 
 def load_params(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
     """The SAE params of a run's checkpoint (default: the newest) as NumPy arrays, with
-    `input_scale`: the SAE expects raw activations multiplied by it."""
+    `input_scale`: the SAE expects raw activations multiplied by it (one scale, shape (), or
+    one per hook where the shape keeps them, a crosscoder's [n_hooks];
+    `sae.base.scale_batch`)."""
     state = read_state(workdir, step)
     return {**jax.tree.map(np.asarray, state["params"]),
             "input_scale": np.asarray(state["input_scale"])}

@@ -25,8 +25,9 @@ def init_train_state(key: jax.Array, sparsity_coefficient: jax.Array, *,
         "opt_state": tx.init(params),
         "tokens_since_fired": jnp.zeros(latent_shape, jnp.int32),
         "density": evals.init_density(latent_shape),
-        # Inputs are multiplied by this before the SAE sees them (data.normalize_inputs).
-        "input_scale": jnp.ones((), jnp.float32),
+        # Inputs are multiplied by this before the SAE sees them (data.normalize_inputs): one
+        # scale, or the shape's per hook (a crosscoder's [n_hooks]); `sae.base.scale_batch`.
+        "input_scale": jnp.ones(sae.base.input_scale_shape(architecture.shape), jnp.float32),
         # The weight of the sparsity term after warmup; differs between members of a group.
         "sparsity_coefficient": jnp.asarray(sparsity_coefficient, jnp.float32),
         "rng": rng,
@@ -34,7 +35,7 @@ def init_train_state(key: jax.Array, sparsity_coefficient: jax.Array, *,
 
 
 # How the state of a group of SAEs is stacked: these entries carry a leading member axis, the
-# others (the step, the RNG, the input scale) are shared by every member.
+# others (the step, the RNG, the input scale, whatever its shape) are shared by every member.
 MEMBER_AXES = {"step": None, "params": 0, "opt_state": 0, "tokens_since_fired": 0,
                "density": 0, "input_scale": None, "sparsity_coefficient": 0, "rng": None}
 # A hook group's state (groups.py) is stacked once more, on a leading hook axis: each hook's
@@ -63,7 +64,7 @@ def state_logical_axes(architecture: sae.Architecture, tx: optax.GradientTransfo
                                            is_leaf=sharding.is_axes),
         "tokens_since_fired": latent,
         "density": evals.Density(counts=latent, window_tokens=(), density=latent),
-        "input_scale": (),
+        "input_scale": (None,) * len(sae.base.input_scale_shape(architecture.shape)),
         "sparsity_coefficient": (),
         "rng": (None,),
     }
@@ -78,10 +79,10 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _scaled(batch: dict, scale: jax.Array) -> dict:
-    """Every entry of a batch `{hook: [batch, d_hook]}` times the input scale (a bare array
+def _scaled(shape, batch: dict, scale: jax.Array) -> dict:
+    """Every entry of a batch `{hook: [batch, d_hook]}` times its input scale (a bare array
     is a batch of one entry, `data.DEFAULT_HOOK`)."""
-    return {hook: x * scale for hook, x in data.as_batch(batch).items()}
+    return sae.base.scale_batch(shape, data.as_batch(batch), scale)
 
 
 def _concatenated(batches: tuple[dict, ...]) -> dict:
@@ -101,7 +102,7 @@ def train_step(state: dict, batch: dict, *, architecture: sae.Architecture,
     gradients come back through the cast as float32, for the float32 optimizer state.
     """
     step = state["step"]
-    batch = _scaled(batch, state["input_scale"])
+    batch = _scaled(architecture.shape, batch, state["input_scale"])
     target = architecture.shape.target(batch)
     sparsity_coefficient = state["sparsity_coefficient"] * sparsity_warmup(step)
 
@@ -155,7 +156,7 @@ def resample_step(state: dict, batches: tuple[dict, ...], *,
     """Resamples the dead latents from `batches` by the architecture's rules (entries reset to
     their initial values come from a fresh `init`); returns the state and how many were
     dead."""
-    batch = _scaled(_concatenated(batches), state["input_scale"])
+    batch = _scaled(architecture.shape, _concatenated(batches), state["input_scale"])
     params = state["params"]
     inputs = architecture.shape.input(batch)
     x_hat = architecture.decode(params, architecture.encode(params, inputs, sae_config), inputs)
@@ -177,14 +178,14 @@ def resample_step(state: dict, batches: tuple[dict, ...], *,
 def init_from_data(state: dict, batches: tuple[dict, ...], *, architecture: sae.Architecture,
                    normalize_inputs: bool, b_dec_init: str) -> dict:
     """Data-dependent initialisation on a fresh run: the input scale that gives unit mean squared
-    norm (kept in the state, so a saved SAE applies it to raw activations) and `b_dec` at the
-    geometric median (Towards Monosemanticity) or mean of the scaled targets (what the decoder
-    writes)."""
+    norm (kept in the state, so a saved SAE applies it to raw activations; per hook where the
+    shape keeps one per hook, `sae.base.input_scale_of`) and `b_dec` at the geometric median
+    (Towards Monosemanticity) or mean of the scaled targets (what the decoder writes)."""
+    shape = architecture.shape
     batch = _concatenated(batches)
-    x = architecture.shape.input(batch)
-    scale = (jax.lax.rsqrt(jnp.mean(jnp.sum(jnp.square(x), axis=-1))) if normalize_inputs
+    scale = (sae.base.input_scale_of(shape, batch) if normalize_inputs
              else state["input_scale"])
-    x = architecture.shape.target(batch) * scale
+    x = shape.target(sae.base.scale_batch(shape, batch, scale))
     params = dict(state["params"])
     if b_dec_init == "geometric_median":
         params["b_dec"] = sae.base.geometric_median(x)
@@ -195,7 +196,7 @@ def init_from_data(state: dict, batches: tuple[dict, ...], *, architecture: sae.
 
 def eval_step(params: dict, input_scale: jax.Array, batch: dict, *,
               architecture: sae.Architecture, sae_config) -> dict:
-    batch = _scaled(batch, input_scale)
+    batch = _scaled(architecture.shape, batch, input_scale)
     x = architecture.shape.input(batch)
     latents = architecture.encode(params, x, sae_config)
     x_hat = architecture.decode(params, latents, x)

@@ -144,9 +144,10 @@ def _evaluate(config, trainer: Trainer, state: dict, source: data.KeyedSource,
 def _inference_encode(config, architecture: sae.Architecture):
     """`encode(params, input_scale, batch) -> latents`, jitted: an SAE's inference encoding of a
     raw held-out batch, in the units it trained in, what the ground-truth evaluations read."""
+    shape = architecture.shape
     return jax.jit(lambda params, scale, batch: architecture.encode(
-        params, architecture.shape.input(
-            {h: x * scale for h, x in data.as_batch(batch).items()}), config.sae))
+        params, shape.input(sae.base.scale_batch(shape, data.as_batch(batch), scale)),
+        config.sae))
 
 
 def _recovery(config, trainer: Trainer, state: dict, source: data.KeyedSource,

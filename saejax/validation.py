@@ -238,9 +238,8 @@ def _check_shape(config, architecture: sae.Architecture) -> None:
              f"in data.path, comma-separated (data.source='store'), or use "
              f"data.source='synthetic_transcoder'.")
     architecture.shape.entries({hook: int(config.data.d) for hook in hooks})
-    if config.evals.loss_recovered_sequences and not downstream.replaces_layers(
-            architecture.shape):  # a CLT's replacement model replaces every target hook
-        architecture.shape.spliced_hooks(str(config.lm.hook))  # ConfigError where it cannot
+    if config.evals.loss_recovered_sequences:  # ConfigError where the shape cannot be spliced
+        downstream.lm_hook(architecture.shape, str(config.lm.hook))
 
 
 def _check_data_paths(config) -> None:

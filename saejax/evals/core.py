@@ -53,7 +53,7 @@ def _details(params: dict, density, max_encoder, max_decoder) -> list[dict]:
 def _lm_categories(context: suite.Context) -> dict:
     loaded = context.loaded
     result = downstream.evaluate_run(
-        context.config, loaded.architecture, [(loaded.params, np.float32(loaded.input_scale))],
+        context.config, loaded.architecture, [(loaded.params, np.asarray(loaded.input_scale, np.float32))],
         context.mesh, d=loaded.d, sequences=int(context.options["sequences"]))[0]
     return {
         "model_behavior_preservation": {

@@ -1,9 +1,10 @@
 """Loss recovered and KL with SAEs spliced into their language model: the clean, zero-ablated
 and spliced forward passes over held-out token sequences, summed by `evals.downstream_sums`.
-`evaluate` splices one hook (an SAE; a transcoder replacing its MLP's output), and
+`evaluate` splices one hook (an SAE; a transcoder replacing its MLP's output),
+`evaluate_hooks` replaces every hook a crosscoder reads at once and each on its own, and
 `evaluate_replacement` runs a cross-layer transcoder's replacement model, every MLP output it
-covers replaced at once. An evaluation of the data layer's `LanguageModel` (saejax.data.lm),
-so it lives above it."""
+covers replaced at once. `evaluate_run` picks the one a run's dictionary needs. An evaluation
+of the data layer's `LanguageModel` (saejax.data.lm), so it lives above it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from saejax import evals, models
 from saejax.data import lm
-from saejax.sae import clt
+from saejax.sae import base, clt
 
 
 def evaluate(model: lm.LanguageModel, tokens: np.ndarray, *, batch_sequences: int, reconstruct,
@@ -48,10 +49,10 @@ def evaluate(model: lm.LanguageModel, tokens: np.ndarray, *, batch_sequences: in
                 flat = reconstruct(params, source.reshape(-1, source.shape[-1]))
                 return flat.reshape(*x.shape[:-1], -1).astype(x.dtype)
             return apply
-        return [splice(p) for p in sae_params]
+        return [{"": {model.hook: splice(p)}} for p in sae_params]
 
-    return _evaluate(model, tokens, (model.hook,), spliced, sae_params,
-                     batch_sequences=batch_sequences, mesh=mesh, keep=keep)
+    return [r[""] for r in _evaluate(model, tokens, {"": (model.hook,)}, spliced, sae_params,
+                                     batch_sequences=batch_sequences, mesh=mesh, keep=keep)]
 
 
 def evaluate_replacement(model: lm.LanguageModel, tokens: np.ndarray, *, batch_sequences: int,
@@ -74,11 +75,50 @@ def evaluate_replacement(model: lm.LanguageModel, tokens: np.ndarray, *, batch_s
 
     def replacements(lm_params, tokens, clt_params):
         del lm_params, tokens
-        return [replacement_interventions(input_hooks, output_hooks, encode, decode, p)
+        return [{"": replacement_interventions(input_hooks, output_hooks, encode, decode, p)}
                 for p in clt_params]
 
-    return _evaluate(model, tokens, tuple(output_hooks), replacements, clt_params,
-                     batch_sequences=batch_sequences, mesh=mesh, keep=keep)
+    return [r[""] for r in _evaluate(model, tokens, {"": tuple(output_hooks)}, replacements,
+                                     clt_params, batch_sequences=batch_sequences, mesh=mesh,
+                                     keep=keep)]
+
+
+def evaluate_hooks(model: lm.LanguageModel, tokens: np.ndarray, *, hooks: Sequence[str],
+                   batch_sequences: int, reconstruct: Callable, sae_params: list, mesh,
+                   keep: np.ndarray | None = None) -> list[dict]:
+    """Per dictionary of `sae_params` that reads several hooks of the LM into one code and
+    reconstructs each (a crosscoder): loss recovered and KL with every hook of `hooks` replaced
+    at once by its reconstruction, against all of them zero-ablated (named as `evaluate`'s
+    metrics), and with each hook replaced alone, against it alone zero-ablated (the same names
+    with `/<hook>`; `ce_clean` is the one clean pass's).
+
+    `reconstruct(sae_params, {hook: [n, d]}) -> {hook: [n, d]}` applies the dictionary (with
+    its input scales) to raw activations, inside the LM's jitted program. The code is encoded
+    once, from the clean activations of every hook (a first clean pass captures them): each
+    hook's activation becomes its slice of that one decode, whether the others are replaced
+    or not. `keep` as in `evaluate`."""
+    hooks = tuple(hooks)
+    for hook in hooks:
+        models.check_hook(model.config, hook, "a crosscoder's hook")
+    deepest = max(models.hook_layer(h) for h in hooks)
+
+    def interventions(lm_params, tokens, sae_params):
+        clean = models.forward(lm_params, tokens, model.config, hooks=hooks,
+                               stop_at_layer=deepest + 1, unembed=False)[1]
+        flat = {h: clean[h].reshape(-1, clean[h].shape[-1]) for h in hooks}
+        replace = lambda part: lambda x: part.reshape(x.shape).astype(x.dtype)
+        per_entry = []
+        for params in sae_params:
+            parts = {h: replace(part) for h, part in reconstruct(params, flat).items()}
+            per_entry.append({"": parts, **{f"/{h}": {h: parts[h]} for h in hooks}})
+        return per_entry
+
+    variants = {"": hooks, **{f"/{h}": (h,) for h in hooks}}
+    results = _evaluate(model, tokens, variants, interventions, sae_params,
+                        batch_sequences=batch_sequences, mesh=mesh, keep=keep)
+    return [{f"{name}{suffix}": value for suffix, metrics in result.items()
+             for name, value in metrics.items() if not (suffix and name == "ce_clean")}
+            for result in results]
 
 
 def replaces_layers(shape) -> bool:
@@ -129,12 +169,13 @@ def replacement_interventions(input_hooks: Sequence[str], output_hooks: Sequence
             **{h: write(i) for i, h in enumerate(output_hooks)}}
 
 
-def _evaluate(model: lm.LanguageModel, tokens: np.ndarray, hooks: tuple[str, ...],
+def _evaluate(model: lm.LanguageModel, tokens: np.ndarray, variants: dict[str, tuple[str, ...]],
               interventions_of, params: list, *, batch_sequences: int, mesh,
-              keep: np.ndarray | None) -> list[dict]:
-    """`evals.downstream_metrics` per entry of `params`, over `tokens` in batches: the LM clean,
-    with `hooks` zero-ablated, and spliced with each of `interventions_of(lm_params, tokens,
-    params)` (one intervention, or a dict of them, per entry), in one jitted program."""
+              keep: np.ndarray | None) -> list[dict[str, dict]]:
+    """`evals.downstream_metrics` per entry of `params` and per variant, over `tokens` in
+    batches, in one jitted program: the LM clean, with variant v's hooks `variants[v]`
+    zero-ablated, and spliced with v's interventions, `interventions_of(lm_params, tokens,
+    params)` giving per entry `{v: {hook: fn}}`. Returns per entry `{v: metrics}`."""
     config = model.config
 
     @jax.jit
@@ -143,17 +184,26 @@ def _evaluate(model: lm.LanguageModel, tokens: np.ndarray, hooks: tuple[str, ...
             return lambda x: jnp.where(keep[..., None], replace(x), x)
 
         # The final residual, not the logits: the losses run over the vocabulary in chunks.
+        # The clean pass is traced once for every variant (their tokens are the same).
+        clean = {}
+
         def lm_forward(t, interventions):
-            if interventions:
-                interventions = {h: only_kept(f) for h, f in interventions.items()}
+            if not interventions:
+                if "clean" not in clean:
+                    clean["clean"] = models.forward(lm_params, t, config, unembed=False)[0]
+                return clean["clean"]
+            interventions = {h: only_kept(f) for h, f in interventions.items()}
             return models.forward(lm_params, t, config, interventions=interventions,
                                   unembed=False)[0]
 
         w_u, cap = models.unembedding(lm_params, config), config.final_logit_softcapping
-        return evals.downstream_sums(
-            lm_forward, tokens, hooks, interventions_of(lm_params, tokens, params),
+        per_entry = interventions_of(lm_params, tokens, params)
+        by_variant = {v: evals.downstream_sums(
+            lm_forward, tokens, hooks, [entry[v] for entry in per_entry],
             ce_fn=lambda h, t: models.vocab.next_token_losses(h, t, w_u, softcap=cap),
             kl_fn=lambda h, g: models.vocab.kl_divergences(h, g, w_u, softcap=cap))
+            for v, hooks in variants.items()}
+        return [{v: sums[i] for v, sums in by_variant.items()} for i in range(len(per_entry))]
 
     # A model split over a mesh (`LanguageModel.mesh`, tensor parallel) runs as it is sharded,
     # under its rules; else it is replicated over `mesh`.
@@ -167,34 +217,36 @@ def _evaluate(model: lm.LanguageModel, tokens: np.ndarray, hooks: tuple[str, ...
             out = jax.device_get(sums(lm_params, list(params), chunk,
                                       keep[start:start + batch_sequences]))
         total = out if total is None else jax.tree.map(np.add, total, out)
-    return [{k: float(v) for k, v in evals.downstream_metrics(t).items()} for t in total]
+    return [{v: {k: float(x) for k, x in evals.downstream_metrics(summed).items()}
+             for v, summed in entry.items()} for entry in total]
 
 
 def evaluate_run(config, architecture, sae_params: list, mesh, *, d: int, sequences: int,
                  hook: str | None = None) -> list[dict]:
-    """`evaluate` for SAEs trained by `config` (`sae_params`: `(params, input_scale)` each) on
-    its LM's last `sequences` sequences of `lm.tokens` (those its training left out), at the
-    hooks its shape splices (`shape.spliced_hooks`: a transcoder reads its input hook and
-    replaces its target's; `hook`: the one the SAEs read, default `lm.hook`, a hook group's
-    member's own), leaving the tokens `lm.exclude_*` names as they are. A shape that
-    decodes layer by layer (a cross-layer transcoder) is evaluated as its replacement model
-    (`evaluate_replacement`)."""
+    """Loss recovered and KL of dictionaries trained by `config` (`sae_params`: `(params,
+    input_scale)` each) on its LM's last `sequences` sequences of `lm.tokens` (those its
+    training left out), leaving the tokens `lm.exclude_*` names as they are. By the shape:
+    spliced at one hook (`evaluate`, at the hooks `shape.spliced_hooks` names: a transcoder
+    reads its input hook and replaces its target's; `hook`: the one the SAEs read, default
+    `lm.hook`, a hook group's member's own); every hook it reads replaced at once and each
+    alone (`evaluate_hooks`: a crosscoder); or its replacement model (`evaluate_replacement`:
+    a cross-layer transcoder, which decodes layer by layer)."""
     shape = architecture.shape
-    replacement = replaces_layers(shape)
-    input_hook, hook = ((None, shape.target_hooks[-1]) if replacement
-                        else shape.spliced_hooks(hook or str(config.lm.hook)))
     lm_config = config.lm.copy_and_resolve_references()
     with lm_config.unlocked():
-        lm_config.hook = hook
+        lm_config.hook = lm_hook(shape, hook or str(config.lm.hook))
     model = lm.load(lm_config, d=d, mesh=mesh, rules=config.sharding_rules)
     _, tokens = lm.split(config.lm, model, sequences)
     common = dict(batch_sequences=int(config.lm.batch_sequences), mesh=mesh,
                   keep=lm.keep_mask(tokens, *lm.exclusion(config.lm, model)))
-    if replacement:
+    if replaces_layers(shape):
         encode, decode = _layerwise(architecture, config.sae)
         return evaluate_replacement(
             model, tokens, input_hooks=shape.input_hooks, output_hooks=shape.target_hooks,
             encode=encode, decode=decode, clt_params=sae_params, **common)
+    if replaces_hooks(shape):
+        return evaluate_hooks(model, tokens, hooks=shape.replaced_hooks, sae_params=sae_params,
+                              reconstruct=joint_reconstruct(architecture, config.sae), **common)
 
     def reconstruct(sae_state, x):
         params, scale = sae_state
@@ -202,7 +254,38 @@ def evaluate_run(config, architecture, sae_params: list, mesh, *, d: int, sequen
         return architecture.decode(params, architecture.encode(params, x, config.sae), x) / scale
 
     return evaluate(model, tokens, reconstruct=reconstruct, sae_params=sae_params,
-                    input_hook=input_hook, **common)
+                    input_hook=shape.spliced_hooks(hook or str(config.lm.hook))[0], **common)
+
+
+def replaces_hooks(shape) -> bool:
+    """Whether a dictionary's shape reconstructs several hooks of one LM from one code, each
+    replaced by its part of the decode (`evaluate_hooks`: a crosscoder's `replaced_hooks`)."""
+    return bool(getattr(shape, "replaced_hooks", ()))
+
+
+def lm_hook(shape, hook: str) -> str:
+    """The `lm.hook` at which the LM is loaded for a dictionary's loss recovered: the hook its
+    shape replaces (`spliced_hooks`, from the one it reads, `hook`), every hook a crosscoder
+    replaces (comma-separated), or a CLT's last MLP output."""
+    if replaces_layers(shape):
+        return shape.target_hooks[-1]
+    if replaces_hooks(shape):
+        return ",".join(shape.replaced_hooks)
+    return shape.spliced_hooks(hook)[1]
+
+
+def joint_reconstruct(architecture, sae_config) -> Callable:
+    """`reconstruct(sae_state, {hook: [n, d]}) -> {hook: [n, d]}` of a dictionary over several
+    hooks (`evaluate_hooks`), on raw activations: `sae_state` is `(params, input_scale)`, its
+    scale one per hook or one for all (`sae.base.scale_batch`)."""
+    shape = architecture.shape
+
+    def reconstruct(sae_state, activations):
+        params, scale = sae_state
+        x = shape.input(base.scale_batch(shape, activations, scale))
+        x_hat = architecture.decode(params, architecture.encode(params, x, sae_config), x)
+        return shape.split_target(x_hat / base.column_scales(shape, scale, x_hat.shape[-1]))
+    return reconstruct
 
 
 def _layerwise(architecture, sae_config):

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from saejax import configs, data, paths, sharding
+from saejax import configs, data, paths, sae, sharding
 from saejax.results import EVALS_DIR
 from saejax.analysis import loaded as loaded_lib
 from saejax.workdir import flatten_config, write_json
@@ -174,7 +174,7 @@ class Context:
     def forward(self, batch: dict) -> Reconstruction:
         """`batch` through the dictionary (`Reconstruction`, raw units)."""
         return Reconstruction(*(np.asarray(a) for a in self._forward(
-            self.loaded.params, jnp.float32(self.loaded.input_scale),
+            self.loaded.params, jnp.asarray(self.loaded.input_scale, jnp.float32),
             {h: jnp.asarray(v) for h, v in batch.items()})))
 
     @functools.cached_property
@@ -183,22 +183,24 @@ class Context:
 
         @jax.jit
         def forward(params, scale, batch):
-            scaled = {h: v * scale for h, v in batch.items()}
-            x = architecture.shape.input(scaled)
+            shape = architecture.shape
+            x = shape.input(sae.base.scale_batch(shape, batch, scale))
             latents = architecture.encode(params, x, sae_config)
             x_hat = architecture.decode(params, latents, x)
-            target = architecture.shape.target(scaled)
-            return x / scale, target / scale, latents, x_hat / scale
+            # In raw units: the batch's own, and the reconstruction over its hooks' scales.
+            return (shape.input(batch), shape.target(batch), latents,
+                    x_hat / sae.base.column_scales(shape, scale, x_hat.shape[-1]))
         return forward
 
     @functools.cached_property
     def lm(self):
         """The run's language model (`data.lm.LanguageModel` at its spliced hook)."""
         from saejax.data import lm  # pylint: disable=import-outside-toplevel
-        _, hook = self.architecture.shape.spliced_hooks(str(self.config.lm.hook))
+        from saejax.evals import downstream  # pylint: disable=import-outside-toplevel
         lm_config = self.config.lm.copy_and_resolve_references()
         with lm_config.unlocked():
-            lm_config.hook = hook
+            lm_config.hook = downstream.lm_hook(self.architecture.shape,
+                                                str(self.config.lm.hook))
         return lm.load(lm_config, d=None)
 
     def held_out_tokens(self, n: int | None = None) -> np.ndarray:

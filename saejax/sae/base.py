@@ -293,6 +293,36 @@ def decoder_rows(shape, params: dict) -> jax.Array:
     return params["W_dec"] if rows is None else rows(params)
 
 
+def input_scale_shape(shape) -> tuple[int, ...]:
+    """The shape of a dictionary's input scale (what raw activations are multiplied by before it
+    reads them): () for one scale of every hook it reads, or the shape's own (a crosscoder's
+    (n_hooks,): each hook normalised on its own)."""
+    return tuple(getattr(shape, "input_scale_shape", ()))
+
+
+def scale_batch(shape, batch: dict, scale) -> dict:
+    """`{hook: x * that hook's input scale}` of a batch `{hook: [batch, d_hook]}` (any of the
+    shape's hooks): one scale for all, or the shape's own per hook."""
+    own = getattr(shape, "scale_batch", None)
+    return own(batch, scale) if own is not None else {h: x * scale for h, x in batch.items()}
+
+
+def input_scale_of(shape, batch: dict) -> jax.Array:
+    """The input scale that gives the batch's input unit mean squared norm (rsqrt of its mean
+    squared norm): of the shape's whole input, or the shape's own (per hook)."""
+    own = getattr(shape, "input_scale_of", None)
+    if own is not None:
+        return own(batch)
+    return jax.lax.rsqrt(jnp.mean(jnp.sum(jnp.square(shape.input(batch)), axis=-1)))
+
+
+def column_scales(shape, scale, width: int):
+    """What each of the `width` columns of the shape's input (or target) side by side is
+    multiplied by: the one scale, or each hook's repeated over its columns (a crosscoder)."""
+    own = getattr(shape, "column_scales", None)
+    return own(scale, width) if own is not None else scale
+
+
 def geometric_median(points: jax.Array, iterations: int = 100, eps: float = 1e-8) -> jax.Array:
     """The point minimising the summed Euclidean distance to `points [n, d]` (Weiszfeld).
 

@@ -52,6 +52,30 @@ class Crosscoder(NamedTuple):
     def input(self, batch: dict) -> jax.Array:
         return jnp.concatenate([batch[hook] for hook in self.hooks], axis=-1)
 
+    # Each hook is normalised on its own (Lindsey et al.): residual norms grow with depth, and
+    # one scale of the hooks side by side would leave the deep ones dominating the loss.
+    @property
+    def input_scale_shape(self) -> tuple[int]:
+        return (len(self.hooks),)
+
+    def scale_batch(self, batch: dict, scale) -> dict:
+        """`{hook: x * scale[hooks.index(hook)]}` of any of its hooks."""
+        unknown = [hook for hook in batch if hook not in self.hooks]
+        if unknown:
+            raise ValueError(f"the crosscoder's input scales are of its hooks {self.hooks}; "
+                             f"{unknown} is none of them.")
+        return {hook: x * scale[..., self.hooks.index(hook)] for hook, x in batch.items()}
+
+    def input_scale_of(self, batch: dict) -> jax.Array:
+        """[n_hooks]: each hook's rsqrt(mean squared norm)."""
+        return jnp.stack([jax.lax.rsqrt(jnp.mean(jnp.sum(jnp.square(batch[hook]), axis=-1)))
+                          for hook in self.hooks])
+
+    def column_scales(self, scale, width: int):
+        """[width]: each hook's scale over its columns of the hooks side by side."""
+        return jnp.repeat(scale, width // len(self.hooks), axis=-1,
+                          total_repeat_length=width)
+
     def target(self, batch: dict) -> jax.Array:
         return self.input(batch)
 
@@ -88,11 +112,17 @@ class Crosscoder(NamedTuple):
 
     eval_metrics = _no_metrics  # the per-hook FVU is every multi-hook target's (saejax.step)
 
+    @property
+    def replaced_hooks(self) -> tuple[str, ...]:
+        """The hooks its loss recovered replaces by their parts of the one decode, all at once
+        and each alone (saejax.evals.downstream.evaluate_hooks)."""
+        return self.hooks
+
     def spliced_hooks(self, lm_hook: str) -> tuple[str, str]:
         del lm_hook
-        raise ConfigError("loss recovered splices one hook's reconstruction into the LM; a "
-                          "crosscoder's several hooks are not spliced yet: set "
-                          "evals.loss_recovered_sequences=0.")
+        raise ConfigError("a crosscoder is not spliced at one hook: its loss recovered "
+                          "replaces every hook it reads (`replaced_hooks`; "
+                          "saejax.evals.downstream.evaluate_hooks, which a run uses for it).")
 
     def flops_per_token(self, d, n_latents: int) -> int:
         """The dense count takes one hook's width; the other hooks' encoder and decoder

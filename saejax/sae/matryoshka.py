@@ -170,6 +170,28 @@ class Matryoshka(NamedTuple):
     def spliced_hooks(self, lm_hook: str) -> tuple[str, str]:
         return self.inner.spliced_hooks(lm_hook)
 
+    # The inner shape's input scales and loss-recovered hooks (a crosscoder's per hook), where
+    # it has its own: `sae.base` falls back to one scale when these are empty or None.
+    @property
+    def input_scale_shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self.inner, "input_scale_shape", ()))
+
+    @property
+    def scale_batch(self):
+        return getattr(self.inner, "scale_batch", None)
+
+    @property
+    def input_scale_of(self):
+        return getattr(self.inner, "input_scale_of", None)
+
+    @property
+    def column_scales(self):
+        return getattr(self.inner, "column_scales", None)
+
+    @property
+    def replaced_hooks(self) -> tuple[str, ...]:
+        return tuple(getattr(self.inner, "replaced_hooks", ()))
+
     # SAELens reads a Matryoshka SAE for inference as the inner shape's SAE: the prefixes only
     # shape its training.
     def to_saelens(self, form: str, tensors: dict, params: dict):
