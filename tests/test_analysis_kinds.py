@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from saejax import harvest, models, sae, train
-from saejax.analysis import (dashboard, dashboard_data, kinds, loading, review, steer,
-                             top_activations)
+from saejax.analysis import (dashboard, dashboard_data, interventions, kinds, loading, review,
+                             steer, top_activations)
 from saejax.analysis.loading import AnalysisError, LoadedSAE
 from saejax.data import store as store_lib
 from test_analysis import run  # noqa: F401  (the fixture: tiny model and text)
@@ -140,7 +140,12 @@ def test_the_transcoder_dashboard_and_review_pages(kinds_run):
     assert f"read at {INPUTS[1]}" in page
     assert f"what the latent writes into {OUTPUTS[1]}" in page
     opened = review.open_review(kinds_run.transcoder, latents="0:4", top_n=4, max_rows=1024)
-    assert "rating" in opened.page_html("2") and opened.index_html()
+    assert "rating" in opened.page_html("2") and f"Read at {INPUTS[1]}" in opened.index_html()
+    # Blind, its controls read the input hook's store too.
+    blind = review.open_review(kinds_run.transcoder, latents="0:4", top_n=4, max_rows=1024,
+                               blind=True, controls=2)
+    assert blind.controls[1].info["store"] == kinds_run.stores[INPUTS[1]]
+    assert all("rating" in blind.page_html(item.token) for item in blind.items)
 
 
 def test_the_clt_logit_view_is_its_writes_summed(kinds_run):
@@ -177,21 +182,28 @@ def test_steering_each_kind_is_the_hand_written_intervention(kinds_run, which):
                                  "alpha bravo charlie delta", bos_token_id=None)[None]
     clean_logits, cache = models.forward(model.params, tokens, model.config, hooks=kind.reads)
     f = np.asarray(kinds.encode(loaded, {h: cache[h] for h in kind.reads}))[0]
-    latent = int(np.argmax(f[-1]))
+    latent = int(np.argmax(f[-1, :kind.per_layer]))  # a CLT's: of layer 0, writing both
     assert f[-1, latent] > 0
     writes = kinds.write_directions(loaded, latent)
-    for mode, value, delta in (("clamp", 3.0, 3.0 - f[:, latent]), ("ablate", None, -f[:, latent]),
-                               ("add", 2.0, np.full(len(f), 2.0))):
-        result = steer.steer(model, loaded, tokens, latent, mode, value, n_new_tokens=2)
+    forward = jax.jit(interventions.make_forward(model.config, loaded, kind))
+    for mode, value, delta in (("clamp", 30.0, 30.0 - f[:, latent]),
+                               ("ablate", None, -f[:, latent]),
+                               ("add", 20.0, np.full(len(f), 20.0))):
         expected = _hand_steered(model, tokens, writes, delta[None])
-        logp = jax.nn.log_softmax(expected[0, -1])
-        clean = jax.nn.log_softmax(clean_logits[0, -1])
-        kl = float(np.sum(np.exp(clean) * (clean - logp)))
-        assert result.kl_last == pytest.approx(kl, rel=1e-3, abs=1e-6)
-        np.testing.assert_allclose(result.latent_activation[0], f[:, latent], rtol=1e-4,
-                                   atol=1e-5)
-        assert result.write_hooks == tuple(writes) and result.read_hooks == kind.reads
+        args = interventions.intervention_args(loaded, latent, mode, value)
+        logits, activation = forward(model.params, args, tokens)
+        np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(activation[0], f[:, latent], rtol=1e-4, atol=1e-5)
+    # steer() runs that forward (the last case, add 20) and reports the hooks.
+    result = steer.steer(model, loaded, tokens, latent, "add", 20.0, n_new_tokens=2)
+    logp = jax.nn.log_softmax(expected[0, -1])
+    clean = jax.nn.log_softmax(clean_logits[0, -1])
+    kl = float(np.sum(np.exp(clean) * (clean - logp)))
+    assert kl > 1e-3 and result.kl_last == pytest.approx(kl, rel=1e-3)
+    assert result.write_hooks == tuple(writes) and result.read_hooks == kind.reads
+    assert result.hook == ",".join(writes)
     if which == "clt":
+        assert tuple(writes) == OUTPUTS
         assert tuple(kinds.write_directions(loaded, 40)) == (OUTPUTS[1],)
     with pytest.raises(AnalysisError, match=rf"latent {loaded.n_latents} is out of range"):
         steer.steer(model, loaded, tokens, loaded.n_latents, "add", 1.0)
