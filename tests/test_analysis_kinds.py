@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from saejax import harvest, models, sae, train
-from saejax.analysis import (dashboard, dashboard_data, interventions, kinds, loading, review,
-                             steer, top_activations)
+from saejax.analysis import (dashboard, dashboard_data, interventions, kinds, loading, pages,
+                             review, steer, top_activations)
 from saejax.analysis.loading import AnalysisError, LoadedSAE
 from saejax.data import store as store_lib
 from test_analysis import run  # noqa: F401  (the fixture: tiny model and text)
@@ -146,6 +146,13 @@ def test_the_transcoder_dashboard_and_review_pages(kinds_run):
                                blind=True, controls=2)
     assert blind.controls[1].info["store"] == kinds_run.stores[INPUTS[1]]
     assert all("rating" in blind.page_html(item.token) for item in blind.items)
+    # The steering CLI's report says where it reads and writes.
+    printed = steer.steer_run(kinds_run.transcoder, latent=1, prompt="alpha bravo", value=20.0,
+                              new_tokens=2)
+    assert f"Latent 1 (add 20) at {OUTPUTS[1]} (read at {INPUTS[1]})" in printed
+    with pytest.raises(AnalysisError, match=r"--hook=blocks.0.hook_resid_post: a transcoder "
+                                            r"reads .* leave --hook out"):
+        steer.steer_run(kinds_run.transcoder, latent=1, prompt="alpha", hook=RESID[0])
 
 
 def test_the_clt_logit_view_is_its_writes_summed(kinds_run):
@@ -161,6 +168,8 @@ def test_the_clt_logit_view_is_its_writes_summed(kinds_run):
                                       token_text=top_activations.TokenText(None))
     assert view.where.startswith("layer 1's latent 8 (flat index 1 * 32 + 8), read at "
                                  "blocks.1.ln2.hook_normalized")
+    page = pages.latent_page(view)
+    assert "layer 1&#39;s latent 8" in page and "summed over the MLP outputs" in page
 
 
 # ------------------------------------------------------------------------------------------
