@@ -15,7 +15,6 @@ supply the text (`token_text.py`).
 from __future__ import annotations
 
 import datetime
-import os
 import time
 from types import SimpleNamespace
 from typing import Iterator, NamedTuple, Sequence
@@ -196,10 +195,10 @@ def _segments(store, start: int, stop: int) -> np.ndarray:
 
 
 def _batches(plan: _Plan) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
-    """(batch index, valid rows, activations [batch_rows, hooks, d], token ids [batch_rows], segments
-    [batch_rows]) per batch: each device's block holds its whole sequences, then padding
-    (token -1, segment -1, masked out by the step). The next batch's read is in flight while
-    the caller steps on this one."""
+    """(batch index, valid rows, activations [batch_rows, hooks, d] of the hooks the dictionary
+    reads, token ids [batch_rows], segments [batch_rows]) per batch: each device's block holds
+    its whole sequences, then padding (token -1, segment -1, masked out by the step). The next
+    batch's read is in flight while the caller steps on this one."""
     store, starts, S = plan.store, plan.sequence_starts, plan.batch_sequences
     n_sequences = len(starts) - 1
 
@@ -324,7 +323,7 @@ def _provenance(loaded: LoadedSAE, plan: _Plan, mesh, *, top_n: int, context_bef
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "sae": loaded.source, "sae_kind": loaded.kind, "step": loaded.step,
         "architecture": loaded.architecture.name, "d": loaded.d, "n_latents": loaded.n_latents,
-        "input_scale": float(loaded.input_scale),
+        "input_scale": np.asarray(loaded.input_scale, np.float64).tolist(),
         "hook": metadata.get("hook") if kind.name == "sae" else ",".join(kind.reads),
         "kind": kind.name, "writes": list(kind.writes), "n_layers": kind.n_layers,
         "latents_per_layer": kind.per_layer, "layers": list(kind.layers),
