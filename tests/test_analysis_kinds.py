@@ -129,9 +129,16 @@ def test_wrong_stores_and_latents_are_refused_naming_the_flag(kinds_run):
                                             r"where blocks.0.hook_resid_post was expected"):
         top_activations.compute_top_activations(
             loaded, f"{stores[INPUTS[0]]},{stores[RESID[1]]}")
-    with pytest.raises(AnalysisError, match=r"latent 64 is out of range: the SAE has latents "
-                                            r"0..63"):
+    with pytest.raises(AnalysisError, match=r"--latents: latent 64 is out of range: the SAE "
+                                            r"has latents 0..63"):
         dashboard_data.parse_latents("64,", clt().n_latents)
+    with pytest.raises(AnalysisError, match=r"--latent=64: .* latents 0..63 \(a CLT's flat "
+                                            r"index layer \* 32 \+ i over its 2 layers\)"):
+        loading.check_latent(clt(), 64)
+    with pytest.raises(AnalysisError, match=r"--store=.* names 2 stores; an SAE reads one"):
+        top_activations.compute_top_activations(
+            loading.load_sae(kinds_run.transcoder)._replace(
+                architecture=sae.get("topk")), f"{stores[RESID[0]]},{stores[RESID[1]]}")
 
 
 def test_the_transcoder_dashboard_and_review_pages(kinds_run):
@@ -214,5 +221,6 @@ def test_steering_each_kind_is_the_hand_written_intervention(kinds_run, which):
     if which == "clt":
         assert tuple(writes) == OUTPUTS
         assert tuple(kinds.write_directions(loaded, 40)) == (OUTPUTS[1],)
-    with pytest.raises(AnalysisError, match=rf"latent {loaded.n_latents} is out of range"):
-        steer.steer(model, loaded, tokens, loaded.n_latents, "add", 1.0)
+    n = loaded.n_latents
+    with pytest.raises(AnalysisError, match=rf"--latent={n}: latent {n} is out of range"):
+        steer.steer(model, loaded, tokens, n, "add", 1.0)

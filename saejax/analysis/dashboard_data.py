@@ -54,7 +54,7 @@ def parse_latents(spec: str | Sequence[int] | None, n_latents: int) -> list[int]
                                     "a:b.") from None
     bad = [i for i in chosen if not 0 <= i < n_latents]
     if bad:
-        raise AnalysisError(f"latent {bad[0]} is out of range: the SAE has latents "
+        raise AnalysisError(f"--latents: latent {bad[0]} is out of range: the SAE has latents "
                             f"0..{n_latents - 1}.")
     return sorted(set(chosen))
 

@@ -48,8 +48,11 @@ def check_latent(loaded: LoadedSAE, latent) -> int:
     if index != latent and not isinstance(latent, str):
         raise AnalysisError(f"latent={latent!r} is not an integer index.")
     if not 0 <= index < loaded.n_latents:
-        raise AnalysisError(f"latent {index} is out of range: {describe(loaded)} has latents "
-                            f"0..{loaded.n_latents - 1}.")
+        kind = kinds.kind_of(loaded)
+        flat = (f" (a CLT's flat index layer * {kind.per_layer} + i over its {kind.n_layers} "
+                "layers)" if kind.name == "clt" else "")
+        raise AnalysisError(f"--latent={index}: latent {index} is out of range: "
+                            f"{describe(loaded)} has latents 0..{loaded.n_latents - 1}{flat}.")
     return index
 
 
