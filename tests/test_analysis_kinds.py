@@ -35,7 +35,7 @@ def kinds_run(run, tmp_path_factory):  # noqa: F811
     text = os.path.join(os.path.dirname(run.checkpoint), "text.txt")
     stores = harvest.harvest(run.checkpoint, text, str(root / "stores"),
                              hooks=[*INPUTS, *OUTPUTS, *RESID], context_length=tiny_lm.CONTEXT,
-                             batch_sequences=16, chunk_rows=256, max_sequences=64,
+                             batch_sequences=16, chunk_rows=256, max_sequences=32,
                              progress_every_s=1e9, exclude_positions=(),
                              exclude_token_ids="")["stores"]
     from experiments import gpt2_small  # pylint: disable=import-outside-toplevel
@@ -45,7 +45,7 @@ def kinds_run(run, tmp_path_factory):  # noqa: F811
     config.sae.shape, config.sae.input_hook, config.sae.target_hook = (
         "transcoder", INPUTS[1], OUTPUTS[1])
     config.evals.loss_recovered_sequences = 0
-    config.train.steps = 10
+    config.train.steps = 5
     train.train_and_evaluate(config, str(root / "transcoder"))
     return SimpleNamespace(checkpoint=run.checkpoint, stores=stores,
                            transcoder=str(root / "transcoder"))
@@ -91,11 +91,8 @@ def _check_top(top, latents):
 # Top activations and the dashboard.
 # ------------------------------------------------------------------------------------------
 def test_top_activations_of_each_kind_are_its_latents_over_the_stores(kinds_run):
-    transcoder = loading.load_sae(kinds_run.transcoder)
-    assert kinds.kind_of(transcoder).reads == (INPUTS[1],)
-    stores = kinds_run.stores
-    cases = [(transcoder, [stores[INPUTS[1]]], stores[INPUTS[1]]),
-             (crosscoder(), [stores[h] for h in RESID], ",".join(stores[h] for h in RESID)),
+    stores = kinds_run.stores   # the transcoder's: test_the_transcoder_dashboard_...
+    cases = [(crosscoder(), [stores[h] for h in RESID], ",".join(stores[h] for h in RESID)),
              # a CLT's stores picked by hook among more (as a run's data.path names them)
              (clt(), [stores[h] for h in INPUTS],
               ",".join(stores[h] for h in (*OUTPUTS, *INPUTS)))]
@@ -108,13 +105,13 @@ def test_top_activations_of_each_kind_are_its_latents_over_the_stores(kinds_run)
         _check_top(sharded, latents)
         assert sharded.info["store"] == ",".join(paths)
     # The CLT's flat index: latent l * 32 + i is layer l's latent i, read at its input.
-    loaded = cases[2][0]
+    loaded = cases[1][0]
     x = store_lib.open_store(stores[INPUTS[1]]).read(0, 64).result() * loaded.input_scale
     layer1 = np.maximum(x @ loaded.params["W_enc"][1] + loaded.params["b_enc"][1], 0)
-    np.testing.assert_allclose(_brute_force(loaded, cases[2][1], 64)[:, 32:], layer1,
+    np.testing.assert_allclose(_brute_force(loaded, cases[1][1], 64)[:, 32:], layer1,
                                rtol=1e-5, atol=1e-5)
     single = top_activations.compute_top_activations(
-        loaded, cases[2][2], mesh=top_activations.default_mesh(32, jax.devices()[:1]), **TOP)
+        loaded, cases[1][2], mesh=top_activations.default_mesh(32, jax.devices()[:1]), **TOP)
     np.testing.assert_array_equal(sharded.rows, single.rows)
     np.testing.assert_array_equal(sharded.histogram, single.histogram)
     assert sharded.info["n_layers"] == 2 and sharded.info["latents_per_layer"] == 32
@@ -142,15 +139,21 @@ def test_wrong_stores_and_latents_are_refused_naming_the_flag(kinds_run):
 
 
 def test_the_transcoder_dashboard_and_review_pages(kinds_run):
-    index = dashboard.run(kinds_run.transcoder, latents="0:4", top_n=4, max_rows=1024)
+    # Its latents are read from its input hook's store, picked among its run's data.path.
+    prepared = dashboard.prepare(kinds_run.transcoder, latents="0:4", **TOP)
+    assert kinds.kind_of(prepared.loaded).reads == (INPUTS[1],)
+    assert prepared.top.info["store"] == kinds_run.stores[INPUTS[1]]
+    _check_top(prepared.top, _brute_force(prepared.loaded, [kinds_run.stores[INPUTS[1]]],
+                                          prepared.top.n_rows))
+    index = dashboard.run(kinds_run.transcoder, latents="0:4", **TOP)  # reuses them
     page = open(os.path.join(os.path.dirname(index), "latents", "1.html")).read()
     assert f"read at {INPUTS[1]}" in page
     assert f"what the latent writes into {OUTPUTS[1]}" in page
-    opened = review.open_review(kinds_run.transcoder, latents="0:4", top_n=4, max_rows=1024)
+    opened = review.open_review(kinds_run.transcoder, latents="0:4", **TOP)
     assert "rating" in opened.page_html("2") and f"Read at {INPUTS[1]}" in opened.index_html()
     # Blind, its controls read the input hook's store too.
-    blind = review.open_review(kinds_run.transcoder, latents="0:4", top_n=4, max_rows=1024,
-                               blind=True, controls=2)
+    blind = review.open_review(kinds_run.transcoder, latents="0:4", blind=True, controls=2,
+                               **TOP)
     assert blind.controls[1].info["store"] == kinds_run.stores[INPUTS[1]]
     assert all("rating" in blind.page_html(item.token) for item in blind.items)
     # The steering CLI's report says where it reads and writes.
@@ -211,7 +214,7 @@ def test_steering_each_kind_is_the_hand_written_intervention(kinds_run, which):
         np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(activation[0], f[:, latent], rtol=1e-4, atol=1e-5)
     # steer() runs that forward (the last case, add 20) and reports the hooks.
-    result = steer.steer(model, loaded, tokens, latent, "add", 20.0, n_new_tokens=2)
+    result = steer.steer(model, loaded, tokens, latent, "add", 20.0, n_new_tokens=1)
     logp = jax.nn.log_softmax(expected[0, -1])
     clean = jax.nn.log_softmax(clean_logits[0, -1])
     kl = float(np.sum(np.exp(clean) * (clean - logp)))
