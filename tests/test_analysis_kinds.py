@@ -172,6 +172,11 @@ def test_the_clt_logit_view_is_its_writes_summed(kinds_run):
     W_dec = loaded.params["W_dec"] / loaded.input_scale
     expected = np.stack([W_dec[0, 0, 3] + W_dec[0, 1, 3], W_dec[1, 1, 8]]) @ W_U
     np.testing.assert_allclose(up, -np.sort(-expected, axis=1)[:, :4], rtol=1e-4, atol=1e-4)
+    # A crosscoder's: its decoder slice at its last hook.
+    coder = crosscoder()
+    _, up, _, _ = dashboard_data.promoted_tokens(coder, W_U, [5], k=4)
+    expected = coder.params["W_dec"][5, 64:] / coder.input_scale @ W_U
+    np.testing.assert_allclose(up[0], -np.sort(-expected)[:4], rtol=1e-4, atol=1e-4)
     top = top_activations.compute_top_activations(
         loaded, ",".join(kinds_run.stores[h] for h in INPUTS), **TOP)
     view = dashboard_data.latent_view(top, 40, loaded=loaded,
