@@ -2,14 +2,17 @@
 
 - `loaded`: the `LoadedSAE` every tool reads, and reading a saejax run's workdir as one.
 - `loading`: a run's workdir or a SAELens directory as one `LoadedSAE`, and the shared checks.
-- `top_activations`: one sharded pass over an activation store keeping each latent's top
+- `kinds`: what each kind of dictionary (SAE, transcoder, crosscoder, CLT) reads and writes,
+  its flat latent index and the directions a latent writes; `stores`: the stores of the hooks
+  it reads, of one harvest.
+- `top_activations`: one sharded pass over the activation store(s) keeping each latent's top
   activating tokens with their context, density, mean activation and histogram.
 - `dashboard`: static HTML pages per latent and an index (`python -m saejax.analysis.dashboard`).
 - `review`: human validation in the browser (`python -m saejax.analysis.review`): a rating panel
   on each latent's page, blind with random-direction controls; `ratings`: the ratings file and
   the score and labels the pages and report show (the score: `saejax.evals.interpretability`).
-- `steer`: the LM with a latent clamped, added or ablated at its hook
-  (`python -m saejax.analysis.steer`).
+- `steer`: the LM with a latent clamped, added or ablated where it writes
+  (`python -m saejax.analysis.steer`); `interventions`: those interventions for every kind.
 - `saelens`: export to and import from SAELens' on-disk format (SAEs and transcoders).
 """
 

@@ -4,7 +4,9 @@
 
 DIR is a run's workdir (its config.json names the store, `data.path`, and the model,
 `lm.checkpoint`) or a SAELens SAE directory (pass --store and --checkpoint, unless saejax
-exported it and they are still where they were). The top
+exported it and they are still where they were). A transcoder's latents are read from its input
+hook's store, a crosscoder's from its hooks' stores and a CLT's from its layers' input stores
+(`--store=a,b,...`, of one harvest); a CLT's pages are its flat index `layer * n + i`. The top
 activations are computed in one pass over the store (`top_activations.py`) unless
 `DIR/analysis/top_activations/` already holds them for the same SAE, store and settings. Writes
 `DIR/dashboard/index.html` (latents sorted by density; the interpretability score and labels
@@ -28,7 +30,8 @@ from absl import flags, logging
 import numpy as np
 
 from saejax import cli, models
-from saejax.analysis import dashboard_data, loading, pages, ratings, top_activations
+from saejax.analysis import (dashboard_data, kinds, loading, pages, ratings, stores,
+                             top_activations)
 from saejax.analysis.dashboard_data import N_PROMOTED, parse_latents, promoted_tokens
 from saejax.analysis.loading import AnalysisError, LoadedSAE
 
@@ -77,7 +80,9 @@ def write_dashboard(top: top_activations.TopActivations, out_dir: str, *, loaded
 # From a run's directory to its dashboard.
 # ------------------------------------------------------------------------------------------
 def resolve_store(loaded: LoadedSAE, store: str | None) -> str:
-    """The activation store to read: `store`, else the one the run trained on."""
+    """The activation store(s) to read: `store`, else the one(s) the run trained on (a
+    dictionary of several hooks: comma-separated, the hooks it reads picked by
+    `stores.read_store_paths`)."""
     if store:
         return store
     fix = ("harvest one with `python -m saejax.harvest --checkpoint=DIR --tokens=FILE "
@@ -105,7 +110,7 @@ def top_activations_for(loaded: LoadedSAE, store: str, *, results_dir: str, top_
     if not recompute and top_activations.matches(results_dir, wanted):
         logging.info("Reusing the top activations in %s.", results_dir)
         return top_activations.read(results_dir)
-    mesh = (top_activations.default_mesh(loaded.n_latents, model=mesh_model)
+    mesh = (top_activations.default_mesh(kinds.kind_of(loaded).per_layer, model=mesh_model)
             if mesh_model else None)
     top = top_activations.compute_top_activations(
         loaded, store, top_n=top_n, context_before=context_before, context_after=context_after,
@@ -140,7 +145,7 @@ def prepare(path: str, *, latents: str | Sequence[int] | None = "all",
     loaded = loading.load_sae(path, step=step)
     chosen = parse_latents(latents, loaded.n_latents)
     store = resolve_store(loaded, store)
-    opened = top_activations.open_store_with_tokens(store)
+    opened = stores.open_read_stores(loaded, store)[0]
     checkpoint = checkpoint or loaded.lm_checkpoint or opened.metadata.get("model")
     if checkpoint and not os.path.isdir(checkpoint):
         logging.warning("The model checkpoint %s is not there: no token text or promoted "

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax.analysis import charts, loading
+from saejax.analysis import charts, kinds, loading
 from saejax.analysis.loading import AnalysisError, LoadedSAE
 from saejax.analysis.token_text import TokenText
 from saejax.analysis.top_results import TopActivations
@@ -54,7 +54,7 @@ def parse_latents(spec: str | Sequence[int] | None, n_latents: int) -> list[int]
                                     "a:b.") from None
     bad = [i for i in chosen if not 0 <= i < n_latents]
     if bad:
-        raise AnalysisError(f"latent {bad[0]} is out of range: the SAE has latents "
+        raise AnalysisError(f"--latents: latent {bad[0]} is out of range: the SAE has latents "
                             f"0..{n_latents - 1}.")
     return sorted(set(chosen))
 
@@ -62,14 +62,15 @@ def parse_latents(spec: str | Sequence[int] | None, n_latents: int) -> list[int]
 def promoted_tokens(loaded: LoadedSAE, unembedding: np.ndarray, latents: Sequence[int], *,
                     k: int = N_PROMOTED, block: int = 256):
     """For each latent, the k tokens whose logits its decoder direction raises most and the k it
-    lowers most: (W_dec[i] / input_scale) @ W_U, W_U [d, vocab]. This is the logit-lens
-    approximation: the final LayerNorm (its centring and scale) is ignored.
+    lowers most: d_i @ W_U, W_U [d, vocab], d_i the direction it writes in raw units
+    (`kinds.logit_directions`: an SAE's or transcoder's W_dec[i] / input scale, a crosscoder's
+    last hook's slice, a CLT latent's writes summed). This is the logit-lens approximation: the
+    final LayerNorm (its centring and scale) is ignored.
 
     Returns (up_ids, up_values, down_ids, down_values), each [len(latents), k].
     """
     loading.check_width(loaded, unembedding.shape[0], "the model's unembedding",
                         "Pass the checkpoint the SAE was trained on (--checkpoint).")
-    directions = loaded.decoder_directions()
     W_U = jnp.asarray(unembedding, jnp.float32)
     k = min(k, W_U.shape[1])
 
@@ -84,8 +85,9 @@ def promoted_tokens(loaded: LoadedSAE, unembedding: np.ndarray, latents: Sequenc
     outs = []
     for start in range(0, len(latents), block):
         chunk = latents[start:start + block]
+        directions = kinds.logit_directions(loaded, chunk)
         rows = np.zeros((block, directions.shape[1]), np.float32)  # one shape, one compile
-        rows[:len(chunk)] = directions[chunk]
+        rows[:len(chunk)] = directions
         outs.append([np.asarray(a)[:len(chunk)] for a in extremes(rows)])
     if not outs:
         return tuple(np.zeros((0, k)) for _ in range(4))
@@ -136,6 +138,8 @@ class LatentView:
     examples: list[Example]
     histogram: charts.BarChart | None
     logit_tokens: LogitTokens | None
+    where: str = ""                 # a CLT latent's layer and index within it
+    logit_note: str = ""            # which direction the logit view reads
 
 
 @dataclasses.dataclass
@@ -182,6 +186,7 @@ def latent_view(top: TopActivations, latent: int, *, loaded: LoadedSAE, token_te
     """One latent's page. `promoted`: its (up_ids, up, down_ids, down) from `promoted_tokens`;
     None when there is no unembedding to read them from."""
     peak = float(top.max_activation[latent])
+    kind = kinds.kind_of(loaded)
     examples = [
         Example(activation=e["activation"], row=e["row"], sequence=e["sequence"],
                 position=e["position"],
@@ -201,7 +206,8 @@ def latent_view(top: TopActivations, latent: int, *, loaded: LoadedSAE, token_te
         **_provenance(top, loaded), examples=examples,
         histogram=charts.activation_histogram(top.histogram[latent],
                                               float(top.histogram_max[latent])),
-        logit_tokens=logit_tokens)
+        logit_tokens=logit_tokens, where=kinds.describe_latent(kind, latent),
+        logit_note=kinds.logit_note(kind))
 
 
 def index_view(top: TopActivations, latents: Sequence[int], *, loaded: LoadedSAE,

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from saejax import checkpoint, configs, sae
+from saejax.analysis import kinds
 from saejax.errors import ConfigError
 
 
@@ -44,11 +45,17 @@ class LoadedSAE(NamedTuple):
 
     @property
     def d(self) -> int:
-        return int(self.params["W_enc"].shape[0])
+        """The width of each hook it reads."""
+        return kinds.kind_of(self).width
 
     @property
     def n_latents(self) -> int:
-        return int(self.params["W_enc"].shape[1])
+        """Its latents in the flat index the tools use (a CLT's layers x latents per layer)."""
+        return kinds.kind_of(self).n_latents
+
+    def scale_of(self, hook: str) -> float:
+        """The input scale of `hook`'s raw activations."""
+        return self.input_scale  # pylint: disable=unused-argument
 
     def scale_of(self, hook: str) -> float:
         """The factor raw activations at `hook` are multiplied by before the SAE reads them

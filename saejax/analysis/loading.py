@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import jax
 
 from saejax import models, sharding
-from saejax.analysis import saelens
+from saejax.analysis import kinds, saelens
 from saejax.analysis.loaded import (AnalysisError, LoadedSAE, describe,  # noqa: F401
                                     is_run_dir, load_run, read_run_config, sae_config_for)
 
@@ -48,8 +48,11 @@ def check_latent(loaded: LoadedSAE, latent) -> int:
     if index != latent and not isinstance(latent, str):
         raise AnalysisError(f"latent={latent!r} is not an integer index.")
     if not 0 <= index < loaded.n_latents:
-        raise AnalysisError(f"latent {index} is out of range: {describe(loaded)} has latents "
-                            f"0..{loaded.n_latents - 1}.")
+        kind = kinds.kind_of(loaded)
+        flat = (f" (a CLT's flat index layer * {kind.per_layer} + i over its {kind.n_layers} "
+                "layers)" if kind.name == "clt" else "")
+        raise AnalysisError(f"--latent={index}: latent {index} is out of range: "
+                            f"{describe(loaded)} has latents 0..{loaded.n_latents - 1}{flat}.")
     return index
 
 
@@ -67,6 +70,15 @@ def load_language_model(loaded: LoadedSAE, *, checkpoint: str | None = None,
     split over the first `mesh_model` devices (tensor parallel) when that is more than one."""
     from saejax.data import lm  # pylint: disable=import-outside-toplevel
     checkpoint = checkpoint or loaded.lm_checkpoint
+    kind = kinds.kind_of(loaded)
+    if kind.name != "sae":
+        # It is steered at the hooks it reads and writes; the model runs to the deepest.
+        hooks = (*kind.reads, *kind.writes)
+        if hook and hook not in hooks:
+            raise AnalysisError(f"--hook={hook}: a {kind.name} reads {list(kind.reads)} and "
+                                f"writes {list(kind.writes)}, where it is steered; leave "
+                                "--hook out.")
+        hook = max(hooks, key=models.hook_layer)
     hook = hook or loaded.hook
     if not checkpoint:
         raise AnalysisError(f"{describe(loaded)} does not record a language model checkpoint; "

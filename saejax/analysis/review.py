@@ -28,7 +28,8 @@ from absl import flags, logging
 import numpy as np
 
 from saejax import cli, sae
-from saejax.analysis import dashboard, dashboard_data, pages, ratings, review_server
+from saejax.analysis import (dashboard, dashboard_data, kinds, pages, ratings, review_server,
+                             stores)
 from saejax.analysis.loading import AnalysisError, LoadedSAE, sae_config_for
 from saejax.analysis.token_text import TokenText
 from saejax.evals.interpretability import CONTROL, LATENT, RATINGS, latest_ratings
@@ -42,9 +43,10 @@ MAX_LABEL, MAX_RATER = 500, 100   # characters
 # Random-direction controls.
 # ------------------------------------------------------------------------------------------
 def control_sae(loaded: LoadedSAE, n: int, seed: int) -> LoadedSAE:
-    """`n` random unit directions as a ReLU "SAE" reading what `loaded` reads: control j's
-    activation on x is relu((x * input_scale - b_dec) . u_j), its decoder row u_j, so its page
-    is made by the same pass and templates as a latent's."""
+    """`n` random unit directions as a ReLU "SAE" reading what `loaded` reads (the first hook
+    it reads: a transcoder's input, a crosscoder's first hook, a CLT's first layer's input):
+    control j's activation on x is relu((x * scale - b_dec) . u_j), its decoder row u_j, so
+    its page is made by the same pass and templates as a latent's."""
     if n < 1:
         raise AnalysisError(f"--controls={n}: a blind review needs at least one control.")
     rng = np.random.default_rng(seed)
@@ -55,8 +57,10 @@ def control_sae(loaded: LoadedSAE, n: int, seed: int) -> LoadedSAE:
         b_dec = np.zeros(loaded.d, np.float32)
     params = {"W_enc": directions, "b_enc": np.zeros(n, np.float32),
               "W_dec": np.ascontiguousarray(directions.T), "b_dec": b_dec}
+    hook = kinds.kind_of(loaded).reads[0]
     return loaded._replace(
-        params=params, architecture=sae.get("relu"), sae_config=sae_config_for("relu"),
+        params=params, input_scale=loaded.scale_of(hook), hook=hook,
+        architecture=sae.get("relu"), sae_config=sae_config_for("relu"),
         source=os.path.join(loaded.source, CONTROLS_DIR, f"seed-{seed}_n-{n}"), step=seed,
         kind="controls")
 
@@ -232,7 +236,7 @@ def open_review(path: str, *, blind: bool = False, sample: int = 24, controls: i
         control_loaded = control_sae(prepared.loaded, controls, seed)
         info = prepared.top.info
         control_top = dashboard.top_activations_for(
-            control_loaded, prepared.store,
+            control_loaded, stores.read_store_paths(prepared.loaded, prepared.store)[0],
             results_dir=os.path.join(control_loaded.source, "top_activations"),
             top_n=int(info["top_n"]), context_before=int(info["context_before"]),
             context_after=int(info["context_after"]), max_rows=options.get("max_rows"),

@@ -1,16 +1,19 @@
-"""Steering and ablation: the LM (any family) run with one SAE latent clamped, added or ablated
-at the SAE's hook point, with greedy generations and the change in the next-token distribution.
+"""Steering and ablation: the LM (any family) run with one latent clamped, added or ablated,
+with greedy generations and the change in the next-token distribution.
 
     python -m saejax.analysis.steer DIR --latent=I --mode=add --value=5 --prompt="..."
 
-At every position, with f_i(x) the latent's activation on the raw activation x and
-d_i = W_dec[i] / input_scale its decoder direction in raw units:
+At every position, with f_i the latent's activation where it is read and d_i its direction in
+raw units at a hook it writes (an SAE's W_dec[i] / input scale at its hook), at each such hook:
 
     add     x + value * d_i                 (as if the latent fired `value` more)
-    clamp   x + (value - f_i(x)) * d_i      (the latent set to `value`; the SAE's error kept)
-    ablate  x - f_i(x) * d_i                (clamp to 0)
+    clamp   x + (value - f_i) * d_i         (the latent set to `value`; the SAE's error kept)
+    ablate  x - f_i * d_i                   (clamp to 0)
 
-Values are in the latent's own units: the dashboard shows its typical and top activations.
+Where each kind reads and writes (a transcoder: its input hook, its target; a crosscoder: every
+hook, f_i from a clean pass; a CLT latent l * n + i: layer l's input, the MLP outputs m >= l)
+is `interventions.py`'s. Values are in the latent's own units: the dashboard shows its typical
+and top activations.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import cli, models, sharding
-from saejax.analysis import dashboard_data, loading
+from saejax.analysis import dashboard_data, kinds, loading
+from saejax.analysis import interventions as interventions_lib
 from saejax.analysis.loading import AnalysisError, LoadedSAE
 
 MODES = ("clamp", "add", "ablate")
@@ -35,7 +39,7 @@ class SteeringResult(NamedTuple):
     latent: int
     mode: str
     value: float
-    hook: str
+    hook: str                       # the hooks written, comma-separated
     prompt_tokens: np.ndarray       # [batch, seq]
     clean_tokens: np.ndarray        # [batch, n_new] greedy continuation without the intervention
     steered_tokens: np.ndarray      # [batch, n_new] with it
@@ -54,65 +58,44 @@ class SteeringResult(NamedTuple):
     promoted_log_prob_steered: float
     promoted_generated_clean: int
     promoted_generated_steered: int
+    read_hooks: tuple[str, ...] = ()   # where the latent's activation is read
+    write_hooks: tuple[str, ...] = ()  # where its direction is added (a CLT latent's: m >= l)
 
 
-def make_intervention(loaded: LoadedSAE) -> Callable[[tuple, jax.Array], jax.Array]:
-    """`apply(args, x) -> x'` for `models.forward`'s interventions, jit-able, with `args` from
-    `intervention_args`. Every mode is x + on * (value - replace * f_i(x)) * d_i (add: replace
-    0; clamp: 1; ablate: 1 with value 0), so one compiled program serves every mode and, with
-    on = 0, the clean run."""
-    architecture, sae_config = loaded.architecture, loaded.sae_config
+def make_intervention(loaded: LoadedSAE, hook: str | None = None
+                      ) -> Callable[[tuple, jax.Array], jax.Array]:
+    """An SAE's `apply(args, x) -> x'` at its hook (`hook`, else the one it was trained at),
+    jit-able, with `args` from `intervention_args`: x + on * (value - replace * f_i(x)) * d_i."""
+    kind = kinds.kind_of(loaded, hook)
+    if kind.name != "sae":
+        raise AnalysisError(f"a {kind.name} reads {list(kind.reads)} and writes "
+                            f"{list(kind.writes)}: steer it through `steer`, not at one hook.")
 
     def apply(args, x):
-        params, scale, latent, value, on, replace = args
-        direction = jnp.take(params["W_dec"], latent, axis=0) / scale        # [d], raw units
-        flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * scale
-        f = jnp.take(architecture.encode(params, flat, sae_config), latent, axis=-1)
-        delta = on * (value - replace * f.reshape(x.shape[:-1]))
-        return x + (delta[..., None] * direction).astype(x.dtype)
+        interventions, _ = interventions_lib.running_interventions(loaded, kind, args)
+        return interventions[kind.reads[0]](x)
 
     return apply
 
 
 def intervention_args(loaded: LoadedSAE, latent: int, mode: str, value: float, *,
-                      on: bool = True) -> tuple:
-    """The traced arguments of `make_intervention`'s function for one latent and mode."""
-    params = {k: jnp.asarray(v) for k, v in loaded.params.items()}
-    return (params, jnp.float32(loaded.input_scale), jnp.int32(latent),
-            jnp.float32(0.0 if mode == "ablate" else value), jnp.float32(1.0 if on else 0.0),
-            jnp.float32(0.0 if mode == "add" else 1.0))
-
-
-def latent_activation_fn(loaded: LoadedSAE) -> Callable:
-    def activation(params, scale, latent, x):
-        flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * scale
-        f = jnp.take(loaded.architecture.encode(params, flat, loaded.sae_config), latent, axis=-1)
-        return f.reshape(x.shape[:-1])
-    return activation
+                      on: bool = True, hook: str | None = None) -> tuple:
+    """The traced arguments of the interventions for one latent and mode."""
+    return interventions_lib.intervention_args(loaded, latent, mode, value, on=on,
+                                               kind=kinds.kind_of(loaded, hook))
 
 
 @functools.lru_cache(maxsize=8)
-def _programs(config, hook: str, loaded_ref: "_Ref"):
-    """The jitted logits and generation programs for one model, hook and SAE (every mode)."""
-    loaded = loaded_ref()
-    apply = make_intervention(loaded)
-    activation = latent_activation_fn(loaded)
-
-    @jax.jit
-    def logits_fn(lm_params, args, tokens):
-        logits, cache = models.forward(
-            lm_params, tokens, config, hooks=(hook,),
-            interventions={hook: functools.partial(apply, args)})
-        # The cache holds the activation after the intervention; the clean run (on=0) gives
-        # the latent's own activation on the prompt.
-        params, scale, latent = args[:3]
-        return logits, activation(params, scale, latent, cache[hook])
+def _programs(config, kind: kinds.Kind, loaded_ref: "_Ref"):
+    """The jitted logits and generation programs for one model, kind and SAE (every mode)."""
+    forward = interventions_lib.make_forward(config, loaded_ref(), kind)
+    # The clean run (on=0) gives the latent's own activation where it is read.
+    logits_fn = jax.jit(forward)
 
     @jax.jit
     def generate_fn(lm_params, args, buffer, prompt_length):
         def body(t, buffer):
-            logits, _ = models.forward(lm_params, buffer, config,
-                                       interventions={hook: functools.partial(apply, args)})
+            logits, _ = forward(lm_params, args, buffer)
             # Causal attention: the positions not generated yet do not affect position t - 1.
             last = jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False)
             return jax.lax.dynamic_update_index_in_dim(
@@ -140,8 +123,14 @@ def _checked(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value, n_
     config, hook = model.config, model.hook
     loading.check_width(loaded, config.d_model, f"{hook} of the model (d_model={config.d_model})",
                         "Use the model (checkpoint and hook) this SAE was trained on.")
-    if loaded.hook and hook != loaded.hook:
+    kind = kinds.kind_of(loaded, hook)
+    if kind.name == "sae" and loaded.hook and hook != loaded.hook:
         logging.warning("The SAE was trained at %s but is applied at %s.", loaded.hook, hook)
+    for h in (*kind.reads, *kind.writes):
+        models.check_hook(config, h, f"the {kind.name} reads or writes {h!r}, not a hook of "
+                          "the model; pass the checkpoint it was trained on (--checkpoint)",
+                          AnalysisError)
+    interventions_lib.check_order(config, kind)
     tokens = np.asarray(tokens)
     if tokens.ndim == 1:
         tokens = tokens[None]
@@ -175,12 +164,13 @@ def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float
     instead, e.g. the tokens that follow the latent's top contexts on the dashboard.
     """
     latent, value, tokens = _checked(model, loaded, tokens, latent, mode, value, n_new_tokens)
-    config, hook = model.config, model.hook
+    config = model.config
+    kind = kinds.kind_of(loaded, model.hook)
     total = tokens.shape[1] + int(n_new_tokens)
 
-    logits_fn, generate_fn = _programs(config, hook, _Ref(loaded))
+    logits_fn, generate_fn = _programs(config, kind, _Ref(loaded))
     def args(on):
-        out = intervention_args(loaded, latent, mode, value, on=on)
+        out = interventions_lib.intervention_args(loaded, latent, mode, value, on=on, kind=kind)
         # Beside a model split over a mesh (tensor parallel), the SAE is replicated on it.
         return out if model.mesh is None else jax.device_put(out, sharding.replicated(model.mesh))
 
@@ -220,8 +210,9 @@ def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float
     def promoted_count(generated):
         return int(np.isin(generated[:, n:], promoted).sum())
 
+    written = tuple(kinds.write_directions(loaded, latent, kind))
     return SteeringResult(
-        latent=latent, mode=mode, value=value, hook=hook, prompt_tokens=tokens,
+        latent=latent, mode=mode, value=value, hook=",".join(written), prompt_tokens=tokens,
         clean_tokens=clean[:, n:], steered_tokens=steered[:, n:],
         latent_activation=np.asarray(activation)[:, :n],
         kl_last=float(jnp.mean(kl[:, -1])), kl_mean=float(jnp.mean(kl)),
@@ -230,7 +221,8 @@ def steer(model, loaded: LoadedSAE, tokens, latent: int, mode: str, value: float
         promoted=promoted, promoted_log_prob_clean=promoted_log_prob(logp_clean),
         promoted_log_prob_steered=promoted_log_prob(logp_steered),
         promoted_generated_clean=promoted_count(clean),
-        promoted_generated_steered=promoted_count(steered))
+        promoted_generated_steered=promoted_count(steered), read_hooks=kind.reads,
+        write_hooks=written)
 
 
 class _Ref:
@@ -274,7 +266,9 @@ def report(result: SteeringResult, tokenizer=None, *, prompt: str | None = None)
     what = {"add": f"add {result.value:g}", "clamp": f"clamped to {result.value:g}",
             "ablate": "ablated"}[result.mode]
     activations = " ".join(f"{a:.3g}" for a in result.latent_activation[0])
-    lines = [f"Latent {result.latent} ({what}) at {result.hook}",
+    read = ("" if result.read_hooks in ((), result.write_hooks)
+            else f" (read at {', '.join(result.read_hooks)})")
+    lines = [f"Latent {result.latent} ({what}) at {result.hook}{read}",
              f"Prompt:  {prompt if prompt is not None else text(result.prompt_tokens[0])!r}",
              f"  the latent on the prompt's tokens (clean): {activations}",
              f"Clean:   {text(result.clean_tokens[0])!r}",

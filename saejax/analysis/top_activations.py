@@ -1,6 +1,8 @@
 """Top activations: one streaming pass over an activation store that keeps, per latent, the
 top-n activating tokens with their context, plus firing counts, activation sums and an
-activation histogram.
+activation histogram. A dictionary that reads several hooks (a crosscoder; a CLT, one input
+hook per layer) reads their stores of one harvest in lockstep (`stores.py`), and a CLT's
+latents are indexed flat, `layer * n_per_layer + i` (`kinds.py`).
 
 This module drives the pass: it opens the store (which must keep token ids), plans the batches
 over the mesh, feeds the jitted step (`top_step.py`: the sharded merge and its running state)
@@ -13,7 +15,6 @@ supply the text (`token_text.py`).
 from __future__ import annotations
 
 import datetime
-import os
 import time
 from types import SimpleNamespace
 from typing import Iterator, NamedTuple, Sequence
@@ -24,14 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import cli, sharding
-from saejax.analysis.loading import AnalysisError, LoadedSAE, check_width, describe
+from saejax.analysis import kinds
+from saejax.analysis.loading import AnalysisError, LoadedSAE, describe
+from saejax.analysis.stores import open_read_stores, open_store_with_tokens
 from saejax.analysis.token_text import TokenText
 from saejax.analysis.top_results import (ARRAYS, FORMAT, FORMAT_VERSION, TopActivations,
                                          fingerprint, latent_record, matches, read, write)
 from saejax.analysis.top_step import (HISTOGRAM_BINS, NO_EXPONENT, STATE_AXES, TopState,
                                       init_state, make_step, rebin)
-from saejax.data import store as store_lib
-from saejax.sae import base as sae_base
 
 __all__ = [  # the pass, and the names of its pieces this module has always offered
     "ARRAYS", "CONTEXT_AFTER", "CONTEXT_BEFORE", "DEFAULT_BATCH_TOKENS", "DEFAULT_TOP_N",
@@ -44,27 +45,6 @@ DEFAULT_TOP_N = 20
 CONTEXT_BEFORE = 12
 CONTEXT_AFTER = 4
 DEFAULT_BATCH_TOKENS = 4096
-
-
-def open_store_with_tokens(path: str):
-    """The activation store at `path`, which must keep token ids (a `saejax.harvest` store)."""
-    path = os.path.abspath(os.fspath(path))
-    harvest = ("harvest one with `python -m saejax.harvest --checkpoint=DIR --tokens=FILE "
-               "--out=STORES --hooks=<the SAE's hook>` and pass --store=STORES/<hook>")
-    if path.endswith(".npy") or os.path.isfile(path):
-        raise AnalysisError(f"{path} is an array of activations without token ids; top "
-                            f"contexts need an activation store that keeps them: {harvest}.")
-    if not os.path.isdir(path):
-        raise AnalysisError(f"{path}: no such activation store; {harvest}.")
-    if (os.path.isfile(os.path.join(path, "metadata.json"))
-            and not os.path.isdir(os.path.join(path, "token_ids"))):
-        raise AnalysisError(f"{path}: the store has no token_ids array, so its rows cannot be "
-                            f"traced back to text; top contexts need one: {harvest}.")
-    opened = store_lib.open_store(path, allow_partial=True)
-    if opened.n_rows < opened.metadata["n_tokens"]:
-        logging.warning("%s is unfinished: reading its %s committed rows.", path,
-                        f"{opened.n_rows:,}")
-    return opened
 
 
 def default_mesh(n_latents: int, devices: Sequence[jax.Device] | None = None, *,
@@ -112,7 +92,8 @@ class _Plan(NamedTuple):
     `flush_every` batches. `block_starts [n_batches, data_size]`: each block's first store row.
     """
 
-    store: object
+    store: object                # the first read hook's (its token ids, positions, documents)
+    stores: tuple                # every read hook's, in the order the encoder stacks them
     n_rows: int
     context_length: int
     batch_sequences: int
@@ -132,17 +113,12 @@ def _plan(loaded: LoadedSAE, store_path: str, mesh, rules, *, top_n: int, contex
           context_after: int, batch_sequences: int | None, max_rows: int | None,
           flush_every: int | None) -> _Plan:
     """Checks the settings against the SAE, the store and the mesh; sizes the batches."""
-    if sae_base.latent_axes(loaded.architecture.shape) != ("latent",):
-        raise AnalysisError(f"top activations read one store into [rows, n_latents] latents; "
-                            f"a {loaded.architecture.shape.name!r} SAE's latents are per layer "
-                            "([rows, layer, n]), which the dashboard does not read yet.")
     for name, value in (("top_n", top_n), ("context_before", context_before + 1),
                         ("context_after", context_after + 1)):
         if int(value) < 1:
             raise AnalysisError(f"{name}={value} must be positive (context sizes >= 0).")
-    store = open_store_with_tokens(store_path)
-    check_width(loaded, store.d, f"the activation store {store.path}",
-                "Use the store of the hook this SAE was trained at (--store).")
+    opened = open_read_stores(loaded, store_path)
+    store = opened[0]
     context_length = store.context_length
     starts = _sequence_starts(store, max_rows)
     n_rows = int(starts[-1])
@@ -158,8 +134,9 @@ def _plan(loaded: LoadedSAE, store_path: str, mesh, rules, *, top_n: int, contex
         raise AnalysisError(f"batch_sequences={batch_sequences} must be a multiple of the "
                             f"mesh's {data_size} data devices (each holds whole sequences).")
     latent_axis = sharding.logical_to_spec(("latent",), rules)[0]
-    if latent_axis is not None and loaded.n_latents % mesh.shape[latent_axis]:
-        raise AnalysisError(f"the SAE's {loaded.n_latents} latents do not split over the "
+    per_layer = kinds.kind_of(loaded).per_layer   # the params split a CLT's layers alike
+    if latent_axis is not None and per_layer % mesh.shape[latent_axis]:
+        raise AnalysisError(f"the SAE's {per_layer} latents (per layer) do not split over the "
                             f"mesh's {mesh.shape[latent_axis]} {latent_axis} devices; choose a "
                             "divisor (--mesh_model).")
     batch_rows = batch_sequences * context_length
@@ -169,7 +146,7 @@ def _plan(loaded: LoadedSAE, store_path: str, mesh, rules, *, top_n: int, contex
     n_batches = -(-n_sequences // batch_sequences)
     first = (np.arange(n_batches)[:, None] * batch_sequences
              + np.arange(data_size)[None, :] * (batch_sequences // data_size))
-    return _Plan(store=store, n_rows=n_rows, context_length=context_length,
+    return _Plan(store=store, stores=tuple(opened), n_rows=n_rows, context_length=context_length,
                  batch_sequences=batch_sequences, batch_rows=batch_rows,
                  n_batches=n_batches, data_size=data_size, flush_every=flush_every,
                  sequence_starts=starts,
@@ -218,25 +195,28 @@ def _segments(store, start: int, stop: int) -> np.ndarray:
 
 
 def _batches(plan: _Plan) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
-    """(batch index, valid rows, activations [batch_rows, d], token ids [batch_rows], segments
-    [batch_rows]) per batch: each device's block holds its whole sequences, then padding
-    (token -1, segment -1, masked out by the step). The next batch's read is in flight while
-    the caller steps on this one."""
+    """(batch index, valid rows, activations [batch_rows, hooks, d] of the hooks the dictionary
+    reads, token ids [batch_rows], segments [batch_rows]) per batch: each device's block holds
+    its whole sequences, then padding (token -1, segment -1, masked out by the step). The next
+    batch's read is in flight while the caller steps on this one."""
     store, starts, S = plan.store, plan.sequence_starts, plan.batch_sequences
     n_sequences = len(starts) - 1
 
     def span(b):
         return int(starts[min(b * S, n_sequences)]), int(starts[min((b + 1) * S, n_sequences)])
 
-    pending = store.read(*span(0))
+    def read(b):
+        return [one.read(*span(b)) for one in plan.stores]
+
+    pending = read(0)
     for b in range(plan.n_batches):
         start, stop = span(b)
-        rows = np.asarray(pending.result(), np.float32)
+        rows = np.stack([np.asarray(p.result(), np.float32) for p in pending], axis=1)
         if b + 1 < plan.n_batches:
-            pending = store.read(*span(b + 1))
+            pending = read(b + 1)
         tokens, segments = store.token_ids(start, stop).astype(np.int32), _segments(
             store, start, stop)
-        x = np.zeros((plan.batch_rows, store.d), np.float32)
+        x = np.zeros((plan.batch_rows, *rows.shape[1:]), np.float32)
         batch_tokens = np.full(plan.batch_rows, -1, np.int32)
         batch_segments = np.full(plan.batch_rows, -1, np.int32)
         block_stops = [*plan.block_starts[b, 1:], stop]
@@ -263,7 +243,8 @@ def _stream(loaded: LoadedSAE, plan: _Plan, mesh, rules, counters: _HostCounters
             {k: np.asarray(v) for k, v in loaded.params.items()},
             sharding.named_shardings(
                 mesh, {k: loaded.architecture.param_axes[k] for k in loaded.params}, rules))
-        scale = jax.device_put(np.float32(loaded.input_scale), sharding.replicated(mesh))
+        scale = jax.device_put(kinds.read_scales(loaded, kinds.kind_of(loaded)),
+                               sharding.replicated(mesh))
         # Several fake CPU devices share a few cores: finish each step before the next (see
         # saejax/loop.py); accelerators keep the asynchronous pipeline.
         serialize = jax.default_backend() == "cpu" and mesh.size > 1
@@ -300,7 +281,7 @@ def compute_top_activations(loaded: LoadedSAE, store_path: str, *, top_n: int = 
     about 4096 tokens). The int32 device counters move to the host every `flush_every` batches
     (default: as rarely as they cannot overflow).
     """
-    mesh = default_mesh(loaded.n_latents) if mesh is None else mesh
+    mesh = default_mesh(kinds.kind_of(loaded).per_layer) if mesh is None else mesh
     plan = _plan(loaded, store_path, mesh, rules, top_n=top_n, context_before=context_before,
                  context_after=context_after, batch_sequences=batch_sequences,
                  max_rows=max_rows, flush_every=flush_every)
@@ -337,12 +318,17 @@ def _provenance(loaded: LoadedSAE, plan: _Plan, mesh, *, top_n: int, context_bef
                 context_after: int, seconds: float) -> dict:
     """The result's `info`: what was read with what, and the settings (see `fingerprint`)."""
     metadata = plan.store.metadata
+    kind = kinds.kind_of(loaded, metadata.get("hook"))
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "sae": loaded.source, "sae_kind": loaded.kind, "step": loaded.step,
         "architecture": loaded.architecture.name, "d": loaded.d, "n_latents": loaded.n_latents,
-        "input_scale": float(loaded.input_scale), "hook": metadata.get("hook"),
-        "model": metadata.get("model"), "store": plan.store.path, "n_rows": int(plan.n_rows),
+        "input_scale": np.asarray(loaded.input_scale, np.float64).tolist(),
+        "hook": metadata.get("hook") if kind.name == "sae" else ",".join(kind.reads),
+        "kind": kind.name, "writes": list(kind.writes), "n_layers": kind.n_layers,
+        "latents_per_layer": kind.per_layer, "layers": list(kind.layers),
+        "model": metadata.get("model"), "store": ",".join(s.path for s in plan.stores),
+        "n_rows": int(plan.n_rows),
         "context_length": int(plan.context_length), "top_n": int(top_n),
         "context_before": int(context_before), "context_after": int(context_after),
         "histogram_bins": HISTOGRAM_BINS, "batch_sequences": int(plan.batch_sequences),
@@ -357,8 +343,9 @@ def planned_fingerprint(loaded: LoadedSAE, store_path: str, *, top_n: int,
                         context_before: int, context_after: int,
                         max_rows: int | None) -> dict:
     """The fingerprint `compute_top_activations` would give, without running it."""
-    store = open_store_with_tokens(store_path)
-    return fingerprint({"sae": loaded.source, "step": loaded.step, "store": store.path,
-                        "n_rows": _rows_to_read(store, max_rows), "top_n": top_n,
+    opened = open_read_stores(loaded, store_path)
+    return fingerprint({"sae": loaded.source, "step": loaded.step,
+                        "store": ",".join(s.path for s in opened),
+                        "n_rows": _rows_to_read(opened[0], max_rows), "top_n": top_n,
                         "context_before": context_before, "context_after": context_after,
                         "format_version": FORMAT_VERSION})

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from saejax import sharding
+from saejax.analysis import kinds
 from saejax.analysis.loading import LoadedSAE
 
 # Each latent's activation histogram has HISTOGRAM_BINS equal bins over [0, 2^e), e the
@@ -141,11 +142,13 @@ def _merge_block(acts, tokens, segments, values, batch, offset, context_tokens,
 
 def make_step(loaded: LoadedSAE, mesh, rules, *, top_n: int, before: int,
               after: int) -> Callable:
-    """`step(state, params, input_scale, x [B, d], tokens [B], segments [B], batch_index)
-    -> state` (segments: -1 on padding rows),
+    """`step(state, params, input_scales [H], x [B, H, d], tokens [B], segments [B],
+    batch_index) -> state` (x: the raw activations of the H hooks the dictionary reads, each
+    multiplied by its scale; segments: -1 on padding rows),
     jitted and sharded over `mesh` by `rules`. Call it inside `sharding.activate(mesh, rules)`
     (TopK's sharded top-k reads the ambient mesh)."""
     architecture, sae_config = loaded.architecture, loaded.sae_config
+    kind = kinds.kind_of(loaded)
     act_spec = sharding.logical_to_spec(("batch", "latent"), rules)
     batch_axis, latent_axis = act_spec[0], act_spec[1]
     if batch_axis is not None and mesh.shape[batch_axis] == 1:
@@ -165,8 +168,10 @@ def make_step(loaded: LoadedSAE, mesh, rules, *, top_n: int, before: int,
         # axis; check_vma cannot infer that through all_gather + top_k (as in sharding.top_k).
         check_vma=False)
 
-    def step(state: TopState, params, input_scale, x, tokens, segments, batch_index):
-        acts = architecture.encode(params, x * input_scale, sae_config)
+    def step(state: TopState, params, input_scales, x, tokens, segments, batch_index):
+        # Flat latents [B, n_latents]: a CLT's [B, layer, n] as layer * n + i.
+        acts = kinds.encode_scaled(kind, architecture, params, x * input_scales[:, None],
+                                   sae_config)
         valid = segments >= 0
         acts = jnp.where(valid[:, None], acts, 0.0).astype(jnp.float32)
         acts = jax.lax.with_sharding_constraint(acts, NamedSharding(mesh, act_spec))
@@ -186,7 +191,8 @@ def make_step(loaded: LoadedSAE, mesh, rules, *, top_n: int, before: int,
     param_shardings = sharding.named_shardings(
         mesh, {k: loaded.architecture.param_axes[k] for k in loaded.params}, rules)
     replicated = sharding.replicated(mesh)
-    x_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", "embed"), rules))
+    x_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", None, "embed"),
+                                                              rules))
     token_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch",), rules))
     return jax.jit(step, in_shardings=(state_shardings, param_shardings, replicated,
                                        x_sharding, token_sharding, token_sharding,
