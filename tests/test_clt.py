@@ -211,6 +211,60 @@ def test_sharded_over_layers_and_latents_matches_one_device():
         assert shard_shape == shard
 
 
+def test_the_sparse_decode_steps_as_the_dense_one():
+    """TopK with `sae.topk_decoder=sparse` (each layer's k latents decoded from their rows of
+    the unmasked blocks, AuxK's k_aux too) against the dense masked decode: the same loss and
+    gradients on one batch, and after a few steps sharded over data x layer x model the same
+    params as the dense decode on one device (AuxK engaged: a window of one batch); its FLOP
+    count is the sparse one."""
+    def config(decoder, **mesh):
+        return _config("topk", **SPLIT, **{"sae.topk_decoder": decoder, "mesh.data": 1,
+                                           "mesh.model": 1, "evals.dead_window_tokens": 32,
+                                           **mesh})
+
+    sparse_config, dense_config = config("sparse"), config("dense")
+    architecture = sae.from_config(sparse_config.sae)
+    params = architecture.init(jax.random.PRNGKey(0), 16, 32, sparse_config.sae)
+    params = dict(params, b_dec=jax.random.normal(jax.random.PRNGKey(7), (4 * 16,)))
+    batch = {hook: jax.random.normal(jax.random.PRNGKey(i), (32, 16))
+             for i, hook in enumerate(architecture.shape.input_hooks
+                                      + architecture.shape.target_hooks)}
+    dead = jnp.arange(4 * 32).reshape(4, 32) % 3 == 0
+    (sparse_loss, sparse_aux), sparse_grads = jax.jit(jax.value_and_grad(
+        lambda p: architecture.loss(p, batch, sparse_config.sae, 0.0, dead),
+        has_aux=True))(params)
+    (dense_loss, dense_aux), dense_grads = jax.jit(jax.value_and_grad(
+        lambda p: architecture.loss(p, batch, dense_config.sae, 0.0, dead),
+        has_aux=True))(params)
+    assert float(sparse_aux["auxk_loss"]) > 0
+    np.testing.assert_allclose(sparse_loss, dense_loss, rtol=1e-5)
+    np.testing.assert_allclose(sparse_aux["fire_counts"], evals.fire_counts(dense_aux["latents"]))
+    for name in params:
+        np.testing.assert_allclose(sparse_grads[name], dense_grads[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+    reference, reference_losses, reference_metrics, _ = _run_steps(dense_config,
+                                                                   jax.devices()[:1])
+    sharded = config("sparse", **LAYER_AND_LATENT)
+    validation.validate(sharded, 8)
+    params, losses, metrics, _ = _run_steps(sharded, jax.devices())
+    assert metrics["auxk_loss"] > 0
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    for name in reference:
+        np.testing.assert_allclose(params[name], reference[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    for name in ("fvu", "l0", "auxk_loss", "fvu/blocks.3.hook_mlp_out"):
+        np.testing.assert_allclose(metrics[name], reference_metrics[name], rtol=1e-5,
+                                   atol=1e-7, err_msg=name)
+
+    # Per layer and selected latent (k + k_aux = 10): its encoder column and its rows of the
+    # L (L + 1) / 2 = 10 unmasked blocks, 6 d each; the selection's encoders 2 L d n.
+    assert architecture.flops_per_token(16, 32, sparse_config.sae) == (
+        2 * 4 * 16 * 32 + 6 * 10 * (4 * 16 + 10 * 16))
+    assert architecture.flops_per_token(16, 32, dense_config.sae) == (
+        4 * 4 * 16 * 32 + 6 * 4 ** 2 * 32 * 16)
+
+
 def test_the_memory_model_of_a_layer_x_latent_split_matches_xla():
     """On data 2 x layer 2 x model 2, the state and batch bytes per device are XLA's argument
     bytes exactly, and the temporaries are within 1.5x of its temp bytes."""
