@@ -44,19 +44,27 @@ INPUT_HOOK = "blocks.{layer}.ln2.hook_normalized"
 TARGET_HOOK = "blocks.{layer}.hook_mlp_out"
 HOOKS = tuple(hook.format(layer=layer) for layer in LAYERS
               for hook in (INPUT_HOOK, TARGET_HOOK))
-# 576 latents per layer: what 2 shared CPU cores train in a quarter of an hour (a CLT computes
-# its L^2 decoder blocks; at x2 the step ran at 91 tokens/s there).
+# 576 latents per layer: what 2 shared CPU cores train in a quarter of an hour with the dense
+# decode (a CLT computes its L^2 decoder blocks; at x2 the step ran at 91 tokens/s there).
 EXPANSION_FACTOR = 1
+# get_config("x4"): 2,304 latents per layer, decoded sparsely (each layer's k + k_aux selected
+# latents from their rows of the unmasked blocks, not all L^2 blocks of the dictionary).
+X4_EXPANSION_FACTOR = 4
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = smollm2.get_config(arg)
+    """The x1 CLT (no argument), the x4 one with the sparse decode ("x4"), or the toy
+    ("tiny")."""
+    if arg not in (None, "", "x4", "tiny"):
+        raise ValueError(f"experiments/clt_smollm2.py: unknown argument {arg!r}; use 'x4', "
+                         "'tiny' or nothing.")
+    config = smollm2.get_config("tiny" if arg == "tiny" else None)
     config.sae.shape = "clt"
     config.sae.layers = ",".join(map(str, LAYERS))
     config.sae.input_hook = INPUT_HOOK
     config.sae.target_hook = TARGET_HOOK
     config.lm.hook = TARGET_HOOK.format(layer=LAYERS[-1])
-    if not arg:
+    if arg != "tiny":
         # Eight stores: smollm2.py's 32-chunk window, read ahead twice, would hold 3 x 32
         # chunks x 4,096 rows x 576 floats x 8 stores = 7 GB; 8 chunks a window hold 1.8 GB.
         config.data.shuffle_buffer_chunks = 8
@@ -70,6 +78,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # window longer than the run, so AuxK never did.
         config.evals.dead_window_tokens = 50_000
         config.evals.density_window_tokens = 50_000
+    if arg == "x4":
+        config.sae.expansion_factor = X4_EXPANSION_FACTOR
+        config.optim.learning_rate = smollm2.learning_rate(X4_EXPANSION_FACTOR)
+        config.sae.topk_decoder = "sparse"
     return config
 
 

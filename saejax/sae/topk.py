@@ -118,7 +118,7 @@ def validate(config, n_latents, *, shape):
                  f"{', '.join(DECODERS)}.")
     base.require(config.sae.topk_decoder != "sparse"
                  or topk_family.sparse_ops(shape) is not None,
-                 f"sae.topk_decoder='sparse' decodes a single-hook SAE or a CLT only; the "
+                 f"sae.topk_decoder='sparse' decodes a single-hook SAE only (or a CLT); the "
                  f"{shape.name} shape (sae.shape, sae.matryoshka_widths) decodes densely: set "
                  f"sae.topk_decoder to 'dense' or 'auto'.")
 
