@@ -47,14 +47,15 @@ HOOKS = tuple(hook.format(layer=layer) for layer in LAYERS
 # 576 latents per layer: what 2 shared CPU cores train in a quarter of an hour with the dense
 # decode (a CLT computes its L^2 decoder blocks; at x2 the step ran at 91 tokens/s there).
 EXPANSION_FACTOR = 1
-# get_config("x4"): 2,304 latents per layer, decoded sparsely (each layer's k + k_aux selected
-# latents from their rows of the unmasked blocks, not all L^2 blocks of the dictionary).
+# get_config("x4"): 2,304 latents per layer. Decoded densely: the sparse decode
+# (--config.sae.topk_decoder=sparse: each layer's k + k_aux selected latents from their rows of
+# the unmasked blocks) trains the same CLT but ran at 64 tokens/s against the dense 86 on these
+# cores, with 13.7 GiB against 1.4 (benchmarks/RESULTS.md, the CLT's train step).
 X4_EXPANSION_FACTOR = 4
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The x1 CLT (no argument), the x4 one with the sparse decode ("x4"), or the toy
-    ("tiny")."""
+    """The x1 CLT (no argument), the x4 one ("x4"), or the toy ("tiny")."""
     if arg not in (None, "", "x4", "tiny"):
         raise ValueError(f"experiments/clt_smollm2.py: unknown argument {arg!r}; use 'x4', "
                          "'tiny' or nothing.")
@@ -81,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "x4":
         config.sae.expansion_factor = X4_EXPANSION_FACTOR
         config.optim.learning_rate = smollm2.learning_rate(X4_EXPANSION_FACTOR)
-        config.sae.topk_decoder = "sparse"
+        config.sae.topk_decoder = "dense"
     return config
 
 

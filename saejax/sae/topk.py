@@ -10,9 +10,10 @@ their values there and decodes them from k decoder rows (`sparse.py`), so only t
 costs O(d n_latents) per token. The dense decoder is the reference (mask, then a full decoder
 matmul); the two give the same losses, gradients and params within float32 rounding
 (tests/test_sharding.py). Gathers and scatter-adds run far below a matmul's FLOP rate on a CPU,
-so "auto" decodes sparsely only when the dictionary is at least SPARSE_RATIO times the k + k_aux
-rows a token touches (benchmarks/RESULTS.md, "TopK: the sparse decoder against the dense
-one", has the measurements behind the threshold).
+so "auto" decodes a single hook sparsely only when the dictionary is at least SPARSE_RATIO times
+the k + k_aux rows a token touches (benchmarks/RESULTS.md, "TopK: the sparse decoder against
+the dense one", has the measurements behind the threshold), and a CLT densely (its sparse
+decode ran slower on a CPU at every size measured, RESULTS' CLT train-step section).
 
 A mechanism: any shape with the dense decoder; the sparse decoder reads the single-hook
 layout (`x - b_dec` in `sparse.py`) or a CLT's (the same pieces a layer at a time,
@@ -37,6 +38,11 @@ def sparse_decode(sae_config, n_latents: int, shape=base.SINGLE_HOOK) -> bool:
         return False
     if sae_config.topk_decoder != "auto":
         return sae_config.topk_decoder == "sparse"
+    if shape.name != base.SINGLE_HOOK.name:
+        # A CLT's sparse decode scatters (k + k_aux) rows of every unmasked block a token; on a
+        # CPU it ran slower than the dense decode even at n_latents = 128 (k + k_aux)
+        # (benchmarks/RESULTS.md, the CLT's train step), so "auto" keeps it dense.
+        return False
     selected = int(sae_config.k) + min(int(sae_config.k_aux), n_latents)
     return n_latents >= SPARSE_RATIO * selected
 
