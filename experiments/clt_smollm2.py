@@ -10,7 +10,9 @@ Tokens: the first 3,072 windows of 128 of experiments/smollm2.py's Shakespeare t
 last 64 held out for loss recovered); one harvest of the eight hooks, read in lockstep:
 
     R=/work/scratch/cltreal; A=/work/assets/real
-    python -c "import numpy as np; np.save('$R/tokens.npy', np.load('$SMOLLM2_RUN/tokens.npy')[:3072])"
+    python -c "from experiments import smollm2; smollm2.write_token_ids('$A/shakespeare', \
+        '$A/smollm2', '$R/all_tokens.npy', max_tokens=1_048_576)"
+    python -c "import numpy as np; np.save('$R/tokens.npy', np.load('$R/all_tokens.npy')[:3072])"
     python -m saejax.harvest --checkpoint=$A/smollm2 --tokens=$R/tokens.npy --out=$R/stores \
         --hooks=$(python -c "from experiments import clt_smollm2 as c; print(','.join(c.HOOKS))") \
         --context_length=128 --batch_sequences=8 --holdout_sequences=64 --exclude_positions=0,1
@@ -28,6 +30,18 @@ Measured (benchmarks/RESULTS.md, "A cross-layer transcoder on SmolLM2"; 2026-12-
 the MLP outputs 0.71 / 0.63 / 0.59 / 0.55 at layers 4 / 5 / 6 / 7 (the per-layer transcoders
 0.73 / 0.71 / 0.71 / 0.68), and the replacement model's loss recovered 0.79 with KL 0.35
 (zero-ablating the four MLP outputs: KL 1.10).
+
+`get_config("x4")` is the same CLT at 2,304 latents a layer (learning rate 5.3e-4), decoded
+densely (`--config.sae.topk_decoder=sparse` trains the same CLT, within float32 rounding, but
+ran slower on these cores: RESULTS, the CLT's train step):
+
+    python -m saejax.main --config=experiments/clt_smollm2.py:x4 --workdir=$R/clt_x4 \
+        --config.data.path=$P --config.lm.checkpoint=$A/smollm2 --config.lm.tokens=$R/tokens.npy
+
+On CPU-2 (shared) it trained the 150 steps in 18.5 minutes (138 tokens/s) and its evaluation
+took 1 more. Measured (RESULTS, "A cross-layer transcoder on SmolLM2"; 2026-12-02): FVU 0.71 /
+0.63 / 0.60 / 0.56 at layers 4 / 5 / 6 / 7, loss recovered 0.78 with KL 0.36: at 150 steps
+no better than x1, with more latents dead.
 
 `get_config("tiny")` is the same pipeline at toy size.
 """

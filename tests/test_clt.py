@@ -340,3 +340,11 @@ def test_the_experiment_config_is_a_valid_clt():
         # Twice the true features per layer.
         assert validation.n_latents(config) == 2 * config.data.n_features
     assert [p["data.seed"] for p in experiment.get_sweep()] == [0, 1, 2]
+    # SmolLM2's x4 CLT: 2,304 latents a layer over layers 4-7, the rest as the x1 one.
+    from experiments import clt_smollm2  # pylint: disable=import-outside-toplevel
+    x1, x4 = clt_smollm2.get_config(), clt_smollm2.get_config("x4")
+    assert validation.n_latents(x4) == 4 * validation.n_latents(x1) == 4 * 576
+    assert sae.from_config(x4.sae).shape == sae.from_config(x1.sae).shape
+    assert x4.optim.learning_rate < x1.optim.learning_rate and x4.train.steps == x1.train.steps
+    with pytest.raises(ValueError, match=r"unknown argument 'x8'"):
+        clt_smollm2.get_config("x8")
