@@ -10,7 +10,9 @@ Tokens: the first 3,072 windows of 128 of experiments/smollm2.py's Shakespeare t
 last 64 held out for loss recovered); one harvest of the eight hooks, read in lockstep:
 
     R=/work/scratch/cltreal; A=/work/assets/real
-    python -c "import numpy as np; np.save('$R/tokens.npy', np.load('$SMOLLM2_RUN/tokens.npy')[:3072])"
+    python -c "from experiments import smollm2; smollm2.write_token_ids('$A/shakespeare', \
+        '$A/smollm2', '$R/all_tokens.npy', max_tokens=1_048_576)"
+    python -c "import numpy as np; np.save('$R/tokens.npy', np.load('$R/all_tokens.npy')[:3072])"
     python -m saejax.harvest --checkpoint=$A/smollm2 --tokens=$R/tokens.npy --out=$R/stores \
         --hooks=$(python -c "from experiments import clt_smollm2 as c; print(','.join(c.HOOKS))") \
         --context_length=128 --batch_sequences=8 --holdout_sequences=64 --exclude_positions=0,1
@@ -29,6 +31,18 @@ the MLP outputs 0.71 / 0.63 / 0.59 / 0.55 at layers 4 / 5 / 6 / 7 (the per-layer
 0.73 / 0.71 / 0.71 / 0.68), and the replacement model's loss recovered 0.79 with KL 0.35
 (zero-ablating the four MLP outputs: KL 1.10).
 
+`get_config("x4")` is the same CLT at 2,304 latents a layer (learning rate 5.3e-4), decoded
+densely (`--config.sae.topk_decoder=sparse` trains the same CLT, within float32 rounding, but
+ran slower on these cores: RESULTS, the CLT's train step):
+
+    python -m saejax.main --config=experiments/clt_smollm2.py:x4 --workdir=$R/clt_x4 \
+        --config.data.path=$P --config.lm.checkpoint=$A/smollm2 --config.lm.tokens=$R/tokens.npy
+
+On CPU-2 (shared) it trained the 150 steps in 18.5 minutes (138 tokens/s) and its evaluation
+took 1 more. Measured (RESULTS, "A cross-layer transcoder on SmolLM2"; 2026-12-02): FVU 0.71 /
+0.63 / 0.60 / 0.56 at layers 4 / 5 / 6 / 7, loss recovered 0.78 with KL 0.36: at 150 steps
+no better than x1, with more latents dead.
+
 `get_config("tiny")` is the same pipeline at toy size.
 """
 
@@ -44,19 +58,28 @@ INPUT_HOOK = "blocks.{layer}.ln2.hook_normalized"
 TARGET_HOOK = "blocks.{layer}.hook_mlp_out"
 HOOKS = tuple(hook.format(layer=layer) for layer in LAYERS
               for hook in (INPUT_HOOK, TARGET_HOOK))
-# 576 latents per layer: what 2 shared CPU cores train in a quarter of an hour (a CLT computes
-# its L^2 decoder blocks; at x2 the step ran at 91 tokens/s there).
+# 576 latents per layer: what 2 shared CPU cores train in a quarter of an hour with the dense
+# decode (a CLT computes its L^2 decoder blocks; at x2 the step ran at 91 tokens/s there).
 EXPANSION_FACTOR = 1
+# get_config("x4"): 2,304 latents per layer. Decoded densely: the sparse decode
+# (--config.sae.topk_decoder=sparse: each layer's k + k_aux selected latents from their rows of
+# the unmasked blocks) trains the same CLT but ran at 64 tokens/s against the dense 86 on these
+# cores, with 13.7 GiB against 1.4 (benchmarks/RESULTS.md, the CLT's train step).
+X4_EXPANSION_FACTOR = 4
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = smollm2.get_config(arg)
+    """The x1 CLT (no argument), the x4 one ("x4"), or the toy ("tiny")."""
+    if arg not in (None, "", "x4", "tiny"):
+        raise ValueError(f"experiments/clt_smollm2.py: unknown argument {arg!r}; use 'x4', "
+                         "'tiny' or nothing.")
+    config = smollm2.get_config("tiny" if arg == "tiny" else None)
     config.sae.shape = "clt"
     config.sae.layers = ",".join(map(str, LAYERS))
     config.sae.input_hook = INPUT_HOOK
     config.sae.target_hook = TARGET_HOOK
     config.lm.hook = TARGET_HOOK.format(layer=LAYERS[-1])
-    if not arg:
+    if arg != "tiny":
         # Eight stores: smollm2.py's 32-chunk window, read ahead twice, would hold 3 x 32
         # chunks x 4,096 rows x 576 floats x 8 stores = 7 GB; 8 chunks a window hold 1.8 GB.
         config.data.shuffle_buffer_chunks = 8
@@ -70,6 +93,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # window longer than the run, so AuxK never did.
         config.evals.dead_window_tokens = 50_000
         config.evals.density_window_tokens = 50_000
+    if arg == "x4":
+        config.sae.expansion_factor = X4_EXPANSION_FACTOR
+        config.optim.learning_rate = smollm2.learning_rate(X4_EXPANSION_FACTOR)
+        config.sae.topk_decoder = "dense"
     return config
 
 

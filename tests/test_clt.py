@@ -211,12 +211,69 @@ def test_sharded_over_layers_and_latents_matches_one_device():
         assert shard_shape == shard
 
 
-def test_the_memory_model_of_a_layer_x_latent_split_matches_xla():
+def test_the_sparse_decode_steps_as_the_dense_one():
+    """TopK with `sae.topk_decoder=sparse` (each layer's k latents decoded from their rows of
+    the unmasked blocks, AuxK's k_aux too) against the dense masked decode: the same loss and
+    gradients on one batch, and after a few steps sharded over data x layer x model the same
+    params as the dense decode on one device (AuxK engaged: a window of one batch); its FLOP
+    count is the sparse one."""
+    def config(decoder, **mesh):
+        return _config("topk", **SPLIT, **{"sae.topk_decoder": decoder, "mesh.data": 1,
+                                           "mesh.model": 1, "evals.dead_window_tokens": 32,
+                                           **mesh})
+
+    sparse_config, dense_config = config("sparse"), config("dense")
+    architecture = sae.from_config(sparse_config.sae)
+    params = architecture.init(jax.random.PRNGKey(0), 16, 32, sparse_config.sae)
+    params = dict(params, b_dec=jax.random.normal(jax.random.PRNGKey(7), (4 * 16,)))
+    batch = {hook: jax.random.normal(jax.random.PRNGKey(i), (32, 16))
+             for i, hook in enumerate(architecture.shape.input_hooks
+                                      + architecture.shape.target_hooks)}
+    dead = jnp.arange(4 * 32).reshape(4, 32) % 3 == 0
+    (sparse_loss, sparse_aux), sparse_grads = jax.jit(jax.value_and_grad(
+        lambda p: architecture.loss(p, batch, sparse_config.sae, 0.0, dead),
+        has_aux=True))(params)
+    (dense_loss, dense_aux), dense_grads = jax.jit(jax.value_and_grad(
+        lambda p: architecture.loss(p, batch, dense_config.sae, 0.0, dead),
+        has_aux=True))(params)
+    assert float(sparse_aux["auxk_loss"]) > 0
+    np.testing.assert_allclose(sparse_loss, dense_loss, rtol=1e-5)
+    np.testing.assert_allclose(sparse_aux["fire_counts"], evals.fire_counts(dense_aux["latents"]))
+    for name in params:
+        np.testing.assert_allclose(sparse_grads[name], dense_grads[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+    reference, reference_losses, reference_metrics, _ = _run_steps(dense_config,
+                                                                   jax.devices()[:1])
+    sharded = config("sparse", **LAYER_AND_LATENT)
+    validation.validate(sharded, 8)
+    params, losses, metrics, _ = _run_steps(sharded, jax.devices())
+    assert metrics["auxk_loss"] > 0
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    for name in reference:
+        np.testing.assert_allclose(params[name], reference[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    for name in ("fvu", "l0", "auxk_loss", "fvu/blocks.3.hook_mlp_out"):
+        np.testing.assert_allclose(metrics[name], reference_metrics[name], rtol=1e-5,
+                                   atol=1e-7, err_msg=name)
+
+    # Per layer and selected latent (k + k_aux = 10): its encoder column and its rows of the
+    # L (L + 1) / 2 = 10 unmasked blocks, 6 d each; the selection's encoders 2 L d n.
+    assert architecture.flops_per_token(16, 32, sparse_config.sae) == (
+        2 * 4 * 16 * 32 + 6 * 10 * (4 * 16 + 10 * 16))
+    assert architecture.flops_per_token(16, 32, dense_config.sae) == (
+        4 * 4 * 16 * 32 + 6 * 4 ** 2 * 32 * 16)
+
+
+@pytest.mark.parametrize("decoder", ["dense", "sparse"])
+def test_the_memory_model_of_a_layer_x_latent_split_matches_xla(decoder):
     """On data 2 x layer 2 x model 2, the state and batch bytes per device are XLA's argument
-    bytes exactly, and the temporaries are within 1.5x of its temp bytes."""
+    bytes exactly, and the temporaries are within 1.5x of its temp bytes, with either
+    decoder (the sparse one's gathered rows of every unmasked block counted)."""
     from saejax import memory  # pylint: disable=import-outside-toplevel
     config = _config("topk", **{**SPLIT, **LAYER_AND_LATENT, "data.d": 32,
-                                "sae.expansion_factor": 16, "train.batch_size": 1024})
+                                "sae.expansion_factor": 16, "train.batch_size": 1024,
+                                "sae.topk_decoder": decoder})
     mesh = sharding.make_mesh(config.mesh)
     _, compiled = memory.compile_train_step(config, mesh, d=32, compiler_options={
         "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
@@ -283,3 +340,11 @@ def test_the_experiment_config_is_a_valid_clt():
         # Twice the true features per layer.
         assert validation.n_latents(config) == 2 * config.data.n_features
     assert [p["data.seed"] for p in experiment.get_sweep()] == [0, 1, 2]
+    # SmolLM2's x4 CLT: 2,304 latents a layer over layers 4-7, the rest as the x1 one.
+    from experiments import clt_smollm2  # pylint: disable=import-outside-toplevel
+    x1, x4 = clt_smollm2.get_config(), clt_smollm2.get_config("x4")
+    assert validation.n_latents(x4) == 4 * validation.n_latents(x1) == 4 * 576
+    assert sae.from_config(x4.sae).shape == sae.from_config(x1.sae).shape
+    assert x4.optim.learning_rate < x1.optim.learning_rate and x4.train.steps == x1.train.steps
+    with pytest.raises(ValueError, match=r"unknown argument 'x8'"):
+        clt_smollm2.get_config("x8")

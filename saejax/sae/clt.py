@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from saejax.errors import ConfigError
-from saejax.sae import shapes
+from saejax.sae import shapes, sparse
 from saejax.sae.shapes import Entry, _no_metrics, add_bias
 
 DEFAULT_INPUT_HOOK = "blocks.{layer}.ln2.hook_normalized"
@@ -163,6 +163,39 @@ class CrossLayerTranscoder(NamedTuple):
         del x
         return self.decode_latents(params, latents) + params["b_dec"]
 
+    # The sparse decode (TopK's `sae.topk_decoder`): each layer's k selected latents, as
+    # `sparse.py` decodes a single-hook SAE's, one source layer at a time.
+    def encode_selected(self, params: dict, x: jax.Array, pre: jax.Array,
+                        indices: jax.Array) -> jax.Array:
+        """[batch, L, k]: `pre[b, l, indices[b, l, j]]`, the gradient reaching each layer's
+        encoder through its k selected columns (`sparse.encode_selected` per layer; the CLT's
+        encoder reads x itself, so its input offset is zero)."""
+        offset = jnp.zeros(x.shape[-1:], x.dtype)
+        return jnp.stack([sparse.encode_selected(
+            {"W_enc": params["W_enc"][l], "b_enc": params["b_enc"][l], "b_dec": offset},
+            x[..., l, :], pre[..., l, :], indices[..., l, :]) for l in range(self.n_layers)],
+            axis=-2)
+
+    def decode_selected(self, W_dec: jax.Array, indices: jax.Array,
+                        values: jax.Array) -> jax.Array:
+        """Every layer's reconstruction [batch, L * d_out] without b_dec from latents that are
+        zero outside `indices` [batch, L, k]: source layer l's k rows of its decoders into
+        layers l .. L-1 side by side (`sparse.decode_selected`), so only the L (L + 1) / 2
+        unmasked blocks are read, k rows each."""
+        n_layers, _, n_latents, d_out = W_dec.shape
+        decoded = []                                                # [batch, (L - l) d_out]
+        for l in range(n_layers):
+            rows = jnp.swapaxes(W_dec[l, l:], 0, 1).reshape(n_latents, -1)
+            decoded.append(sparse.decode_selected(rows, indices[..., l, :], values[..., l, :]))
+        return jnp.concatenate([
+            sum(decoded[l][..., (m - l) * d_out:(m - l + 1) * d_out] for l in range(m + 1))
+            for m in range(n_layers)], axis=-1)
+
+    def fire_counts(self, indices: jax.Array, values: jax.Array, n_latents: int) -> jax.Array:
+        """[L, n]: `sparse.fire_counts` of each layer's selection."""
+        return jnp.stack([sparse.fire_counts(indices[..., l, :], values[..., l, :], n_latents)
+                          for l in range(self.n_layers)])
+
     def decode_layer(self, params: dict, latents: jax.Array, layer: int) -> jax.Array:
         """Layer `layer`'s MLP output [batch, d_out] from the latents [batch, L', n] of the
         first L' > layer layers (a replacement model has those when it reaches the MLP)."""
@@ -213,8 +246,26 @@ class CrossLayerTranscoder(NamedTuple):
         dense = 10 * (max(d.values()) if isinstance(d, dict) else int(d)) * n
         return 4 * n_layers * d_in * n + 6 * n_layers ** 2 * n * d_out - dense
 
+    def sparse_flops_per_token(self, d, n_latents: int, selected: int) -> int:
+        """The sparse decode's: the selection's encoders (2 L d_in n), then per layer and
+        selected latent (`selected` a layer: k, and k_aux for AuxK) its encoder column (2 d_in
+        forward, 4 backward) and its decoder rows into its own and later layers ((L - l) of
+        them, 2 d_out forward and 4 backward each), as TopK counts a single hook's."""
+        d_in, d_out = self.widths(d)
+        n_layers = self.n_layers
+        blocks = n_layers * (n_layers + 1) // 2
+        return 2 * n_layers * d_in * int(n_latents) + 6 * selected * (
+            n_layers * d_in + blocks * d_out)
+
     def temporaries(self, counts):
-        """The mechanism's counts plus the masked decoder and its gradient (param-sized)."""
+        """Dense decode: the mechanism's counts plus the masked decoder and its gradient
+        (param-sized). Sparse (`counts.selected_rows` a layer): a token gathers its selected
+        latents' rows of every unmasked block, L (L + 1) / 2 of them, and the decoder's copy
+        with its latents ahead of its targets (`decode_selected`) is about param-sized."""
+        if counts.selected_rows:
+            blocks = self.n_layers * (self.n_layers + 1) // 2
+            return counts._replace(selected_rows=counts.selected_rows * blocks,
+                                   param_copies=counts.param_copies + 1)
         return counts._replace(param_copies=counts.param_copies + 1)
 
     def validate(self, config, n_latents: int) -> None:

@@ -10,12 +10,14 @@ their values there and decodes them from k decoder rows (`sparse.py`), so only t
 costs O(d n_latents) per token. The dense decoder is the reference (mask, then a full decoder
 matmul); the two give the same losses, gradients and params within float32 rounding
 (tests/test_sharding.py). Gathers and scatter-adds run far below a matmul's FLOP rate on a CPU,
-so "auto" decodes sparsely only when the dictionary is at least SPARSE_RATIO times the k + k_aux
-rows a token touches (benchmarks/RESULTS.md, "TopK: the sparse decoder against the dense
-one", has the measurements behind the threshold).
+so "auto" decodes a single hook sparsely only when the dictionary is at least SPARSE_RATIO times
+the k + k_aux rows a token touches (benchmarks/RESULTS.md, "TopK: the sparse decoder against
+the dense one", has the measurements behind the threshold), and a CLT densely (its sparse
+decode ran slower on a CPU at every size measured, RESULTS' CLT train-step section).
 
 A mechanism: any shape with the dense decoder; the sparse decoder reads the single-hook
-layout (`x - b_dec` in `sparse.py`), so other shapes decode densely.
+layout (`x - b_dec` in `sparse.py`) or a CLT's (the same pieces a layer at a time,
+`CrossLayerTranscoder.decode_selected`), so other shapes decode densely.
 """
 
 import jax
@@ -30,12 +32,17 @@ DECODERS = ("auto", "sparse", "dense")
 
 
 def sparse_decode(sae_config, n_latents: int, shape=base.SINGLE_HOOK) -> bool:
-    """Whether the step decodes only the selected rows (`sae.topk_decoder`; only a
-    single-hook SAE can)."""
-    if shape.name != base.SINGLE_HOOK.name:
+    """Whether the step decodes only the selected rows (`sae.topk_decoder`; a single-hook SAE
+    or a CLT can, `topk_family.sparse_ops`)."""
+    if topk_family.sparse_ops(shape) is None:
         return False
     if sae_config.topk_decoder != "auto":
         return sae_config.topk_decoder == "sparse"
+    if shape.name != base.SINGLE_HOOK.name:
+        # A CLT's sparse decode scatters (k + k_aux) rows of every unmasked block a token; on a
+        # CPU it ran slower than the dense decode even at n_latents = 128 (k + k_aux)
+        # (benchmarks/RESULTS.md, the CLT's train step), so "auto" keeps it dense.
+        return False
     selected = int(sae_config.k) + min(int(sae_config.k_aux), n_latents)
     return n_latents >= SPARSE_RATIO * selected
 
@@ -56,17 +63,17 @@ def _dense_loss(params, x, k, kept, *, shape):
 
 
 def _sparse_loss(params, x, k, kept, *, shape):
-    del shape  # single-hook only (sparse_decode)
+    ops = topk_family.sparse_ops(shape)
     # The selection needs every pre-activation but no gradient through them: the selected
     # latents' values are read from them, and their gradient reaches the encoder through k
     # columns per token (encode_selected's custom VJP).
-    pre = jax.lax.stop_gradient(base.pre_activations(params, x))
-    _, indices = sharding.top_k(pre, k)
-    values = jax.nn.relu(sparse.encode_selected(params, x, pre, indices))
+    pre = jax.lax.stop_gradient(shape.pre_activations(params, x))
+    _, indices = sharding.top_k(pre, k, topk_family.rows_axes(shape))
+    values = jax.nn.relu(ops.encode_selected(params, x, pre, indices))
     if kept is not None:  # the selection is sorted: keep its first `kept`
         values = values * (jnp.arange(k) < kept).astype(values.dtype)
-    x_hat = sparse.decode_selected(params["W_dec"], indices, values) + params["b_dec"]
-    return pre, x_hat, {"fire_counts": sparse.fire_counts(indices, values, pre.shape[-1])}
+    x_hat = ops.decode_selected(params["W_dec"], indices, values) + params["b_dec"]
+    return pre, x_hat, {"fire_counts": ops.fire_counts(indices, values, pre.shape[-1])}
 
 
 def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None, *, shape):
@@ -89,10 +96,14 @@ def loss(params, batch, sae_config, sparsity_coefficient, dead, step=None, *, sh
 def flops_per_token(d, n_latents, sae_config, *, shape):
     """Dense: `base.dense_flops_per_token`. Sparse: the selection's encoder matmul (2 d n),
     then per selected latent (k, and k_aux for AuxK) its encoder column and decoder row, each
-    2 d forward and 4 d backward."""
+    2 d forward and 4 d backward; a shape with its own sparse decode (a CLT) counts it
+    (`sparse_flops_per_token`)."""
     if not sparse_decode(sae_config, n_latents, shape):
         return base.dense_flops(d, n_latents, shape=shape)
     selected = int(sae_config.k) + min(int(sae_config.k_aux), n_latents)
+    own = getattr(shape, "sparse_flops_per_token", None)
+    if own is not None:
+        return own(d, n_latents, selected)
     return 2 * d * n_latents + 12 * d * selected
 
 
@@ -111,8 +122,9 @@ def validate(config, n_latents, *, shape):
     base.require(config.sae.topk_decoder in DECODERS,
                  f"sae.topk_decoder={config.sae.topk_decoder!r} is not known; choose one of "
                  f"{', '.join(DECODERS)}.")
-    base.require(config.sae.topk_decoder != "sparse" or shape.name == base.SINGLE_HOOK.name,
-                 f"sae.topk_decoder='sparse' decodes a single-hook SAE only; the "
+    base.require(config.sae.topk_decoder != "sparse"
+                 or topk_family.sparse_ops(shape) is not None,
+                 f"sae.topk_decoder='sparse' decodes a single-hook SAE only (or a CLT); the "
                  f"{shape.name} shape (sae.shape, sae.matryoshka_widths) decodes densely: set "
                  f"sae.topk_decoder to 'dense' or 'auto'.")
 

@@ -56,6 +56,15 @@ def validate_auxk(config, n_latents: int) -> None:
     require_non_negative(config.sae, "auxk_coefficient")
 
 
+def sparse_ops(shape=None):
+    """What decodes a shape's selected latents, or None where it decodes densely only: the
+    shape's own `encode_selected`, `decode_selected` and `fire_counts` (a CLT's, per layer),
+    else those of `sparse.py` for a single hook (`shape` None or the single-hook shape)."""
+    if shape is None or shape.name == base.SINGLE_HOOK.name:
+        return sparse
+    return shape if hasattr(shape, "decode_selected") else None
+
+
 def auxk_loss(params: dict, x: jax.Array, target: jax.Array, x_hat: jax.Array, pre: jax.Array,
               dead: jax.Array, k_aux: int, *, sparse_decode: bool = False,
               shape=None) -> jax.Array:
@@ -67,7 +76,7 @@ def auxk_loss(params: dict, x: jax.Array, target: jax.Array, x_hat: jax.Array, p
     Skipped (a `lax.cond`) while no latent is dead. With `sparse_decode` the selected dead
     latents are encoded and decoded from their own k_aux rows (``sparse``) instead of a
     masked [batch, n_latents] matmul (through `shape.decode_latents`, the decoder without its
-    bias, when the shape is given).
+    bias, when the shape is given); the shape's own (`sparse_ops`) for a CLT, k_aux a layer.
     """
     residual = jax.lax.stop_gradient(target - x_hat)
     k_aux = min(int(k_aux), pre.shape[-1])
@@ -75,11 +84,12 @@ def auxk_loss(params: dict, x: jax.Array, target: jax.Array, x_hat: jax.Array, p
 
     def error():
         if sparse_decode:
-            top, indices = sharding.top_k(candidates, k_aux)
+            ops = sparse_ops(shape)
+            top, indices = sharding.top_k(candidates, k_aux, rows_axes(shape))
             # Fewer than k_aux dead latents: the rest of the selection is live ones, at -inf.
-            selected = sparse.encode_selected(params, x, pre, indices)
+            selected = ops.encode_selected(params, x, pre, indices)
             values = jnp.where(jnp.isfinite(top), jax.nn.relu(selected), 0.0)
-            decoded = sparse.decode_selected(params["W_dec"], indices, values)
+            decoded = ops.decode_selected(params["W_dec"], indices, values)
         else:
             latents = (jnp.where(dead, jax.nn.relu(pre), 0.0)
                        * sharding.top_k_mask(candidates, k_aux, rows_axes(shape)))
