@@ -54,10 +54,6 @@ class LoadedSAE(NamedTuple):
         return kinds.kind_of(self).n_latents
 
     def scale_of(self, hook: str) -> float:
-        """The input scale of `hook`'s raw activations."""
-        return self.input_scale  # pylint: disable=unused-argument
-
-    def scale_of(self, hook: str) -> float:
         """The factor raw activations at `hook` are multiplied by before the SAE reads them
         (the one input scale, or that hook's; `sae.base.scale_batch`)."""
         scale = np.asarray(self.input_scale, np.float32)
