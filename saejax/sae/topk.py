@@ -17,7 +17,7 @@ decode ran slower on a CPU at every size measured, RESULTS' CLT train-step secti
 
 A mechanism: any shape with the dense decoder; the sparse decoder reads the single-hook
 layout (`x - b_dec` in `sparse.py`) or a CLT's (the same pieces a layer at a time,
-`CrossLayerTranscoder.decode_selected`), so other shapes decode densely.
+its shape's `decode_selected`), so other shapes decode densely.
 """
 
 import jax
