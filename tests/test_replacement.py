@@ -56,28 +56,49 @@ def _decode(params, latents, target):
     return params["alpha"] * true_mlp + params["beta"] * clt
 
 
-class TorchReference:
-    """transformers' SmolLM2 with the MLPs of LAYERS replaced by the stand-in CLT in torch
-    forward hooks; the clean pass (its logits and MLP inputs) runs once."""
+class _HookedSmolLM2:
+    """transformers' SmolLM2 over `tokens`, run with torch forward hooks; what a subclass's
+    clean pass gives (`self.clean`, log-probabilities) is what KL is taken against."""
 
     def __init__(self, directory, tokens, keep):
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch.float32).eval()
         self.ids, self.keep = torch.from_numpy(tokens).long(), torch.from_numpy(keep)[..., None]
-        self.clean_inputs = {}
-        self.clean = self._run(lambda m, inputs, output, i: self.clean_inputs.__setitem__(
-            i, inputs[0]))
+        self.clean = None
 
-    def _run(self, hook):
-        handles = [self.model.model.layers[l].mlp.register_forward_hook(
-            lambda m, inputs, output, i=i: hook(m, inputs, output, i))
-            for i, l in enumerate(LAYERS)]
+    def _log_probs(self, hooks: dict):
+        """float64 log-probabilities with `hooks` ({module: fn(module, inputs, output)})
+        registered as forward hooks for this pass only."""
+        handles = [module.register_forward_hook(f) for module, f in hooks.items()]
         try:
             with torch.no_grad():
                 return torch.log_softmax(self.model(self.ids).logits.double(), -1)
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _ce_kl(self, log_p):
+        """(mean next-token CE, mean KL against the clean pass) of `log_p`."""
+        ce = -log_p[:, :-1].gather(-1, self.ids[:, 1:, None])[..., 0]
+        kl = (self.clean.exp() * (self.clean - log_p)).sum(-1)[:, :-1]
+        return float(ce.mean()), float(kl.mean())
+
+
+class TorchReference(_HookedSmolLM2):
+    """transformers' SmolLM2 with the MLPs of LAYERS replaced by the stand-in CLT in torch
+    forward hooks; the clean pass (its logits and MLP inputs) runs once."""
+
+    def __init__(self, directory, tokens, keep):
+        super().__init__(directory, tokens, keep)
+        self.clean_inputs = {}
+        self.clean = self._run(lambda m, inputs, output, i: self.clean_inputs.__setitem__(
+            i, inputs[0]))
+
+    def _run(self, hook):
+        """`hook(module, inputs, output, i)` at the MLP of LAYERS[i]."""
+        return self._log_probs({self.model.model.layers[l].mlp:
+                                lambda m, inputs, output, i=i: hook(m, inputs, output, i)
+                                for i, l in enumerate(LAYERS)})
 
     def losses(self, params, *, replaced_reads=True):
         """(mean CE, mean KL against the clean model) with the MLPs replaced: each hook encodes
@@ -95,10 +116,7 @@ class TorchReference:
             new = float(params["alpha"]) * true_mlp + float(params["beta"]) * clt
             return torch.where(self.keep, new, output)
 
-        log_p = self._run(replace)
-        ce = -log_p[:, :-1].gather(-1, self.ids[:, 1:, None])[..., 0]
-        kl = (self.clean.exp() * (self.clean - log_p)).sum(-1)[:, :-1]
-        return float(ce.mean()), float(kl.mean())
+        return self._ce_kl(self._run(replace))
 
 
 def _smollm2(hook):
@@ -190,28 +208,22 @@ def _crosscoder_params(d, shrink, seed=0):
             "b_dec": rng.standard_normal(width, np.float32) * np.float32(0.05)}
 
 
-class TorchCrosscoder:
+class TorchCrosscoder(_HookedSmolLM2):
     """transformers' SmolLM2 with the outputs of CROSSCODER_LAYERS (their residual streams)
     replaced in torch forward hooks by a ReLU crosscoder's reconstruction of the clean ones."""
 
     def __init__(self, directory, tokens, keep):
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32).eval()
-        self.ids, self.keep = torch.from_numpy(tokens).long(), torch.from_numpy(keep)[..., None]
+        super().__init__(directory, tokens, keep)
         captured = {}
         self.clean = self._run({l: lambda output, l=l: captured.setdefault(l, output)
                                 for l in CROSSCODER_LAYERS})
         self.captured = [captured[l] for l in CROSSCODER_LAYERS]
 
     def _run(self, replace):
-        handles = [self.model.model.layers[l].register_forward_hook(
-            lambda m, inputs, output, f=f: f(output)) for l, f in replace.items()]
-        try:
-            with torch.no_grad():
-                return torch.log_softmax(self.model(self.ids).logits.double(), -1)
-        finally:
-            for handle in handles:
-                handle.remove()
+        """`replace[l](output)` at the output of decoder layer l."""
+        return self._log_probs({self.model.model.layers[l]:
+                                lambda m, inputs, output, f=f: f(output)
+                                for l, f in replace.items()})
 
     def reconstruction(self, params, scale):
         t = lambda a: torch.from_numpy(np.asarray(a, np.float32))
@@ -226,10 +238,7 @@ class TorchCrosscoder:
         def replace(i):
             return lambda output: torch.where(
                 self.keep, torch.zeros_like(output) if parts is None else parts[i], output)
-        log_p = self._run({l: replace(CROSSCODER_LAYERS.index(l)) for l in layers})
-        ce = -log_p[:, :-1].gather(-1, self.ids[:, 1:, None])[..., 0]
-        kl = (self.clean.exp() * (self.clean - log_p)).sum(-1)[:, :-1]
-        return float(ce.mean()), float(kl.mean())
+        return self._ce_kl(self._run({l: replace(CROSSCODER_LAYERS.index(l)) for l in layers}))
 
 
 def test_crosscoder_loss_recovered_on_smollm2_matches_transformers():
